@@ -1,0 +1,21 @@
+"""Model builders and low-rank modules (no ``torch.distributed``, no file I/O)."""
+
+from .builders import build_model, table_configs
+from .config import ARCHS, ModelConfig, TableSpec
+from .deepfm import DeepFM, DeepFMSparseArch, FusedDeepFMSparseArch
+from .lowrank import LowRankEmbeddingBagCollection, LowRankLinear, nonempty_mask, residual_bias
+
+__all__ = [
+    "ARCHS",
+    "DeepFM",
+    "DeepFMSparseArch",
+    "FusedDeepFMSparseArch",
+    "LowRankEmbeddingBagCollection",
+    "LowRankLinear",
+    "ModelConfig",
+    "TableSpec",
+    "build_model",
+    "nonempty_mask",
+    "residual_bias",
+    "table_configs",
+]

@@ -1,0 +1,246 @@
+"""Low-rank replacements of an embedding-bag collection and of a Linear layer.
+
+Both implement the two factors of DESIGN.md section 2. With ``U`` (m x K) the kept
+principal directions of a block's output ``y = W x + b`` and ``c`` a centre (the output
+mean for AFM):
+
+* first factor  ``W1 = U^T W``, ``b1 = U^T b`` (for a table: the new K-wide table ``E U``);
+* second factor ``W2 = U``, ``b2 = (I - U U^T) c``.
+
+At ``K = m`` both reproduce the original block exactly. Weights are folded in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+
+def residual_bias(components: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """``(I - U U^T) c``: the part of the centre the kept directions do not carry.
+
+    Args:
+        components: ``U``, shape (m, K), orthonormal columns.
+        center: ``c``, shape (m,).
+    Returns:
+        Tensor of shape (m,), float64.
+    """
+    u, c = components.double(), center.double()
+    return c - u @ (u.T @ c)
+
+
+def nonempty_mask(features: KeyedJaggedTensor, keys: list[str]) -> torch.Tensor:
+    """Which bags hold at least one id.
+
+    Returns:
+        Tensor of shape (B, len(keys)), float, 1.0 for a non-empty bag.
+    """
+    lengths = features.lengths().view(len(features.keys()), -1)
+    index = [features.keys().index(k) for k in keys]
+    return (lengths[index] > 0).T.to(torch.get_default_dtype())
+
+
+class LowRankEmbeddingBagCollection(nn.Module):
+    """An ``EmbeddingBagCollection`` of K-wide tables plus one projection per table.
+
+    The forward pass returns what the original D-wide collection returned (a
+    ``KeyedTensor`` of width D per feature), so it drops into TorchRec's ``SparseArch``.
+    The projection bias ``b2`` is added only to non-empty bags: sum pooling of an empty
+    bag gives 0 in the original model, and it still does here, so full rank is exact on
+    multi-hot data with missing values.
+
+    Tables absent from ``ranks`` keep their width and pass through unprojected.
+
+    Args:
+        tables: the original (D-wide) table configs, in feature order.
+        ranks: table name -> K.
+        device: where the K-wide tables live (``meta`` for sharding later).
+
+    Example::
+
+        cfg = EmbeddingBagConfig(name="t", embedding_dim=3, num_embeddings=10, feature_names=["f"])
+        lr = LowRankEmbeddingBagCollection([cfg], {"t": 2})
+        kjt = KeyedJaggedTensor.from_lengths_sync(["f"], torch.tensor([1, 2]), torch.tensor([2, 0]))
+        lr(kjt).values().shape  # (2, 3)
+    """
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        ranks: Mapping[str, int],
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        unknown = set(ranks) - {t.name for t in tables}
+        if unknown:
+            raise ValueError(f"ranks given for unknown tables {sorted(unknown)}")
+        self._configs = list(tables)
+        self.codes = EmbeddingBagCollection(
+            tables=[
+                dataclasses.replace(t, embedding_dim=ranks.get(t.name, t.embedding_dim))
+                for t in tables
+            ],
+            device=device,
+        )
+        self.projections = nn.ModuleDict(
+            {
+                t.name: nn.Linear(ranks[t.name], t.embedding_dim, device=device)
+                for t in tables
+                if t.name in ranks
+            }
+        )
+        self._feature_tables = [(f, t.name) for t in tables for f in t.feature_names]
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        """The configs of the original D-wide tables (what the consumers see)."""
+        return self._configs
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: p.in_features for name, p in self.projections.items()}
+
+    def project(self, codes: KeyedTensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Maps each feature's K-wide pooled code to D: ``U z + b2 * nonempty``.
+
+        Args:
+            codes: pooled K-wide outputs, one key per feature.
+            mask: (B, F) non-empty indicator.
+        Returns:
+            one (B, D) tensor per feature, in feature order.
+        """
+        out = []
+        for i, (feature, table) in enumerate(self._feature_tables):
+            z = codes[feature]
+            proj = self.projections[table] if table in self.projections else None
+            if proj is None:
+                out.append(z)
+            else:
+                out.append(torch.addmm(mask[:, i : i + 1] * proj.bias, z, proj.weight.T))
+        return out
+
+    def forward_codes(self, features: KeyedJaggedTensor) -> tuple[KeyedTensor, torch.Tensor]:
+        """The K-wide pooled codes and the (B, F) non-empty mask, before projection."""
+        codes = self.codes(features)
+        return codes, nonempty_mask(features, [f for f, _ in self._feature_tables])
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Args: features: KJT of F features. Returns: KeyedTensor, (B, F * D)."""
+        codes, mask = self.forward_codes(features)
+        ys = self.project(codes, mask)
+        return KeyedTensor(
+            keys=[f for f, _ in self._feature_tables],
+            length_per_key=[y.shape[1] for y in ys],
+            values=torch.cat(ys, dim=1),
+        )
+
+    @classmethod
+    def from_embedding_bag_collection(
+        cls,
+        ebc: EmbeddingBagCollection,
+        components: Mapping[str, torch.Tensor],
+        centers: Mapping[str, torch.Tensor],
+    ) -> "LowRankEmbeddingBagCollection":
+        """Folds ``E' = E U`` for every table named in ``components``.
+
+        Args:
+            ebc: the original collection (unsharded).
+            components: table name -> ``U``, shape (D, K), orthonormal columns.
+            centers: table name -> ``c``, shape (D,) (the pooled-output mean for AFM).
+        """
+        configs = ebc.embedding_bag_configs()
+        weights = {n: p for n, p in ebc.embedding_bags.named_parameters()}
+        device = next(iter(weights.values())).device
+        ranks = {name: u.shape[1] for name, u in components.items()}
+        out = cls(configs, ranks, device=device)
+        with torch.no_grad():
+            for t in configs:
+                src = weights[f"{t.name}.weight"]
+                dst = out.codes.embedding_bags[t.name].weight
+                if t.name not in components:
+                    dst.copy_(src)
+                    continue
+                u = components[t.name].to(device)
+                dst.copy_((src.double() @ u.double()).to(dst.dtype))
+                proj = out.projections[t.name]
+                proj.weight.copy_(u.to(proj.weight.dtype))
+                proj.bias.copy_(residual_bias(u, centers[t.name].to(device)).to(proj.bias.dtype))
+        return out
+
+
+class LowRankLinear(nn.Module):
+    """``second(act(first(x)))``: a Linear (m x n) replaced by n -> K -> m.
+
+    Args:
+        in_features: n.  out_features: m.  rank: K.
+        activation: optional module between the factors (the paper's best variant; it
+            changes the function, so the model must be fine-tuned).
+
+    Example::
+
+        lin = nn.Linear(8, 6)
+        u = torch.linalg.qr(torch.randn(6, 6)).Q
+        lr = LowRankLinear.from_linear(lin, u, torch.zeros(6))  # full rank: exact
+        torch.allclose(lr(x := torch.randn(4, 8)), lin(x), atol=1e-5)  # True
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        activation: nn.Module | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.first = nn.Linear(in_features, rank, device=device)
+        self.activation = activation if activation is not None else nn.Identity()
+        self.second = nn.Linear(rank, out_features, device=device)
+
+    @property
+    def in_features(self) -> int:
+        return self.first.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.second.out_features
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: (..., n). Returns: (..., m)."""
+        return self.second(self.activation(self.first(x)))
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        components: torch.Tensor,
+        center: torch.Tensor,
+        activation: nn.Module | None = None,
+    ) -> "LowRankLinear":
+        """Folds ``W1 = U^T W``, ``b1 = U^T b``, ``W2 = U``, ``b2 = (I - U U^T) c``.
+
+        Args:
+            linear: the original layer, weight (m, n).
+            components: ``U``, shape (m, K), orthonormal columns.
+            center: ``c``, shape (m,).
+            activation: optional module between the factors.
+        """
+        w = linear.weight
+        u = components.to(w.device).double()
+        b = linear.bias.double() if linear.bias is not None else torch.zeros_like(u[:, 0])
+        out = cls(linear.in_features, linear.out_features, u.shape[1], activation, w.device).to(w.dtype)
+        with torch.no_grad():
+            out.first.weight.copy_((u.T @ w.double()).to(w.dtype))
+            out.first.bias.copy_((u.T @ b).to(w.dtype))
+            out.second.weight.copy_(u.to(w.dtype))
+            out.second.bias.copy_(residual_bias(u, center.to(w.device)).to(w.dtype))
+        return out

@@ -1,0 +1,132 @@
+"""The compressible blocks of a model, and name patterns that select them.
+
+A block is an affine map whose output we observe and factor (DESIGN.md section 2):
+
+* ``table``: one embedding table; ``y`` is the pooled output of a feature it serves
+  (observed where the dense part consumes it), ``x`` the bag's count vector, ``W = E^T``;
+* ``linear``: an ``nn.Linear``; ``y = W x + b``.
+
+Block names are module paths (``dense_arch.model._mlp.0._linear``) and, for tables, the
+collection's path plus the table name (``sparse_arch.embedding_bag_collection.t0``).
+Patterns are ``fnmatch`` globs over these names, like peft's ``target_modules``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from afmrec.models import LowRankEmbeddingBagCollection, LowRankLinear
+
+from .errors import InputError
+
+BlockKind = Literal["table", "linear"]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One compressible block.
+
+    Attributes:
+        name: unique name (module path, plus ``.table`` for tables).
+        kind: ``"table"`` or ``"linear"``.
+        module: path of the ``nn.Linear``, or of the ``EmbeddingBagCollection``.
+        table: the table name (tables only).
+        in_features: ``n`` (Linear input width; rows ``V`` of a table).
+        out_features: ``m`` (Linear output width; ``D`` of a table).
+        features: the sparse features a table serves (tables only).
+    """
+
+    name: str
+    kind: BlockKind
+    module: str
+    in_features: int
+    out_features: int
+    table: str | None = None
+    features: tuple[str, ...] = ()
+
+    @property
+    def params(self) -> int:
+        """Parameters of the original block (a table has no bias)."""
+        return self.in_features * self.out_features + (self.kind == "linear") * self.out_features
+
+    @property
+    def params_per_rank(self) -> int:
+        """Parameters one unit of rank costs: a row of ``W1`` (or a column of ``E'``)
+        plus a column of ``W2`` (and a bias entry of ``b1`` for a Linear)."""
+        return self.in_features + self.out_features + (self.kind == "linear")
+
+    def compressed_params(self, rank: int) -> int:
+        """Parameters of the two factors at ``rank`` (``b2`` included)."""
+        return rank * self.params_per_rank + self.out_features
+
+    def max_useful_rank(self) -> int:
+        """Largest rank at which the factors are still smaller than the block (0: never)."""
+        k = (self.params - self.out_features - 1) // self.params_per_rank
+        return max(0, min(k, self.in_features, self.out_features))
+
+
+def find_blocks(model: nn.Module) -> list[Block]:
+    """Every table and every ``nn.Linear`` of ``model`` that is not already low-rank."""
+    blocks: list[Block] = []
+    skip: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(module, (LowRankLinear, LowRankEmbeddingBagCollection)):
+            skip.append(path)
+        elif isinstance(module, EmbeddingBagCollection):
+            for cfg in module.embedding_bag_configs():
+                blocks.append(
+                    Block(
+                        name=f"{path}.{cfg.name}",
+                        kind="table",
+                        module=path,
+                        in_features=cfg.num_embeddings,
+                        out_features=cfg.embedding_dim,
+                        table=cfg.name,
+                        features=tuple(cfg.feature_names),
+                    )
+                )
+        elif isinstance(module, nn.Linear):
+            blocks.append(Block(path, "linear", path, module.in_features, module.out_features))
+    return blocks
+
+
+def match(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_blocks(
+    blocks: list[Block], target: Iterable[str] = ("*",), exclude: Iterable[str] = ()
+) -> list[Block]:
+    """Blocks whose name matches a ``target`` glob and no ``exclude`` glob.
+
+    Raises:
+        InputError: a pattern matches no block (a typo must not be a silent no-op).
+    """
+    target, exclude = list(target), list(exclude)
+    names = [b.name for b in blocks]
+    for p in (*target, *exclude):
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            raise InputError(f"pattern {p!r} matches no block; blocks are: {', '.join(names)}")
+    return [b for b in blocks if match(b.name, target) and not match(b.name, exclude)]
+
+
+def resolve_pattern_map(mapping: dict[str, int], names: list[str]) -> dict[str, int]:
+    """Per-name values from ``{glob: value}`` (the last matching glob wins).
+
+    Raises:
+        InputError: a glob matches none of ``names``.
+    """
+    out: dict[str, int] = {}
+    for pattern, value in mapping.items():
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise InputError(f"pattern {pattern!r} matches no block")
+        out.update({n: value for n in hits})
+    return out

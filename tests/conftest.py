@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny models and hand-made batches (D=4, tables of 10-40 rows)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from afmrec.models import ModelConfig, TableSpec, build_model
+
+TABLES = (TableSpec("t0", 10), TableSpec("t1", 40), TableSpec("t2", 25))
+
+
+def tiny_config(arch: str, num_dense: int = 3) -> ModelConfig:
+    return ModelConfig(
+        arch,
+        TABLES,
+        num_dense=num_dense,
+        embedding_dim=4,
+        dense_arch=(8, 4),
+        over_arch=(16, 8, 1),
+        deep_arch=(16, 8),
+        dcn_num_layers=2,
+        dcn_low_rank_dim=3,
+    )
+
+
+def random_batch(
+    batch_size: int, num_dense: int, *, seed: int, max_bag: int = 3, tables=TABLES
+) -> Batch:
+    """Multi-hot bags of 0..max_bag ids (so some bags are empty), random dense and labels."""
+    g = torch.Generator().manual_seed(seed)
+    lengths, values = [], []
+    for t in tables:
+        n = torch.randint(0, max_bag + 1, (batch_size,), generator=g)
+        lengths.append(n)
+        values.append(torch.randint(0, t.num_embeddings, (int(n.sum()),), generator=g))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=[t.name for t in tables], values=torch.cat(values), lengths=torch.cat(lengths)
+    )
+    dense = torch.randn(batch_size, num_dense, generator=g)
+    labels = torch.randint(0, 2, (batch_size,), generator=g).float()
+    return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
+
+
+@pytest.fixture(params=["dlrm", "dcn", "deepfm"])
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(arch):
+    torch.manual_seed(0)
+    return build_model(tiny_config(arch))
