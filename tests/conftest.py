@@ -12,13 +12,13 @@ from afmrec.models import ModelConfig, TableSpec, build_model
 TABLES = (TableSpec("t0", 10), TableSpec("t1", 40), TableSpec("t2", 25))
 
 
-def tiny_config(arch: str, num_dense: int = 3) -> ModelConfig:
+def tiny_config(arch: str, num_dense: int = 3, embedding_dim: int = 4) -> ModelConfig:
     return ModelConfig(
         arch,
         TABLES,
         num_dense=num_dense,
-        embedding_dim=4,
-        dense_arch=(8, 4),
+        embedding_dim=embedding_dim,
+        dense_arch=(8, embedding_dim),
         over_arch=(16, 8, 1),
         deep_arch=(16, 8),
         dcn_num_layers=2,

@@ -1,0 +1,107 @@
+"""The model artifact: ``model.json`` (how to rebuild the model) plus a DCP checkpoint.
+
+``model.json`` holds the :class:`~afmrec.models.ModelConfig`, the compression record
+(ranks by block, :class:`~afmrec.pipeline.compress.CompressConfig`, basis method) for a
+compressed model, and what produced it. Loading rebuilds the original architecture,
+re-applies the same ``compress_`` with placeholder bases, then loads the weights, so a
+compressed model has no model class of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from afmrec.models import ModelConfig, build_model
+from afmrec.sharding.checkpoint import load_state_, save_state
+
+from .artifacts import atomic_dir, fingerprint, read_json, versions, write_json
+from .bases import Bases
+from .blocks import find_blocks
+from .compress import CompressConfig, compress_
+from .errors import InputError
+
+FORMAT = "afmrec.model/1"
+
+
+@dataclass
+class ModelRecord:
+    """What ``model.json`` holds."""
+
+    model: ModelConfig
+    ranks: dict[str, int] | None = None
+    compress: CompressConfig | None = None
+    method: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def compressed(self) -> bool:
+        return self.ranks is not None
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the architecture (config and ranks), not the weights."""
+        return fingerprint([self.model.to_dict(), self.ranks, self.compress and self.compress.to_dict()])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "model": self.model.to_dict(),
+            "ranks": self.ranks,
+            "compress": self.compress.to_dict() if self.compress else None,
+            "method": self.method,
+            "provenance": {"versions": versions(), **self.provenance},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "model.json") -> "ModelRecord":
+        if d.get("format") != FORMAT:
+            raise InputError(f"{source}: not an afmrec model (format {d.get('format')!r})")
+        try:
+            return cls(
+                model=ModelConfig.from_dict(d["model"]),
+                ranks=d.get("ranks"),
+                compress=CompressConfig(**d["compress"]) if d.get("compress") else None,
+                method=d.get("method"),
+                provenance=d.get("provenance", {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{source}: invalid model record ({e})") from None
+
+
+def build_from_record(record: ModelRecord, device: Any = None) -> nn.Module:
+    """The (untrained) module of ``record``'s architecture, compressed if it is."""
+    model = build_model(record.model, device)
+    if record.compressed:
+        placeholders = Bases.placeholders(find_blocks(model), record.ranks)
+        compress_(model, placeholders, record.compress or CompressConfig())
+    return model
+
+
+def save_model(
+    model: nn.Module, record: ModelRecord, out_dir: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Writes ``out_dir/model.json`` and ``out_dir/checkpoint`` atomically."""
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        save_state(model, tmp / "checkpoint")
+        write_json(tmp / "model.json", record.to_dict())
+    return Path(out_dir)
+
+
+def load_record(model_dir: str | os.PathLike[str]) -> ModelRecord:
+    path = Path(model_dir) / "model.json"
+    if not Path(model_dir).is_dir():
+        raise InputError(f"{model_dir}: model directory not found")
+    return ModelRecord.from_dict(read_json(path), str(path))
+
+
+def load_model(model_dir: str | os.PathLike[str], device: Any = None) -> tuple[nn.Module, ModelRecord]:
+    """Rebuilds and loads a saved model (unsharded, in this process)."""
+    record = load_record(model_dir)
+    model = build_from_record(record, device)
+    load_state_(model, Path(model_dir) / "checkpoint")
+    return model, record

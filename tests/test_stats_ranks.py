@@ -1,0 +1,135 @@
+"""Streaming statistics against torch.cov, merging, and rank selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from afmrec.models import build_model
+from afmrec.pipeline.bases import spectra
+from afmrec.pipeline.blocks import find_blocks, select_blocks
+from afmrec.pipeline.errors import InputError
+from afmrec.pipeline.ranks import RankConfig, select_ranks
+from afmrec.pipeline.stats import StatsCollector, Statistics, collect_statistics
+
+from .conftest import random_batch, tiny_config
+
+BATCHES = [random_batch(50, 3, seed=s) for s in range(6)]
+
+
+def observed_outputs(model, blocks, batches):
+    """The raw outputs each block produced (hooks that keep everything), for reference."""
+    out = {b.name: [] for b in blocks}
+    handles = []
+    for b in blocks:
+        if b.kind == "linear":
+            mod = model.get_submodule(b.module)
+            handles.append(mod.register_forward_hook(lambda m, i, o, n=b.name: out[n].append(o.detach())))
+    tables = [b for b in blocks if b.kind == "table"]
+    with torch.no_grad():
+        for batch in batches:
+            model(batch.dense_features, batch.sparse_features)
+            pooled = model.sparse_arch.embedding_bag_collection(batch.sparse_features)
+            for b in tables:
+                keep = batch.sparse_features[b.table].lengths() > 0
+                out[b.name].append(pooled[b.table][keep])
+    for h in handles:
+        h.remove()
+    return {k: torch.cat(v).double() for k, v in out.items()}
+
+
+def test_streaming_statistics_equal_torch_cov(arch):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(arch)).eval()
+    blocks = find_blocks(model)
+    stats = collect_statistics(model, blocks, BATCHES)
+    ref = observed_outputs(model, blocks, BATCHES)
+    assert set(stats.moments) == {b.name for b in blocks}
+    for name, y in ref.items():
+        m = stats.moments[name]
+        assert int(m.n) == y.shape[0]
+        torch.testing.assert_close(m.mean, y.mean(0), rtol=1e-9, atol=1e-12)
+        cov = torch.cov(y.T, correction=0).reshape(m.g.shape)
+        torch.testing.assert_close(m.covariance, cov, rtol=1e-9, atol=1e-12)
+
+
+def test_merged_halves_equal_one_pass():
+    torch.manual_seed(0)
+    model = build_model(tiny_config("dcn")).eval()
+    blocks = find_blocks(model)
+    whole = collect_statistics(model, blocks, BATCHES)
+    merged = collect_statistics(model, blocks, BATCHES[:2]).merge(
+        collect_statistics(model, blocks, BATCHES[2:])
+    )
+    for name in whole.moments:
+        for a, b in zip(whole.moments[name].tensors(), merged.moments[name].tensors()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-9)
+    restored = Statistics.from_state(merged.to_state())
+    assert torch.equal(restored.moments[name].g, merged.moments[name].g)
+
+
+def test_zero_sample_block_is_an_error():
+    torch.manual_seed(0)
+    model = build_model(tiny_config("dlrm")).eval()
+    with StatsCollector(model, find_blocks(model)) as c:
+        pass
+    with pytest.raises(InputError, match="no samples"):
+        c.result().check_finite()
+
+
+def _setup(arch="dlrm"):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(arch, embedding_dim=12)).eval()
+    blocks = find_blocks(model)
+    return model, blocks, spectra(collect_statistics(model, blocks, BATCHES))
+
+
+@pytest.mark.parametrize("ratio", [1.3, 1.6, 2.0])
+def test_ratio_lands_within_one_rank_unit(ratio):
+    model, blocks, spec = _setup()
+    total = sum(p.numel() for p in model.parameters())
+    other = total - sum(b.params for b in blocks)
+    for multiple in (1, 4):
+        cfg = RankConfig(mode="ratio", ratio=ratio, table_multiple=multiple)
+        ranks = select_ranks(blocks, spec, cfg, other_params=other)
+        spent = other + sum(
+            b.compressed_params(ranks[b.name]) if b.name in ranks else b.params for b in blocks
+        )
+        target = int(total / ratio)
+        unit = max(b.params_per_rank * (multiple if b.kind == "table" else 1) for b in blocks)
+        assert spent <= target
+        assert target - spent < unit, (ratio, multiple, target, spent, ranks)
+        for b in blocks:
+            if b.kind == "table" and b.name in ranks:
+                assert ranks[b.name] % multiple == 0
+
+
+def test_ratio_prefers_variance_per_parameter():
+    """A block whose outputs live in one direction gets rank 1; nothing wastes budget."""
+    model, blocks, spec = _setup()
+    ranks = select_ranks(blocks, spec, RankConfig(mode="ratio", ratio=1.5))
+    for name, k in ranks.items():
+        ev = spec[name].eigenvalues
+        # never keep a direction with no variance while dropping one with variance elsewhere
+        assert k <= int((ev > 1e-12 * ev.sum()).sum()) or k == 1
+
+
+def test_fixed_and_energy_modes():
+    _, blocks, spec = _setup()
+    tables = select_blocks(blocks, ["*.t?"])
+    ranks = select_ranks(tables, spec, RankConfig(mode="fixed", rank=3, table_multiple=4))
+    assert set(ranks.values()) == set() or all(k == 4 for k in ranks.values())
+    ranks = select_ranks(tables, spec, RankConfig(mode="energy", energy=0.9))
+    for name, k in ranks.items():
+        assert spec[name].energy(k) >= 0.9 - 1e-12
+        assert k == 1 or spec[name].energy(k - 1) < 0.9
+
+
+def test_unreachable_ratio_and_bad_patterns():
+    model, blocks, spec = _setup()
+    with pytest.raises(InputError, match="unreachable"):
+        select_ranks(blocks, spec, RankConfig(mode="ratio", ratio=1000))
+    with pytest.raises(InputError, match="matches no block"):
+        select_blocks(blocks, ["nope.*"])
+    with pytest.raises(InputError, match="needs --rank"):
+        RankConfig(mode="fixed")
