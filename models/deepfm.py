@@ -1,8 +1,10 @@
 """A DeepFM-style model composed of TorchRec modules.
 
-TorchRec's ``SimpleDeepFMNN`` needs dense features and has a one-layer deep part; this
-model keeps its building blocks (``SparseArch``, ``DenseArch``, ``MLP``,
-``FactorizationMachine``) and lets the deep tower read the concatenated embeddings
+TorchRec's ``SimpleDeepFMNN`` needs dense features and has a one-layer deep part, and
+TorchRec's ``FactorizationMachine`` flattens its fields first, so its "pairwise" term also
+multiplies coordinates of one embedding with each other. This model keeps TorchRec's
+``SparseArch``, ``DenseArch`` and ``MLP``, uses the field-wise FM of the DeepFM paper, and
+lets the deep tower read the concatenated embeddings
 directly, so a compressed model can feed it the low-rank codes instead (projection fused
 into the first deep Linear, DESIGN.md section 2 "Fusion").
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchrec.models.dlrm import DenseArch, SparseArch
-from torchrec.modules.deepfm import FactorizationMachine
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -50,6 +51,20 @@ class FusedDeepFMSparseArch(DeepFMSparseArch):
         codes, mask = ebc.forward_codes(features)
         fields = torch.stack(ebc.project(codes, mask), dim=1)
         return fields, torch.cat([codes.values(), mask], dim=1)
+
+
+class FieldFactorizationMachine(nn.Module):
+    """Second-order FM over fields: ``sum_{i<j} <e_i, e_j>``.
+
+    Computed as ``0.5 * sum_d [(sum_f e_fd)^2 - sum_f e_fd^2]``.
+
+    Args (forward): fields: (B, F, D). Returns: (B, 1).
+    """
+
+    def forward(self, fields: torch.Tensor) -> torch.Tensor:
+        square_of_sum = fields.sum(dim=1).square()
+        sum_of_square = fields.square().sum(dim=1)
+        return 0.5 * (square_of_sum - sum_of_square).sum(dim=1, keepdim=True)
 
 
 class DeepFM(nn.Module):
@@ -91,7 +106,7 @@ class DeepFM(nn.Module):
             MLP(deep_in, deep_arch_layer_sizes, device=dense_device),
             nn.Linear(deep_arch_layer_sizes[-1] if deep_arch_layer_sizes else deep_in, 1, device=dense_device),
         )
-        self.fm = FactorizationMachine()
+        self.fm = FieldFactorizationMachine()
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Args: dense_features: (B, N); sparse_features: KJT of F features. Returns: (B, 1)."""
@@ -100,4 +115,4 @@ class DeepFM(nn.Module):
             dense = self.dense_arch(dense_features)
             fields = torch.cat([dense.unsqueeze(1), fields], dim=1)
             deep_input = torch.cat([dense, deep_input], dim=1)
-        return self.deep_arch(deep_input) + self.fm([fields])
+        return self.deep_arch(deep_input) + self.fm(fields)

@@ -1,0 +1,87 @@
+"""Arguments shared by several sub-commands, so each is declared once."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import typing
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+def setup_logging(quiet: bool = False) -> None:
+    """Plain one-line logs; silences the third-party warnings that are noise to a user."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed").setLevel(logging.ERROR)
+
+
+def add_output(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--out", type=Path, required=True, help=f"where to write {what}")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output (never an input)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+
+
+def add_data(parser: argparse.ArgumentParser, flag: str = "--data", what: str = "data", required: bool = True) -> None:
+    parser.add_argument(
+        flag,
+        required=required,
+        metavar="DIR[@START:STOP]",
+        help=f"{what}: a Parquet dataset folder (from `afmrec synth` or `afmrec convert`); "
+        "append @0.9:1 to use only that fraction of its rows",
+    )
+
+
+def _scalar_type(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str], prefix: str = "") -> None:
+    """One ``--field`` option per field of a config dataclass named in ``helps``.
+
+    The dataclass stays the single source of names, types and defaults.
+    """
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} options")
+    for f in dataclasses.fields(cls):
+        if f.name not in helps:
+            continue
+        tp = _scalar_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        flag = "--" + prefix + f.name.replace("_", "-")
+        if tp is bool:
+            group.add_argument(flag, dest=prefix + f.name, action=argparse.BooleanOptionalAction,
+                               default=default, help=helps[f.name])
+        else:
+            group.add_argument(flag, dest=prefix + f.name, type=tp, default=default,
+                               help=f"{helps[f.name]} (default: {default})")
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "", **extra: Any) -> Any:
+    kwargs = {
+        f.name: getattr(args, prefix + f.name)
+        for f in dataclasses.fields(cls)
+        if hasattr(args, prefix + f.name)
+    }
+    kwargs.update(extra)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # config validation: a bad option value
+        from afmrec.pipeline.errors import InputError
+
+        raise InputError(str(e)) from None
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """``"256,128"`` -> ``(256, 128)``."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None

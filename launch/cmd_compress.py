@@ -1,0 +1,83 @@
+"""Compress a trained model with low-rank factors (AFM) or the weight-SVD baseline.
+
+From the statistics of `afmrec stats`, computes the principal components of every
+block's outputs, chooses a rank per block, and replaces each block y = W x + b by two
+factors: tables become K-wide tables plus a projection back to D; Linear layers become
+n -> K -> m pairs. Rank policies:
+  --ratio R      the whole model R times smaller (greedy: ranks go where a parameter buys
+                 the most retained variance)
+  --energy P     per block, the smallest rank keeping fraction P of the output variance
+  --rank K       the same rank everywhere
+  --rank-pattern GLOB=K  per-block overrides (e.g. '*.embedding_bag_collection.*=8')
+
+Writes OUT/model.json + OUT/checkpoint (the compressed model), OUT/bases.pt and
+OUT/ranks.parquet (per block: rank, variance kept, parameters before and after).
+
+Example:
+  afmrec compress --model runs/demo/original --stats runs/demo/stats.pt --ratio 5 --out runs/demo/afm
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from afmrec.pipeline.errors import InputError
+
+from .args import add_output, setup_logging
+
+HELP = "compute PCA bases, pick ranks and write the low-rank model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="the original model folder")
+    parser.add_argument("--stats", type=Path, required=True, help="statistics of that model (`afmrec stats`)")
+    add_output(parser, "the compressed model folder")
+    policy = parser.add_mutually_exclusive_group(required=True)
+    policy.add_argument("--ratio", type=float, help="target whole-model compression ratio (> 1)")
+    policy.add_argument("--energy", type=float, help="variance fraction to keep per block (0-1]")
+    policy.add_argument("--rank", type=int, help="one rank for every block")
+    parser.add_argument("--rank-pattern", nargs="+", default=[], metavar="GLOB=K",
+                        help="per-block rank overrides by block-name glob")
+    parser.add_argument("--table-multiple", type=int, default=1,
+                        help="round table ranks up to a multiple of this (4 for FBGEMM on CUDA)")
+    parser.add_argument("--method", choices=("afm", "svd"), default="afm",
+                        help="afm: PCA of the outputs (default); svd: truncated SVD of the weights")
+    parser.add_argument("--activation", choices=("relu", "gelu"),
+                        help="put an activation between the factors of Linear layers (fine-tune after)")
+    parser.add_argument("--no-fuse", action="store_true",
+                        help="keep table projections even where a linear consumer could absorb them")
+
+
+def _rank_pattern(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        glob, sep, k = item.rpartition("=")
+        if not sep or not k.isdigit():
+            raise InputError(f"--rank-pattern expects GLOB=K, got {item!r}")
+        out[glob] = int(k)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.quiet)
+    from afmrec.pipeline.compress import CompressConfig
+    from afmrec.pipeline.ranks import RankConfig
+    from afmrec.pipeline.stages import compress_stage
+
+    mode = "ratio" if args.ratio is not None else "energy" if args.energy is not None else "fixed"
+    rank_config = RankConfig(
+        mode=mode, rank=args.rank, energy=args.energy, ratio=args.ratio,
+        rank_pattern=_rank_pattern(args.rank_pattern), table_multiple=args.table_multiple,
+    )
+    _, rows = compress_stage(
+        args.model, args.stats, args.out, rank_config,
+        CompressConfig(activation=args.activation, fuse=not args.no_fuse),
+        method=args.method, overwrite=args.overwrite,
+    )
+    before = sum(r["params_before"] for r in rows)
+    after = sum(r["params_after"] for r in rows)
+    n = sum(r["compressed"] for r in rows)
+    print(f"{n} of {len(rows)} blocks compressed: {before:,} -> {after:,} parameters "
+          f"({before / after:.2f}x); model written to {args.out}")
+    return 0

@@ -1,0 +1,107 @@
+"""The whole pipeline on generated data, in one command.
+
+  1. synth     production-shaped synthetic data (power-law ids, a hidden model), first
+               run only                                             -> OUT/data/{train,test}
+  2. train     the original model, early stopping on a held-out tenth  -> OUT/original
+  3. stats     output statistics over the training rows                -> OUT/stats.pt
+  4. compress  AFM at the target ratio, no fine-tuning                  -> OUT/afm
+  5. finetune  one epoch with labels                                    -> OUT/afm_finetuned
+  6. evaluate  all three on the test rows                               -> OUT/report.parquet
+
+A finished stage is skipped when the demo is run again (delete its folder, or pass
+--overwrite, to redo it).
+
+Example:
+  afmrec demo --out runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from .args import setup_logging
+
+HELP = "generate data, train, compress, fine-tune and evaluate, end to end"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's sizes: chosen to finish in a few minutes on 2 CPU cores."""
+
+    arch: str = "dlrm"
+    train_rows: int = 400_000
+    test_rows: int = 100_000
+    embedding_dim: int = 16
+    epochs: int = 3
+    ratio: float = 5.0
+    batch_size: int = 2048
+    seed: int = 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DemoConfig()
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: %(default)s)")
+    parser.add_argument("--arch", choices=("dlrm", "dcn", "deepfm"), default=d.arch, help="model family")
+    parser.add_argument("--ratio", type=float, default=d.ratio, help="target compression ratio (default: %(default)s)")
+    parser.add_argument("--train-rows", type=int, default=d.train_rows, help="synthetic training rows")
+    parser.add_argument("--test-rows", type=int, default=d.test_rows, help="synthetic test rows")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="training epochs of the original")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the data and the training")
+    parser.add_argument("--overwrite", action="store_true", help="redo every stage")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+
+
+def _stage(name: str, out: Path, overwrite: bool) -> bool:
+    """Whether to run a stage: its output is absent, or --overwrite."""
+    if out.exists() and not overwrite:
+        print(f"[{name}] {out} exists, skipped")
+        return False
+    print(f"[{name}] -> {out}")
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.quiet)
+    from afmrec.pipeline.compress import CompressConfig
+    from afmrec.pipeline.data import SynthConfig, synthesize
+    from afmrec.pipeline.ranks import RankConfig
+    from afmrec.pipeline.report import format_report
+    from afmrec.pipeline.stages import (
+        DataRef, compress_stage, evaluate_stage, finetune_stage, model_config_from_schema,
+        stats_stage, train_stage,
+    )
+    from afmrec.pipeline.train import TrainConfig
+
+    d = DemoConfig(arch=args.arch, train_rows=args.train_rows, test_rows=args.test_rows,
+                   epochs=args.epochs, ratio=args.ratio, seed=args.seed)
+    out: Path = args.out
+    progress = not args.quiet
+    ow = args.overwrite
+    data = out / "data"
+    if _stage("synth", data, ow):
+        synthesize(SynthConfig(num_rows=d.train_rows, seed=d.seed), data,
+                   test_rows=d.test_rows, overwrite=ow)
+    train, val = DataRef(data / "train").split(0.1)
+    test = DataRef(data / "test")
+    original, afm, tuned = out / "original", out / "afm", out / "afm_finetuned"
+    if _stage("train", original, ow):
+        config = model_config_from_schema(train.schema(), d.arch, embedding_dim=d.embedding_dim)
+        train_stage(original, config, train, val,
+                    TrainConfig(epochs=d.epochs, patience=1, seed=d.seed),
+                    batch_size=d.batch_size, overwrite=ow, progress=progress)
+    stats = out / "stats.pt"
+    if _stage("stats", stats, ow):
+        stats_stage(original, train, stats, overwrite=ow, progress=progress)
+    if _stage("compress", afm, ow):
+        compress_stage(original, stats, afm, RankConfig(mode="ratio", ratio=d.ratio),
+                       CompressConfig(), overwrite=ow)
+    if _stage("finetune", tuned, ow):
+        finetune_stage(afm, tuned, train, val, TrainConfig(epochs=1, seed=d.seed),
+                       batch_size=d.batch_size, overwrite=ow, progress=progress)
+    print("[evaluate] -> " + str(out / "report.parquet"))
+    rows = evaluate_stage({"original": original, "afm": afm, "afm_finetuned": tuned}, test,
+                          out / "report.parquet", progress=progress)
+    print(format_report(rows))
+    return 0

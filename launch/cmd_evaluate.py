@@ -1,0 +1,56 @@
+"""Evaluate models on a test set: AUC, logloss, parameters, bytes, CPU batch latency.
+
+Models are given as NAME=DIR; the first is the reference for the ratio and delta-AUC
+columns. Writes a Parquet report (columns variant, params, bytes, auc, logloss,
+latency_ms, ratio, delta_auc, model_dir) and prints it as a table.
+
+Example:
+  afmrec evaluate --data runs/demo/data/test --out runs/demo/report.parquet \\
+      original=runs/demo/original afm=runs/demo/afm
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from afmrec.pipeline.errors import InputError
+
+from .args import add_data, setup_logging
+
+HELP = "measure AUC, logloss, size and latency of models; write report.parquet"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs="+", metavar="NAME=DIR", help="models to evaluate")
+    add_data(parser, what="test data")
+    parser.add_argument("--out", type=Path, help="report file (.parquet); printed only if absent")
+    parser.add_argument("--batch-size", type=int, default=8192, help="rows per forward pass")
+    parser.add_argument("--latency-batch", type=int, default=2048, help="batch size of the latency measurement")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+
+
+def parse_models(items: list[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"expected NAME=DIR, got {item!r}")
+        if name in out:
+            raise InputError(f"model name {name!r} given twice")
+        out[name] = Path(path)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.quiet)
+    from afmrec.pipeline.report import format_report
+    from afmrec.pipeline.stages import DataRef, evaluate_stage
+
+    rows = evaluate_stage(parse_models(args.models), DataRef.parse(args.data), args.out,
+                          batch_size=args.batch_size, latency_batch=args.latency_batch,
+                          progress=not args.quiet)
+    print(format_report(rows))
+    if args.out:
+        print(f"report written to {args.out}")
+    return 0

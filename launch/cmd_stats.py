@@ -1,0 +1,46 @@
+"""Collect output statistics of a trained model over calibration data.
+
+Runs the model forward over the data (no labels needed) and accumulates, for every
+embedding table (its pooled outputs, empty bags excluded) and every Linear layer (its
+outputs), n, sum y and sum y y^T in float64. The statistics of disjoint data shards add
+up, so large calibration sets can be split across jobs.
+
+Writes OUT (a .pt file): moments by block name, plus the model's and the data's
+fingerprints, so `afmrec compress` refuses statistics of another model.
+
+Example:
+  afmrec stats --model runs/demo/original --data runs/demo/data/train --out runs/demo/stats.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .args import add_data, add_output, setup_logging
+
+HELP = "collect output statistics of every table and Linear layer over data"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="a model folder (from `afmrec train`)")
+    add_data(parser, what="calibration data")
+    add_output(parser, "the statistics file (.pt)")
+    parser.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass (default: %(default)s)")
+    parser.add_argument("--target", nargs="+", default=["*"], metavar="GLOB",
+                        help="blocks to observe, by name glob (default: all)")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="blocks to skip")
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.quiet)
+    from afmrec.pipeline.stages import DataRef, stats_stage
+
+    stats = stats_stage(
+        args.model, DataRef.parse(args.data), args.out, batch_size=args.batch_size,
+        target=tuple(args.target), exclude=tuple(args.exclude),
+        overwrite=args.overwrite, progress=not args.quiet,
+    )
+    n = max(int(m.n) for m in stats.moments.values())
+    print(f"statistics of {len(stats.moments)} blocks over {n:,} rows written to {args.out}")
+    return 0

@@ -1,0 +1,193 @@
+"""Quality, size and speed of a CTR model: AUC, logloss, parameters, bytes, latency.
+
+Every function takes the model as built by :func:`afmrec.models.build_model` (or a
+compressed one): ``model(dense (B, N), sparse KJT) -> logits (B, 1)``, and batches of
+:class:`torchrec.datasets.utils.Batch`. Shapes: ``B`` is a batch size, ``S`` the number
+of samples over all batches, ``N`` the number of dense features.
+
+Under ``torch.distributed`` (one process per rank, each with its own part of the data),
+:func:`evaluate` returns the metrics of the union of all ranks' samples: torchmetrics
+gathers the AUC inputs, and the logloss sums are all-reduced once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import BinaryAUROC
+from torchrec.datasets.utils import Batch
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Metrics of a model over a set of labelled samples.
+
+    Attributes:
+        auc: area under the ROC curve (NaN when the labels hold only one class).
+        logloss: mean binary cross-entropy of the predicted probabilities, in float64.
+        num_samples: number of samples evaluated (over all ranks).
+    """
+
+    auc: float
+    logloss: float
+    num_samples: int
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without any)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Runs the model on one batch, moved to ``model``'s device if needed.
+
+    Args:
+        model: a CTR model, ``forward(dense (B, N), sparse KJT) -> (B, 1)``.
+        batch: dense (B, N), sparse KJT, labels (B,).
+    Returns:
+        Logits of shape (B,), on the model's device.
+    """
+    device = model_device(model)
+    if batch.dense_features.device != device:
+        batch = batch.to(device, non_blocking=True)
+    return model(batch.dense_features, batch.sparse_features).view(-1)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Puts ``model`` in eval mode and restores its previous mode on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def predict_logits(model: nn.Module, batches: Iterable[Batch]) -> torch.Tensor:
+    """The model's logits for every sample, in batch order (this rank's samples only).
+
+    Args:
+        model: a CTR model.
+        batches: batches to score (their labels are ignored).
+    Returns:
+        Tensor of shape (S,), float, on the CPU.
+
+    Example::
+
+        logits = predict_logits(model, [batch])  # (B,)
+    """
+    with eval_mode(model), torch.no_grad():
+        chunks = [forward_logits(model, b).cpu() for b in batches]
+    if not chunks:
+        return torch.zeros(0)
+    return torch.cat(chunks)
+
+
+def evaluate(model: nn.Module, batches: Iterable[Batch]) -> EvalResult:
+    """AUC and logloss of ``model`` over ``batches`` (labels in {0, 1}).
+
+    The model runs in eval mode under ``torch.no_grad``; its previous mode is restored.
+    AUC is torchmetrics' exact ``BinaryAUROC`` (ties count one half). It is fed
+    probabilities computed in float64 rather than logits: torchmetrics decides per
+    ``update`` call whether its input is logits (any value outside [0, 1]), so a batch
+    whose logits all happened to fall in [0, 1] would be scored on another scale.
+
+    Args:
+        model: a CTR model, ``forward(dense (B, N), sparse KJT) -> (B, 1)``.
+        batches: labelled batches; iterated once.
+    Returns:
+        The metrics over all samples (all ranks' under ``torch.distributed``).
+    Raises:
+        InputError: when ``batches`` hold no sample.
+
+    Example::
+
+        result = evaluate(model, val_batches)
+        print(f"AUC {result.auc:.4f}  logloss {result.logloss:.4f}")
+    """
+    device = model_device(model)
+    auroc = BinaryAUROC().to(device)
+    # [sum of BCE, number of samples, number of positives], summed in float64.
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    with eval_mode(model), torch.no_grad():
+        for batch in batches:
+            logits = forward_logits(model, batch).double()
+            labels = batch.labels.to(device).view(-1).double()
+            auroc.update(torch.sigmoid(logits), labels.long())
+            totals += torch.stack(
+                [
+                    F.binary_cross_entropy_with_logits(logits, labels, reduction="sum"),
+                    logits.new_tensor(labels.numel()),
+                    labels.sum(),
+                ]
+            )
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    loss_sum, n, positives = totals.tolist()
+    if n == 0:
+        raise InputError("evaluate: the batches hold no sample")
+    # torchmetrics warns and returns 0 for a single class; the AUC is undefined there.
+    auc = float(auroc.compute()) if 0 < positives < n else math.nan
+    return EvalResult(auc=auc, logloss=loss_sum / n, num_samples=int(n))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements; a parameter shared by several modules counts once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers, each at the element size of its dtype.
+
+    Shared parameters and buffers count once. Optimizer state is not included.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure_latency(model: nn.Module, batch: Batch, *, warmup: int = 3, repeats: int = 20) -> float:
+    """Median wall time of one forward pass over ``batch``, in milliseconds.
+
+    Runs in eval mode (restored afterwards) under ``torch.inference_mode``, on the
+    model's device (meant for the CPU; on CUDA each pass is synchronised). The number of
+    CPU threads is left as the caller set it (``torch.set_num_threads``): latency depends
+    on it, so a benchmark should fix it once and report it.
+
+    Args:
+        model: a CTR model.
+        batch: the input, moved to the model's device once, before timing.
+        warmup: untimed passes first (allocator, lazy initialisation).
+        repeats: timed passes; the median resists outliers from other processes.
+    Returns:
+        Median milliseconds per forward pass.
+    """
+    if warmup < 0 or repeats < 1:
+        raise InputError(
+            f"measure_latency: need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}"
+        )
+    device = model_device(model)
+    batch = batch.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times_ms = []
+    with eval_mode(model), torch.inference_mode():
+        for i in range(warmup + repeats):
+            sync()
+            start = time.perf_counter()
+            forward_logits(model, batch)
+            sync()
+            if i >= warmup:
+                times_ms.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times_ms)

@@ -1,0 +1,443 @@
+"""Training and fine-tuning of a CTR model, in place, with optional early stopping.
+
+One trainer serves the three uses of the pipeline: training the original model,
+fine-tuning a compressed one (the same call on the compressed model), and distilling a
+compressed student from its original teacher (``teacher=``). Shapes as in
+:mod:`afmrec.pipeline.evaluate`.
+
+The optimizer is built in one place, :func:`make_optimizer`, and the step loop touches the
+model only through ``forward`` / ``backward`` / ``optimizer.step``: under TorchRec's
+``DistributedModelParallel`` the sharded tables are updated by the fused sparse
+optimizer, and only ``make_optimizer`` needs to change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from tqdm.auto import tqdm
+
+from .errors import InputError
+from .evaluate import EvalResult, evaluate, forward_logits, model_device
+
+logger = logging.getLogger(__name__)
+
+# (logits (B,), batch) -> scalar loss
+LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (the data and the model are arguments of :func:`train_`).
+
+    Args:
+        epochs: passes over the training batches.
+        max_steps: stop after this many optimizer steps in all (``None``: no limit).
+        dense_lr: Adam learning rate of every parameter that is not an embedding table.
+        sparse_lr: Adagrad learning rate of the embedding tables (the weights of every
+            torchrec ``EmbeddingBagCollection`` in the model, including the K-wide
+            tables inside a ``LowRankEmbeddingBagCollection``). Adagrad's per-coordinate
+            step suits tables whose rows are updated with very unequal frequencies.
+        weight_decay: L2 penalty of the dense parameters only. Tables get none: with
+            dense gradients, decay would shrink every row at every step, also the rows
+            the batch never looked up.
+        patience: stop after this many evaluations in a row without a lower validation
+            logloss (``None``: never stop early). Evaluations happen at the end of every
+            epoch, so without ``eval_every`` patience counts epochs. Needs validation
+            batches.
+        eval_every: also evaluate (and record history) every this many steps.
+        seed: seeds torch's RNG for the duration of training (dropout and any other
+            randomness in the model); the caller's RNG state is restored afterwards.
+            Data order is the batch source's business (e.g. its own seed).
+        log_every: update the progress bar's running loss every this many steps.
+        distill_temperature: ``T`` of the distillation loss (used only with a teacher).
+    """
+
+    epochs: int = 1
+    max_steps: int | None = None
+    dense_lr: float = 1e-3
+    sparse_lr: float = 0.05
+    weight_decay: float = 0.0
+    patience: int | None = None
+    eval_every: int | None = None
+    seed: int = 0
+    log_every: int = 50
+    distill_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        for name in ("max_steps", "patience", "eval_every"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"{name} must be None or >= 1, got {value}")
+        for name in ("dense_lr", "sparse_lr", "distill_temperature"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value > 0, f"{name} must be > 0, got {value}")
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise InputError(f"TrainConfig: {message}")
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    """One point of the training history (written at every evaluation).
+
+    Attributes:
+        epoch: 0-based epoch in which the record was taken.
+        step: optimizer steps done so far.
+        train_loss: sample-weighted mean training loss since the previous record.
+        samples_per_s: training throughput since the previous record (this process's
+            samples; evaluation time excluded).
+        val_auc / val_logloss: validation metrics, ``None`` without validation batches.
+    """
+
+    epoch: int
+    step: int
+    train_loss: float
+    samples_per_s: float
+    val_auc: float | None = None
+    val_logloss: float | None = None
+
+    def summary(self) -> str:
+        """One log line: ``epoch 0 step 30: loss 0.6702, 60,512 samples/s, val ...``."""
+        text = (
+            f"epoch {self.epoch} step {self.step}: loss {self.train_loss:.4f}, "
+            f"{self.samples_per_s:,.0f} samples/s"
+        )
+        if self.val_logloss is not None:
+            text += f", val auc {self.val_auc:.4f} logloss {self.val_logloss:.4f}"
+        return text
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_` did.
+
+    Attributes:
+        history: one record per evaluation, in order.
+        steps: optimizer steps done.
+        best: the record whose state the model holds on return (lowest validation
+            logloss), ``None`` without validation batches (the model keeps its last state).
+        stopped_early: whether ``patience`` ended training.
+    """
+
+    history: list[TrainRecord] = field(default_factory=list)
+    steps: int = 0
+    best: TrainRecord | None = None
+    stopped_early: bool = False
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> KeyedOptimizer:
+    """Adagrad for the embedding tables, Adam for everything else.
+
+    Tables are found by module type (every ``EmbeddingBagCollection``, wherever it
+    sits), so a compressed model's K-wide tables get Adagrad and its projections Adam.
+    Parameters that already carry an in-backward optimizer (TorchRec's fused kernels
+    set ``_in_backward_optimizers``) are left to it. This is the one function to change
+    under ``DistributedModelParallel``, where the sharded tables' optimizer is
+    ``model.fused_optimizer``.
+
+    Args:
+        model: the model to train.
+        config: learning rates and weight decay.
+    Returns:
+        A ``CombinedOptimizer`` with keys ``"sparse"`` and ``"dense"`` (a key is left out
+        when the model has no parameter of that kind).
+    Raises:
+        InputError: when the model has no trainable parameter.
+    """
+    table_ids = {
+        id(p)
+        for module in model.modules()
+        if isinstance(module, EmbeddingBagCollection)
+        for p in module.parameters()
+    }
+    sparse, dense = {}, {}
+    for name, param in model.named_parameters():
+        if param.requires_grad and not hasattr(param, "_in_backward_optimizers"):
+            (sparse if id(param) in table_ids else dense)[name] = param
+    factories = {
+        "sparse": lambda ps: torch.optim.Adagrad(ps, lr=config.sparse_lr),
+        "dense": lambda ps: torch.optim.Adam(
+            ps, lr=config.dense_lr, weight_decay=config.weight_decay
+        ),
+    }
+    optimizers = [
+        (key, KeyedOptimizerWrapper(params, factories[key]))
+        for key, params in (("sparse", sparse), ("dense", dense))
+        if params
+    ]
+    if not optimizers:
+        raise InputError("make_optimizer: the model has no trainable parameter")
+    return CombinedOptimizer(optimizers)
+
+
+def label_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean binary cross-entropy of ``logits`` (B,) against ``batch.labels`` (B,)."""
+    return F.binary_cross_entropy_with_logits(logits, batch.labels.to(logits).view(-1))
+
+
+def distillation_loss(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``T^2 * BCE(logits / T, sigmoid(teacher_logits / T))``, averaged over the batch.
+
+    The student's logits are softened by the same ``T`` as the teacher's, so the loss is
+    minimal exactly at ``logits == teacher_logits`` for any ``T`` (softening only the
+    teacher would teach the student logits ``T`` times too small). ``T^2`` keeps gradient
+    sizes comparable across temperatures (Hinton et al., 2015). At ``T = 1`` this is plain
+    BCE against the teacher's probabilities.
+
+    Args:
+        logits: student logits, (B,).
+        teacher_logits: teacher logits, (B,).
+        temperature: ``T > 0``.
+    Returns:
+        A scalar tensor.
+    """
+    targets = torch.sigmoid(teacher_logits / temperature)
+    return F.binary_cross_entropy_with_logits(logits / temperature, targets) * temperature**2
+
+
+def _teacher_loss(teacher: nn.Module, temperature: float) -> LossFn:
+    """The loss against a frozen teacher's logits; the batch's labels are never read."""
+
+    def loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            target = forward_logits(teacher, batch).to(logits)
+        return distillation_loss(logits, target, temperature)
+
+    return loss
+
+
+class _LossWindow:
+    """Training loss and throughput since the last record.
+
+    The loss is summed on the model's device and read back only when reported, so that
+    the step loop does not wait for the device at every step.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
+        self._samples = 0
+        self._start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, num_samples: int) -> None:
+        self._loss_sum += loss.detach().double() * num_samples
+        self._samples += num_samples
+
+    def mean_loss(self) -> float:
+        mean = self._loss_sum.item() / max(self._samples, 1)
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"training loss is {mean}; lower the learning rates")
+        return mean
+
+    def samples_per_s(self) -> float:
+        return self._samples / max(time.perf_counter() - self._start, 1e-9)
+
+
+class _BestState:
+    """Lowest validation logloss seen, the model state that had it, and patience.
+
+    The snapshot is a full copy of ``model.state_dict()`` on the model's device: it
+    doubles the model's memory while training with validation batches.
+    """
+
+    def __init__(self, patience: int | None) -> None:
+        self.patience = patience
+        self.record: TrainRecord | None = None
+        self._state: dict[str, torch.Tensor] | None = None
+        self._evaluations_without_gain = 0
+
+    def update(self, model: nn.Module, record: TrainRecord) -> None:
+        assert record.val_logloss is not None
+        if self.record is None or record.val_logloss < self.record.val_logloss:
+            self.record = record
+            self._state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self._evaluations_without_gain = 0
+        else:
+            self._evaluations_without_gain += 1
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self._evaluations_without_gain >= self.patience
+
+    def restore_(self, model: nn.Module, current: TrainRecord) -> None:
+        if self._state is not None and self.record is not current:
+            model.load_state_dict(self._state)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seeds torch's RNG inside the block and restores the caller's RNG state after."""
+    cuda_devices = []
+    if device.type == "cuda":
+        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _total_steps(batches: Iterable[Batch], config: TrainConfig) -> int | None:
+    """Steps the run will take at most (for the progress bar), if the source has a length."""
+    try:
+        total = len(batches) * config.epochs  # type: ignore[arg-type]
+    except TypeError:
+        return config.max_steps
+    return min(total, config.max_steps) if config.max_steps is not None else total
+
+
+def _train_step(
+    model: nn.Module, batch: Batch, optimizer: KeyedOptimizer, loss_fn: LossFn
+) -> torch.Tensor:
+    """One optimizer step; returns the batch's loss (still on the device)."""
+    optimizer.zero_grad()
+    loss = loss_fn(forward_logits(model, batch), batch)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def train_(
+    model: nn.Module,
+    train_batches: Iterable[Batch],
+    config: TrainConfig,
+    *,
+    val_batches: Iterable[Batch] | None = None,
+    teacher: nn.Module | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Trains ``model`` in place.
+
+    At the end of every epoch (and every ``config.eval_every`` steps) a record is added
+    to the history, with the validation metrics when ``val_batches`` are given. With
+    validation batches the model is returned in the state that had the lowest
+    validation logloss, and ``config.patience`` can end training early.
+
+    Without a teacher the loss is BCE against the labels. With one, it is
+    :func:`distillation_loss` against the teacher's logits, and the training labels are
+    not used (validation still scores against the validation labels).
+
+    Args:
+        model: the model to train; left in the train/eval mode it had on entry.
+        train_batches: re-iterable batches, one pass per epoch; ``set_epoch(epoch)`` is
+            called before each pass when the source has it (to reshuffle).
+        config: the training configuration.
+        val_batches: re-iterable labelled batches for evaluation and early stopping.
+        teacher: a frozen model in eval mode whose logits the model learns to mimic.
+        progress: show a tqdm progress bar (pass ``rank == 0`` under torch.distributed).
+    Returns:
+        The history, the number of steps and the record of the restored state.
+    Raises:
+        InputError: patience without validation batches, a teacher in train mode, or an
+            epoch without any batch.
+
+    Example::
+
+        result = train_(model, train_batches, TrainConfig(epochs=3, patience=1),
+                        val_batches=val_batches)
+        print(result.best.val_auc)
+    """
+    if config.patience is not None and val_batches is None:
+        raise InputError("train_: patience needs val_batches to judge progress")
+    if teacher is not None and teacher.training:
+        raise InputError("train_: the teacher must be in eval mode (call teacher.eval())")
+    loss_fn = label_loss if teacher is None else _teacher_loss(teacher, config.distill_temperature)
+    device = model_device(model)
+    was_training = model.training
+    total = _total_steps(train_batches, config)
+    bar = tqdm(total=total, disable=not progress, desc="train", unit="step")
+    try:
+        with _seeded(config.seed, device):
+            model.train()
+            return _run(model, train_batches, config, val_batches, loss_fn, bar)
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+def _run(
+    model: nn.Module,
+    train_batches: Iterable[Batch],
+    config: TrainConfig,
+    val_batches: Iterable[Batch] | None,
+    loss_fn: LossFn,
+    bar: tqdm,
+) -> TrainResult:
+    """The epoch and step loops of :func:`train_` (model already in train mode)."""
+    optimizer = make_optimizer(model, config)
+    result = TrainResult()
+    best = _BestState(config.patience)
+    window = _LossWindow(model_device(model))
+
+    def add_record(epoch: int) -> None:
+        record = _make_record(model, epoch, result.steps, window, val_batches)
+        result.history.append(record)
+        if record.val_logloss is not None:
+            best.update(model, record)
+        logger.info("%s", record.summary())
+        window.reset()
+
+    for epoch in range(config.epochs):
+        if hasattr(train_batches, "set_epoch"):
+            train_batches.set_epoch(epoch)
+        epoch_start = result.steps
+        for batch in train_batches:
+            window.add(_train_step(model, batch, optimizer, loss_fn), batch.labels.numel())
+            result.steps += 1
+            bar.update()
+            if result.steps % config.log_every == 0:
+                bar.set_postfix(loss=f"{window.mean_loss():.4f}")
+            if config.eval_every is not None and result.steps % config.eval_every == 0:
+                add_record(epoch)
+            if best.should_stop or result.steps == config.max_steps:
+                break
+        if result.steps == epoch_start:
+            raise InputError(f"train_: train_batches yielded no batch in epoch {epoch}")
+        if not result.history or result.history[-1].step != result.steps:
+            add_record(epoch)
+        if best.should_stop or result.steps == config.max_steps:
+            break
+    result.stopped_early = best.should_stop
+    if best.record is not None:
+        best.restore_(model, result.history[-1])
+        result.best = best.record
+    return result
+
+
+def _make_record(
+    model: nn.Module,
+    epoch: int,
+    step: int,
+    window: _LossWindow,
+    val_batches: Iterable[Batch] | None,
+) -> TrainRecord:
+    """Reads the training window, then evaluates (so evaluation time is not counted)."""
+    train_loss, speed = window.mean_loss(), window.samples_per_s()
+    val: EvalResult | None = evaluate(model, val_batches) if val_batches is not None else None
+    return TrainRecord(
+        epoch=epoch,
+        step=step,
+        train_loss=train_loss,
+        samples_per_s=speed,
+        val_auc=val.auc if val is not None else None,
+        val_logloss=val.logloss if val is not None else None,
+    )
