@@ -18,6 +18,7 @@ TRAIN_HELP = {
     "eval_every": "evaluate on the validation rows every N steps (default: every epoch)",
     "seed": "random seed (initialisation and data order)",
     "distill_temperature": "temperature T of the teacher's soft labels (finetune --teacher)",
+    "eval_at_start": "evaluate before the first step, so the starting model can be kept",
 }
 
 

@@ -151,7 +151,7 @@ def _with_ratio(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def format_report(rows: Sequence[Mapping[str, Any]]) -> str:
+def format_report(rows: Sequence[Mapping[str, Any]], *, hide: Sequence[str] = ("model_dir",)) -> str:
     """An aligned text table of the rows, for printing.
 
     Columns: variant, params (thousands separators), ratio (the first row's params over
@@ -163,6 +163,10 @@ def format_report(rows: Sequence[Mapping[str, Any]]) -> str:
     Raises:
         InputError: a row lacks a required column.
 
+    Args:
+        rows: the report rows.
+        hide: columns not printed (paths are long and are in the Parquet file).
+
     Example::
 
         print(format_report(read_report("run/report.parquet")))
@@ -171,7 +175,7 @@ def format_report(rows: Sequence[Mapping[str, Any]]) -> str:
     if not rows:
         return "(empty report)"
     rows = _with_ratio(rows)
-    columns = _columns(rows)
+    columns = [c for c in _columns(rows) if c not in hide]
     columns.insert(2, columns.pop(columns.index("ratio")))  # next to params
     cells = [[_format_cell(c, row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]

@@ -62,6 +62,9 @@ class TrainConfig:
             Data order is the batch source's business (e.g. its own seed).
         log_every: update the progress bar's running loss every this many steps.
         distill_temperature: ``T`` of the distillation loss (used only with a teacher).
+        eval_at_start: also evaluate before the first step, so that the starting state
+            can win: fine-tuning then never returns a model worse on the validation
+            rows than the one it started from.
     """
 
     epochs: int = 1
@@ -74,6 +77,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     distill_temperature: float = 1.0
+    eval_at_start: bool = False
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -245,7 +249,9 @@ class _LossWindow:
         self._samples += num_samples
 
     def mean_loss(self) -> float:
-        mean = self._loss_sum.item() / max(self._samples, 1)
+        if self._samples == 0:
+            return math.nan  # a record before any step (eval_at_start)
+        mean = self._loss_sum.item() / self._samples
         if not math.isfinite(mean):
             raise FloatingPointError(f"training loss is {mean}; lower the learning rates")
         return mean
@@ -396,6 +402,8 @@ def _run(
         logger.info("%s", record.summary())
         window.reset()
 
+    if config.eval_at_start and val_batches is not None:
+        add_record(0)
     for epoch in range(config.epochs):
         if hasattr(train_batches, "set_epoch"):
             train_batches.set_epoch(epoch)
