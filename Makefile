@@ -5,7 +5,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
-NPROC ?= 2
 
 # torchrec's metadata requires the CUDA fbgemm-gpu wheel (2.7 GB); it is installed with
 # --no-deps beside fbgemm-gpu-cpu, and its real dependencies are named here.
@@ -27,7 +26,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/afmrec demo --out runs/demo --nproc $(NPROC)
+	$(VENV)/bin/afmrec demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -12,8 +12,16 @@ from typing import Any
 
 
 def setup_logging(quiet: bool = False) -> None:
-    """Plain one-line logs; silences the third-party warnings that are noise to a user."""
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    """Plain one-line logs of ``afmrec.*``; third-party info logs (FBGEMM announces every
+    library it loads on the root logger) and warnings that are noise to a user are off."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    ours = logging.getLogger("afmrec")
+    ours.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ours.addHandler(handler)
+        ours.propagate = False
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)

@@ -33,10 +33,14 @@ def full_rank_bases(model):
     return afm_bases(spectra(stats), {b.name: b.out_features for b in blocks})
 
 
-def test_full_rank_reproduces_logits(tiny_model):
+@pytest.mark.parametrize("fuse", [False, True])
+def test_full_rank_reproduces_logits(tiny_model, fuse):
     before = logits(tiny_model)
     bases = full_rank_bases(tiny_model)
-    compress_(tiny_model, bases, CompressConfig(fuse=False))
+    compress_(tiny_model, bases, CompressConfig(fuse=fuse))
+    assert isinstance(tiny_model.sparse_arch, FusedDeepFMSparseArch) == (
+        fuse and type(tiny_model).__name__ == "DeepFM"
+    )
     assert any(isinstance(m, LowRankLinear) for m in tiny_model.modules())
     assert any(isinstance(m, LowRankEmbeddingBagCollection) for m in tiny_model.modules())
     assert (logits(tiny_model) - before).abs().max().item() <= 1e-4
