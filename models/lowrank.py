@@ -61,6 +61,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
         tables: the original (D-wide) table configs, in feature order.
         ranks: table name -> K.
         device: where the K-wide tables live (``meta`` for sharding later).
+        projection_device: where the projections live (default: ``device``).
 
     Example::
 
@@ -75,6 +76,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
         tables: list[EmbeddingBagConfig],
         ranks: Mapping[str, int],
         device: torch.device | None = None,
+        projection_device: torch.device | None = None,
     ) -> None:
         super().__init__()
         unknown = set(ranks) - {t.name for t in tables}
@@ -90,7 +92,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
         )
         self.projections = nn.ModuleDict(
             {
-                t.name: nn.Linear(ranks[t.name], t.embedding_dim, device=device)
+                t.name: nn.Linear(ranks[t.name], t.embedding_dim, device=projection_device or device)
                 for t in tables
                 if t.name in ranks
             }
@@ -115,8 +117,9 @@ class LowRankEmbeddingBagCollection(nn.Module):
             one (B, D) tensor per feature, in feature order.
         """
         out = []
+        by_feature = codes.to_dict()
         for i, (feature, table) in enumerate(self._feature_tables):
-            z = codes[feature]
+            z = by_feature[feature]
             proj = self.projections[table] if table in self.projections else None
             if proj is None:
                 out.append(z)
@@ -157,19 +160,28 @@ class LowRankEmbeddingBagCollection(nn.Module):
         weights = {n: p for n, p in ebc.embedding_bags.named_parameters()}
         device = next(iter(weights.values())).device
         ranks = {name: u.shape[1] for name, u in components.items()}
-        out = cls(configs, ranks, device=device)
+        # Tables on `meta` (a sharded model's skeleton) get only their K-wide shapes here:
+        # their rows are folded shard by shard (afmrec.sharding.compress); the small
+        # projections are real tensors on the device of the components.
+        proj_device = next(iter(components.values())).device if device.type == "meta" else device
+        out = cls(configs, ranks, device=device, projection_device=proj_device)
         with torch.no_grad():
             for t in configs:
+                if t.name in components:
+                    u = components[t.name].to(proj_device)
+                    proj = out.projections[t.name]
+                    proj.weight.copy_(u.to(proj.weight.dtype))
+                    bias = residual_bias(u, centers[t.name].to(proj_device))
+                    proj.bias.copy_(bias.to(proj.bias.dtype))
+                if device.type == "meta":
+                    continue
                 src = weights[f"{t.name}.weight"]
                 dst = out.codes.embedding_bags[t.name].weight
                 if t.name not in components:
                     dst.copy_(src)
-                    continue
-                u = components[t.name].to(device)
-                dst.copy_((src.double() @ u.double()).to(dst.dtype))
-                proj = out.projections[t.name]
-                proj.weight.copy_(u.to(proj.weight.dtype))
-                proj.bias.copy_(residual_bias(u, centers[t.name].to(device)).to(proj.bias.dtype))
+                else:
+                    u = components[t.name].to(device).double()
+                    dst.copy_((src.double() @ u).to(dst.dtype))
         return out
 
 
