@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.datasets.utils import Batch
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from tqdm.auto import tqdm
 
@@ -151,9 +153,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> KeyedOptimizer:
     Tables are found by module type (every ``EmbeddingBagCollection``, wherever it
     sits), so a compressed model's K-wide tables get Adagrad and its projections Adam.
     Parameters that already carry an in-backward optimizer (TorchRec's fused kernels
-    set ``_in_backward_optimizers``) are left to it. This is the one function to change
-    under ``DistributedModelParallel``, where the sharded tables' optimizer is
-    ``model.fused_optimizer``.
+    set ``_in_backward_optimizers``) are left to it; under ``DistributedModelParallel``
+    its ``fused_optimizer`` joins the result (key ``"fused"``) with ``sparse_lr``.
 
     Args:
         model: the model to train.
@@ -167,7 +168,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> KeyedOptimizer:
     table_ids = {
         id(p)
         for module in model.modules()
-        if isinstance(module, EmbeddingBagCollection)
+        if isinstance(module, (EmbeddingBagCollection, ShardedEmbeddingBagCollection))
         for p in module.parameters()
     }
     sparse, dense = {}, {}
@@ -185,6 +186,12 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> KeyedOptimizer:
         for key, params in (("sparse", sparse), ("dense", dense))
         if params
     ]
+    # Under DMP the fused tables are updated inside backward by model.fused_optimizer,
+    # whose zero_grad()/step() push param_groups' lr to the FBGEMM kernel.
+    if isinstance(model, FusedOptimizerModule) and model.fused_optimizer.params:
+        for group in model.fused_optimizer.param_groups:
+            group["lr"] = config.sparse_lr
+        optimizers.append(("fused", model.fused_optimizer))
     if not optimizers:
         raise InputError("make_optimizer: the model has no trainable parameter")
     return CombinedOptimizer(optimizers)

@@ -1,0 +1,174 @@
+"""The process group of a job, from the env:// contract shared by torchrun and SLURM.
+
+Both ``torchrun`` and ``submitit.helpers.TorchDistributedEnvironment().export()`` set
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and
+``MASTER_PORT``; :func:`init_distributed` reads them and is the one place where a rank
+picks its device. Without those variables the job is a single process: no process group
+is created and every helper here degrades to its one-process meaning.
+
+Example::
+
+    env = init_distributed()
+    try:
+        ...  # build the model on env.device, shard it, train
+        barrier()
+    finally:
+        destroy_distributed()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from afmrec.pipeline.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+DEVICE_KINDS = ("auto", "cpu", "cuda")
+_REQUIRED_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job.
+
+    Attributes:
+        rank: global rank, ``0 <= rank < world_size``.
+        world_size: number of processes in the job.
+        local_rank: rank among the processes of this host.
+        local_world_size: processes per host (TorchRec's table-row-wise sharding and
+            placements group ranks by host with it).
+        device: this rank's compute device.
+        backend: ``"nccl"`` on CUDA, ``"gloo"`` on CPU.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    local_world_size: int = 1
+
+    @property
+    def is_distributed(self) -> bool:
+        """Whether a default process group exists (false for a plain one-process run)."""
+        return dist.is_available() and dist.is_initialized()
+
+    def device_of(self, rank: int) -> torch.device:
+        """The device that ``rank`` computes on, by the rule of :func:`init_distributed`.
+
+        Sharding plans name each shard's device; they must agree with the device every
+        rank actually picked. Assumes hosts alike and ranks laid out host by host, as
+        torchrun and SLURM's block distribution do.
+        """
+        if self.device.type != "cuda":
+            return self.device
+        return _cuda_device(rank % self.local_world_size)
+
+
+def init_distributed(device_kind: str = "auto") -> DistEnv:
+    """Joins the job's process group (if any) and picks this rank's device.
+
+    Reads the env:// variables. When ``WORLD_SIZE`` is unset the process runs alone:
+    no process group is created and rank 0 of a world of 1 is returned. Otherwise
+    ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` must all be set, and
+    the default process group is initialised with NCCL on CUDA, gloo on CPU (also for
+    ``WORLD_SIZE=1``, as under ``torchrun --nproc-per-node 1``, so that sharded code
+    paths run unchanged). Calling it again in an initialised process returns the
+    environment without creating a second group.
+
+    The CUDA device is ``cuda:{LOCAL_RANK}``, except when the process sees a single
+    GPU: submitit's ``export()`` (by default) and some SLURM setups restrict each task
+    to its own GPU through ``CUDA_VISIBLE_DEVICES``, and that GPU is then ``cuda:0``
+    whatever the local rank.
+
+    Args:
+        device_kind: ``"cuda"``, ``"cpu"`` or ``"auto"`` (CUDA when available).
+    Returns:
+        The process's :class:`DistEnv`.
+    Raises:
+        InputError: an unknown ``device_kind``, an incomplete or inconsistent set of
+            env:// variables, CUDA requested but unavailable, or more ranks on a host
+            than visible GPUs.
+    """
+    if device_kind not in DEVICE_KINDS:
+        raise InputError(f"device_kind must be one of {DEVICE_KINDS}, got {device_kind!r}")
+    use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise InputError("device_kind='cuda' but torch sees no CUDA device")
+    rank, world_size, local_rank, local_world_size = _read_env()
+    device = _cuda_device(local_rank) if use_cuda else torch.device("cpu")
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        # The device id lets NCCL bind its communicator eagerly; gloo takes none.
+        extra = {"device_id": device} if use_cuda else {}
+        dist.init_process_group(backend=backend, init_method="env://", **extra)
+        logger.info("rank %d/%d joined (%s, %s)", rank, world_size, backend, device)
+    return DistEnv(rank, world_size, local_rank, device, backend, local_world_size)
+
+
+def _read_env() -> tuple[int, int, int, int]:
+    """``(rank, world_size, local_rank, local_world_size)`` from the env:// variables."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0, 1
+    missing = [name for name in _REQUIRED_VARS if name not in os.environ]
+    if missing:
+        raise InputError(f"env:// contract incomplete: WORLD_SIZE is set but not {missing}")
+    try:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    except ValueError as e:
+        raise InputError(f"env:// variables must be integers: {e}") from None
+    if not (
+        0 <= rank < world_size
+        and 0 <= local_rank < local_world_size <= world_size
+        and world_size % local_world_size == 0
+    ):
+        raise InputError(
+            f"inconsistent env:// variables: RANK={rank} WORLD_SIZE={world_size} "
+            f"LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_world_size}"
+        )
+    return rank, world_size, local_rank, local_world_size
+
+
+def _cuda_device(local_rank: int) -> torch.device:
+    """The one place where a rank chooses its GPU (see :func:`init_distributed`)."""
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= visible:
+        raise InputError(
+            f"LOCAL_RANK={local_rank} but this process sees only {visible} GPUs "
+            "(more ranks per host than GPUs?)"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def destroy_distributed() -> None:
+    """Destroys the default process group, if any.
+
+    Call it explicitly at the end of every distributed job (in a ``finally``): a
+    process group left to the interpreter's exit handlers occasionally aborts the
+    process ("terminate called without an active exception") after all work is done.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 (always true without a process group)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Waits for every rank; a no-op without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
