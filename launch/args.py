@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import typing
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def setup_logging(quiet: bool = False) -> None:
@@ -93,3 +94,44 @@ def int_list(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_distributed(parser: argparse.ArgumentParser) -> None:
+    """Options of the stages that run sharded under torchrun or SLURM."""
+    g = parser.add_argument_group(
+        "distributed (under torchrun or SLURM; ignored in a single process)"
+    )
+    g.add_argument("--sharding", nargs="+", default=["*=table_wise"], metavar="GLOB=TYPE",
+                   help="sharding type by table-name glob, the last match wins: table_wise, "
+                   "row_wise, column_wise, table_row_wise, data_parallel (default: *=table_wise)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where each rank computes (default: CUDA if available)")
+
+
+@contextlib.contextmanager
+def job(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
+    """Joins the torchrun/SLURM process group if there is one, for the stage's duration.
+
+    Yields:
+        ``(env, sharding)``: the :class:`~afmrec.sharding.env.DistEnv` and the
+        :class:`~afmrec.sharding.plan.ShardingConfig` of ``--sharding``.
+    """
+    from afmrec.pipeline.errors import InputError
+    from afmrec.sharding.env import destroy_distributed, init_distributed
+    from afmrec.sharding.plan import ShardingConfig
+
+    table_sharding = {}
+    for item in getattr(args, "sharding", ["*=table_wise"]):
+        glob, sep, kind = item.rpartition("=")
+        if not sep or not glob:
+            raise InputError(f"--sharding expects GLOB=TYPE, got {item!r}")
+        table_sharding[glob] = kind
+    sharding = ShardingConfig(table_sharding)
+    env = init_distributed(getattr(args, "device", "auto"))
+    if env.rank != 0:
+        args.quiet = True
+    setup_logging(getattr(args, "quiet", False))
+    try:
+        yield env, sharding
+    finally:
+        destroy_distributed()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from afmrec.pipeline.errors import InputError
 
-from .args import add_output, setup_logging
+from .args import add_distributed, add_output, job
 
 HELP = "compute PCA bases, pick ranks and write the low-rank model"
 
@@ -39,14 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     policy.add_argument("--rank", type=int, help="one rank for every block")
     parser.add_argument("--rank-pattern", nargs="+", default=[], metavar="GLOB=K",
                         help="per-block rank overrides by block-name glob")
-    parser.add_argument("--table-multiple", type=int, default=1,
-                        help="round table ranks up to a multiple of this (4 for FBGEMM on CUDA)")
+    parser.add_argument("--table-multiple", type=int, default=4,
+                        help="round table ranks up to a multiple of this (default: 4, what "
+                        "FBGEMM's fused kernels need to shard the compressed tables; 1 for "
+                        "models that stay in one process)")
     parser.add_argument("--method", choices=("afm", "svd"), default="afm",
                         help="afm: PCA of the outputs (default); svd: truncated SVD of the weights")
     parser.add_argument("--activation", choices=("relu", "gelu"),
                         help="put an activation between the factors of Linear layers (fine-tune after)")
     parser.add_argument("--no-fuse", action="store_true",
                         help="keep table projections even where a linear consumer could absorb them")
+    add_distributed(parser)
 
 
 def _rank_pattern(items: list[str]) -> dict[str, int]:
@@ -60,7 +63,6 @@ def _rank_pattern(items: list[str]) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.quiet)
     from afmrec.pipeline.compress import CompressConfig
     from afmrec.pipeline.ranks import RankConfig
     from afmrec.pipeline.stages import compress_stage
@@ -70,11 +72,14 @@ def run(args: argparse.Namespace) -> int:
         mode=mode, rank=args.rank, energy=args.energy, ratio=args.ratio,
         rank_pattern=_rank_pattern(args.rank_pattern), table_multiple=args.table_multiple,
     )
-    _, rows = compress_stage(
-        args.model, args.stats, args.out, rank_config,
-        CompressConfig(activation=args.activation, fuse=not args.no_fuse),
-        method=args.method, overwrite=args.overwrite,
-    )
+    with job(args) as (env, sharding):
+        _, rows = compress_stage(
+            args.model, args.stats, args.out, rank_config,
+            CompressConfig(activation=args.activation, fuse=not args.no_fuse),
+            env=env, sharding=sharding, method=args.method, overwrite=args.overwrite,
+        )
+        if env.rank != 0:
+            return 0
     before = sum(r["params_before"] for r in rows)
     after = sum(r["params_after"] for r in rows)
     n = sum(r["compressed"] for r in rows)

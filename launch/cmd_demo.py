@@ -24,7 +24,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from .args import setup_logging
+from .args import add_distributed, job
 
 HELP = "generate data, train, compress, fine-tune and evaluate, end to end"
 
@@ -54,19 +54,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the data and the training")
     parser.add_argument("--overwrite", action="store_true", help="redo every stage")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    add_distributed(parser)
 
 
-def _stage(name: str, out: Path, overwrite: bool) -> bool:
+def _stage(name: str, out: Path, overwrite: bool, rank: int) -> bool:
     """Whether to run a stage: its output is absent, or --overwrite."""
-    if out.exists() and not overwrite:
-        print(f"[{name}] {out} exists, skipped")
-        return False
-    print(f"[{name}] -> {out}")
-    return True
+    run = overwrite or not out.exists()
+    if rank == 0:
+        print(f"[{name}] -> {out}" if run else f"[{name}] {out} exists, skipped", flush=True)
+    return run
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.quiet)
     from afmrec.pipeline.compress import CompressConfig
     from afmrec.pipeline.data import SynthConfig, synthesize
     from afmrec.pipeline.ranks import RankConfig
@@ -76,38 +75,49 @@ def run(args: argparse.Namespace) -> int:
         stats_stage, train_stage,
     )
     from afmrec.pipeline.train import TrainConfig
+    from afmrec.sharding.env import barrier
 
     d = DemoConfig(arch=args.arch, train_rows=args.train_rows, test_rows=args.test_rows,
                    epochs=args.epochs, ratio=args.ratio, seed=args.seed)
     out: Path = args.out
-    progress = not args.quiet
     ow = args.overwrite
-    data = out / "data"
-    if _stage("synth", data, ow):
-        synthesize(SynthConfig(num_rows=d.train_rows, seed=d.seed), data,
-                   test_rows=d.test_rows, overwrite=ow)
-    rows = DataRef(data / "train")
-    train, fresh, val = (DataRef(rows.path, a, b) for a, b in ((0, 0.6), (0.6, 0.9), (0.9, 1)))
-    test = DataRef(data / "test")
-    original, afm, tuned = out / "original", out / "afm", out / "afm_finetuned"
-    if _stage("train", original, ow):
-        config = model_config_from_schema(train.schema(), d.arch, embedding_dim=d.embedding_dim)
-        train_stage(original, config, train, val,
-                    TrainConfig(epochs=d.epochs, eval_every=50, patience=2, seed=d.seed),
-                    batch_size=d.batch_size, overwrite=ow, progress=progress)
-    stats = out / "stats.pt"
-    if _stage("stats", stats, ow):
-        stats_stage(original, train, stats, overwrite=ow, progress=progress)
-    if _stage("compress", afm, ow):
-        compress_stage(original, stats, afm, RankConfig(mode="ratio", ratio=d.ratio),
-                       CompressConfig(), overwrite=ow)
-    if _stage("finetune", tuned, ow):
-        # Frequent validation, and the starting model is kept if nothing beats it.
-        finetune = TrainConfig(epochs=1, eval_every=25, patience=3, eval_at_start=True, seed=d.seed)
-        finetune_stage(afm, tuned, fresh, val, finetune,
-                       batch_size=d.batch_size, overwrite=ow, progress=progress)
-    print("[evaluate] -> " + str(out / "report.parquet"))
-    rows = evaluate_stage({"original": original, "afm": afm, "afm_finetuned": tuned}, test,
-                          out / "report.parquet", progress=progress)
-    print(format_report(rows))
+    with job(args) as (env, sharding):
+        progress = not args.quiet
+        common = dict(env=env, sharding=sharding)
+        data = out / "data"
+        if _stage("synth", data, ow, env.rank) and env.rank == 0:
+            synthesize(SynthConfig(num_rows=d.train_rows, seed=d.seed), data,
+                       test_rows=d.test_rows, overwrite=ow, progress=progress)
+        barrier()
+        rows = DataRef(data / "train")
+        train, fresh, val = (DataRef(rows.path, a, b) for a, b in ((0, 0.6), (0.6, 0.9), (0.9, 1)))
+        test = DataRef(data / "test")
+        original, afm, tuned = out / "original", out / "afm", out / "afm_finetuned"
+        # Each of the world's ranks takes batch_size / world rows per step: the same global
+        # batch, whatever the number of ranks.
+        batch = d.batch_size // env.world_size
+        if _stage("train", original, ow, env.rank):
+            config = model_config_from_schema(train.schema(), d.arch, embedding_dim=d.embedding_dim)
+            train_stage(original, config, train, val,
+                        TrainConfig(epochs=d.epochs, eval_every=50, patience=2, seed=d.seed),
+                        batch_size=batch, overwrite=ow, progress=progress, **common)
+        stats = out / "stats.pt"
+        if _stage("stats", stats, ow, env.rank):
+            stats_stage(original, train, stats, overwrite=ow, progress=progress, **common)
+        if _stage("compress", afm, ow, env.rank):
+            compress_stage(original, stats, afm,
+                           RankConfig(mode="ratio", ratio=d.ratio, table_multiple=4),
+                           CompressConfig(), overwrite=ow, **common)
+        if _stage("finetune", tuned, ow, env.rank):
+            # Frequent validation, and the starting model is kept if nothing beats it.
+            finetune = TrainConfig(epochs=1, eval_every=25, patience=3, eval_at_start=True,
+                                   seed=d.seed)
+            finetune_stage(afm, tuned, fresh, val, finetune, batch_size=batch, overwrite=ow,
+                           progress=progress, **common)
+        if env.rank == 0:
+            print("[evaluate] -> " + str(out / "report.parquet"))
+        report = evaluate_stage({"original": original, "afm": afm, "afm_finetuned": tuned}, test,
+                                out / "report.parquet", progress=progress, **common)
+        if env.rank == 0:
+            print(format_report(report))
     return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from afmrec.pipeline.errors import InputError
 
-from .args import add_data, setup_logging
+from .args import add_data, add_distributed, job
 
 HELP = "measure AUC, logloss, size and latency of models; write report.parquet"
 
@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8192, help="rows per forward pass")
     parser.add_argument("--latency-batch", type=int, default=2048, help="batch size of the latency measurement")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    add_distributed(parser)
 
 
 def parse_models(items: list[str]) -> dict[str, Path]:
@@ -43,14 +44,15 @@ def parse_models(items: list[str]) -> dict[str, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.quiet)
     from afmrec.pipeline.report import format_report
     from afmrec.pipeline.stages import DataRef, evaluate_stage
 
-    rows = evaluate_stage(parse_models(args.models), DataRef.parse(args.data), args.out,
-                          batch_size=args.batch_size, latency_batch=args.latency_batch,
-                          progress=not args.quiet)
-    print(format_report(rows))
-    if args.out:
-        print(f"report written to {args.out}")
+    with job(args) as (env, sharding):
+        rows = evaluate_stage(parse_models(args.models), DataRef.parse(args.data), args.out,
+                              env=env, sharding=sharding, batch_size=args.batch_size,
+                              latency_batch=args.latency_batch, progress=not args.quiet)
+        if env.rank == 0:
+            print(format_report(rows))
+            if args.out:
+                print(f"report written to {args.out}")
     return 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import add_data, add_output, setup_logging
+from .args import add_data, add_distributed, add_output, job
 from .train_options import add_train_options, train_config, validation_split
 
 HELP = "fine-tune a compressed model with labels or by distillation"
@@ -28,14 +28,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data(parser, what="training data")
     add_output(parser, "the fine-tuned model folder")
     add_train_options(parser)
+    add_distributed(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.quiet)
     from afmrec.pipeline.stages import finetune_stage
 
     train, val = validation_split(args)
-    finetune_stage(args.model, args.out, train, val, train_config(args), teacher_dir=args.teacher,
-                   batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"model written to {args.out}")
+    with job(args) as (env, sharding):
+        finetune_stage(args.model, args.out, train, val, train_config(args), env=env,
+                       sharding=sharding, teacher_dir=args.teacher, batch_size=args.batch_size,
+                       overwrite=args.overwrite, progress=not args.quiet)
+        if env.rank == 0:
+            print(f"model written to {args.out}")
     return 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import add_data, add_output, setup_logging
+from .args import add_data, add_distributed, add_output, job
 
 HELP = "collect output statistics of every table and Linear layer over data"
 
@@ -30,17 +30,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", nargs="+", default=["*"], metavar="GLOB",
                         help="blocks to observe, by name glob (default: all)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="blocks to skip")
+    add_distributed(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.quiet)
     from afmrec.pipeline.stages import DataRef, stats_stage
 
-    stats = stats_stage(
-        args.model, DataRef.parse(args.data), args.out, batch_size=args.batch_size,
-        target=tuple(args.target), exclude=tuple(args.exclude),
-        overwrite=args.overwrite, progress=not args.quiet,
-    )
-    n = max(int(m.n) for m in stats.moments.values())
-    print(f"statistics of {len(stats.moments)} blocks over {n:,} rows written to {args.out}")
+    with job(args) as (env, sharding):
+        stats = stats_stage(
+            args.model, DataRef.parse(args.data), args.out, env=env, sharding=sharding,
+            batch_size=args.batch_size, target=tuple(args.target), exclude=tuple(args.exclude),
+            overwrite=args.overwrite, progress=not args.quiet,
+        )
+        if env.rank == 0:
+            n = max(int(m.n) for m in stats.moments.values())
+            print(f"statistics of {len(stats.moments)} blocks over {n:,} rows written to {args.out}")
     return 0

@@ -8,6 +8,9 @@ Writes OUT/model.json (architecture and provenance) and OUT/checkpoint (DCP).
 
 Example:
   afmrec train --data runs/demo/data/train --arch dlrm --epochs 3 --out runs/demo/original
+  torchrun --nproc_per_node 2 -m afmrec.launch.cli train --data ... --sharding '*=row_wise' --out ...
+
+With --batch-size B under torchrun each rank takes B rows per step (global batch B x ranks).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import argparse
 
 from afmrec.models import ARCHS, ModelConfig
 
-from .args import add_data, add_output, int_list, setup_logging
+from .args import add_data, add_distributed, add_output, int_list, job
 from .train_options import add_train_options, train_config, validation_split
 
 HELP = "train a DLRM / DLRM-DCNv2 / DeepFM model on a Parquet dataset"
@@ -38,10 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--dcn-low-rank-dim", type=int, default=ModelConfig.dcn_low_rank_dim,
                    help="rank of the DCNv2 cross layers (default: %(default)s)")
     add_train_options(parser)
+    add_distributed(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.quiet)
     from afmrec.pipeline.stages import model_config_from_schema, train_stage
 
     train, val = validation_split(args)
@@ -54,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
         dcn_num_layers=args.dcn_num_layers,
         dcn_low_rank_dim=args.dcn_low_rank_dim,
     )
-    train_stage(args.out, model_config, train, val, train_config(args),
-                batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"model written to {args.out}")
+    with job(args) as (env, sharding):
+        train_stage(args.out, model_config, train, val, train_config(args), env=env,
+                    sharding=sharding, batch_size=args.batch_size, overwrite=args.overwrite,
+                    progress=not args.quiet)
+        if env.rank == 0:
+            print(f"model written to {args.out}")
     return 0

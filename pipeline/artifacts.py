@@ -84,6 +84,61 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
             shutil.rmtree(tmp)
 
 
+def _collective() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def shared_atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """:func:`atomic_dir` for a folder that every rank of a job writes into (a sharded
+    checkpoint). Collective: rank 0 picks the temporary folder and renames it when every
+    rank is done; in a single process it is :func:`atomic_dir`.
+    """
+    if not _collective():
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            yield tmp
+        return
+    import torch.distributed as dist
+
+    path = Path(path)
+    if dist.get_rank() == 0:
+        error = str(path) + " already exists; refusing to overwrite it" if path.exists() and not overwrite else None
+        tmp = _tmp_sibling(path)
+        if error is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        decision = (error, str(tmp))
+    else:
+        decision = None
+    error, tmp_name = _broadcast(decision)
+    if error:
+        raise InputError(error)
+    tmp = Path(tmp_name)
+    yield tmp
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if path.exists():
+            old = _tmp_sibling(path)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    dist.barrier()
+
+
 def write_json(path: str | os.PathLike[str], obj: Any, *, overwrite: bool = False) -> None:
     """Writes ``obj`` as indented JSON, atomically."""
     with atomic_file(path, overwrite=overwrite) as tmp:

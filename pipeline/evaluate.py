@@ -161,7 +161,7 @@ def model_bytes(model: nn.Module) -> int:
 def measure_latency(model: nn.Module, batch: Batch, *, warmup: int = 3, repeats: int = 20) -> float:
     """Median wall time of one forward pass over ``batch``, in milliseconds.
 
-    Runs in eval mode (restored afterwards) under ``torch.inference_mode``, on the
+    Runs in eval mode (restored afterwards) under ``torch.no_grad``, on the
     model's device (meant for the CPU; on CUDA each pass is synchronised). The number of
     CPU threads is left as the caller set it (``torch.set_num_threads``): latency depends
     on it, so a benchmark should fix it once and report it.
@@ -182,7 +182,9 @@ def measure_latency(model: nn.Module, batch: Batch, *, warmup: int = 3, repeats:
     batch = batch.to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times_ms = []
-    with eval_mode(model), torch.inference_mode():
+    # Not inference_mode: FBGEMM's fused training kernels (a sharded model) have no CPU
+    # kernel outside autograd ("split_embedding_codegen_lookup_adagrad_function_pt2").
+    with eval_mode(model), torch.no_grad():
         for i in range(warmup + repeats):
             sync()
             start = time.perf_counter()

@@ -14,12 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
 from afmrec.models import ModelConfig, build_model
 from afmrec.sharding.checkpoint import load_state_, save_state
+from afmrec.sharding.dmp import shard_model
+from afmrec.sharding.env import DistEnv
+from afmrec.sharding.plan import ShardingConfig
 
-from .artifacts import atomic_dir, fingerprint, read_json, versions, write_json
+from .artifacts import fingerprint, read_json, shared_atomic_dir, versions, write_json
 from .bases import Bases
 from .blocks import find_blocks
 from .compress import CompressConfig, compress_
@@ -73,9 +77,13 @@ class ModelRecord:
             raise InputError(f"{source}: invalid model record ({e})") from None
 
 
-def build_from_record(record: ModelRecord, device: Any = None) -> nn.Module:
-    """The (untrained) module of ``record``'s architecture, compressed if it is."""
-    model = build_model(record.model, device)
+def build_from_record(record: ModelRecord, device: Any = None, sparse_device: Any = None) -> nn.Module:
+    """The (untrained) module of ``record``'s architecture, compressed if it is.
+
+    With ``sparse_device="meta"`` the tables have shapes but no storage: the skeleton
+    that sharding materialises, or that tells block names and parameter counts.
+    """
+    model = build_model(record.model, device, sparse_device)
     if record.compressed:
         placeholders = Bases.placeholders(find_blocks(model), record.ranks)
         compress_(model, placeholders, record.compress or CompressConfig())
@@ -83,12 +91,21 @@ def build_from_record(record: ModelRecord, device: Any = None) -> nn.Module:
 
 
 def save_model(
-    model: nn.Module, record: ModelRecord, out_dir: str | os.PathLike[str], *, overwrite: bool = False
+    model: nn.Module | dict[str, Any],
+    record: ModelRecord,
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Writes ``out_dir/model.json`` and ``out_dir/checkpoint`` atomically."""
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    """Writes ``out_dir/model.json`` and ``out_dir/checkpoint`` atomically.
+
+    ``model`` may be sharded (every rank writes its shards: collective) or a ready state
+    dict (the shard-local compressed tables).
+    """
+    with shared_atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_state(model, tmp / "checkpoint")
-        write_json(tmp / "model.json", record.to_dict())
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            write_json(tmp / "model.json", record.to_dict())
     return Path(out_dir)
 
 
@@ -99,9 +116,24 @@ def load_record(model_dir: str | os.PathLike[str]) -> ModelRecord:
     return ModelRecord.from_dict(read_json(path), str(path))
 
 
-def load_model(model_dir: str | os.PathLike[str], device: Any = None) -> tuple[nn.Module, ModelRecord]:
-    """Rebuilds and loads a saved model (unsharded, in this process)."""
+def load_model(
+    model_dir: str | os.PathLike[str],
+    device: Any = None,
+    *,
+    env: DistEnv | None = None,
+    sharding: ShardingConfig | None = None,
+) -> tuple[nn.Module, ModelRecord]:
+    """Rebuilds and loads a saved model.
+
+    In a job of several ranks (``env`` with a process group) the model is sharded with
+    ``sharding`` (table-wise by default) and each rank loads its shards, whatever plan or
+    world size wrote the checkpoint; otherwise it is loaded whole in this process.
+    """
     record = load_record(model_dir)
-    model = build_from_record(record, device)
+    if env is not None and env.is_distributed:
+        skeleton = build_from_record(record, env.device, sparse_device="meta")
+        model = shard_model(skeleton, env, sharding or ShardingConfig())
+    else:
+        model = build_from_record(record, device)
     load_state_(model, Path(model_dir) / "checkpoint")
     return model, record

@@ -8,6 +8,13 @@
 
 Every stage refuses to write over an existing output (unless ``overwrite``) and over any
 of its inputs, and records what produced it (versions, input fingerprints, config).
+
+Each stage takes a :class:`~afmrec.sharding.env.DistEnv`. In a job of several ranks
+(torchrun, SLURM) models are sharded with a :class:`~afmrec.sharding.plan.ShardingConfig`,
+each rank reads its own contiguous part of the data (the same number of batches on every
+rank: a sharded forward is collective), statistics are all-reduced, tables are compressed
+where their shards live, and checkpoints are written by all ranks. Without a process group
+the same code runs in one process.
 """
 
 from __future__ import annotations
@@ -23,15 +30,19 @@ from typing import Any, Mapping
 import torch
 
 from afmrec.models import ModelConfig, TableSpec, build_model
+from afmrec.sharding.compress import fold_table
+from afmrec.sharding.dmp import shard_model, unwrap
+from afmrec.sharding.env import DistEnv, barrier, is_rank_zero
+from afmrec.sharding.plan import ShardingConfig
 
-from .artifacts import atomic_file, file_fingerprint, fingerprint, versions
+from .artifacts import _broadcast, atomic_file, file_fingerprint, fingerprint, versions
 from .bases import Bases, afm_bases, spectra, weight_svd_bases
 from .blocks import find_blocks, select_blocks
 from .compress import CompressConfig, compress_
 from .data import DataSchema, ParquetBatches, read_schema
 from .errors import InputError
 from .evaluate import count_parameters, evaluate, measure_latency, model_bytes
-from .model_io import ModelRecord, load_model, load_record, save_model
+from .model_io import ModelRecord, build_from_record, load_model, load_record, save_model
 from .ranks import RankConfig, select_ranks
 from .report import write_report
 from .stats import Statistics, collect_statistics
@@ -76,7 +87,10 @@ class DataRef:
     def schema(self) -> DataSchema:
         return read_schema(self.path)
 
-    def batches(self, batch_size: int, **kwargs: Any) -> ParquetBatches:
+    def batches(self, batch_size: int, env: DistEnv | None = None, **kwargs: Any) -> ParquetBatches:
+        """This rank's batches (every rank gets as many: see :class:`ParquetBatches`)."""
+        if env is not None:
+            kwargs.update(rank=env.rank, world_size=env.world_size)
         return ParquetBatches(self.path, batch_size, row_range=(self.start, self.stop), **kwargs)
 
     def fingerprint(self) -> str:
@@ -119,8 +133,16 @@ def _check_matching_schema(record: ModelRecord, data: DataRef) -> None:
         )
 
 
+LOCAL = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+
+
 def _model_fingerprint(model_dir: Path) -> str:
     return fingerprint([load_record(model_dir).fingerprint, file_fingerprint(model_dir / "checkpoint")])
+
+
+def _skeleton(record: ModelRecord) -> torch.nn.Module:
+    """The model's structure with tables on ``meta``: block names, global sizes."""
+    return build_from_record(record, "cpu", sparse_device="meta")
 
 
 def fit(
@@ -131,6 +153,7 @@ def fit(
     val_data: DataRef | None,
     config: TrainConfig,
     *,
+    env: DistEnv = LOCAL,
     batch_size: int = 1024,
     teacher: torch.nn.Module | None = None,
     inputs: Mapping[str, str] = {},
@@ -139,14 +162,16 @@ def fit(
 ) -> TrainResult:
     """Trains ``model`` in place (labels, or distillation from ``teacher``) and saves it."""
     _check_matching_schema(record, train_data)
-    batches = train_data.batches(batch_size, shuffle=True, seed=config.seed, drop_last=True)
-    val = val_data.batches(batch_size) if val_data is not None else None
-    result = train_(model, batches, config, val_batches=val, teacher=teacher, progress=progress)
+    batches = train_data.batches(batch_size, env, shuffle=True, seed=config.seed, drop_last=True)
+    val = val_data.batches(batch_size, env) if val_data is not None else None
+    result = train_(model, batches, config, val_batches=val, teacher=teacher,
+                    progress=progress and env.rank == 0)
     record.provenance = {
         "stage": "finetune" if record.compressed else "train",
         "train_config": dataclasses.asdict(config),
         "train_data": {"path": str(train_data), "fingerprint": train_data.fingerprint()},
         "val_data": str(val_data) if val_data else None,
+        "world_size": env.world_size,
         "inputs": dict(inputs),
         "history": [dataclasses.asdict(r) for r in result.history],
     }
@@ -161,6 +186,8 @@ def train_stage(
     val_data: DataRef | None,
     config: TrainConfig,
     *,
+    env: DistEnv = LOCAL,
+    sharding: ShardingConfig | None = None,
     batch_size: int = 1024,
     overwrite: bool = False,
     progress: bool = True,
@@ -168,8 +195,12 @@ def train_stage(
     """Builds a fresh model from ``model_config``, trains it and writes ``out``."""
     _check_not_input(out, train_data.path)
     torch.manual_seed(config.seed)
-    model = build_model(model_config)
-    return fit(model, ModelRecord(model_config), out, train_data, val_data, config,
+    if env.is_distributed:
+        model = build_model(model_config, env.device, sparse_device="meta")
+        model = shard_model(model, env, sharding or ShardingConfig())
+    else:
+        model = build_model(model_config)
+    return fit(model, ModelRecord(model_config), out, train_data, val_data, config, env=env,
                batch_size=batch_size, overwrite=overwrite, progress=progress)
 
 
@@ -180,6 +211,8 @@ def finetune_stage(
     val_data: DataRef | None,
     config: TrainConfig,
     *,
+    env: DistEnv = LOCAL,
+    sharding: ShardingConfig | None = None,
     teacher_dir: Path | None = None,
     batch_size: int = 1024,
     overwrite: bool = False,
@@ -187,14 +220,14 @@ def finetune_stage(
 ) -> TrainResult:
     """Fine-tunes a saved (compressed) model with labels, or from a teacher's logits."""
     _check_not_input(out, model_dir, train_data.path, *(teacher_dir and [teacher_dir] or []))
-    model, record = load_model(model_dir)
+    model, record = load_model(model_dir, env=env, sharding=sharding)
     teacher = None
     inputs = {"model": _model_fingerprint(model_dir)}
     if teacher_dir is not None:
-        teacher, _ = load_model(teacher_dir)
-        teacher.eval().requires_grad_(False)
+        teacher, _ = load_model(teacher_dir, env=env, sharding=sharding)
+        teacher.eval()  # its logits are computed under no_grad (train_)
         inputs["teacher"] = _model_fingerprint(teacher_dir)
-    return fit(model, record, out, train_data, val_data, config, batch_size=batch_size,
+    return fit(model, record, out, train_data, val_data, config, env=env, batch_size=batch_size,
                teacher=teacher, inputs=inputs, overwrite=overwrite, progress=progress)
 
 
@@ -203,31 +236,45 @@ def stats_stage(
     data: DataRef,
     out: Path,
     *,
+    env: DistEnv = LOCAL,
+    sharding: ShardingConfig | None = None,
     batch_size: int = 4096,
     target: tuple[str, ...] = ("*",),
     exclude: tuple[str, ...] = (),
     overwrite: bool = False,
     progress: bool = True,
 ) -> Statistics:
-    """One forward pass over ``data`` with observers on the selected blocks."""
+    """One forward pass over ``data`` with observers on the selected blocks.
+
+    Each rank observes its own rows; the moments are summed over ranks (one all-reduce
+    per block) and rank 0 writes them.
+    """
     _check_not_input(out, model_dir, data.path)
-    model, record = load_model(model_dir)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; refusing to overwrite it")
+    model, record = load_model(model_dir, env=env, sharding=sharding)
     if record.compressed:
         raise InputError(f"{model_dir}: statistics are collected on an uncompressed model")
     _check_matching_schema(record, data)
-    blocks = select_blocks(find_blocks(model), target, exclude)
+    blocks = select_blocks(find_blocks(_skeleton(record)), target, exclude)
     start = time.perf_counter()
-    stats = collect_statistics(model, blocks, data.batches(batch_size), progress=progress)
+    stats = collect_statistics(unwrap(model), blocks, data.batches(batch_size, env),
+                               progress=progress and env.rank == 0, forward=model)
+    if env.is_distributed:
+        stats.all_reduce_()
     stats.check_finite()
     stats.meta = {
         "format": "afmrec.stats/1",
         "model": _model_fingerprint(model_dir),
         "model_dir": str(model_dir),
         "data": {"path": str(data), "fingerprint": data.fingerprint()},
+        "world_size": env.world_size,
         "versions": versions(),
         "seconds": time.perf_counter() - start,
     }
-    save_statistics(stats, out, overwrite=overwrite)
+    if env.rank == 0:
+        save_statistics(stats, out, overwrite=overwrite)
+    barrier()
     return stats
 
 
@@ -245,6 +292,36 @@ def load_statistics(path: Path) -> Statistics:
         raise InputError(f"{path}: not a readable statistics file ({type(e).__name__})") from None
 
 
+def _compress_sharded(
+    model: torch.nn.Module, record: ModelRecord, bases: Bases, config: CompressConfig
+) -> dict[str, Any]:
+    """The compressed model's state dict, tables folded where their shards live.
+
+    A skeleton of the original (tables on ``meta``) takes this rank's copy of the dense
+    weights and is compressed with :func:`compress_`: that folds every Linear and builds
+    the projections, and only shapes the tables. Each table ``E`` is then replaced by
+    ``E U`` computed from ``dmp.state_dict()``'s local shards (:func:`fold_table`).
+    """
+    sharded = model.state_dict()
+    skeleton = _skeleton(record)
+    dense = {k: v for k, v in sharded.items() if isinstance(v, torch.Tensor) and not v.is_meta}
+    skeleton_state = skeleton.state_dict()
+    skeleton.load_state_dict(
+        {k: v for k, v in dense.items() if k in skeleton_state and not skeleton_state[k].is_meta},
+        strict=False,
+    )
+    tables = {b.name: b for b in find_blocks(skeleton) if b.kind == "table"}
+    compress_(skeleton, bases, config)
+    state = {k: v for k, v in skeleton.state_dict().items() if not v.is_meta}
+    for name, block in sorted(tables.items()):
+        src = f"{block.module}.embedding_bags.{block.table}.weight"
+        dst = f"{block.module}.codes.embedding_bags.{block.table}.weight"
+        key = dst if dst in skeleton.state_dict() else src
+        basis = bases.bases.get(name)
+        state[key] = sharded[src] if basis is None else fold_table(sharded[src], basis.components)
+    return state
+
+
 def compress_stage(
     model_dir: Path,
     stats_path: Path,
@@ -252,10 +329,16 @@ def compress_stage(
     rank_config: RankConfig,
     compress_config: CompressConfig = CompressConfig(),
     *,
+    env: DistEnv = LOCAL,
+    sharding: ShardingConfig | None = None,
     method: str = "afm",
     overwrite: bool = False,
 ) -> tuple[ModelRecord, list[dict[str, Any]]]:
     """Bases from the statistics (or weight SVD), ranks, ``compress_``, and a new model dir.
+
+    In a job of several ranks the original is loaded sharded and every table is folded on
+    the ranks that hold its rows (never gathered); rank 0 computes the bases and ranks
+    and sends them to the others.
 
     Returns:
         the new record and one row per block (rank, energy kept, parameters before/after),
@@ -264,9 +347,46 @@ def compress_stage(
     if method not in ("afm", "svd"):
         raise InputError(f"method must be 'afm' or 'svd', got {method!r}")
     _check_not_input(out, model_dir, stats_path)
-    model, record = load_model(model_dir)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; refusing to overwrite it")
+    record = load_record(model_dir)
     if record.compressed:
         raise InputError(f"{model_dir}: this model is already compressed")
+    model, record = load_model(model_dir, env=env, sharding=sharding)
+    plan = None
+    if env.rank == 0:
+        plan = _plan_compression(model_dir, stats_path, record, rank_config, method,
+                                 None if env.is_distributed else model)
+    if env.is_distributed:
+        plan = _broadcast(plan)
+    bases, rows = plan
+    new = ModelRecord(
+        record.model, bases.ranks, compress_config, method,
+        provenance={"stage": "compress", "world_size": env.world_size,
+                    "inputs": {"model": bases.meta["stats"]["model"], "stats": str(stats_path)}},
+    )
+    if env.is_distributed:
+        state: Any = _compress_sharded(model, record, bases, compress_config)
+    else:
+        state = compress_(model, bases, compress_config)
+    save_model(state, new, out, overwrite=True)
+    if env.rank == 0:
+        with atomic_file(out / "bases.pt") as tmp:
+            torch.save(bases.to_state(), tmp)
+        _write_rows(rows, out / "ranks.parquet")
+    barrier()
+    return new, rows
+
+
+def _plan_compression(
+    model_dir: Path,
+    stats_path: Path,
+    record: ModelRecord,
+    rank_config: RankConfig,
+    method: str,
+    model: torch.nn.Module | None,
+) -> tuple[Bases, list[dict[str, Any]]]:
+    """Spectra, ranks and bases (rank 0's part of :func:`compress_stage`)."""
     stats = load_statistics(stats_path)
     if stats.meta.get("model") != _model_fingerprint(model_dir):
         raise InputError(
@@ -274,18 +394,17 @@ def compress_stage(
             f"({stats.meta.get('model_dir')}), not {model_dir}"
         )
     spec = spectra(stats)
-    blocks = [b for b in find_blocks(model) if b.name in spec]
-    other = count_parameters(model) - sum(b.params for b in blocks)
+    skeleton = _skeleton(record)
+    blocks = [b for b in find_blocks(skeleton) if b.name in spec]
+    other = count_parameters(skeleton) - sum(b.params for b in blocks)
     ranks = select_ranks(blocks, spec, rank_config, other_params=other)
-    bases: Bases = (
-        afm_bases(spec, ranks) if method == "afm" else weight_svd_bases(model, blocks, ranks)
-    )
+    if method == "afm":
+        bases = afm_bases(spec, ranks)
+    elif model is None:
+        raise InputError("--method svd runs in one process (it reads whole tables)")
+    else:
+        bases = weight_svd_bases(model, blocks, ranks)
     bases.meta = {"stats": stats.meta, "rank_config": repr(rank_config)}
-    compress_(model, bases, compress_config)
-    new = ModelRecord(
-        record.model, ranks, compress_config, method,
-        provenance={"stage": "compress", "inputs": {"model": stats.meta["model"], "stats": str(stats_path)}},
-    )
     rows = [
         {
             "block": b.name,
@@ -300,11 +419,7 @@ def compress_stage(
         }
         for b in blocks
     ]
-    save_model(model, new, out, overwrite=overwrite)
-    with atomic_file(out / "bases.pt") as tmp:
-        torch.save(bases.to_state(), tmp)
-    _write_rows(rows, out / "ranks.parquet")
-    return new, rows
+    return bases, rows
 
 
 def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:
@@ -320,27 +435,31 @@ def evaluate_stage(
     data: DataRef,
     out: Path | None,
     *,
+    env: DistEnv = LOCAL,
+    sharding: ShardingConfig | None = None,
     batch_size: int = 8192,
     latency_batch: int = 2048,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """AUC, logloss, parameters, bytes and CPU batch latency of each model on ``data``.
 
-    The first model is the reference for the ``ratio`` column.
+    The first model is the reference for the ``ratio`` column. Sizes are of the whole
+    model (all shards); latency is rank 0's forward pass (collective when sharded).
     """
     if out is not None:
         _check_not_input(out, data.path, *models.values())
-    probe = next(iter(data.batches(latency_batch)))
+    probe = next(iter(data.batches(latency_batch, env)))
     rows = []
     for name, model_dir in models.items():
-        model, record = load_model(model_dir)
+        model, record = load_model(model_dir, env=env, sharding=sharding)
         _check_matching_schema(record, data)
-        result = evaluate(model, data.batches(batch_size))
+        result = evaluate(model, data.batches(batch_size, env))
+        whole = _skeleton(record)
         rows.append(
             {
                 "variant": name,
-                "params": count_parameters(model),
-                "bytes": model_bytes(model),
+                "params": count_parameters(whole),
+                "bytes": model_bytes(whole),
                 "auc": result.auc,
                 "logloss": result.logloss,
                 "latency_ms": measure_latency(model, probe),
@@ -350,6 +469,7 @@ def evaluate_stage(
     for row in rows:
         row["ratio"] = rows[0]["params"] / row["params"]
         row["delta_auc"] = row["auc"] - rows[0]["auc"]
-    if out is not None:
+    if out is not None and env.rank == 0:
         write_report(rows, out, overwrite=True)
+    barrier()
     return rows

@@ -106,7 +106,9 @@ class Statistics:
 
     def to_state(self) -> dict[str, Any]:
         return {
-            "moments": {k: {"n": v.n, "s": v.s, "g": v.g} for k, v in self.moments.items()},
+            "moments": {
+                k: {"n": v.n.cpu(), "s": v.s.cpu(), "g": v.g.cpu()} for k, v in self.moments.items()
+            },
             "meta": self.meta,
         }
 
@@ -132,9 +134,12 @@ class StatsCollector:
         stats = collector.result()
     """
 
-    def __init__(self, model: nn.Module, blocks: Iterable[Block]) -> None:
+    def __init__(
+        self, model: nn.Module, blocks: Iterable[Block], device: torch.device | None = None
+    ) -> None:
         self.model = model
         self.blocks = list(blocks)
+        self.device = device
         self.moments: dict[str, Moments] = {}
         self._handles: list[Any] = []
 
@@ -142,7 +147,7 @@ class StatsCollector:
         modules = dict(self.model.named_modules())
         tables_by_owner: dict[str, list[Block]] = {}
         for b in self.blocks:
-            self.moments[b.name] = Moments.zeros(b.out_features)
+            self.moments[b.name] = Moments.zeros(b.out_features, self.device)
             if b.kind == "linear":
                 self._handles.append(modules[b.module].register_forward_hook(self._linear_hook(b)))
             else:
@@ -200,8 +205,17 @@ def collect_statistics(
     batches: Iterable[Any],
     *,
     progress: bool = False,
+    forward: nn.Module | None = None,
 ) -> Statistics:
     """One forward pass over ``batches`` (TorchRec ``Batch``es) with observers.
+
+    Args:
+        model: the module whose submodules are observed (block names are its paths).
+        blocks: the blocks to observe.
+        batches: the calibration batches.
+        progress: show a progress bar.
+        forward: the module to run, if not ``model`` itself (a
+            ``DistributedModelParallel`` wrapping ``model``).
 
     Returns:
         The local (this process's) statistics; call :meth:`Statistics.all_reduce_` to
@@ -209,12 +223,11 @@ def collect_statistics(
     """
     from tqdm import tqdm
 
-    was_training = model.training
-    model.eval()
-    try:
-        with StatsCollector(model, blocks) as collector, torch.no_grad():
-            for batch in tqdm(batches, desc="stats", disable=not progress, unit="batch"):
-                model(batch.dense_features, batch.sparse_features)
-    finally:
-        model.train(was_training)
+    from .evaluate import eval_mode, forward_logits, model_device
+
+    runner = forward if forward is not None else model
+    collector = StatsCollector(model, blocks, model_device(model))
+    with eval_mode(runner), collector, torch.no_grad():
+        for batch in tqdm(batches, desc="stats", disable=not progress, unit="batch"):
+            forward_logits(runner, batch)
     return collector.result()

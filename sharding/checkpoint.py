@@ -18,9 +18,14 @@ from torch import nn
 from afmrec.pipeline.errors import InputError
 
 
-def save_state(model: nn.Module, checkpoint_dir: str | os.PathLike[str]) -> None:
-    """Writes ``model.state_dict()`` to ``checkpoint_dir`` with DCP."""
-    dcp.save(model.state_dict(), checkpoint_id=str(checkpoint_dir))
+def save_state(model: nn.Module | dict[str, Any], checkpoint_dir: str | os.PathLike[str]) -> None:
+    """Writes ``model.state_dict()`` (or a state dict) to ``checkpoint_dir`` with DCP.
+
+    Collective under a process group: each rank writes its shards; replicated tensors
+    are written once.
+    """
+    state = model if isinstance(model, dict) else model.state_dict()
+    dcp.save(state, checkpoint_id=str(checkpoint_dir))
 
 
 def load_state_(model: nn.Module, checkpoint_dir: str | os.PathLike[str]) -> None:

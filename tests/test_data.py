@@ -239,6 +239,16 @@ def test_reader_ranks_split_rows_contiguously(small_dataset: Path):
     assert decode(ranks[1]) == expected_rows(range(11, 23))
 
 
+def test_reader_ranks_get_as_many_batches_and_every_row(small_dataset: Path):
+    """11 and 12 rows in batches of 5: both ranks make 3 batches (a sharded forward is
+    collective), the last one taking the rest: 5+5+1 and 5+5+2."""
+    ranks = [ParquetBatches(small_dataset, 5, rank=r, world_size=2) for r in (0, 1)]
+    assert [[b.labels.shape[0] for b in r] for r in ranks] == [[5, 5, 1], [5, 5, 2]]
+    assert decode(ranks[0]) + decode(ranks[1]) == expected_rows(range(23))
+    sizes = [b.labels.shape[0] for b in ParquetBatches(small_dataset, 4, rank=1, world_size=2)]
+    assert sizes == [4, 4, 4]  # 11 // 2 rows per rank -> 3 batches; rank 1's last takes 4
+
+
 def test_reader_drop_last_gives_every_rank_as_many_batches(small_dataset: Path):
     ranks = [
         ParquetBatches(small_dataset, 3, rank=r, world_size=2, drop_last=True) for r in (0, 1)

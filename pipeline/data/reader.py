@@ -96,10 +96,12 @@ class ParquetBatches:
     at most one row; rank ``r`` reads only the row groups that overlap range ``r``. Every
     row group read is validated against the schema (:func:`validate_table`).
 
-    Batch counts: with ``drop_last`` every rank yields the same number of full batches,
-    ``(total_rows // world_size) // batch_size``, as distributed training needs (each step
-    is a collective); the rows beyond are skipped. Without it, a rank yields all its rows,
-    the last batch possibly smaller, and ranks may differ by one batch.
+    Batch counts: every rank yields the same number of batches, as a sharded model needs
+    (each forward is a collective). With ``drop_last`` they are full batches,
+    ``(total_rows // world_size) // batch_size`` of them, and the rows beyond are skipped
+    (for training: equal steps of equal size). Without it every row is read:
+    ``ceil((total_rows // world_size) / batch_size)`` batches, the last one holding the
+    rest of the rank's rows (1 to B + 1 of them: ranks differ by at most one row).
 
     Shuffling (``shuffle=True``) is deterministic for ``(seed, epoch, rank)``: the order of
     the rank's row groups is permuted, and rows are permuted within windows of
@@ -171,6 +173,8 @@ class ParquetBatches:
         start = first + rank * self.total_rows // world_size
         stop = first + (rank + 1) * self.total_rows // world_size
         self.num_rows = stop - start
+        if self.total_rows < world_size:
+            raise InputError(f"{self.path}: {self.total_rows} rows cannot be split over {world_size} ranks")
         self._pieces = _overlapping(row_groups, start, stop)
 
     def set_epoch(self, epoch: int) -> None:
@@ -178,9 +182,10 @@ class ParquetBatches:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        per_rank = self.total_rows // self.world_size
         if self.drop_last:
-            return (self.total_rows // self.world_size) // self.batch_size
-        return math.ceil(self.num_rows / self.batch_size)
+            return per_rank // self.batch_size
+        return math.ceil(per_rank / self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         num_batches, size = len(self), self.batch_size
@@ -189,6 +194,8 @@ class ParquetBatches:
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         order = rng.permutation(len(self._pieces)) if self.shuffle else range(len(self._pieces))
         window = SHUFFLE_WINDOW_ROW_GROUPS if self.shuffle else 1
+        # Without drop_last the last batch takes every row left, so all but it are full.
+        full_batches = num_batches if self.drop_last else num_batches - 1
         emitted = 0
         leftover = self.schema.arrow_schema().empty_table()
         for w in range(0, len(order), window):
@@ -196,14 +203,13 @@ class ParquetBatches:
             table = pa.concat_tables([leftover, *pieces])
             if self.shuffle:
                 table = table.take(rng.permutation(table.num_rows))
-            full = table.num_rows // size
+            full = min(table.num_rows // size, full_batches - emitted)
             for k in range(full):
                 yield make_batch(table.slice(k * size, size), self.schema)
-                emitted += 1
-                if emitted == num_batches:
-                    return
+            emitted += full
+            if emitted == num_batches:
+                return
             leftover = table.slice(full * size)
-        # Only reached without drop_last, when the rank's rows are not a multiple of B.
         yield make_batch(leftover, self.schema)
 
     def _read(self, piece: _Piece) -> pa.Table:
