@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
 
 from afmrec.models import ModelConfig, TableSpec, build_model
 from afmrec.sharding.compress import fold_table
@@ -304,7 +306,7 @@ def _compress_sharded(
     """
     sharded = model.state_dict()
     skeleton = _skeleton(record)
-    dense = {k: v for k, v in sharded.items() if isinstance(v, torch.Tensor) and not v.is_meta}
+    dense = {k: v for k, v in sharded.items() if not isinstance(v, (ShardedTensor, DTensor))}
     skeleton_state = skeleton.state_dict()
     skeleton.load_state_dict(
         {k: v for k, v in dense.items() if k in skeleton_state and not skeleton_state[k].is_meta},
