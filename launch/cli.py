@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "finetune": "cmd_finetune",
     "evaluate": "cmd_evaluate",
     "demo": "cmd_demo",
+    "bench": "cmd_bench",
 }
 
 DESCRIPTION = """\
@@ -76,6 +77,7 @@ _HELP_LINES = {
     "finetune": "fine-tune a compressed model with labels or by distillation",
     "evaluate": "measure AUC, logloss, size and latency of models; write report.parquet",
     "demo": "generate data, train, compress, fine-tune and evaluate, end to end",
+    "bench": "measure a stage against its baseline (statistics pass vs forward pass)",
 }
 
 

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", nargs="+", default=["*"], metavar="GLOB",
                         help="blocks to observe, by name glob (default: all)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="blocks to skip")
+    parser.add_argument("--exact", action="store_true",
+                        help="float64 Gram products (default: float32 GEMMs of centred rows, "
+                        "float64 sums; error bounded by the GEMM's, relative to each batch's spread)")
     add_distributed(parser)
 
 
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         stats = stats_stage(
             args.model, DataRef.parse(args.data), args.out, env=env, sharding=sharding,
             batch_size=args.batch_size, target=tuple(args.target), exclude=tuple(args.exclude),
-            overwrite=args.overwrite, progress=not args.quiet,
+            exact=args.exact, overwrite=args.overwrite, progress=not args.quiet,
         )
         if env.rank == 0:
             n = max(int(m.n) for m in stats.moments.values())

@@ -243,6 +243,7 @@ def stats_stage(
     batch_size: int = 4096,
     target: tuple[str, ...] = ("*",),
     exclude: tuple[str, ...] = (),
+    exact: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Statistics:
@@ -261,7 +262,7 @@ def stats_stage(
     blocks = select_blocks(find_blocks(_skeleton(record)), target, exclude)
     start = time.perf_counter()
     stats = collect_statistics(unwrap(model), blocks, data.batches(batch_size, env),
-                               progress=progress and env.rank == 0, forward=model)
+                               progress=progress and env.rank == 0, forward=model, exact=exact)
     if env.is_distributed:
         stats.all_reduce_()
     stats.check_finite()
@@ -271,6 +272,7 @@ def stats_stage(
         "model_dir": str(model_dir),
         "data": {"path": str(data), "fingerprint": data.fingerprint()},
         "world_size": env.world_size,
+        "exact": exact,
         "versions": versions(),
         "seconds": time.perf_counter() - start,
     }

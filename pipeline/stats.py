@@ -43,12 +43,12 @@ class Moments:
         z = dict(dtype=torch.float64, device=device)
         return cls(torch.zeros((), **z), torch.zeros(m, **z), torch.zeros(m, m, **z))
 
-    def update_(self, y: torch.Tensor) -> None:
-        """Adds rows ``y`` of shape (R, m)."""
-        y = y.detach().to(torch.float64)
-        self.n += y.shape[0]
-        self.s += y.sum(0)
-        self.g.addmm_(y.T, y)
+    def update_(self, y: torch.Tensor, exact: bool = False) -> None:
+        """Adds rows ``y`` of shape (R, m) (see :func:`batch_moments`)."""
+        n, s, g = batch_moments(y.detach().unsqueeze(0), None, exact)
+        self.n += n[0]
+        self.s += s[0]
+        self.g += g[0]
 
     def merge(self, other: "Moments") -> "Moments":
         return Moments(self.n + other.n, self.s + other.s, self.g + other.g)
@@ -66,6 +66,52 @@ class Moments:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.n, self.s, self.g]
+
+
+def batch_moments(
+    y: torch.Tensor, mask: torch.Tensor | None = None, exact: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n``, ``sum y`` and ``sum y y^T`` of G groups of rows at once, in float64.
+
+    ``exact``: every product in float64. Otherwise (the default: a float64 GEMM costs
+    more than the layer's own forward pass for wide blocks) each group is centred at its rounded mean ``c`` and the Gram matrix of the centred rows
+    is one batched GEMM in ``y``'s precision; then, in float64,
+    ``G = Gc + c t^T + t c^T + n c c^T`` with ``t`` the centred rows' sum, which is exact
+    algebra. The only rounding is the GEMM's: each entry of ``Gc`` is within
+    ``gamma_R * sum_r |yc_ri| |yc_rj|`` (``gamma_R = R u / (1 - R u)``, ``u = 2^-24`` in
+    float32, R rows) of the true value, i.e. relative to the batch's spread, not to its
+    mean (tested). Sums over batches, ranks and jobs are float64.
+
+    Masked rows must be zero in ``y`` (an empty bag pools to 0); they are left out of
+    ``n`` and of the centring.
+
+    Args:
+        y: (G, R, m) rows.
+        mask: (G, R) bool, the rows to count, or None for all.
+        exact: float64 products.
+    Returns:
+        ``n`` (G,), ``s`` (G, m), ``g`` (G, m, m), float64.
+    """
+    y = y.contiguous()
+    if mask is not None and bool(mask.all()):
+        mask = None  # one-hot data: nothing to leave out
+    if mask is None:
+        n = torch.full((y.shape[0],), float(y.shape[1]), dtype=torch.float64, device=y.device)
+    else:
+        n = mask.sum(1).to(torch.float64)
+    s = y.sum(1, dtype=torch.float64)
+    if exact:
+        y64 = y.to(torch.float64)
+        return n, s, torch.bmm(y64.transpose(1, 2), y64)
+    c = (s / n.clamp_min(1).unsqueeze(1)).to(y.dtype)
+    yc = y - c.unsqueeze(1)
+    if mask is not None:
+        yc = yc * mask.unsqueeze(2)
+    gc = torch.bmm(yc.transpose(1, 2), yc).to(torch.float64)
+    t = yc.sum(1, dtype=torch.float64).unsqueeze(2)
+    c64 = c.to(torch.float64).unsqueeze(2)
+    cross = c64 * t.transpose(1, 2)
+    return n, s, gc + cross + cross.transpose(1, 2) + n[:, None, None] * c64 * c64.transpose(1, 2)
 
 
 @dataclass
@@ -135,11 +181,16 @@ class StatsCollector:
     """
 
     def __init__(
-        self, model: nn.Module, blocks: Iterable[Block], device: torch.device | None = None
+        self,
+        model: nn.Module,
+        blocks: Iterable[Block],
+        device: torch.device | None = None,
+        exact: bool = False,
     ) -> None:
         self.model = model
         self.blocks = list(blocks)
         self.device = device
+        self.exact = exact
         self.moments: dict[str, Moments] = {}
         self._handles: list[Any] = []
 
@@ -174,7 +225,7 @@ class StatsCollector:
         moments = self.moments[block.name]
 
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            moments.update_(output.reshape(-1, output.shape[-1]))
+            moments.update_(output.reshape(-1, output.shape[-1]), self.exact)
 
         return hook
 
@@ -182,16 +233,25 @@ class StatsCollector:
         plan = [
             (self.moments[b.name], [feature_names.index(f) for f in b.features]) for b in blocks
         ]
+        observed = sorted({i for _, index in plan for i in index})
 
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             kjt: KeyedJaggedTensor = args[0] if args else next(iter(kwargs.values()))
-            fields = _fields(output)
+            fields = _fields(output)  # (B, F, D)
+            if len(observed) != fields.shape[1]:
+                fields = fields[:, observed]
             lengths = kjt.lengths().view(len(kjt.keys()), -1)
-            order = [kjt.keys().index(f) for f in feature_names]
-            nonempty = lengths[order] > 0  # (F, B)
+            order = [kjt.keys().index(feature_names[i]) for i in observed]
+            nonempty = lengths[order] > 0  # (F', B)
+            # One batched GEMM serves every table; empty bags (exactly 0 before and after
+            # compression) are left out.
+            n, s, g = batch_moments(fields.transpose(0, 1), nonempty, self.exact)  # (F', ...)
             for moments, index in plan:
                 for i in index:
-                    moments.update_(fields[:, i][nonempty[i]])
+                    j = observed.index(i)
+                    moments.n += n[j]
+                    moments.s += s[j]
+                    moments.g += g[j]
 
         return hook
 
@@ -206,6 +266,7 @@ def collect_statistics(
     *,
     progress: bool = False,
     forward: nn.Module | None = None,
+    exact: bool = False,
 ) -> Statistics:
     """One forward pass over ``batches`` (TorchRec ``Batch``es) with observers.
 
@@ -216,6 +277,8 @@ def collect_statistics(
         progress: show a progress bar.
         forward: the module to run, if not ``model`` itself (a
             ``DistributedModelParallel`` wrapping ``model``).
+        exact: float64 Gram products; False: float32 GEMMs of centred rows with float64
+            accumulation (see :func:`batch_moments`).
 
     Returns:
         The local (this process's) statistics; call :meth:`Statistics.all_reduce_` to
@@ -226,7 +289,7 @@ def collect_statistics(
     from .evaluate import eval_mode, forward_logits, model_device
 
     runner = forward if forward is not None else model
-    collector = StatsCollector(model, blocks, model_device(model))
+    collector = StatsCollector(model, blocks, model_device(model), exact)
     with eval_mode(runner), collector, torch.no_grad():
         for batch in tqdm(batches, desc="stats", disable=not progress, unit="batch"):
             forward_logits(runner, batch)

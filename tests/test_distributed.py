@@ -59,7 +59,7 @@ def _ranks_work(env, out_dir: Path, run: Path) -> dict:
     for kind in SHARDING_TYPES:
         sharding = ShardingConfig({"*": kind})
         stats_stage(run / "original", data, out_dir / f"stats_{kind}.pt", env=env,
-                    sharding=sharding, batch_size=512, progress=False)
+                    sharding=sharding, batch_size=500, progress=False)
         recorder = ShapeRecorder()
         original = stages._compress_sharded
         def guarded(*a, **k):  # record only the shard-local fold of the tables
@@ -96,7 +96,7 @@ def run(tmp_path_factory) -> Path:
                  "--batch-size", "256", "--embedding-dim", "8", "--over-arch", "16,1",
                  "--out", str(run / "original"), "--quiet"]) == 0
     data = DataRef(run / "data" / "train")
-    stats_stage(run / "original", data, run / "stats.pt", batch_size=512, progress=False)
+    stats_stage(run / "original", data, run / "stats.pt", batch_size=500, progress=False)
     compress_stage(run / "original", run / "stats.pt", run / "afm", RANK, CompressConfig())
     return run
 
