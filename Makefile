@@ -25,8 +25,10 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PY) -c "import torch, torchrec, fbgemm_gpu, afmrec.launch.cli"
 	touch $(STAMP)
 
+# The demo runs the distributed path: 2 CPU ranks (gloo), tables sharded table-wise.
+NPROC ?= 2
 demo: $(STAMP)
-	$(VENV)/bin/afmrec demo --out runs/demo
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) $(VENV)/bin/afmrec demo --out runs/demo --device cpu
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -36,7 +36,7 @@ class DemoConfig:
     arch: str = "dlrm"
     train_rows: int = 500_000
     test_rows: int = 100_000
-    embedding_dim: int = 16
+    embedding_dim: int = 32
     epochs: int = 3
     ratio: float = 5.0
     batch_size: int = 2048

@@ -75,12 +75,13 @@ def batch_moments(
 
     ``exact``: every product in float64. Otherwise (the default: a float64 GEMM costs
     more than the layer's own forward pass for wide blocks) each group is centred at its rounded mean ``c`` and the Gram matrix of the centred rows
-    is one batched GEMM in ``y``'s precision; then, in float64,
+    is one batched GEMM in ``y``'s precision; then, in float64, ``s = n c + t`` and
     ``G = Gc + c t^T + t c^T + n c c^T`` with ``t`` the centred rows' sum, which is exact
-    algebra. The only rounding is the GEMM's: each entry of ``Gc`` is within
-    ``gamma_R * sum_r |yc_ri| |yc_rj|`` (``gamma_R = R u / (1 - R u)``, ``u = 2^-24`` in
-    float32, R rows) of the true value, i.e. relative to the batch's spread, not to its
-    mean (tested). Sums over batches, ranks and jobs are float64.
+    algebra. The only roundings are the sums over the batch's R rows of centred values:
+    each entry of ``Gc`` (and of ``t``) is within ``gamma_R * sum_r |yc_ri| |yc_rj|``
+    (``gamma_R = R u / (1 - R u)``, ``u = 2^-24`` in float32) of the true value, i.e.
+    relative to the batch's spread, not to its mean (tested). Sums over batches, ranks
+    and jobs are float64.
 
     Masked rows must be zero in ``y`` (an empty bag pools to 0); they are left out of
     ``n`` and of the centring.
@@ -99,17 +100,18 @@ def batch_moments(
         n = torch.full((y.shape[0],), float(y.shape[1]), dtype=torch.float64, device=y.device)
     else:
         n = mask.sum(1).to(torch.float64)
-    s = y.sum(1, dtype=torch.float64)
     if exact:
         y64 = y.to(torch.float64)
-        return n, s, torch.bmm(y64.transpose(1, 2), y64)
-    c = (s / n.clamp_min(1).unsqueeze(1)).to(y.dtype)
+        return n, y64.sum(1), torch.bmm(y64.transpose(1, 2), y64)
+    # Masked rows are zero, so the plain sum over all rows is the sum of the kept ones.
+    c = y.sum(1) / n.clamp_min(1).to(y.dtype).unsqueeze(1)
     yc = y - c.unsqueeze(1)
     if mask is not None:
         yc = yc * mask.unsqueeze(2)
     gc = torch.bmm(yc.transpose(1, 2), yc).to(torch.float64)
-    t = yc.sum(1, dtype=torch.float64).unsqueeze(2)
+    t = yc.sum(1).to(torch.float64).unsqueeze(2)
     c64 = c.to(torch.float64).unsqueeze(2)
+    s = (n.unsqueeze(1) * c64.squeeze(2) + t.squeeze(2))
     cross = c64 * t.transpose(1, 2)
     return n, s, gc + cross + cross.transpose(1, 2) + n[:, None, None] * c64 * c64.transpose(1, 2)
 

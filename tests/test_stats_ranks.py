@@ -50,7 +50,7 @@ def test_streaming_statistics_equal_torch_cov(arch, exact, tol):
     for name, y in ref.items():
         m = stats.moments[name]
         assert int(m.n) == y.shape[0]
-        torch.testing.assert_close(m.mean, y.mean(0), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(m.mean, y.mean(0), rtol=tol, atol=tol * float(y.std()))
         cov = torch.cov(y.T, correction=0).reshape(m.g.shape)
         torch.testing.assert_close(m.covariance, cov, rtol=tol, atol=tol * float(cov.abs().max()))
 
@@ -148,11 +148,14 @@ def test_fast_gram_is_within_the_float32_gemm_bound():
     y = y * mask.unsqueeze(2)
     n, s, fast = batch_moments(y, mask)
     n2, s2, exact = batch_moments(y, mask, exact=True)
-    assert torch.equal(n, n2) and torch.equal(s, s2)
+    assert torch.equal(n, n2)
     u, rows = 2.0**-24, y.shape[1]
     gamma = rows * u / (1 - rows * u)
-    mu = (s / n.unsqueeze(1)).unsqueeze(1)
+    mu = (s2 / n.unsqueeze(1)).unsqueeze(1)
     yc = ((y.double() - mu) * mask.unsqueeze(2)).abs()
+    # the rounded centre moves yc by at most ~u |mu| per entry: part of the slack below
+    yc = yc + 2 * u * mu.abs()
+    assert ((s - s2).abs() <= gamma * yc.sum(1) + 1e-12 * s2.abs()).all()
     bound = gamma * torch.bmm(yc.transpose(1, 2), yc)
     # the centring constant is rounded to float32: its effect is exact algebra, so the
     # remaining error is the GEMM's (plus float64 rounding of the correction terms)
