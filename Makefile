@@ -28,7 +28,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 # The demo runs the distributed path: 2 CPU ranks (gloo), tables sharded table-wise.
 NPROC ?= 2
 demo: $(STAMP)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) $(VENV)/bin/afmrec demo --out runs/demo --device cpu
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) $(VENV)/bin/afmrec demo --out runs/demo --device cpu
 
 test: $(STAMP)
 	$(PY) -m pytest -q
