@@ -21,7 +21,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PIP) install $(TORCH)
 	$(PIP) install --no-deps $(TORCHREC)
 	$(PIP) install $(TORCHREC_DEPS)
-	$(PIP) install --no-build-isolation -e '.[test]' || $(PIP) install -e '.[test]'
+	$(PIP) install --no-build-isolation -e '.[test,bench]' || $(PIP) install -e '.[test,bench]'
 	$(PY) -c "import torch, torchrec, fbgemm_gpu, afmrec.launch.cli"
 	touch $(STAMP)
 

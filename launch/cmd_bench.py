@@ -2,47 +2,32 @@
 
   afmrec bench stats --model DIR --data DIR
       samples/s of the statistics pass divided by those of a forward-only pass over the
-      same in-memory batches (target >= 0.9); run it under torchrun for several ranks:
-      torchrun --nproc_per_node 2 -m afmrec.launch.cli bench stats --model ... --data ...
+      same in-memory batches (target >= 0.9); under torchrun for several ranks.
 
-Prints a JSON record (and writes it with --json FILE).
+Each benchmark lives in its own module ``afmrec.launch.bench_<name>`` defining ``HELP``,
+``add_arguments(parser)`` and ``run(args)``. `afmrec bench NAME --help` explains each.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+import importlib
 
-from .args import add_data, add_distributed, job
+HELP = "benchmarks: a stage measured against its baseline in one run"
 
-HELP = "measure a stage against its baseline (statistics pass vs forward pass)"
+# bench name -> module of afmrec.launch
+BENCHES = {"stats": "bench_stats"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    stats = sub.add_parser("stats", help="statistics pass vs forward-only pass")
-    stats.add_argument("--model", type=Path, required=True, help="an uncompressed model folder")
-    add_data(stats, what="data to run over (read into memory first)")
-    stats.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass per rank")
-    stats.add_argument("--repeats", type=int, default=3, help="interleaved timed runs of each")
-    stats.add_argument("--json", type=Path, help="also write the record to this file")
-    stats.add_argument("--quiet", action="store_true", help="no info logs")
-    add_distributed(stats)
+    for name, module in BENCHES.items():
+        mod = importlib.import_module(f"afmrec.launch.{module}")
+        p = sub.add_parser(name, help=mod.HELP, description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_bench_run=mod.run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from afmrec.pipeline.artifacts import write_json
-    from afmrec.pipeline.bench import time_stats_vs_forward
-    from afmrec.pipeline.stages import DataRef
-
-    with job(args) as (env, sharding):
-        timing = time_stats_vs_forward(args.model, DataRef.parse(args.data), env=env,
-                                       sharding=sharding, batch_size=args.batch_size,
-                                       repeats=args.repeats)
-        if env.rank == 0:
-            record = {"bench": "stats_vs_forward", **timing.to_dict()}
-            print(json.dumps(record, indent=2))
-            if args.json:
-                write_json(args.json, record, overwrite=True)
-    return 0
+    return args._bench_run(args)
