@@ -98,6 +98,12 @@ class LowRankEmbeddingBagCollection(nn.Module):
             }
         )
         self._feature_tables = [(f, t.name) for t in tables for f in t.feature_names]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (_, table) in enumerate(self._feature_tables):
+            if table in ranks:
+                dim = next(t.embedding_dim for t in tables if t.name == table)
+                groups.setdefault((ranks[table], dim), []).append(i)
+        self._rank_groups = list(groups.values())
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The configs of the original D-wide tables (what the consumers see)."""
@@ -116,16 +122,21 @@ class LowRankEmbeddingBagCollection(nn.Module):
         Returns:
             one (B, D) tensor per feature, in feature order.
         """
-        out = []
         by_feature = codes.to_dict()
+        out: list[torch.Tensor | None] = [None] * len(self._feature_tables)
+        for indices in self._rank_groups:
+            # One batched GEMM per group of equal-rank tables instead of one per feature.
+            projs = [self.projections[self._feature_tables[i][1]] for i in indices]
+            z = torch.stack([by_feature[self._feature_tables[i][0]] for i in indices])  # (G, B, K)
+            w = torch.stack([p.weight.T for p in projs])  # (G, K, D)
+            bias = torch.stack([p.bias for p in projs]).unsqueeze(1)  # (G, 1, D)
+            y = torch.baddbmm(mask.T[indices].unsqueeze(2) * bias, z, w)  # (G, B, D)
+            for j, i in enumerate(indices):
+                out[i] = y[j]
         for i, (feature, table) in enumerate(self._feature_tables):
-            z = by_feature[feature]
-            proj = self.projections[table] if table in self.projections else None
-            if proj is None:
-                out.append(z)
-            else:
-                out.append(torch.addmm(mask[:, i : i + 1] * proj.bias, z, proj.weight.T))
-        return out
+            if table not in self.projections:
+                out[i] = by_feature[feature]
+        return out  # type: ignore[return-value]
 
     def forward_codes(self, features: KeyedJaggedTensor) -> tuple[KeyedTensor, torch.Tensor]:
         """The K-wide pooled codes and the (B, F) non-empty mask, before projection."""

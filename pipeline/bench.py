@@ -13,8 +13,10 @@ from afmrec.sharding.dmp import unwrap
 from afmrec.sharding.env import DistEnv
 from afmrec.sharding.plan import ShardingConfig
 
-from .blocks import find_blocks
-from .evaluate import eval_mode, forward_logits
+from torchrec.datasets.utils import Batch
+
+from .blocks import Block, find_blocks
+from .evaluate import eval_mode, forward_logits, model_device
 from .model_io import build_from_record, load_model
 from .stages import LOCAL, DataRef
 from .stats import StatsCollector
@@ -36,11 +38,14 @@ class StatsTiming:
         return asdict(self)
 
 
-def _best_time(fn: Callable[[], None], env: DistEnv) -> float:
+def _wall(fn: Callable[[], None], env: DistEnv, device: torch.device) -> float:
+    """Wall time of ``fn`` on every rank (barriers around it; the device synchronised)."""
     if env.is_distributed:
         torch.distributed.barrier()
     start = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     if env.is_distributed:
         torch.distributed.barrier()
     return time.perf_counter() - start
@@ -55,17 +60,31 @@ def time_stats_vs_forward(
     batch_size: int = 4096,
     repeats: int = 3,
 ) -> StatsTiming:
-    """Times a forward-only pass and the statistics pass over the same in-memory batches.
+    """:func:`time_stats_vs_forward_batches` for a saved model over a dataset (read into
+    memory first, so that reading is timed in neither)."""
+    model, record = load_model(model_dir, env=env, sharding=sharding)
+    blocks = find_blocks(build_from_record(record, "cpu", sparse_device="meta"))
+    return time_stats_vs_forward_batches(model, blocks, list(data.batches(batch_size, env)),
+                                         env, repeats=repeats)
+
+
+def time_stats_vs_forward_batches(
+    model: torch.nn.Module,
+    blocks: list[Block],
+    batches: list[Batch],
+    env: DistEnv = LOCAL,
+    *,
+    repeats: int = 3,
+) -> StatsTiming:
+    """Times a forward-only pass and the statistics pass over the same batches.
 
     The two are interleaved ``repeats`` times and the fastest of each is kept, so that
     other load on the machine affects both alike. Samples/s are of the whole job (all
     ranks' rows over the wall time).
     """
-    model, record = load_model(model_dir, env=env, sharding=sharding)
-    blocks = find_blocks(build_from_record(record, "cpu", sparse_device="meta"))
-    batches = list(data.batches(batch_size, env))
     rows = sum(b.labels.numel() for b in batches) * env.world_size
     inner = unwrap(model)
+    device = model_device(inner)
 
     def forward() -> None:
         with eval_mode(model), torch.no_grad():
@@ -73,14 +92,14 @@ def time_stats_vs_forward(
                 forward_logits(model, b)
 
     def stats() -> None:
-        with eval_mode(model), StatsCollector(inner, blocks), torch.no_grad():
+        with eval_mode(model), StatsCollector(inner, blocks, device), torch.no_grad():
             for b in batches:
                 forward_logits(model, b)
 
     forward()  # warm-up (allocator, lazy initialisation)
     f, s = [], []
     for _ in range(repeats):
-        f.append(_best_time(forward, env))
-        s.append(_best_time(stats, env))
+        f.append(_wall(forward, env, device))
+        s.append(_wall(stats, env, device))
     fwd, st = rows / min(f), rows / min(s)
     return StatsTiming(fwd, st, st / fwd, rows, len(blocks), env.world_size, repeats)

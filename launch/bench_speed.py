@@ -1,0 +1,66 @@
+"""Training, statistics, compression and inference speed at production shape, each
+measured side by side with its baseline in one run.
+
+The model is a DLRM-DCNv2 in the MLPerf DLRMv2 shape (26 tables of width 128, Criteo-1TB
+cardinalities capped at --table-cap rows, multi-hot bags of MLPerf's sizes, dense arch
+512-256-128, over arch 1024-1024-512-256-1, 3 cross layers of rank 512), power-law ids;
+training batch 8192, inference batch 65536, TF32 dense math on CUDA. --small is the same
+structure scaled down for a CPU (about a minute on 2 cores).
+
+Prints and (with --json FILE) writes: train_vs_torchrec, stats_vs_forward, compress_vs_io
+(lower is better), infer_afm4x_vs_original, infer_afm8x_vs_original,
+infer_int8_vs_original, infer_afm4x_int8_vs_original, cpu_latency_afm4x_vs_original, the
+absolute samples/s behind each, peak device memory per stage, the device and the shape.
+
+Runs in one process (it starts a one-rank process group when there is none), or under
+torchrun on several GPUs.
+
+Example:
+  afmrec bench speed --json speed.json              # on a GPU host
+  afmrec bench speed --small --device cpu           # anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from .args import job
+
+HELP = "training / statistics / compression / inference speed vs their baselines"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--small", action="store_true", help="the CPU-sized shape")
+    parser.add_argument("--table-cap", type=int, help="cap on rows per table (default: 4M; small: 20k)")
+    parser.add_argument("--steps", type=int, help="timed training steps")
+    parser.add_argument("--no-cpu-latency", action="store_true", help="skip the CPU latency runs")
+    parser.add_argument("--workdir", type=Path, help="where the timed checkpoints go (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="also write the record to this file")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
+    parser.add_argument("--quiet", action="store_true", help="no info logs")
+
+
+def run(args: argparse.Namespace) -> int:
+    from afmrec.pipeline.artifacts import write_json
+    from afmrec.pipeline.speed import SpeedShape, run_speed
+
+    shape = SpeedShape.small() if args.small else SpeedShape()
+    changes = {k: v for k, v in (("table_cap", args.table_cap), ("steps", args.steps)) if v}
+    if changes:
+        import dataclasses
+
+        shape = dataclasses.replace(shape, **changes)
+    # DistributedModelParallel needs a process group: one rank of our own if not launched.
+    for key, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
+        os.environ.setdefault(key, value)
+    with job(args) as (env, _):
+        record = run_speed(shape, env, workdir=args.workdir, cpu_latency=not args.no_cpu_latency)
+        if env.rank == 0:
+            print(json.dumps(record, indent=2, default=str))
+            if args.json:
+                write_json(args.json, record, overwrite=True)
+    return 0

@@ -1,0 +1,329 @@
+"""``afmrec bench speed``: the four costs a user pays, each against its baseline, in one run.
+
+The workload is a DLRM-DCNv2 in the MLPerf DLRMv2 shape (26 tables of width 128 with the
+Criteo-1TB cardinalities capped, multi-hot bags of MLPerf's per-table sizes, dense arch
+512-256-128, over arch 1024-1024-512-256-1, 3 low-rank cross layers of rank 512), fed
+with power-law ids. :meth:`SpeedShape.small` is the same structure scaled down for CPU
+and CI. Every ratio is measured in the same process on the same device:
+
+1. ``train_vs_torchrec``: our ``train_`` vs a plain TorchRec DMP loop (same model,
+   optimizers and batches);
+2. ``stats_vs_forward``: the statistics pass vs a forward-only pass;
+3. ``compress_vs_io``: load + bases + shard-local fold + save of the checkpoint vs load +
+   save of the same checkpoint with ``torch.distributed.checkpoint`` (lower is better);
+4. inference samples/s of AFM at 4x and 8x fewer parameters, TorchRec int8 tables, and AFM
+   4x + int8, each over the original, all through TorchRec's inference embedding modules
+   (FBGEMM's inference kernels), and CPU latency of AFM 4x vs the original;
+5. peak device memory of each stage.
+
+Dense math runs in TF32 on CUDA for every variant alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from afmrec.models import ModelConfig, TableSpec, build_model
+from afmrec.sharding.checkpoint import load_state_, save_state
+from afmrec.sharding.dmp import shard_model, unwrap
+from afmrec.sharding.env import DistEnv
+from afmrec.sharding.plan import planner_plan
+
+from .bases import afm_bases, spectra
+from .bench import time_stats_vs_forward_batches
+from .blocks import find_blocks
+from .compress import CompressConfig, compress_
+from .evaluate import count_parameters
+from .model_io import ModelRecord
+from .ranks import RankConfig, select_ranks
+from .stats import collect_statistics
+from .train import TrainConfig, make_optimizer, train_
+
+# MLPerf DLRMv2 (Criteo 1TB multi-hot): rows and bag size of each of the 26 tables.
+CRITEO_1TB_ROWS = (
+    40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956, 405282, 10,
+    2209, 11938, 155, 4, 976, 14, 40000000, 40000000, 40000000, 590152, 12973, 108, 36,
+)
+MLPERF_BAG_SIZES = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
+
+
+@dataclass(frozen=True)
+class SpeedShape:
+    """The benchmark's model and batch shape."""
+
+    table_cap: int = 4_000_000
+    embedding_dim: int = 128
+    num_dense: int = 13
+    dense_arch: tuple[int, ...] = (512, 256, 128)
+    over_arch: tuple[int, ...] = (1024, 1024, 512, 256, 1)
+    dcn_num_layers: int = 3
+    dcn_low_rank_dim: int = 512
+    train_batch: int = 8192
+    infer_batch: int = 65536
+    latency_batches: tuple[int, ...] = (1, 64, 2048)
+    zipf_exponent: float = 1.1
+    steps: int = 20
+
+    @classmethod
+    def small(cls) -> "SpeedShape":
+        """The same structure at a size a 2-core CPU runs in about a minute."""
+        return cls(table_cap=20_000, embedding_dim=64, dense_arch=(128, 64), over_arch=(128, 64, 1),
+                   dcn_low_rank_dim=32, train_batch=1024, infer_batch=4096, steps=6)
+
+    @property
+    def table_rows(self) -> tuple[int, ...]:
+        return tuple(min(n, self.table_cap) for n in CRITEO_1TB_ROWS)
+
+    def model_config(self) -> ModelConfig:
+        tables = tuple(TableSpec(f"t{i}", n) for i, n in enumerate(self.table_rows))
+        return ModelConfig("dcn", tables, num_dense=self.num_dense, embedding_dim=self.embedding_dim,
+                           dense_arch=self.dense_arch, over_arch=self.over_arch,
+                           dcn_num_layers=self.dcn_num_layers, dcn_low_rank_dim=self.dcn_low_rank_dim)
+
+
+def make_batches(shape: SpeedShape, batch_size: int, count: int, device: torch.device,
+                 seed: int = 0) -> list[Batch]:
+    """``count`` batches of multi-hot bags (MLPerf bag sizes) with power-law ids.
+
+    A table's ids are its popularity ranks scattered by a multiplicative hash (a
+    bijection of the table's rows), so hot rows are spread over the table.
+    """
+    from .data.synth import _zipf_ranks
+
+    rng = np.random.default_rng(seed)
+    keys = [t.name for t in shape.model_config().tables]
+    out = []
+    for _ in range(count):
+        values, lengths = [], []
+        for rows, bag in zip(shape.table_rows, MLPERF_BAG_SIZES):
+            ranks = _zipf_ranks(rng, rows, batch_size * bag, shape.zipf_exponent)
+            values.append((ranks * 2654435761) % rows)
+            lengths.append(np.full(batch_size, bag))
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=keys,
+            values=torch.from_numpy(np.concatenate(values)),
+            lengths=torch.from_numpy(np.concatenate(lengths)).int(),
+        )
+        dense = torch.from_numpy(rng.standard_normal((batch_size, shape.num_dense), dtype=np.float32))
+        labels = torch.from_numpy((rng.random(batch_size) < 0.25).astype(np.float32))
+        out.append(Batch(dense, kjt, labels).to(device))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+@dataclass
+class Peak:
+    """Peak device memory of each stage, in GiB (CUDA only)."""
+
+    gib: dict[str, float] = field(default_factory=dict)
+
+    def measure(self, name: str, device: torch.device, fn: Callable[[], Any]) -> Any:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        if device.type == "cuda":
+            self.gib[name] = torch.cuda.max_memory_allocated(device) / 2**30
+        return out
+
+
+def plain_torchrec_loop(model: nn.Module, batches: list[Batch], steps: int) -> None:
+    """The loop a TorchRec user writes: forward, BCE, backward, step (dense Adam; the fused
+    tables update inside backward)."""
+    optimizer = make_optimizer(model, TrainConfig())
+    loss_fn = nn.BCEWithLogitsLoss()
+    model.train()
+    for i in range(steps):
+        b = batches[i % len(batches)]
+        loss = loss_fn(model(b.dense_features, b.sparse_features).squeeze(1), b.labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def bench_train(model: nn.Module, batches: list[Batch], shape: SpeedShape, device: torch.device) -> dict[str, float]:
+    rows = shape.steps * shape.train_batch
+    cycle = [batches[i % len(batches)] for i in range(shape.steps)]
+    plain_torchrec_loop(model, batches, 2)  # warm-up
+    base = _timed(lambda: plain_torchrec_loop(model, batches, shape.steps), device)
+    ours = _timed(lambda: train_(model, cycle, TrainConfig(log_every=10**9), progress=False), device)
+    return {"train_samples_per_s": rows / ours, "torchrec_train_samples_per_s": rows / base,
+            "train_vs_torchrec": base / ours}
+
+
+def bench_compress(model: nn.Module, record: ModelRecord, stats: Any, workdir: Path,
+                   device: torch.device) -> dict[str, float]:
+    """Shard-local compression of the whole checkpoint vs reading and writing it."""
+    from .stages import _compress_sharded
+
+    original, io_copy, compressed = workdir / "original", workdir / "io", workdir / "afm"
+    save_state(model, original)
+
+    def io() -> None:
+        load_state_(model, original)
+        save_state(model, io_copy)
+
+    def compress() -> None:
+        load_state_(model, original)
+        bases = _bases(unwrap(model), stats, record, ratio=4.0)
+        save_state(_compress_sharded(model, record, bases, CompressConfig()), compressed)
+
+    t_io, t_compress = _timed(io, device), _timed(compress, device)
+    return {"io_s": t_io, "compress_s": t_compress, "compress_vs_io": t_compress / t_io}
+
+
+def _bases(model: nn.Module, stats: Any, record: ModelRecord, ratio: float):
+    skeleton = build_model(record.model, "cpu", sparse_device="meta")
+    blocks = find_blocks(skeleton)
+    spec = spectra(stats)
+    other = count_parameters(skeleton) - sum(b.params for b in blocks)
+    ranks = select_ranks(blocks, spec, RankConfig(mode="ratio", ratio=ratio, table_multiple=4),
+                         other_params=other)
+    return afm_bases(spec, ranks)
+
+
+def inference_variants(
+    model: nn.Module, stats: Any, record: ModelRecord
+) -> dict[str, Callable[[], tuple[nn.Module, int]]]:
+    """Builders of the served variants and their parameter counts (before quantisation).
+
+    Built one at a time, since each holds its own tables. All go through TorchRec's
+    inference embedding modules (``quantize_embeddings``: FBGEMM's inference kernels),
+    in float32 or int8 rows.
+    """
+    from torchrec.inference.modules import quantize_embeddings
+
+    def served(m: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, int]:
+        params = count_parameters(m)
+        return quantize_embeddings(m, dtype=dtype, inplace=True).eval(), params
+
+    def afm(ratio: float) -> nn.Module:
+        return compress_(copy.deepcopy(model), _bases(model, stats, record, ratio), CompressConfig())
+
+    return {
+        "original": lambda: served(copy.deepcopy(model), torch.float32),
+        "afm4x": lambda: served(afm(4.0), torch.float32),
+        "afm8x": lambda: served(afm(8.0), torch.float32),
+        "int8": lambda: served(copy.deepcopy(model), torch.qint8),
+        "afm4x_int8": lambda: served(afm(4.0), torch.qint8),
+    }
+
+
+def samples_per_s(model: nn.Module, batches: list[Batch], device: torch.device, repeats: int = 5) -> float:
+    with torch.no_grad():
+        for b in batches[:2]:
+            model(b.dense_features, b.sparse_features)
+        best = math.inf
+        for _ in range(repeats):
+            t = _timed(lambda: [model(b.dense_features, b.sparse_features) for b in batches], device)
+            best = min(best, t)
+    return sum(b.labels.numel() for b in batches) / best
+
+
+def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: SpeedShape,
+                    device: torch.device, peak: Peak) -> dict[str, Any]:
+    batches = make_batches(shape, shape.infer_batch, 3, device, seed=1)
+    out: dict[str, Any] = {}
+    for name, build in inference_variants(model, stats, record).items():
+        served, out[f"params_{name}"] = build()
+        out[f"infer_{name}_samples_per_s"] = peak.measure(
+            f"infer_{name}", device, lambda: samples_per_s(served, batches, device))
+        del served
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = out["infer_original_samples_per_s"]
+    for name in ("afm4x", "afm8x", "int8", "afm4x_int8"):
+        out[f"infer_{name}_vs_original"] = out[f"infer_{name}_samples_per_s"] / base
+    return out
+
+
+def bench_cpu_latency(model: nn.Module, stats: Any, record: ModelRecord, shape: SpeedShape) -> dict[str, Any]:
+    """Milliseconds per forward on the CPU, original vs AFM 4x, at each latency batch."""
+    from .evaluate import measure_latency
+
+    cpu_model = copy.deepcopy(model).cpu()
+    variants = {"original": cpu_model,
+                "afm4x": compress_(copy.deepcopy(cpu_model), _bases(cpu_model, stats, record, 4.0),
+                                   CompressConfig())}
+    out: dict[str, Any] = {}
+    for b in shape.latency_batches:
+        batch = make_batches(shape, b, 1, torch.device("cpu"), seed=2)[0]
+        for name, m in variants.items():
+            out[f"cpu_ms_{name}_b{b}"] = measure_latency(m, batch, warmup=1, repeats=5)
+        out[f"cpu_latency_afm4x_vs_original_b{b}"] = out[f"cpu_ms_original_b{b}"] / out[f"cpu_ms_afm4x_b{b}"]
+    out["cpu_latency_afm4x_vs_original"] = out[f"cpu_latency_afm4x_vs_original_b{shape.latency_batches[-1]}"]
+    return out
+
+
+def run_speed(shape: SpeedShape, env: DistEnv, *, workdir: Path | None = None,
+              cpu_latency: bool = True) -> dict[str, Any]:
+    """Runs every measurement; returns the record that ``--json`` writes."""
+    device = env.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    config = shape.model_config()
+    record = ModelRecord(config)
+    peak = Peak()
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "shape": {**dataclasses.asdict(shape), "table_rows_total": sum(shape.table_rows)},
+        "versions": _versions(),
+    }
+    skeleton = build_model(config, device, sparse_device="meta")
+    dmp = shard_model(skeleton, env, plan=planner_plan(skeleton, env, batch_size=shape.train_batch))
+    train_batches = make_batches(shape, shape.train_batch, 4, device)
+    result.update(peak.measure("train", device, lambda: bench_train(dmp, train_batches, shape, device)))
+
+    blocks = find_blocks(build_model(config, "cpu", sparse_device="meta"))
+    timing = peak.measure("stats", device, lambda: time_stats_vs_forward_batches(
+        dmp, blocks, train_batches, env, repeats=3))
+    result.update({"stats_vs_forward": timing.ratio,
+                   "forward_samples_per_s": timing.forward_samples_per_s,
+                   "stats_samples_per_s": timing.stats_samples_per_s})
+    stats = collect_statistics(unwrap(dmp), blocks, train_batches, forward=dmp)
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        result.update(peak.measure("compress", device, lambda: bench_compress(
+            dmp, record, stats, Path(tmp), device)))
+    del dmp
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    model = build_model(config, device).eval()
+    result.update(bench_inference(model, stats, record, shape, device, peak))
+    if cpu_latency:
+        result.update(bench_cpu_latency(model, stats, record, shape))
+    result["peak_memory_gib"] = peak.gib
+    return result
+
+
+def _versions() -> dict[str, str]:
+    from .artifacts import versions
+
+    return versions()

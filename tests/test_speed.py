@@ -1,0 +1,28 @@
+"""`afmrec bench speed --small` on CPU: every key of the record, sane values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from afmrec.launch.cli import main
+
+pytestmark = pytest.mark.slow
+
+KEYS = ("train_vs_torchrec", "stats_vs_forward", "compress_vs_io", "infer_afm4x_vs_original",
+        "infer_afm8x_vs_original", "infer_int8_vs_original", "infer_afm4x_int8_vs_original",
+        "cpu_latency_afm4x_vs_original")
+
+
+def test_bench_speed_small_writes_every_ratio(tmp_path):
+    out = tmp_path / "speed.json"
+    assert main(["bench", "speed", "--small", "--device", "cpu", "--steps", "2",
+                 "--table-cap", "2000", "--json", str(out), "--quiet"]) == 0
+    record = json.loads(out.read_text())
+    for key in KEYS:
+        assert isinstance(record[key], float) and record[key] > 0, key
+    assert record["device"] == "cpu" and record["shape"]["embedding_dim"] == 64
+    # the AFM variants really are 4x and 8x smaller (whole model), int8 counts as original
+    assert record["params_original"] / record["params_afm4x"] >= 4
+    assert record["params_original"] / record["params_afm8x"] >= 8
