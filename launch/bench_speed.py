@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cpu-latency", action="store_true", help="skip the CPU latency runs")
     parser.add_argument("--workdir", type=Path, help="where the timed checkpoints go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the record to this file")
+    parser.add_argument("--profile-dir", type=Path,
+                        help="write torch.profiler tables (training step, each served variant) here")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     parser.add_argument("--quiet", action="store_true", help="no info logs")
 
@@ -58,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
         os.environ.setdefault(key, value)
     with job(args) as (env, _):
-        record = run_speed(shape, env, workdir=args.workdir, cpu_latency=not args.no_cpu_latency)
+        if args.profile_dir:
+            args.profile_dir.mkdir(parents=True, exist_ok=True)
+        record = run_speed(shape, env, workdir=args.workdir, cpu_latency=not args.no_cpu_latency,
+                           profile_dir=args.profile_dir)
         if env.rank == 0:
             print(json.dumps(record, indent=2, default=str))
             if args.json:

@@ -244,14 +244,30 @@ def samples_per_s(model: nn.Module, batches: list[Batch], device: torch.device, 
     return sum(b.labels.numel() for b in batches) / best
 
 
+def profile_to(path: Path, fn: Callable[[], Any], device: torch.device, rows: int = 25) -> None:
+    """Writes torch.profiler's table of the ops and kernels of one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=rows))
+
+
 def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: SpeedShape,
-                    device: torch.device, peak: Peak) -> dict[str, Any]:
+                    device: torch.device, peak: Peak, profile_dir: Path | None = None) -> dict[str, Any]:
     batches = make_batches(shape, shape.infer_batch, 3, device, seed=1)
     out: dict[str, Any] = {}
     for name, build in inference_variants(model, stats, record).items():
         served, out[f"params_{name}"] = build()
         out[f"infer_{name}_samples_per_s"] = peak.measure(
             f"infer_{name}", device, lambda: samples_per_s(served, batches, device))
+        if profile_dir is not None:
+            with torch.no_grad():
+                profile_to(profile_dir / f"profile_infer_{name}.txt",
+                           lambda: served(batches[0].dense_features, batches[0].sparse_features), device)
         del served
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -280,7 +296,7 @@ def bench_cpu_latency(model: nn.Module, stats: Any, record: ModelRecord, shape: 
 
 
 def run_speed(shape: SpeedShape, env: DistEnv, *, workdir: Path | None = None,
-              cpu_latency: bool = True) -> dict[str, Any]:
+              cpu_latency: bool = True, profile_dir: Path | None = None) -> dict[str, Any]:
     """Runs every measurement; returns the record that ``--json`` writes."""
     device = env.device
     if device.type == "cuda":
@@ -299,6 +315,9 @@ def run_speed(shape: SpeedShape, env: DistEnv, *, workdir: Path | None = None,
     dmp = shard_model(skeleton, env, plan=planner_plan(skeleton, env, batch_size=shape.train_batch))
     train_batches = make_batches(shape, shape.train_batch, 4, device)
     result.update(peak.measure("train", device, lambda: bench_train(dmp, train_batches, shape, device)))
+    if profile_dir is not None:
+        profile_to(profile_dir / "profile_train_step.txt",
+                   lambda: plain_torchrec_loop(dmp, train_batches, 1), device)
 
     blocks = find_blocks(build_model(config, "cpu", sparse_device="meta"))
     timing = peak.measure("stats", device, lambda: time_stats_vs_forward_batches(
@@ -316,7 +335,7 @@ def run_speed(shape: SpeedShape, env: DistEnv, *, workdir: Path | None = None,
         torch.cuda.empty_cache()
 
     model = build_model(config, device).eval()
-    result.update(bench_inference(model, stats, record, shape, device, peak))
+    result.update(bench_inference(model, stats, record, shape, device, peak, profile_dir))
     if cpu_latency:
         result.update(bench_cpu_latency(model, stats, record, shape))
     result["peak_memory_gib"] = peak.gib
