@@ -57,9 +57,12 @@ def build_model(
         dense_device=device,
     )
     if config.arch == "dcn":
-        return DLRM_DCN(
+        model = DLRM_DCN(
             **common,
             dcn_num_layers=config.dcn_num_layers,
             dcn_low_rank_dim=config.dcn_low_rank_dim,
         )
+        # TorchRec builds the cross network without a device: put it with the dense part.
+        model.inter_arch.crossnet.to(device)
+        return model
     return DLRM(**common)
