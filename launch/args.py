@@ -108,14 +108,45 @@ def add_distributed(parser: argparse.ArgumentParser) -> None:
                    help="where each rank computes (default: CUDA if available)")
 
 
+def check_output_folder(args: argparse.Namespace) -> None:
+    """Fails before any work when ``--out`` may not be written: it exists and no
+    ``--overwrite``, or it is not something ``--overwrite`` may replace. (Training would
+    otherwise run to the end and only then find it.)"""
+    from afmrec.pipeline.artifacts import check_replaceable
+
+    check_replaceable(args.out, args.overwrite, folder=True)
+
+
+def _inputs(args: argparse.Namespace) -> list[Path]:
+    """The paths a command reads: its --model, --stats, --teacher, --data, --val and
+    NAME=DIR models (a DIR@START:STOP data reference reads DIR)."""
+    paths = [Path(v) for v in (getattr(args, k, None) for k in ("model", "stats", "teacher")) if v]
+    for key in ("data", "val"):
+        spec = getattr(args, key, None)
+        if spec:
+            spec = str(spec)
+            paths.append(Path(spec.rpartition("@")[0] if "@" in spec else spec))
+    for item in getattr(args, "models", None) or []:
+        _, sep, path = str(item).partition("=")
+        if sep and path:
+            paths.append(Path(path))
+    return paths
+
+
 @contextlib.contextmanager
 def job(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
     """Joins the torchrun/SLURM process group if there is one, for the stage's duration.
+
+    A command with an output (``--out``) first checks that it is none of its inputs nor
+    inside one (whatever ``--overwrite`` says), then holds the output's lock
+    (:func:`~afmrec.pipeline.artifacts.output_lock`) until the stage ends: a second
+    process writing the same output fails at once.
 
     Yields:
         ``(env, sharding)``: the :class:`~afmrec.sharding.env.DistEnv` and the
         :class:`~afmrec.sharding.plan.ShardingConfig` of ``--sharding``.
     """
+    from afmrec.pipeline.artifacts import check_not_input, output_lock
     from afmrec.pipeline.errors import InputError
     from afmrec.sharding.env import destroy_distributed, init_distributed
     from afmrec.sharding.plan import ShardingConfig
@@ -127,11 +158,15 @@ def job(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
             raise InputError(f"--sharding expects GLOB=TYPE, got {item!r}")
         table_sharding[glob] = kind
     sharding = ShardingConfig(table_sharding)
+    out = getattr(args, "out", None)
+    if out is not None:
+        check_not_input(out, *_inputs(args))
     env = init_distributed(getattr(args, "device", "auto"))
     if env.rank != 0:
         args.quiet = True
     setup_logging(getattr(args, "quiet", False))
     try:
-        yield env, sharding
+        with output_lock(out) if out is not None else contextlib.nullcontext():
+            yield env, sharding
     finally:
         destroy_distributed()

@@ -25,6 +25,8 @@ COMMANDS: dict[str, str] = {
     "evaluate": "cmd_evaluate",
     "demo": "cmd_demo",
     "bench": "cmd_bench",
+    "batch": "cmd_batch",
+    "submit": "cmd_submit",
 }
 
 DESCRIPTION = """\
@@ -78,6 +80,8 @@ _HELP_LINES = {
     "evaluate": "measure AUC, logloss, size and latency of models; write report.parquet",
     "demo": "generate data, train, compress, fine-tune and evaluate, end to end",
     "bench": "measure a stage against its baseline (statistics pass vs forward pass)",
+    "batch": "compress many checkpoints listed in a manifest, as a job array (SLURM or local)",
+    "submit": "run a stage (stats, compress, ...) as a SLURM job through submitit",
 }
 
 

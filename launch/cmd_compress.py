@@ -24,7 +24,7 @@ from pathlib import Path
 
 from afmrec.pipeline.errors import InputError
 
-from .args import add_distributed, add_output, job
+from .args import add_distributed, add_output, check_output_folder, job
 
 HELP = "compute PCA bases, pick ranks and write the low-rank model"
 
@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="round table ranks up to a multiple of this (default: 4, what "
                         "FBGEMM's fused kernels need to shard the compressed tables; 1 for "
                         "models that stay in one process)")
+    parser.add_argument("--table-rank-rounding", choices=("round", "error"), default="round",
+                        help="a --rank or --rank-pattern rank of a table that is not a multiple "
+                        "of --table-multiple: round it up with a warning (default) or stop")
     parser.add_argument("--method", choices=("afm", "svd"), default="afm",
                         help="afm: PCA of the outputs (default); svd: truncated SVD of the weights")
     parser.add_argument("--activation", choices=("relu", "gelu"),
@@ -71,8 +74,10 @@ def run(args: argparse.Namespace) -> int:
     rank_config = RankConfig(
         mode=mode, rank=args.rank, energy=args.energy, ratio=args.ratio,
         rank_pattern=_rank_pattern(args.rank_pattern), table_multiple=args.table_multiple,
+        table_rounding=args.table_rank_rounding,
     )
     with job(args) as (env, sharding):
+        check_output_folder(args)
         _, rows = compress_stage(
             args.model, args.stats, args.out, rank_config,
             CompressConfig(activation=args.activation, fuse=not args.no_fuse),

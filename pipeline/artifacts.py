@@ -1,26 +1,249 @@
 """Atomic, never-overwriting writes of run-directory artifacts.
 
 Every stage writes its outputs through :func:`atomic_file` or :func:`atomic_dir`: the
-content goes to a hidden temporary name in the same folder and is renamed into place only
-when complete, so a crash or a kill never leaves a half-written artifact visible.
+content goes to a hidden temporary name in the same folder (``.NAME.tmp-HOST-PID-XXXXXXXX``)
+and is renamed into place only when complete, so a crash or a kill never leaves a
+half-written artifact visible. What a killed process left beside an output is removed
+by the next write of that output (:func:`clean_stale`). A write that fails (disk full,
+file-size limit, permissions) raises :class:`WriteError`, one line naming the output, and
+replaces nothing. :func:`output_lock` keeps two jobs from writing the same output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import InputError
 
+log = logging.getLogger(__name__)
 
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+# A folder that --overwrite may replace is empty or an artifact: it holds one of these, at
+# its top or in a subfolder (a model; a dataset, or synth's train/ and test/). Anything
+# else is a user's folder that a mistyped --out must never delete.
+ARTIFACT_MARKERS = ("model.json", "_dataset.json")
+
+_HOST = socket.gethostname()
+# Outputs this process holds an output_lock on (resolved paths).
+_LOCKED: set[str] = set()
+# How much a failed write's diagnosis tries to write (see _probe).
+_PROBE_BYTES = 1 << 20
+
+
+class WriteError(InputError):
+    """Writing an output failed: disk full, file-size limit, permissions, I/O error.
+
+    A subclass of :class:`InputError` so that the CLI prints it as one line: the cure is
+    outside the program. Nothing was replaced: an earlier version of the output, if any,
+    is intact, and no partial output is left.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(
+            f"{path}: write failed ({reason}); no partial output was left and nothing was replaced"
+        )
+
+
+# --- temporary names and their cleanup ----------------------------------------------------
+
+
+def _scratch(path: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling of ``path`` owned by this process: ``.NAME.KIND-HOST-PID-XXXXXXXX``."""
+    return path.with_name(f".{path.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _owner(suffix: str) -> tuple[str, int] | None:
+    """(host, pid) from what follows ``.NAME.KIND-``; None if it is not one of our names."""
+    parts = suffix.rsplit("-", 2)
+    if len(parts) == 2:  # written before host names were recorded: by this host
+        parts = [_HOST, *parts]
+    try:
+        return parts[0], int(parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _alive(host: str, pid: int) -> bool:
+    if host != _HOST:
+        return True  # cannot tell from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _locked_here(path: Path) -> bool:
+    return str(path.resolve()) in _LOCKED
+
+
+def clean_stale(path: str | os.PathLike[str]) -> None:
+    """Removes what interrupted writes of ``path`` left beside it.
+
+    A process killed while writing leaves its hidden temporary (``.NAME.tmp-*``); one
+    killed between the two renames of an ``--overwrite`` leaves the previous version set
+    aside (``.NAME.old-*``) and no ``path``: that version is put back. Names of processes
+    still alive are left alone, unless this process holds the output's
+    :func:`output_lock` (then no one else can be writing it).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    locked = _locked_here(path)
+    for kind in ("tmp", "probe", "old"):
+        prefix = f".{path.name}.{kind}-"
+        for p in sorted(path.parent.glob(glob.escape(prefix) + "*")):
+            owner = _owner(p.name[len(prefix):])
+            if owner is None or owner == (_HOST, os.getpid()):
+                continue
+            if not locked and _alive(*owner):
+                continue
+            if kind == "old" and not os.path.lexists(path):
+                os.replace(p, path)
+                log.warning("%s: restored the previous version, set aside by an interrupted "
+                            "--overwrite", path)
+            else:
+                _remove(p)
+                log.info("%s: removed %s, left by an interrupted write", path, p.name)
+
+
+# --- failed writes --------------------------------------------------------------------------
+
+
+def _probe(path: Path) -> str | None:
+    """Why writing beside ``path`` fails, if it does, else None.
+
+    torch's writers report a failed ``write`` as ``unexpected pos ...`` and lose the
+    errno: writing some bytes ourselves on the same filesystem recovers it (no space
+    left, file too large for ``ulimit -f``, read-only filesystem...).
+    """
+    probe = _scratch(path, "probe")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        return e.strerror or str(e)
+    try:
+        chunk, written = bytes(1 << 16), 0
+        while written < _PROBE_BYTES:
+            written += os.write(fd, chunk)
+        os.fsync(fd)
+        return None
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """Turns a failure to write ``path`` into a :class:`WriteError` naming it.
+
+    Bad input (:class:`InputError`) passes through, and so does an error that is not a
+    failing write (a bug keeps its traceback).
+    """
+    try:
+        yield
+    except WriteError as e:
+        if e.path == path:
+            raise
+        raise WriteError(path, e.reason) from e  # a file inside a folder being written
+    except InputError:
+        raise
+    except OSError as e:
+        raise WriteError(path, e.strerror or str(e)) from e
+    except Exception as e:
+        reason = _probe(path)
+        if reason is None:
+            raise
+        raise WriteError(path, reason) from e
+
+
+def check_replaceable(path: str | os.PathLike[str], overwrite: bool, folder: bool) -> None:
+    """An existing ``path`` is replaced only with ``overwrite``, only by the same kind of
+    thing (a file by a file, a folder by a folder), and a folder only if it is empty or an
+    artifact (see :data:`ARTIFACT_MARKERS`). The atomic writers check it; a stage that
+    works long before it writes checks it first, so as not to fail at the end.
+
+    Raises:
+        InputError: ``path`` may not be replaced, saying why.
+    """
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise InputError(f"{path} already exists; refusing to overwrite it (--overwrite replaces it)")
+    if path.is_dir() != folder:
+        have, want = ("folder", "file") if path.is_dir() else ("file", "folder")
+        raise InputError(f"{path} is a {have}; refusing to replace it with a {want}")
+    if folder and any(path.iterdir()):
+        places = [path, *(p for p in path.iterdir() if p.is_dir())]
+        if not any((p / m).is_file() for p in places for m in ARTIFACT_MARKERS):
+            raise InputError(
+                f"{path} holds files that are not an afmrec artifact (no "
+                f"{' or '.join(ARTIFACT_MARKERS)}); refusing to replace it, even with --overwrite"
+            )
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Renames the complete ``tmp`` to ``path``; never over an output that appeared in
+    the meantime unless ``overwrite``."""
+    try:
+        if overwrite and os.path.lexists(path):
+            if tmp.is_dir():  # no atomic swap of folders: set the old one aside first
+                old = _scratch(path, "old")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                _remove(old)
+            else:
+                os.replace(tmp, path)
+        elif tmp.is_dir():
+            os.rename(tmp, path)  # fails if path is now a non-empty folder or a file
+        else:
+            _link_or_replace(tmp, path)
+    except FileExistsError:
+        raise InputError(f"{path} was written meanwhile by another process; refusing to overwrite it") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise InputError(f"{path} was written meanwhile by another process; refusing to overwrite it") from None
+    _fsync_dir(path.parent)
+
+
+def _link_or_replace(tmp: Path, path: Path) -> None:
+    """Moves the file ``tmp`` to ``path`` unless ``path`` exists (``FileExistsError``)."""
+    try:
+        os.link(tmp, path)  # atomic: fails if path exists
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if os.path.lexists(path):  # a filesystem without hard links: check, then rename
+            raise FileExistsError(errno.EEXIST, "exists", str(path)) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -31,6 +254,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# --- atomic writes ----------------------------------------------------------------------------
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
     """Yields a temporary path; on success it is fsynced and renamed to ``path``.
@@ -39,18 +265,21 @@ def atomic_file(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
         path: final file name.
         overwrite: replace an existing file (atomically). Without it an existing
             ``path`` is an :class:`InputError`.
+
+    Raises:
+        WriteError: the file could not be written (nothing was replaced).
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
+    clean_stale(path)
+    check_replaceable(path, overwrite, folder=False)
+    tmp = _scratch(path)
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        with _write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            _publish(tmp, path, overwrite)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -61,33 +290,37 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
     """Yields an empty temporary folder; on success it is renamed to ``path``.
 
     With ``overwrite`` an existing ``path`` is replaced only after the new content is
-    complete (the old folder is moved aside, then removed).
+    complete (the old folder is moved aside, then removed; a kill between the two renames
+    is repaired by the next write, see :func:`clean_stale`).
+
+    Raises:
+        WriteError: the folder could not be written (nothing was replaced).
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    tmp.mkdir()
+    clean_stale(path)
+    check_replaceable(path, overwrite, folder=True)
+    tmp = _scratch(path)
     try:
-        yield tmp
-        if path.exists():
-            old = _tmp_sibling(path)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        with _write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+            yield tmp
+            _publish(tmp, path, overwrite)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            _remove(tmp)
 
 
 def _collective() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if _collective() else 0
 
 
 def _broadcast(obj: Any) -> Any:
@@ -112,31 +345,119 @@ def shared_atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) 
     import torch.distributed as dist
 
     path = Path(path)
-    if dist.get_rank() == 0:
-        error = str(path) + " already exists; refusing to overwrite it" if path.exists() and not overwrite else None
-        tmp = _tmp_sibling(path)
-        if error is None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.mkdir()
-        decision = (error, str(tmp))
-    else:
-        decision = None
+    decision: tuple[str | None, str | None] | None = None
+    if _rank() == 0:
+        try:
+            clean_stale(path)
+            check_replaceable(path, overwrite, folder=True)
+            with _write_errors(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = _scratch(path)
+                tmp.mkdir()
+            decision = (None, str(tmp))
+        except InputError as e:
+            decision = (str(e), None)
     error, tmp_name = _broadcast(decision)
     if error:
         raise InputError(error)
     tmp = Path(tmp_name)
-    yield tmp
+    try:
+        with _write_errors(path):
+            yield tmp
+    except BaseException:
+        if _rank() == 0:  # every rank failed in the same collective (or is about to)
+            _remove(tmp)
+        raise
     dist.barrier()
-    if dist.get_rank() == 0:
-        if path.exists():
-            old = _tmp_sibling(path)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    dist.barrier()
+    error = None
+    if _rank() == 0:
+        try:
+            with _write_errors(path):
+                _publish(tmp, path, overwrite)
+        except InputError as e:
+            _remove(tmp)
+            error = str(e)
+    error = _broadcast(error)
+    if error:
+        raise InputError(error)
+
+
+# --- inputs and locks --------------------------------------------------------------------------
+
+
+def check_not_input(out: str | os.PathLike[str], *inputs: str | os.PathLike[str]) -> None:
+    """Outputs never replace, hold, or sit inside an input (inputs stay byte-identical),
+    whatever ``--overwrite`` says; paths are compared after resolving symbolic links."""
+    out = Path(out).resolve()
+    for p in inputs:
+        p = Path(p).resolve()
+        if out == p or p.is_relative_to(out) or out.is_relative_to(p):
+            raise InputError(f"output {out} would overwrite or sit inside the input {p}")
+
+
+def _acquire(path: Path, lock: Path) -> tuple[int | None, str | None]:
+    """(file descriptor holding the lock, None) or (None, why it is not ours)."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        return None, f"{path}: cannot create the lock file {lock} ({e.strerror})"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "pid unknown"
+        os.close(fd)
+        return None, (f"{path} is being written by another process ({holder}); wait for it "
+                      "to finish or choose another --out")
+    except OSError as e:  # a filesystem without locks: say so, and go on unprotected
+        os.close(fd)
+        log.warning("%s: cannot lock %s (%s); concurrent writers will not be detected",
+                    path, lock.name, e.strerror)
+        return None, None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {_HOST}\n".encode(), 0)
+    return fd, None
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Holds an advisory lock on the output ``path`` for the duration of a stage.
+
+    The lock is ``fcntl.flock`` on ``.NAME.lock`` beside ``path``. The file records the
+    holder and is left in place (removing a lock file races with the next locker); the
+    kernel releases the lock when its holder exits, killed or not. A second writer of the
+    same output fails at once with an :class:`InputError` naming the holder. Once locked,
+    what earlier, interrupted writes of ``path`` left is cleaned up (:func:`clean_stale`).
+    Collective under a process group: rank 0 holds the lock for the job.
+
+    Example::
+
+        with output_lock(out):
+            compress_stage(model_dir, stats, out, ...)
+    """
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    fd, error = (None, None)
+    if _rank() == 0:
+        fd, error = _acquire(path, lock)
+    if _collective():
+        error = _broadcast(error)
+    if error is not None:
+        raise InputError(error)
+    key = str(path.resolve())
+    _LOCKED.add(key)
+    try:
+        if _rank() == 0:
+            clean_stale(path)  # before the stage looks at what exists
+        yield
+    finally:
+        _LOCKED.discard(key)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+# --- small artifacts and provenance ----------------------------------------------------------
 
 
 def write_json(path: str | os.PathLike[str], obj: Any, *, overwrite: bool = False) -> None:

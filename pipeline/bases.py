@@ -49,8 +49,20 @@ def pca(moments: Moments) -> Spectrum:
 
 
 def spectra(stats: Statistics) -> dict[str, Spectrum]:
+    """The spectrum of every block of ``stats``.
+
+    Raises:
+        InputError: a block has no samples, non-finite moments, or a covariance whose
+            eigen-decomposition fails, naming the block.
+    """
     stats.check_finite()
-    return {name: pca(m) for name, m in sorted(stats.moments.items())}
+    out = {}
+    for name, m in sorted(stats.moments.items()):
+        try:
+            out[name] = pca(m)
+        except (InputError, torch.linalg.LinAlgError) as e:
+            raise InputError(f"block {name}: {e}") from None
+    return out
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch.distributed as dist
 from torch import nn
@@ -96,16 +96,21 @@ def save_model(
     out_dir: str | os.PathLike[str],
     *,
     overwrite: bool = False,
+    extra: Mapping[str, Callable[[Path], None]] | None = None,
 ) -> Path:
     """Writes ``out_dir/model.json`` and ``out_dir/checkpoint`` atomically.
 
     ``model`` may be sharded (every rank writes its shards: collective) or a ready state
-    dict (the shard-local compressed tables).
+    dict (the shard-local compressed tables). ``extra`` adds files to the folder,
+    ``{name: write(path)}``, written by rank 0 before the folder appears: the folder is
+    visible with all of its files or not at all (a compressed model with its bases).
     """
     with shared_atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_state(model, tmp / "checkpoint")
         if not dist.is_initialized() or dist.get_rank() == 0:
             write_json(tmp / "model.json", record.to_dict())
+            for name, write in (extra or {}).items():
+                write(tmp / name)
     return Path(out_dir)
 
 

@@ -1,6 +1,7 @@
-"""Rank selection: a fixed rank, an energy threshold, or a whole-model compression ratio.
+"""Rank selection: a fixed rank, an energy threshold, a whole-model compression ratio, or
+the same ratio for every block.
 
-All three give, for every selected block, the rank ``K`` to keep; a block left out of the
+All four give, for every selected block, the rank ``K`` to keep; a block left out of the
 result stays as it is (compression would not make it smaller, or the budget preferred it
 whole). Tables can be rounded up to a multiple (4 for FBGEMM on CUDA).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -18,7 +20,7 @@ from .errors import InputError
 
 log = logging.getLogger(__name__)
 
-MODES = ("fixed", "energy", "ratio")
+MODES = ("fixed", "energy", "ratio", "uniform")
 
 
 @dataclass(frozen=True)
@@ -28,10 +30,14 @@ class RankConfig:
     Args:
         mode: ``"fixed"`` (``rank`` everywhere), ``"energy"`` (smallest K keeping
             ``energy`` of the variance) or ``"ratio"`` (whole model ``ratio`` times smaller,
-            greedy on retained variance per parameter).
-        rank / energy / ratio: the value for the chosen mode.
+            greedy on retained variance per parameter) or ``"uniform"`` (every block
+            ``ratio`` times smaller: the baseline the global budget is compared with).
+        rank / energy / ratio: the value for the chosen mode (``ratio`` for both ratio modes).
         rank_pattern: ``{glob: K}`` per-block overrides, applied in every mode.
         table_multiple: round table ranks up to a multiple of this (4 for FBGEMM on CUDA).
+        table_rounding: what an explicit table rank (``rank``, ``rank_pattern``) that is
+            not a multiple of ``table_multiple`` gets: ``"round"`` up, with a logged
+            warning, or ``"error"``. Ranks the policy picks itself are always rounded.
         weights: optional per-block multipliers of the variance gains (e.g. measured
             sensitivity of the loss to the block); 1.0 when absent.
     """
@@ -42,12 +48,13 @@ class RankConfig:
     ratio: float | None = None
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     table_multiple: int = 1
+    table_rounding: str = "round"
     weights: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InputError(f"rank mode must be one of {MODES}, got {self.mode!r}")
-        need = {"fixed": "rank", "energy": "energy", "ratio": "ratio"}[self.mode]
+        need = {"fixed": "rank", "energy": "energy", "ratio": "ratio", "uniform": "ratio"}[self.mode]
         value = getattr(self, need)
         if value is None:
             raise InputError(f"rank mode {self.mode!r} needs --{need}")
@@ -55,10 +62,12 @@ class RankConfig:
             raise InputError(f"rank must be >= 1, got {value}")
         if self.mode == "energy" and not 0 < value <= 1:
             raise InputError(f"energy must be in (0, 1], got {value}")
-        if self.mode == "ratio" and value <= 1:
+        if self.mode in ("ratio", "uniform") and value <= 1:
             raise InputError(f"ratio must be > 1, got {value}")
         if self.table_multiple < 1:
             raise InputError("table_multiple must be >= 1")
+        if self.table_rounding not in ("round", "error"):
+            raise InputError(f"table_rounding must be 'round' or 'error', got {self.table_rounding!r}")
 
 
 def _unit(block: Block, config: RankConfig) -> int:
@@ -76,6 +85,12 @@ def _energy_rank(spectrum: Spectrum, energy: float) -> int:
         return 1
     cum = (spectrum.eigenvalues.cumsum(0) / total).tolist()
     return next((i + 1 for i, c in enumerate(cum) if c >= energy - 1e-12), len(cum))
+
+
+def _uniform_rank(block: Block, ratio: float) -> int:
+    """The rank whose factors come closest to ``ratio`` times fewer parameters (at least 1)."""
+    k = math.floor((block.params / ratio - block.out_features) / block.params_per_rank + 0.5)
+    return max(1, k)
 
 
 def _cap(block: Block, config: RankConfig) -> int:
@@ -159,7 +174,14 @@ def select_ranks(
     if missing:
         raise InputError(f"no statistics for blocks {missing}: rerun the stats stage")
     overrides = resolve_pattern_map(dict(config.rank_pattern), [b.name for b in blocks])
+    for b in blocks:
+        if overrides.get(b.name, 0) > b.out_features:
+            raise InputError(f"block {b.name}: rank {overrides[b.name]} is larger than its "
+                             f"width {b.out_features}")
     free = [b for b in blocks if b.name not in overrides]
+    if config.mode == "fixed" and free and all(config.rank > b.out_features for b in free):
+        raise InputError(f"rank {config.rank} is larger than the width of every block (the "
+                         f"widest is {max(b.out_features for b in free)})")
     if config.mode == "ratio":
         total = other_params + sum(b.params for b in blocks)
         pinned = 0
@@ -171,8 +193,12 @@ def select_ranks(
     else:
         ranks = {}
         for b in free:
-            k = config.rank if config.mode == "fixed" else _energy_rank(spectra[b.name], config.energy)
-            ranks[b.name] = k
+            if config.mode == "fixed":
+                ranks[b.name] = config.rank
+            elif config.mode == "uniform":
+                ranks[b.name] = _uniform_rank(b, config.ratio)
+            else:
+                ranks[b.name] = _energy_rank(spectra[b.name], config.energy)
     for b in blocks:
         if b.name in overrides:
             ranks[b.name] = overrides[b.name]
@@ -180,9 +206,20 @@ def select_ranks(
     for b in blocks:
         if b.name not in ranks:
             continue
-        k = _round(b, ranks[b.name], config)
-        if k != ranks[b.name] and config.mode != "ratio":
-            log.warning("block %s: rank %d rounded up to %d", b.name, ranks[b.name], k)
+        want = ranks[b.name]
+        if want >= b.out_features:  # a --rank above a narrow block's width
+            log.info("block %s: rank %d is not below its width %d; kept whole", b.name, want,
+                     b.out_features)
+            continue
+        k = _round(b, want, config)
+        explicit = config.mode == "fixed" or b.name in overrides
+        if k != want and explicit and config.table_rounding == "error":
+            raise InputError(
+                f"block {b.name}: table rank {want} is not a multiple of --table-multiple "
+                f"{config.table_multiple} (what FBGEMM's fused kernels need)"
+            )
+        if k != want and config.mode in ("fixed", "energy"):
+            log.warning("block %s: rank %d rounded up to %d", b.name, want, k)
         if b.compressed_params(k) >= b.params:
             log.info("block %s: rank %d would not make it smaller; kept whole", b.name, k)
             continue

@@ -37,7 +37,8 @@ from afmrec.sharding.dmp import shard_model, unwrap
 from afmrec.sharding.env import DistEnv, barrier, is_rank_zero
 from afmrec.sharding.plan import ShardingConfig
 
-from .artifacts import _broadcast, atomic_file, file_fingerprint, fingerprint, versions
+from .artifacts import (_broadcast, atomic_file, check_not_input, file_fingerprint, fingerprint,
+                        versions)
 from .bases import Bases, afm_bases, spectra, weight_svd_bases
 from .blocks import find_blocks, select_blocks
 from .compress import CompressConfig, compress_
@@ -47,7 +48,7 @@ from .evaluate import count_parameters, evaluate, measure_latency, model_bytes
 from .model_io import ModelRecord, build_from_record, load_model, load_record, save_model
 from .ranks import RankConfig, select_ranks
 from .report import write_report
-from .stats import Statistics, collect_statistics
+from .stats import Statistics, StatsCheckpoint, collect_statistics
 from .train import TrainConfig, TrainResult, train_
 
 log = logging.getLogger(__name__)
@@ -112,15 +113,6 @@ def model_config_from_schema(schema: DataSchema, arch: str, **overrides: Any) ->
         return ModelConfig(arch=arch, tables=tables, num_dense=len(schema.dense), **overrides)
     except ValueError as e:
         raise InputError(f"model config: {e}") from None
-
-
-def _check_not_input(out: Path, *inputs: Path) -> None:
-    """Outputs never replace, hold, or sit inside an input (inputs stay byte-identical)."""
-    out = Path(out).resolve()
-    for p in inputs:
-        p = Path(p).resolve()
-        if out == p or p.is_relative_to(out) or out.is_relative_to(p):
-            raise InputError(f"output {out} would overwrite or sit inside the input {p}")
 
 
 def _check_matching_schema(record: ModelRecord, data: DataRef) -> None:
@@ -195,7 +187,7 @@ def train_stage(
     progress: bool = True,
 ) -> TrainResult:
     """Builds a fresh model from ``model_config``, trains it and writes ``out``."""
-    _check_not_input(out, train_data.path)
+    check_not_input(out, train_data.path)
     torch.manual_seed(config.seed)
     if env.is_distributed:
         model = build_model(model_config, env.device, sparse_device="meta")
@@ -221,7 +213,7 @@ def finetune_stage(
     progress: bool = True,
 ) -> TrainResult:
     """Fine-tunes a saved (compressed) model with labels, or from a teacher's logits."""
-    _check_not_input(out, model_dir, train_data.path, *(teacher_dir and [teacher_dir] or []))
+    check_not_input(out, model_dir, train_data.path, *(teacher_dir and [teacher_dir] or []))
     model, record = load_model(model_dir, env=env, sharding=sharding)
     teacher = None
     inputs = {"model": _model_fingerprint(model_dir)}
@@ -246,13 +238,20 @@ def stats_stage(
     exact: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    checkpoint_every: int | None = None,
 ) -> Statistics:
     """One forward pass over ``data`` with observers on the selected blocks.
 
     Each rank observes its own rows; the moments are summed over ranks (one all-reduce
     per block) and rank 0 writes them.
+
+    With ``checkpoint_every`` each rank saves its moments every that many batches in a
+    hidden folder beside ``out`` (``.NAME.partial``), and a rerun after a kill resumes
+    from the last save, with the same result as an uninterrupted pass; the folder is
+    removed once ``out`` is written. Saves of another model, data, batch size, world size
+    or block selection are ignored.
     """
-    _check_not_input(out, model_dir, data.path)
+    check_not_input(out, model_dir, data.path)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; refusing to overwrite it")
     model, record = load_model(model_dir, env=env, sharding=sharding)
@@ -260,25 +259,36 @@ def stats_stage(
         raise InputError(f"{model_dir}: statistics are collected on an uncompressed model")
     _check_matching_schema(record, data)
     blocks = select_blocks(find_blocks(_skeleton(record)), target, exclude)
+    model_fingerprint, data_fingerprint = _model_fingerprint(model_dir), data.fingerprint()
+    checkpoint = None
+    if checkpoint_every is not None:
+        key = fingerprint([model_fingerprint, data_fingerprint, batch_size, env.world_size,
+                           exact, sorted(b.name for b in blocks)])
+        checkpoint = StatsCheckpoint(out.with_name(f".{out.name}.partial"), checkpoint_every,
+                                     key, env.rank)
     start = time.perf_counter()
     stats = collect_statistics(unwrap(model), blocks, data.batches(batch_size, env),
-                               progress=progress and env.rank == 0, forward=model, exact=exact)
+                               progress=progress and env.rank == 0, forward=model, exact=exact,
+                               checkpoint=checkpoint)
     if env.is_distributed:
         stats.all_reduce_()
     stats.check_finite()
     stats.meta = {
         "format": "afmrec.stats/1",
-        "model": _model_fingerprint(model_dir),
+        "model": model_fingerprint,
         "model_dir": str(model_dir),
-        "data": {"path": str(data), "fingerprint": data.fingerprint()},
+        "data": {"path": str(data), "fingerprint": data_fingerprint},
         "world_size": env.world_size,
         "exact": exact,
         "versions": versions(),
         "seconds": time.perf_counter() - start,
+        "resumed_from_batch": stats.meta["resumed_from_batch"],
     }
     if env.rank == 0:
         save_statistics(stats, out, overwrite=overwrite)
     barrier()
+    if checkpoint is not None:
+        checkpoint.clear()
     return stats
 
 
@@ -350,7 +360,7 @@ def compress_stage(
     """
     if method not in ("afm", "svd"):
         raise InputError(f"method must be 'afm' or 'svd', got {method!r}")
-    _check_not_input(out, model_dir, stats_path)
+    check_not_input(out, model_dir, stats_path)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; refusing to overwrite it")
     record = load_record(model_dir)
@@ -373,12 +383,11 @@ def compress_stage(
         state: Any = _compress_sharded(model, record, bases, compress_config)
     else:
         state = compress_(model, bases, compress_config)
-    save_model(state, new, out, overwrite=True)
-    if env.rank == 0:
-        with atomic_file(out / "bases.pt") as tmp:
-            torch.save(bases.to_state(), tmp)
-        _write_rows(rows, out / "ranks.parquet")
-    barrier()
+    # The bases and the ranks go into the folder before it appears: a kill never leaves
+    # a compressed model without them.
+    extra = {"bases.pt": lambda path: torch.save(bases.to_state(), path),
+             "ranks.parquet": lambda path: _write_rows(rows, path)}
+    save_model(state, new, out, overwrite=overwrite, extra=extra)
     return new, rows
 
 
@@ -451,7 +460,7 @@ def evaluate_stage(
     model (all shards); latency is rank 0's forward pass (collective when sharded).
     """
     if out is not None:
-        _check_not_input(out, data.path, *models.values())
+        check_not_input(out, data.path, *models.values())
     probe = next(iter(data.batches(latency_batch, env)))
     rows = []
     for name, model_dir in models.items():

@@ -13,13 +13,17 @@ Empty bags are not counted: their output is exactly 0 before and after compressi
 
 from __future__ import annotations
 
+import itertools
+import shutil
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from .artifacts import atomic_file
 from .blocks import Block
 from .errors import InputError
 
@@ -257,8 +261,121 @@ class StatsCollector:
 
         return hook
 
+    def load_(self, moments: Mapping[str, Moments]) -> None:
+        """Starts from saved sums (a resumed pass): copied into the observed moments,
+        which the hooks hold, so the accumulation continues exactly where it stopped."""
+        if set(moments) != set(self.moments):
+            diff = sorted(set(moments) ^ set(self.moments))
+            raise InputError(f"saved statistics cover other blocks: {diff}")
+        for name, saved in moments.items():
+            for mine, value in zip(self.moments[name].tensors(), saved.tensors()):
+                mine.copy_(value)
+
     def result(self, meta: dict[str, Any] | None = None) -> Statistics:
         return Statistics(dict(self.moments), dict(meta or {}))
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _min_over_ranks(value: int) -> int:
+    """The smallest ``value`` of all ranks (``value`` itself without a process group)."""
+    if not _distributed():
+        return value
+    import torch.distributed as dist
+
+    # NCCL reduces only CUDA tensors (init_distributed has set this rank's device).
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)
+
+
+@dataclass(frozen=True)
+class StatsCheckpoint:
+    """Periodic saves of a rank's moments, so that a killed statistics pass resumes.
+
+    The moments are sums: resuming is loading them and skipping the batches they already
+    count, and with a deterministic reader (no shuffling) the result is bitwise the
+    uninterrupted pass's. Each rank saves ``folder/rank{r}-{batches}.pt`` atomically every
+    ``every`` batches and keeps its last two. A barrier precedes every save, so a job
+    killed while saving leaves its ranks at most one save apart; they resume from the
+    latest save that all of them hold (or from the start).
+
+    Attributes:
+        folder: where the saves go (shared by the ranks of a job).
+        every: batches between saves.
+        key: identifies the pass (model, data, batching, world size, blocks); saves made
+            with another key are ignored.
+        rank: this process's rank.
+    """
+
+    folder: Path
+    every: int
+    key: str
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise InputError(f"checkpoint_every must be >= 1, got {self.every}")
+
+    def _saves(self) -> dict[int, Path]:
+        """This rank's saves by number of batches counted."""
+        found = self.folder.glob(f"rank{self.rank}-*.pt") if self.folder.is_dir() else []
+        return {int(p.stem.rpartition("-")[2]): p for p in found}
+
+    def _load(self, path: Path) -> dict[str, Moments] | None:
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception:  # a save cut short by a crash counts as absent, never as data
+            return None
+        if state.get("key") != self.key:
+            return None
+        return {k: Moments(**v) for k, v in state["moments"].items()}
+
+    def save(self, moments: Mapping[str, Moments], batches: int) -> None:
+        """Saves the sums over the first ``batches`` batches (collective in a job)."""
+        if _distributed():
+            import torch.distributed as dist
+
+            dist.barrier()
+        state = {
+            "key": self.key,
+            "batches": batches,
+            "moments": {k: {"n": m.n.cpu(), "s": m.s.cpu(), "g": m.g.cpu()} for k, m in moments.items()},
+        }
+        with atomic_file(self.folder / f"rank{self.rank}-{batches:012d}.pt", overwrite=True) as tmp:
+            torch.save(state, tmp)
+        saves = self._saves()
+        for old in sorted(saves)[:-2]:
+            saves[old].unlink(missing_ok=True)
+
+    def resume(self) -> tuple[int, dict[str, Moments]]:
+        """``(batches already counted, their moments)``; ``(0, {})`` to start afresh.
+
+        Collective in a job: every rank returns the same number of batches.
+        """
+        valid = {}
+        for batches, path in self._saves().items():
+            moments = self._load(path)
+            if moments is not None:
+                valid[batches] = moments
+        batches = _min_over_ranks(max(valid, default=0))
+        if batches and _min_over_ranks(int(batches in valid)) == 0:
+            batches = 0  # some rank lacks that save: only a fresh pass is consistent
+        # Other saves (later ones, or of another pass) would outrank this pass's next saves.
+        for other, path in self._saves().items():
+            if other != batches:
+                path.unlink(missing_ok=True)
+        return batches, valid.get(batches, {}) if batches else {}
+
+    def clear(self) -> None:
+        """Removes the saves once the pass's result is written (rank 0 only)."""
+        if self.rank == 0:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def collect_statistics(
@@ -269,6 +386,7 @@ def collect_statistics(
     progress: bool = False,
     forward: nn.Module | None = None,
     exact: bool = False,
+    checkpoint: StatsCheckpoint | None = None,
 ) -> Statistics:
     """One forward pass over ``batches`` (TorchRec ``Batch``es) with observers.
 
@@ -281,10 +399,12 @@ def collect_statistics(
             ``DistributedModelParallel`` wrapping ``model``).
         exact: float64 Gram products; False: float32 GEMMs of centred rows with float64
             accumulation (see :func:`batch_moments`).
+        checkpoint: save the moments every ``checkpoint.every`` batches and resume from
+            the last save; ``batches`` must then come in the same order on every run.
 
     Returns:
-        The local (this process's) statistics; call :meth:`Statistics.all_reduce_` to
-        combine ranks.
+        The local (this process's) statistics, with ``meta["resumed_from_batch"]`` (0 for
+        a pass from the start); call :meth:`Statistics.all_reduce_` to combine ranks.
     """
     from tqdm import tqdm
 
@@ -292,7 +412,16 @@ def collect_statistics(
 
     runner = forward if forward is not None else model
     collector = StatsCollector(model, blocks, model_device(model), exact)
+    done, saved = checkpoint.resume() if checkpoint is not None else (0, {})
+    total = len(batches) if hasattr(batches, "__len__") else None
     with eval_mode(runner), collector, torch.no_grad():
-        for batch in tqdm(batches, desc="stats", disable=not progress, unit="batch"):
+        if saved:
+            collector.load_(saved)
+        # Skipped batches are read but not run: the saved sums already count them.
+        todo = itertools.islice(batches, done, None)
+        bar = tqdm(todo, desc="stats", disable=not progress, unit="batch", total=total, initial=done)
+        for i, batch in enumerate(bar, start=done + 1):
             forward_logits(runner, batch)
-    return collector.result()
+            if checkpoint is not None and i % checkpoint.every == 0:
+                checkpoint.save(collector.moments, i)
+    return collector.result({"resumed_from_batch": done})

@@ -94,7 +94,8 @@ class ParquetBatches:
     The dataset's rows, in part order then row order, are selected by ``row_range`` and
     ``limit_rows``, then split into ``world_size`` contiguous ranges whose sizes differ by
     at most one row; rank ``r`` reads only the row groups that overlap range ``r``. Every
-    row group read is validated against the schema (:func:`validate_table`).
+    row group read is validated against the schema (:func:`validate_table`), and its
+    page checksums, where the part has them, are verified.
 
     Batch counts: every rank yields the same number of batches, as a sharded model needs
     (each forward is a collective). With ``drop_last`` they are full batches,
@@ -213,13 +214,21 @@ class ParquetBatches:
         yield make_batch(leftover, self.schema)
 
     def _read(self, piece: _Piece) -> pa.Table:
-        table = conform_table(piece.row_group.to_table(), self.schema, piece.source)
+        try:
+            table = piece.row_group.to_table()
+        except (OSError, pa.ArrowException) as e:  # a damaged part whose footer still reads
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise InputError(f"{piece.source}: unreadable Parquet data ({first})") from None
+        table = conform_table(table, self.schema, piece.source)
         return table.slice(piece.offset, piece.num_rows)
 
 
 def _row_groups(path: Path) -> list[tuple[ds.ParquetFileFragment, str, int]]:
     """Every row group of the dataset in reading order: (fragment, description, rows)."""
-    dataset = ds.dataset([str(p) for p in list_parts(path)], format="parquet")
+    # Pages written with a CRC (see DatasetWriter) are verified when read.
+    verify = ds.ParquetFragmentScanOptions(page_checksum_verification=True)
+    parquet = ds.ParquetFileFormat(default_fragment_scan_options=verify)
+    dataset = ds.dataset([str(p) for p in list_parts(path)], format=parquet)
     out = []
     for part in dataset.get_fragments():
         for group in part.split_by_row_group():

@@ -389,7 +389,10 @@ class DatasetWriter:
         pending = pa.concat_tables(self._pending)
         if self._file is None:
             name = f"part-{len(self._parts):05d}.parquet"
-            self._file = pq.ParquetWriter(self.folder / name, self._arrow_schema)
+            # Page CRCs: the reader verifies them, so a damaged part is an error, not
+            # silently different features.
+            self._file = pq.ParquetWriter(self.folder / name, self._arrow_schema,
+                                          write_page_checksum=True)
             self._parts.append({"name": name, "num_rows": 0})
         self._file.write_table(pending.slice(0, n), row_group_size=n)
         self._parts[-1]["num_rows"] += n
