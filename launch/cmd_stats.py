@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exact", action="store_true",
                         help="float64 Gram products (default: float32 GEMMs of centred rows, "
                         "float64 sums; error bounded by the GEMM's, relative to each batch's spread)")
+    parser.add_argument("--checkpoint-every", type=int, metavar="N",
+                        help="save the running moments every N batches; a rerun after a kill or "
+                        "a requeue resumes from the last save (same result as one pass)")
     add_distributed(parser)
 
 
@@ -43,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         stats = stats_stage(
             args.model, DataRef.parse(args.data), args.out, env=env, sharding=sharding,
             batch_size=args.batch_size, target=tuple(args.target), exclude=tuple(args.exclude),
-            exact=args.exact, overwrite=args.overwrite, progress=not args.quiet,
+            exact=args.exact, checkpoint_every=args.checkpoint_every,
+            overwrite=args.overwrite, progress=not args.quiet,
         )
         if env.rank == 0:
             n = max(int(m.n) for m in stats.moments.values())
