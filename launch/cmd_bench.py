@@ -16,7 +16,7 @@ import importlib
 HELP = "benchmarks: a stage measured against its baseline in one run"
 
 # bench name -> module of afmrec.launch
-BENCHES = {"stats": "bench_stats", "speed": "bench_speed"}
+BENCHES = {"stats": "bench_stats", "speed": "bench_speed", "quality": "bench_quality"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
