@@ -79,7 +79,7 @@ _HELP_LINES = {
     "finetune": "fine-tune a compressed model with labels or by distillation",
     "evaluate": "measure AUC, logloss, size and latency of models; write report.parquet",
     "demo": "generate data, train, compress, fine-tune and evaluate, end to end",
-    "bench": "measure a stage against its baseline (statistics pass vs forward pass)",
+    "bench": "benchmarks: statistics pass, speed at production shape, quality grid",
     "batch": "compress many checkpoints listed in a manifest, as a job array (SLURM or local)",
     "submit": "run a stage (stats, compress, ...) as a SLURM job through submitit",
 }
