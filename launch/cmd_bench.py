@@ -1,8 +1,10 @@
 """Benchmarks, each measured side by side with its baseline in one run.
 
-  afmrec bench stats --model DIR --data DIR
-      samples/s of the statistics pass divided by those of a forward-only pass over the
-      same in-memory batches (target >= 0.9); under torchrun for several ranks.
+  afmrec bench stats --model DIR --data DIR     statistics pass vs forward-only pass
+  afmrec bench speed [--small]                  train / stats / compress / inference speed
+                                                at the MLPerf DLRMv2 shape vs baselines
+  afmrec bench quality --data FRAPPE_DIR --out FILE
+                                                AUC of every variant vs the original
 
 Each benchmark lives in its own module ``afmrec.launch.bench_<name>`` defining ``HELP``,
 ``add_arguments(parser)`` and ``run(args)``. `afmrec bench NAME --help` explains each.
