@@ -43,7 +43,7 @@ from .artifacts import _broadcast, atomic_dir, atomic_file, fingerprint, read_js
 from .compress import CompressConfig
 from .errors import InputError
 from .evaluate import count_parameters
-from .model_io import ModelRecord, build_from_record, load_record
+from .model_io import ModelRecord, load_record, skeleton
 from .ranks import RankConfig
 from .report import read_report
 from .stages import LOCAL, DataRef, compress_stage, evaluate_stage, finetune_stage, stats_stage
@@ -328,7 +328,7 @@ def _original(row: BatchRow, env: DistEnv) -> Path:
 
 def _params(model_dir: Path) -> int:
     """Parameters of a saved model, counted on its skeleton (no weights read)."""
-    return count_parameters(build_from_record(load_record(model_dir), "cpu", sparse_device="meta"))
+    return count_parameters(skeleton(load_record(model_dir)))
 
 
 def _run_stages(

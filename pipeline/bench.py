@@ -17,7 +17,7 @@ from torchrec.datasets.utils import Batch
 
 from .blocks import Block, find_blocks
 from .evaluate import eval_mode, forward_logits, model_device
-from .model_io import build_from_record, load_model
+from .model_io import load_model, skeleton
 from .stages import LOCAL, DataRef
 from .stats import StatsCollector
 
@@ -63,7 +63,7 @@ def time_stats_vs_forward(
     """:func:`time_stats_vs_forward_batches` for a saved model over a dataset (read into
     memory first, so that reading is timed in neither)."""
     model, record = load_model(model_dir, env=env, sharding=sharding)
-    blocks = find_blocks(build_from_record(record, "cpu", sparse_device="meta"))
+    blocks = find_blocks(skeleton(record))
     return time_stats_vs_forward_batches(model, blocks, list(data.batches(batch_size, env)),
                                          env, repeats=repeats)
 

@@ -90,6 +90,21 @@ def build_from_record(record: ModelRecord, device: Any = None, sparse_device: An
     return model
 
 
+def skeleton(record: ModelRecord) -> nn.Module:
+    """The model's structure with tables on ``meta``: block names and global sizes, no
+    storage and no weights read."""
+    return build_from_record(record, "cpu", sparse_device="meta")
+
+
+def build_sharded(
+    record: ModelRecord, env: DistEnv, sharding: ShardingConfig | None = None
+) -> nn.Module:
+    """``record``'s model with its tables materialised by sharding (table-wise by
+    default) over the job's ranks; weights are DMP's initialisation."""
+    model = build_from_record(record, env.device, sparse_device="meta")
+    return shard_model(model, env, sharding or ShardingConfig())
+
+
 def save_model(
     model: nn.Module | dict[str, Any],
     record: ModelRecord,
@@ -136,8 +151,7 @@ def load_model(
     """
     record = load_record(model_dir)
     if env is not None and env.is_distributed:
-        skeleton = build_from_record(record, env.device, sparse_device="meta")
-        model = shard_model(skeleton, env, sharding or ShardingConfig())
+        model = build_sharded(record, env, sharding)
     else:
         model = build_from_record(record, device)
     load_state_(model, Path(model_dir) / "checkpoint")

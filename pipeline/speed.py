@@ -47,8 +47,8 @@ from .bench import time_stats_vs_forward_batches
 from .blocks import find_blocks
 from .compress import CompressConfig, compress_
 from .evaluate import count_parameters
-from .model_io import ModelRecord
-from .ranks import RankConfig, select_ranks
+from .model_io import ModelRecord, skeleton
+from .ranks import RankConfig
 from .stats import collect_statistics
 from .train import TrainConfig, make_optimizer, train_
 
@@ -197,12 +197,10 @@ def bench_compress(model: nn.Module, record: ModelRecord, stats: Any, workdir: P
 
 
 def _bases(model: nn.Module, stats: Any, record: ModelRecord, ratio: float):
-    skeleton = build_model(record.model, "cpu", sparse_device="meta")
-    blocks = find_blocks(skeleton)
+    from .stages import plan_ranks
+
     spec = spectra(stats)
-    other = count_parameters(skeleton) - sum(b.params for b in blocks)
-    ranks = select_ranks(blocks, spec, RankConfig(mode="ratio", ratio=ratio, table_multiple=4),
-                         other_params=other)
+    _, ranks = plan_ranks(record, spec, RankConfig(mode="ratio", ratio=ratio, table_multiple=4))
     return afm_bases(spec, ranks)
 
 
@@ -311,15 +309,15 @@ def run_speed(shape: SpeedShape, env: DistEnv, *, workdir: Path | None = None,
         "shape": {**dataclasses.asdict(shape), "table_rows_total": sum(shape.table_rows)},
         "versions": _versions(),
     }
-    skeleton = build_model(config, device, sparse_device="meta")
-    dmp = shard_model(skeleton, env, plan=planner_plan(skeleton, env, batch_size=shape.train_batch))
+    unsharded = build_model(config, device, sparse_device="meta")
+    dmp = shard_model(unsharded, env, plan=planner_plan(unsharded, env, batch_size=shape.train_batch))
     train_batches = make_batches(shape, shape.train_batch, 4, device)
     result.update(peak.measure("train", device, lambda: bench_train(dmp, train_batches, shape, device)))
     if profile_dir is not None:
         profile_to(profile_dir / "profile_train_step.txt",
                    lambda: plain_torchrec_loop(dmp, train_batches, 1), device)
 
-    blocks = find_blocks(build_model(config, "cpu", sparse_device="meta"))
+    blocks = find_blocks(skeleton(record))
     timing = peak.measure("stats", device, lambda: time_stats_vs_forward_batches(
         dmp, blocks, train_batches, env, repeats=3))
     result.update({"stats_vs_forward": timing.ratio,

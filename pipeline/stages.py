@@ -32,20 +32,22 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
 from afmrec.models import ModelConfig, TableSpec, build_model
+from afmrec.sharding.checkpoint import CHECKSUMS
 from afmrec.sharding.compress import fold_table
-from afmrec.sharding.dmp import shard_model, unwrap
-from afmrec.sharding.env import DistEnv, barrier, is_rank_zero
+from afmrec.sharding.dmp import unwrap
+from afmrec.sharding.env import DistEnv, barrier
 from afmrec.sharding.plan import ShardingConfig
 
 from .artifacts import (_broadcast, atomic_file, check_not_input, file_fingerprint, fingerprint,
                         versions)
-from .bases import Bases, afm_bases, spectra, weight_svd_bases
-from .blocks import find_blocks, select_blocks
+from .bases import Bases, Spectrum, afm_bases, spectra, weight_svd_bases
+from .blocks import Block, find_blocks, select_blocks
 from .compress import CompressConfig, compress_
 from .data import DataSchema, ParquetBatches, read_schema
 from .errors import InputError
 from .evaluate import count_parameters, evaluate, measure_latency, model_bytes
-from .model_io import ModelRecord, build_from_record, load_model, load_record, save_model
+from .model_io import (ModelRecord, build_sharded, load_model, load_record, save_model,
+                       skeleton)
 from .ranks import RankConfig, select_ranks
 from .report import write_report
 from .stats import Statistics, StatsCheckpoint, collect_statistics
@@ -131,12 +133,26 @@ LOCAL = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), 
 
 
 def _model_fingerprint(model_dir: Path) -> str:
-    return fingerprint([load_record(model_dir).fingerprint, file_fingerprint(model_dir / "checkpoint")])
+    """Architecture plus checkpoint content. A checkpoint's ``checksums.json`` already
+    holds the SHA-256 of each of its files (verified whenever it is loaded), so hashing
+    it stands for hashing them all, without reading gigabytes a second time."""
+    checkpoint = model_dir / "checkpoint"
+    checksums = checkpoint / CHECKSUMS
+    content = file_fingerprint(checksums if checksums.is_file() else checkpoint)
+    return fingerprint([load_record(model_dir).fingerprint, content])
 
 
-def _skeleton(record: ModelRecord) -> torch.nn.Module:
-    """The model's structure with tables on ``meta``: block names, global sizes."""
-    return build_from_record(record, "cpu", sparse_device="meta")
+def plan_ranks(
+    record: ModelRecord, spectra_by_block: Mapping[str, Spectrum], rank_config: RankConfig
+) -> tuple[list[Block], dict[str, int]]:
+    """The blocks that have statistics, and the rank of each one to compress.
+
+    The parameters outside those blocks count toward the whole-model ratio.
+    """
+    whole = skeleton(record)
+    blocks = [b for b in find_blocks(whole) if b.name in spectra_by_block]
+    other = count_parameters(whole) - sum(b.params for b in blocks)
+    return blocks, select_ranks(blocks, spectra_by_block, rank_config, other_params=other)
 
 
 def fit(
@@ -189,12 +205,9 @@ def train_stage(
     """Builds a fresh model from ``model_config``, trains it and writes ``out``."""
     check_not_input(out, train_data.path)
     torch.manual_seed(config.seed)
-    if env.is_distributed:
-        model = build_model(model_config, env.device, sparse_device="meta")
-        model = shard_model(model, env, sharding or ShardingConfig())
-    else:
-        model = build_model(model_config)
-    return fit(model, ModelRecord(model_config), out, train_data, val_data, config, env=env,
+    record = ModelRecord(model_config)
+    model = build_sharded(record, env, sharding) if env.is_distributed else build_model(model_config)
+    return fit(model, record, out, train_data, val_data, config, env=env,
                batch_size=batch_size, overwrite=overwrite, progress=progress)
 
 
@@ -258,7 +271,7 @@ def stats_stage(
     if record.compressed:
         raise InputError(f"{model_dir}: statistics are collected on an uncompressed model")
     _check_matching_schema(record, data)
-    blocks = select_blocks(find_blocks(_skeleton(record)), target, exclude)
+    blocks = select_blocks(find_blocks(skeleton(record)), target, exclude)
     model_fingerprint, data_fingerprint = _model_fingerprint(model_dir), data.fingerprint()
     checkpoint = None
     if checkpoint_every is not None:
@@ -317,20 +330,20 @@ def _compress_sharded(
     ``E U`` computed from ``dmp.state_dict()``'s local shards (:func:`fold_table`).
     """
     sharded = model.state_dict()
-    skeleton = _skeleton(record)
+    compressed = skeleton(record)
     dense = {k: v for k, v in sharded.items() if not isinstance(v, (ShardedTensor, DTensor))}
-    skeleton_state = skeleton.state_dict()
-    skeleton.load_state_dict(
+    skeleton_state = compressed.state_dict()
+    compressed.load_state_dict(
         {k: v for k, v in dense.items() if k in skeleton_state and not skeleton_state[k].is_meta},
         strict=False,
     )
-    tables = {b.name: b for b in find_blocks(skeleton) if b.kind == "table"}
-    compress_(skeleton, bases, config)
-    state = {k: v for k, v in skeleton.state_dict().items() if not v.is_meta}
+    tables = {b.name: b for b in find_blocks(compressed) if b.kind == "table"}
+    compress_(compressed, bases, config)
+    state = {k: v for k, v in compressed.state_dict().items() if not v.is_meta}
     for name, block in sorted(tables.items()):
         src = f"{block.module}.embedding_bags.{block.table}.weight"
         dst = f"{block.module}.codes.embedding_bags.{block.table}.weight"
-        key = dst if dst in skeleton.state_dict() else src
+        key = dst if dst in compressed.state_dict() else src
         basis = bases.bases.get(name)
         state[key] = sharded[src] if basis is None else fold_table(sharded[src], basis.components)
     return state
@@ -407,10 +420,7 @@ def _plan_compression(
             f"({stats.meta.get('model_dir')}), not {model_dir}"
         )
     spec = spectra(stats)
-    skeleton = _skeleton(record)
-    blocks = [b for b in find_blocks(skeleton) if b.name in spec]
-    other = count_parameters(skeleton) - sum(b.params for b in blocks)
-    ranks = select_ranks(blocks, spec, rank_config, other_params=other)
+    blocks, ranks = plan_ranks(record, spec, rank_config)
     if method == "afm":
         bases = afm_bases(spec, ranks)
     elif model is None:
@@ -467,7 +477,7 @@ def evaluate_stage(
         model, record = load_model(model_dir, env=env, sharding=sharding)
         _check_matching_schema(record, data)
         result = evaluate(model, data.batches(batch_size, env))
-        whole = _skeleton(record)
+        whole = skeleton(record)
         rows.append(
             {
                 "variant": name,
