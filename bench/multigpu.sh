@@ -2,6 +2,8 @@
 # Multi-GPU run (issue: multi-GPU): train, statistics, shard-local compression and
 # evaluation of a DLRM-DCNv2 over NCCL on N GPUs of one host, checked against a
 # one-process compression of the same checkpoint, and reloaded at other world sizes.
+# Ends with each stage's samples/s per GPU and in total, its scaling from 1 GPU to N and
+# the peak memory of every GPU (the `throughput` records the stages write).
 #
 # usage: N=2 CAP=1000000 ROWS=400000 OUT=/tmp/mg bash bench/multigpu.sh
 # needs: afmrec, torchrec and fbgemm-gpu importable by python3 (PYTHONPATH).
@@ -30,16 +32,19 @@ clock train_1gpu T 1 train --data "$OUT/data/train" "${MODEL[@]}" --epochs 2 --b
     --val-fraction 0.05 --device cuda --out "$OUT/original_1gpu" --quiet
 clock stats_${N}gpu T "$N" stats --model "$OUT/original" --data "$OUT/data/train" --device cuda \
     --sharding "${SHARD[@]}" --batch-size 8192 --out "$OUT/stats.pt" --quiet
+clock stats_1gpu T 1 stats --model "$OUT/original" --data "$OUT/data/train" --device cuda \
+    --batch-size 8192 --out "$OUT/stats_1gpu.pt" --quiet
 clock compress_${N}gpu T "$N" compress --model "$OUT/original" --stats "$OUT/stats.pt" --ratio 4 \
     --device cuda --sharding "${SHARD[@]}" --out "$OUT/afm" --quiet
 clock compress_1gpu T 1 compress --model "$OUT/original" --stats "$OUT/stats.pt" --ratio 4 \
     --device cuda --out "$OUT/afm_1gpu" --quiet
 clock eval_${N}gpu T "$N" evaluate --data "$OUT/data/test" --device cuda --sharding "*=row_wise" \
-    --batch-size 8192 --latency-batch 8192 original="$OUT/original" afm="$OUT/afm" afm_1gpu="$OUT/afm_1gpu" --quiet
+    --batch-size 8192 --latency-batch 8192 original="$OUT/original" afm="$OUT/afm" afm_1gpu="$OUT/afm_1gpu" \
+    --out "$OUT/report_${N}gpu.parquet" --quiet
 clock eval_1gpu T 1 evaluate --data "$OUT/data/test" --device cuda --batch-size 8192 \
-    --latency-batch 8192 original="$OUT/original" afm="$OUT/afm" --quiet
+    --latency-batch 8192 original="$OUT/original" afm="$OUT/afm" --out "$OUT/report_1gpu.parquet" --quiet
 clock eval_cpu $A evaluate --data "$OUT/data/test@0:0.1" --device cpu --batch-size 4096 \
-    --latency-batch 1024 afm="$OUT/afm" --quiet
+    --latency-batch 1024 afm="$OUT/afm" --out "$OUT/report_cpu.parquet" --quiet
 # logits of the N-GPU shard-local compression vs the one-process one, on one test batch
 python3 - "$OUT" <<'PY'
 import sys, torch
@@ -57,11 +62,37 @@ for name in ("afm", "afm_1gpu"):
     del model
 print("MAXDIFF", (logits["afm"] - logits["afm_1gpu"]).abs().max().item())
 PY
-python3 - "$OUT" <<'PY'
-import json, sys
+# Throughput and peak memory per stage, N GPUs against 1 (tests/test_runinfo.py runs this
+# block on a CPU run of the same layout).
+python3 - "$OUT" "$N" <<'PY'
+import sys
 from pathlib import Path
-out = Path(sys.argv[1])
+from afmrec.pipeline.model_io import load_record
+from afmrec.pipeline.report import read_report
+from afmrec.pipeline.runinfo import RunInfo, speedup
+from afmrec.pipeline.stages import load_statistics
+out, n = Path(sys.argv[1]), int(sys.argv[2])
 for name in ("original", "original_1gpu"):
-    h = json.loads((out / name / "model.json").read_text())["provenance"]["history"]
-    print("TRAIN", name, "samples/s per rank", [round(r["samples_per_s"]) for r in h])
+    h = load_record(out / name).provenance["history"]
+    print("TRAIN", name, "rank 0 samples/s per history record", [round(r["samples_per_s"]) for r in h])
+
+def model(name):
+    return RunInfo.from_dict(load_record(out / name).provenance["throughput"])
+
+def stats(name):
+    return RunInfo.from_dict(load_statistics(out / name).meta["throughput"])
+
+def report(name):
+    return {r["variant"]: RunInfo.from_json(r["throughput"]) for r in read_report(out / name)}
+
+pairs = {"train": (model("original"), model("original_1gpu")),
+         "stats": (stats("stats.pt"), stats("stats_1gpu.pt")),
+         "compress": (model("afm"), model("afm_1gpu"))}
+many, one = report(f"report_{n}gpu.parquet"), report("report_1gpu.parquet")
+pairs.update({f"evaluate {v}": (many[v], one[v]) for v in many if v in one})
+for stage, (a, b) in pairs.items():
+    print("STAGE", a.summary(f"{stage} {n}gpu"))
+    print("STAGE", b.summary(f"{stage} 1gpu"))
+    x = speedup(a, b)
+    print("SCALING", f"{stage}: {n} vs 1 GPU", "-" if x is None else f"{x:.2f}x ({x / n:.0%} of linear)")
 PY

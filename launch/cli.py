@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "compress": "cmd_compress",
     "finetune": "cmd_finetune",
     "evaluate": "cmd_evaluate",
+    "export": "cmd_export",
     "demo": "cmd_demo",
     "bench": "cmd_bench",
     "batch": "cmd_batch",
@@ -37,6 +38,7 @@ from the principal components of every embedding table's and Linear layer's outp
 A run directory holds one artifact per stage; each stage reads the previous one:
   synth/convert -> DATA   train -> RUN/original   stats -> RUN/stats.pt
   compress -> RUN/<name>  finetune -> RUN/<name>_ft  evaluate -> RUN/report.parquet
+  export -> a TorchScript file that serves without afmrec
 
 `afmrec demo` runs all of it on generated data. `afmrec COMMAND --help` explains each stage.
 """
@@ -78,6 +80,7 @@ _HELP_LINES = {
     "compress": "compute PCA bases, pick ranks and write the low-rank model",
     "finetune": "fine-tune a compressed model with labels or by distillation",
     "evaluate": "measure AUC, logloss, size and latency of models; write report.parquet",
+    "export": "write a compressed model as a TorchScript serving artifact (fp32/fp16/int8/int4 tables)",
     "demo": "generate data, train, compress, fine-tune and evaluate, end to end",
     "bench": "benchmarks: statistics pass, speed at production shape, quality grid",
     "batch": "compress many checkpoints listed in a manifest, as a job array (SLURM or local)",

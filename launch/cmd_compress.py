@@ -67,7 +67,9 @@ def _rank_pattern(items: list[str]) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.compress import CompressConfig
+    from afmrec.pipeline.model_io import load_record
     from afmrec.pipeline.ranks import RankConfig
+    from afmrec.pipeline.runinfo import RunInfo
     from afmrec.pipeline.stages import compress_stage
 
     mode = "ratio" if args.ratio is not None else "energy" if args.energy is not None else "fixed"
@@ -90,4 +92,6 @@ def run(args: argparse.Namespace) -> int:
     n = sum(r["compressed"] for r in rows)
     print(f"{n} of {len(rows)} blocks compressed: {before:,} -> {after:,} parameters "
           f"({before / after:.2f}x); model written to {args.out}")
+    if not args.quiet:
+        print(RunInfo.from_dict(load_record(args.out).provenance["throughput"]).summary())
     return 0

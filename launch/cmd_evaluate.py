@@ -2,7 +2,9 @@
 
 Models are given as NAME=DIR; the first is the reference for the ratio and delta-AUC
 columns. Writes a Parquet report (columns variant, params, bytes, auc, logloss,
-latency_ms, ratio, delta_auc, model_dir) and prints it as a table.
+latency_ms, ratio, delta_auc, model_dir, samples_per_s over all ranks, peak_memory_gib
+of the fullest GPU, throughput: the per-rank record as JSON) and prints it as a table,
+then (unless --quiet) one line of samples/s and peak memory per rank for each model.
 
 Example:
   afmrec evaluate --data runs/demo/data/test --out runs/demo/report.parquet \\
@@ -45,6 +47,7 @@ def parse_models(items: list[str]) -> dict[str, Path]:
 
 def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.report import format_report
+    from afmrec.pipeline.runinfo import RunInfo
     from afmrec.pipeline.stages import DataRef, evaluate_stage
 
     with job(args) as (env, sharding):
@@ -53,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
                               latency_batch=args.latency_batch, progress=not args.quiet)
         if env.rank == 0:
             print(format_report(rows))
+            if not args.quiet:
+                for row in rows:
+                    print(RunInfo.from_json(row["throughput"]).summary(f"evaluate {row['variant']}"))
             if args.out:
                 print(f"report written to {args.out}")
     return 0

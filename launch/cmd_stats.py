@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from afmrec.pipeline.runinfo import RunInfo
     from afmrec.pipeline.stages import DataRef, stats_stage
 
     with job(args) as (env, sharding):
@@ -52,4 +53,6 @@ def run(args: argparse.Namespace) -> int:
         if env.rank == 0:
             n = max(int(m.n) for m in stats.moments.values())
             print(f"statistics of {len(stats.moments)} blocks over {n:,} rows written to {args.out}")
+            if not args.quiet:
+                print(RunInfo.from_dict(stats.meta["throughput"]).summary())
     return 0

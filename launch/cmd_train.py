@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from afmrec.pipeline.model_io import load_record
+    from afmrec.pipeline.runinfo import RunInfo
     from afmrec.pipeline.stages import model_config_from_schema, train_stage
 
     train, val = validation_split(args)
@@ -64,4 +66,6 @@ def run(args: argparse.Namespace) -> int:
                     progress=not args.quiet)
         if env.rank == 0:
             print(f"model written to {args.out}")
+            if not args.quiet:
+                print(RunInfo.from_dict(load_record(args.out).provenance["throughput"]).summary())
     return 0

@@ -9,6 +9,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from .config import ModelConfig
+from .cross import CrossNet
 from .deepfm import DeepFM
 
 
@@ -62,7 +63,9 @@ def build_model(
             dcn_num_layers=config.dcn_num_layers,
             dcn_low_rank_dim=config.dcn_low_rank_dim,
         )
-        # TorchRec builds the cross network without a device: put it with the dense part.
-        model.inter_arch.crossnet.to(device)
+        # TorchRec's cross network hides its kernels in ParameterLists (and is built without
+        # a device): the same network of nn.Linear blocks, with the dense part, is what the
+        # block finder sees and compression factors.
+        model.inter_arch.crossnet = CrossNet.from_lowrank_crossnet(model.inter_arch.crossnet, device)
         return model
     return DLRM(**common)

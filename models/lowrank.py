@@ -13,7 +13,7 @@ At ``K = m`` both reproduce the original block exactly. Weights are folded in fl
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import List, Mapping
 
 import torch
 from torch import nn
@@ -35,15 +35,22 @@ def residual_bias(components: torch.Tensor, center: torch.Tensor) -> torch.Tenso
     return c - u @ (u.T @ c)
 
 
-def nonempty_mask(features: KeyedJaggedTensor, keys: list[str]) -> torch.Tensor:
+def nonempty_mask(features: KeyedJaggedTensor, keys: List[str]) -> torch.Tensor:
     """Which bags hold at least one id.
 
+    A leaf of ``torch.fx`` tracing (it reads the KJT's key list) and TorchScript-able, so
+    that a model using it can be exported (``afmrec export``).
+
     Returns:
-        Tensor of shape (B, len(keys)), float, 1.0 for a non-empty bag.
+        Tensor of shape (B, len(keys)), float32, 1.0 for a non-empty bag.
     """
-    lengths = features.lengths().view(len(features.keys()), -1)
-    index = [features.keys().index(k) for k in keys]
-    return (lengths[index] > 0).T.to(torch.get_default_dtype())
+    all_keys = features.keys()
+    lengths = features.lengths().view(len(all_keys), -1)
+    index = [all_keys.index(k) for k in keys]
+    return (lengths[index] > 0).T.to(torch.float32)
+
+
+torch.fx.wrap("nonempty_mask")
 
 
 class LowRankEmbeddingBagCollection(nn.Module):

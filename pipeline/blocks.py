@@ -4,7 +4,11 @@ A block is an affine map whose output we observe and factor (DESIGN.md section 2
 
 * ``table``: one embedding table; ``y`` is the pooled output of a feature it serves
   (observed where the dense part consumes it), ``x`` the bag's count vector, ``W = E^T``;
-* ``linear``: an ``nn.Linear``; ``y = W x + b``.
+* ``linear``: an ``nn.Linear``; ``y = W x + b``. The ``up`` Linear of a DCN cross layer is
+  not a block: its output lies in the r-dimensional span of its weight already, the
+  ``down`` block's factors shrink it (fused, ``compress._fuse_cross_layers``), and its
+  N x N Gram matrix (N = 3456 at the MLPerf shape) would cost the statistics pass more
+  than the forward pass.
 
 Block names are module paths (``dense_arch.model._mlp.0._linear``) and, for tables, the
 collection's path plus the table name (``sparse_arch.embedding_bag_collection.t0``).
@@ -20,7 +24,7 @@ from typing import Iterable, Literal
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from afmrec.models import LowRankEmbeddingBagCollection, LowRankLinear
+from afmrec.models import CrossLayer, LowRankEmbeddingBagCollection, LowRankLinear
 
 from .errors import InputError
 
@@ -39,6 +43,7 @@ class Block:
         in_features: ``n`` (Linear input width; rows ``V`` of a table).
         out_features: ``m`` (Linear output width; ``D`` of a table).
         features: the sparse features a table serves (tables only).
+        bias: whether the Linear has a bias (tables: no).
     """
 
     name: str
@@ -48,17 +53,22 @@ class Block:
     out_features: int
     table: str | None = None
     features: tuple[str, ...] = ()
+    bias: bool = True
 
     @property
     def params(self) -> int:
         """Parameters of the original block (a table has no bias)."""
-        return self.in_features * self.out_features + (self.kind == "linear") * self.out_features
+        return self.in_features * self.out_features + self.has_bias * self.out_features
 
     @property
     def params_per_rank(self) -> int:
         """Parameters one unit of rank costs: a row of ``W1`` (or a column of ``E'``)
         plus a column of ``W2`` (and a bias entry of ``b1`` for a Linear)."""
         return self.in_features + self.out_features + (self.kind == "linear")
+
+    @property
+    def has_bias(self) -> bool:
+        return self.kind == "linear" and self.bias
 
     def compressed_params(self, rank: int) -> int:
         """Parameters of the two factors at ``rank`` (``b2`` included)."""
@@ -71,12 +81,15 @@ class Block:
 
 
 def find_blocks(model: nn.Module) -> list[Block]:
-    """Every table and every ``nn.Linear`` of ``model`` that is not already low-rank."""
+    """Every table and every ``nn.Linear`` of ``model`` that is not already low-rank (nor
+    the ``up`` of a cross layer)."""
     blocks: list[Block] = []
     skip: list[str] = []
     for path, module in model.named_modules():
-        if any(path.startswith(s + ".") for s in skip):
+        if any(path == s or path.startswith(s + ".") for s in skip):
             continue
+        if isinstance(module, CrossLayer):
+            skip.append(f"{path}.up" if path else "up")
         if isinstance(module, (LowRankLinear, LowRankEmbeddingBagCollection)):
             skip.append(path)
         elif isinstance(module, EmbeddingBagCollection):
@@ -93,7 +106,8 @@ def find_blocks(model: nn.Module) -> list[Block]:
                     )
                 )
         elif isinstance(module, nn.Linear):
-            blocks.append(Block(path, "linear", path, module.in_features, module.out_features))
+            blocks.append(Block(path, "linear", path, module.in_features, module.out_features,
+                                bias=module.bias is not None))
     return blocks
 
 

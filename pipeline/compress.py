@@ -3,8 +3,9 @@
 One entry point for every model and every basis method (AFM, weight SVD, placeholders for
 reloading): a registry maps the module type to the handler that replaces it (as torchao's
 ``quantize_``). After the swaps, projections are fused into consumers that are linear in
-them (DeepFM's deep tower); they are kept where the consumer is not (DLRM's dot
-interaction, DCN's cross layers, the FM).
+them (DeepFM's deep tower; the ``up`` kernel of a DCN cross layer whose ``down`` kernel was
+factored); they are kept where the consumer is not (DLRM's dot interaction, the FM, the
+cross product ``x_0 * ...``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from afmrec.models import (
+    CrossLayer,
     DeepFM,
     FusedDeepFMSparseArch,
     LowRankEmbeddingBagCollection,
@@ -37,7 +39,8 @@ class CompressConfig:
     Args:
         activation: ``None`` (exact factorisation) or a name in ``ACTIVATIONS`` to put
             between the two factors of every Linear (needs fine-tuning).
-        fuse: fold table projections into a consumer that is linear in them.
+        fuse: fold projections into a consumer that is linear in them (table projections
+            into DeepFM's deep tower, a cross layer's ``down.second`` into its ``up``).
     """
 
     activation: str | None = None
@@ -131,7 +134,7 @@ def _first_deep_linear(model: DeepFM) -> tuple[str, nn.Linear]:
     raise ValueError("DeepFM deep tower has no Linear")
 
 
-def _fuse_(model: nn.Module) -> bool:
+def _fuse_deep_tower(model: nn.Module) -> bool:
     """Fuses the table projections into DeepFM's deep tower; returns whether it did."""
     if not isinstance(model, DeepFM) or isinstance(model.sparse_arch, FusedDeepFMSparseArch):
         return False
@@ -143,6 +146,54 @@ def _fuse_(model: nn.Module) -> bool:
     _set_submodule(model, path, fuse_deep_input(linear, lowrank, prefix))
     model.sparse_arch = FusedDeepFMSparseArch(lowrank)
     return True
+
+
+def compose_linears(outer: nn.Linear, inner: nn.Linear) -> nn.Linear:
+    """``outer(inner(z)) = (W_o W_i) z + (W_o b_i + b_o)`` as one Linear (folded in float64).
+
+    Args:
+        outer: weight (m, k), bias (m,) or None.
+        inner: weight (k, n), bias (k,) or None.
+    Returns:
+        a new ``nn.Linear(n, m)`` with a bias, on ``outer``'s device and dtype.
+    """
+    w_o, w_i = outer.weight, inner.weight
+    b_o = outer.bias if outer.bias is not None else w_o.new_zeros(w_o.shape[0])
+    b_i = inner.bias if inner.bias is not None else w_i.new_zeros(w_i.shape[0])
+    out = nn.Linear(inner.in_features, outer.out_features, device=w_o.device, dtype=w_o.dtype)
+    with torch.no_grad():
+        out.weight.copy_(w_o.double() @ w_i.double())
+        out.bias.copy_(w_o.double() @ b_i.double() + b_o.double())
+    return out
+
+
+def _fuse_cross_layers(model: nn.Module) -> bool:
+    """Folds the second factor of every factored cross-layer ``down`` into its ``up``.
+
+    With ``down = second(first(x))`` (no activation), the layer becomes ``down = first``
+    (N -> K) and ``up`` = ``up o second`` (K -> N), exact. (``up`` itself is never a block,
+    see :func:`~afmrec.pipeline.blocks.find_blocks`.) A ``down`` with an activation between
+    its factors is left unfused: it would become ``act(first(x))``, no longer one Linear.
+    Returns whether any layer was fused.
+    """
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, CrossLayer)
+        and isinstance(m.down, LowRankLinear)
+        and isinstance(m.down.activation, nn.Identity)
+    ]
+    for layer in layers:
+        layer.up = compose_linears(layer.up, layer.down.second)
+        layer.down = layer.down.first
+    return bool(layers)
+
+
+def _fuse_(model: nn.Module) -> bool:
+    """Every fusion that applies to ``model``; returns whether any did."""
+    deep = _fuse_deep_tower(model)
+    cross = _fuse_cross_layers(model)
+    return deep or cross
 
 
 def compress_(model: nn.Module, bases: Bases, config: CompressConfig = CompressConfig()) -> nn.Module:

@@ -2,8 +2,10 @@
 
 A row is a dict with at least :data:`REPORT_COLUMNS`; any further keys (``ratio``,
 ``delta_auc``, ``rank``...) become extra columns, after the required ones, in the order
-they first appear. :func:`format_report` renders the rows as an aligned text table for
-the terminal.
+they first appear. The evaluation stage adds ``samples_per_s`` (over all ranks),
+``peak_memory_gib`` (the largest GPU peak of any rank) and ``throughput`` (the per-rank
+record, JSON text: :meth:`afmrec.pipeline.runinfo.RunInfo.to_dict`).
+:func:`format_report` renders the rows as an aligned text table for the terminal.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ _REQUIRED_TYPES: dict[str, pa.DataType] = {
     "logloss": pa.float64(),
     "latency_ms": pa.float64(),
 }
+# Fixed types for optional columns that may be all null in one run (CPU: no GPU peak).
+_OPTIONAL_TYPES: dict[str, pa.DataType] = {
+    "samples_per_s": pa.float64(),
+    "peak_memory_gib": pa.float64(),
+    "throughput": pa.string(),
+}
 
 
 def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -53,7 +61,8 @@ def _to_table(rows: Sequence[Mapping[str, Any]], where: str) -> pa.Table:
     for column in _columns(rows):
         values = [row.get(column) for row in rows]
         try:
-            arrays[column] = pa.array(values, type=_REQUIRED_TYPES.get(column))
+            kind = _REQUIRED_TYPES.get(column, _OPTIONAL_TYPES.get(column))
+            arrays[column] = pa.array(values, type=kind)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise InputError(f"{where}: report column {column!r} has bad values ({e})") from None
     table = pa.table(arrays)
@@ -130,6 +139,8 @@ _FORMATS: dict[str, Callable[[Any], str]] = {
     "auc": lambda v: f"{v:.4f}",
     "logloss": lambda v: f"{v:.4f}",
     "latency_ms": lambda v: f"{v:.2f}",
+    "samples_per_s": lambda v: f"{v:,.0f}",
+    "peak_memory_gib": lambda v: f"{v:.2f}",
 }
 
 
@@ -151,13 +162,16 @@ def _with_ratio(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def format_report(rows: Sequence[Mapping[str, Any]], *, hide: Sequence[str] = ("model_dir",)) -> str:
+def format_report(
+    rows: Sequence[Mapping[str, Any]], *, hide: Sequence[str] = ("model_dir", "throughput")
+) -> str:
     """An aligned text table of the rows, for printing.
 
     Columns: variant, params (thousands separators), ratio (the first row's params over
     each row's, ``4.12x``; taken from the rows when they carry a ``ratio``), bytes (binary
     units), AUC and logloss (4 decimals), latency in ms (2 decimals), then the extra
-    columns (``delta_*`` signed). Missing values print as ``-``. Text is left-aligned,
+    columns (``delta_*`` signed; ``samples_per_s`` without decimals, ``peak_memory_gib``
+    with 2). Missing values print as ``-``. Text is left-aligned,
     numbers right-aligned.
 
     Raises:
@@ -165,7 +179,8 @@ def format_report(rows: Sequence[Mapping[str, Any]], *, hide: Sequence[str] = ("
 
     Args:
         rows: the report rows.
-        hide: columns not printed (paths are long and are in the Parquet file).
+        hide: columns not printed (paths and per-rank records are long and are in the
+            Parquet file).
 
     Example::
 

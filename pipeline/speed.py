@@ -12,8 +12,10 @@ and CI. Every ratio is measured in the same process on the same device:
 3. ``compress_vs_io``: load + bases + shard-local fold + save of the checkpoint vs load +
    save of the same checkpoint with ``torch.distributed.checkpoint`` (lower is better);
 4. inference samples/s of AFM at 4x and 8x fewer parameters, TorchRec int8 tables, and AFM
-   4x + int8, each over the original, all through TorchRec's inference embedding modules
-   (FBGEMM's inference kernels), and CPU latency of AFM 4x vs the original;
+   4x + int8, each over the original, each timed as the serving artifact that
+   ``afmrec export`` writes (TorchScript, FBGEMM's inference kernels), loaded back with
+   ``torch.jit.load``; the eager module it came from is timed beside it. CPU latency of AFM
+   4x vs the original, artifacts again;
 5. peak device memory of each stage.
 
 Dense math runs in TF32 on CUDA for every variant alike.
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from .bench import time_stats_vs_forward_batches
 from .blocks import find_blocks
 from .compress import CompressConfig, compress_
 from .evaluate import count_parameters
+from .export import ExportConfig, TableDtype, call, export_model, load_artifact, serving_module
 from .model_io import ModelRecord, skeleton
 from .ranks import RankConfig
 from .stats import collect_statistics
@@ -196,49 +198,58 @@ def bench_compress(model: nn.Module, record: ModelRecord, stats: Any, workdir: P
     return {"io_s": t_io, "compress_s": t_compress, "compress_vs_io": t_compress / t_io}
 
 
-def _bases(model: nn.Module, stats: Any, record: ModelRecord, ratio: float):
+def _bases(model: nn.Module, stats: Any, record: ModelRecord, ratio: float, mode: str = "ratio"):
+    """AFM bases at ``ratio``: the global budget (``mode="ratio"``) or every block ``ratio``
+    times smaller (``"uniform"``), in which case the per-block ratio is raised in 2% steps
+    until the whole model (fused, projections and rounding of table ranks to 4 included)
+    is at least ``ratio`` times smaller."""
     from .stages import plan_ranks
 
     spec = spectra(stats)
-    _, ranks = plan_ranks(record, spec, RankConfig(mode="ratio", ratio=ratio, table_multiple=4))
-    return afm_bases(spec, ranks)
+    whole, per_block = count_parameters(skeleton(record)), ratio
+    while True:
+        _, ranks = plan_ranks(record, spec, RankConfig(mode=mode, ratio=per_block, table_multiple=4))
+        small = skeleton(ModelRecord(record.model, ranks=ranks, compress=CompressConfig()))
+        if mode != "uniform" or whole / count_parameters(small) >= ratio:
+            return afm_bases(spec, ranks)
+        per_block *= 1.02
 
 
 def inference_variants(
     model: nn.Module, stats: Any, record: ModelRecord
-) -> dict[str, Callable[[], tuple[nn.Module, int]]]:
-    """Builders of the served variants and their parameter counts (before quantisation).
+) -> dict[str, Callable[[], tuple[nn.Module, TableDtype]]]:
+    """Builders of the served variants: the float module and the row format of its tables.
 
-    Built one at a time, since each holds its own tables. All go through TorchRec's
-    inference embedding modules (``quantize_embeddings``: FBGEMM's inference kernels),
-    in float32 or int8 rows.
+    AFM variants make every block (tables, MLP layers, cross layers) ``ratio`` times
+    smaller (``RankConfig(mode="uniform")``): the whole model is then 4x (8x) smaller and
+    the dense work shrinks with it. Built one at a time, since each holds its own tables.
     """
-    from torchrec.inference.modules import quantize_embeddings
-
-    def served(m: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, int]:
-        params = count_parameters(m)
-        return quantize_embeddings(m, dtype=dtype, inplace=True).eval(), params
 
     def afm(ratio: float) -> nn.Module:
-        return compress_(copy.deepcopy(model), _bases(model, stats, record, ratio), CompressConfig())
+        return compress_(copy.deepcopy(model), _bases(model, stats, record, ratio, "uniform"), CompressConfig())
 
     return {
-        "original": lambda: served(copy.deepcopy(model), torch.float32),
-        "afm4x": lambda: served(afm(4.0), torch.float32),
-        "afm8x": lambda: served(afm(8.0), torch.float32),
-        "int8": lambda: served(copy.deepcopy(model), torch.qint8),
-        "afm4x_int8": lambda: served(afm(4.0), torch.qint8),
+        "original": lambda: (model, "fp32"),
+        "afm4x": lambda: (afm(4.0), "fp32"),
+        "afm8x": lambda: (afm(8.0), "fp32"),
+        "int8": lambda: (model, "int8"),
+        "afm4x_int8": lambda: (afm(4.0), "int8"),
     }
 
 
-def samples_per_s(model: nn.Module, batches: list[Batch], device: torch.device, repeats: int = 5) -> float:
-    with torch.no_grad():
-        for b in batches[:2]:
-            model(b.dense_features, b.sparse_features)
-        best = math.inf
-        for _ in range(repeats):
-            t = _timed(lambda: [model(b.dense_features, b.sparse_features) for b in batches], device)
-            best = min(best, t)
+def exported(module: nn.Module, config: ModelConfig, tables: TableDtype, path: Path,
+             device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """Writes ``module``'s serving artifact (``afmrec export``) and loads it back, as a
+    server would: what the inference benchmark times."""
+    export_model(module, config, path, ExportConfig(tables=tables, check_batch=0), overwrite=True)
+    return load_artifact(path, device)
+
+
+def samples_per_s(module: nn.Module, batches: list[Batch], device: torch.device, repeats: int = 5) -> float:
+    """Best of ``repeats`` passes over ``batches`` of a serving module (plain-tensor forward)."""
+    for b in batches[:2]:
+        call(module, b)
+    best = min(_timed(lambda: [call(module, b) for b in batches], device) for _ in range(repeats))
     return sum(b.labels.numel() for b in batches) / best
 
 
@@ -255,18 +266,30 @@ def profile_to(path: Path, fn: Callable[[], Any], device: torch.device, rows: in
 
 
 def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: SpeedShape,
-                    device: torch.device, peak: Peak, profile_dir: Path | None = None) -> dict[str, Any]:
+                    device: torch.device, peak: Peak, workdir: Path,
+                    profile_dir: Path | None = None) -> dict[str, Any]:
+    """Samples/s of each variant's exported artifact (and of the eager module it came
+    from), their ratios to the original's artifact, and the artifacts' sizes."""
     batches = make_batches(shape, shape.infer_batch, 3, device, seed=1)
+    features = [t.name for t in record.model.tables]
     out: dict[str, Any] = {}
     for name, build in inference_variants(model, stats, record).items():
-        served, out[f"params_{name}"] = build()
+        module, tables = build()
+        out[f"params_{name}"] = count_parameters(module)
+        eager = serving_module(module, features, tables)
+        out[f"infer_eager_{name}_samples_per_s"] = samples_per_s(eager, batches, device)
+        artifact, _ = exported(module, record.model, tables, workdir / f"{name}.pt", device)
+        del module
+        out[f"artifact_mib_{name}"] = (workdir / f"{name}.pt").stat().st_size / 2**20
+        out[f"artifact_vs_eager_max_abs_diff_{name}"] = (
+            call(artifact, batches[0]) - call(eager, batches[0])).abs().max().item()
+        del eager
         out[f"infer_{name}_samples_per_s"] = peak.measure(
-            f"infer_{name}", device, lambda: samples_per_s(served, batches, device))
+            f"infer_{name}", device, lambda: samples_per_s(artifact, batches, device))
         if profile_dir is not None:
-            with torch.no_grad():
-                profile_to(profile_dir / f"profile_infer_{name}.txt",
-                           lambda: served(batches[0].dense_features, batches[0].sparse_features), device)
-        del served
+            profile_to(profile_dir / f"profile_infer_{name}.txt", lambda: call(artifact, batches[0]), device)
+        del artifact
+        (workdir / f"{name}.pt").unlink()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     base = out["infer_original_samples_per_s"]
@@ -275,19 +298,30 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
     return out
 
 
-def bench_cpu_latency(model: nn.Module, stats: Any, record: ModelRecord, shape: SpeedShape) -> dict[str, Any]:
-    """Milliseconds per forward on the CPU, original vs AFM 4x, at each latency batch."""
-    from .evaluate import measure_latency
+def _latency_ms(module: nn.Module, batch: Batch, warmup: int = 1, repeats: int = 5) -> float:
+    """Median milliseconds of one call of a serving module on ``batch``."""
+    for _ in range(warmup):
+        call(module, batch)
+    times = sorted(_timed(lambda: call(module, batch), batch.dense_features.device) for _ in range(repeats))
+    return 1000 * times[len(times) // 2]
 
+
+def bench_cpu_latency(model: nn.Module, stats: Any, record: ModelRecord, shape: SpeedShape,
+                      workdir: Path) -> dict[str, Any]:
+    """Milliseconds per call of the CPU artifact, original vs AFM 4x, at each latency batch."""
+    cpu = torch.device("cpu")
     cpu_model = copy.deepcopy(model).cpu()
     variants = {"original": cpu_model,
-                "afm4x": compress_(copy.deepcopy(cpu_model), _bases(cpu_model, stats, record, 4.0),
+                "afm4x": compress_(copy.deepcopy(cpu_model), _bases(cpu_model, stats, record, 4.0, "uniform"),
                                    CompressConfig())}
-    out: dict[str, Any] = {}
+    served = {name: exported(m, record.model, "fp32", workdir / f"cpu_{name}.pt", cpu)[0]
+              for name, m in variants.items()}
+    del cpu_model, variants
+    out: dict[str, Any] = {"cpu_threads": torch.get_num_threads()}
     for b in shape.latency_batches:
-        batch = make_batches(shape, b, 1, torch.device("cpu"), seed=2)[0]
-        for name, m in variants.items():
-            out[f"cpu_ms_{name}_b{b}"] = measure_latency(m, batch, warmup=1, repeats=5)
+        batch = make_batches(shape, b, 1, cpu, seed=2)[0]
+        for name, m in served.items():
+            out[f"cpu_ms_{name}_b{b}"] = _latency_ms(m, batch)
         out[f"cpu_latency_afm4x_vs_original_b{b}"] = out[f"cpu_ms_original_b{b}"] / out[f"cpu_ms_afm4x_b{b}"]
     out["cpu_latency_afm4x_vs_original"] = out[f"cpu_latency_afm4x_vs_original_b{shape.latency_batches[-1]}"]
     return out
@@ -328,14 +362,14 @@ def run_speed(shape: SpeedShape, env: DistEnv, *, workdir: Path | None = None,
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         result.update(peak.measure("compress", device, lambda: bench_compress(
             dmp, record, stats, Path(tmp), device)))
-    del dmp
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        del dmp
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    model = build_model(config, device).eval()
-    result.update(bench_inference(model, stats, record, shape, device, peak, profile_dir))
-    if cpu_latency:
-        result.update(bench_cpu_latency(model, stats, record, shape))
+        model = build_model(config, device).eval()
+        result.update(bench_inference(model, stats, record, shape, device, peak, Path(tmp), profile_dir))
+        if cpu_latency:
+            result.update(bench_cpu_latency(model, stats, record, shape, Path(tmp)))
     result["peak_memory_gib"] = peak.gib
     return result
 

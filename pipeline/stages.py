@@ -50,6 +50,7 @@ from .model_io import (ModelRecord, build_sharded, load_model, load_record, save
                        skeleton)
 from .ranks import RankConfig, select_ranks
 from .report import write_report
+from .runinfo import StageMeter
 from .stats import Statistics, StatsCheckpoint, collect_statistics
 from .train import TrainConfig, TrainResult, train_
 
@@ -170,20 +171,29 @@ def fit(
     overwrite: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Trains ``model`` in place (labels, or distillation from ``teacher``) and saves it."""
+    """Trains ``model`` in place (labels, or distillation from ``teacher``) and saves it.
+
+    The provenance keeps the history (samples/s of the training steps alone) and adds
+    ``throughput`` (:class:`~afmrec.pipeline.runinfo.RunInfo`): each rank's training rows
+    over the wall time of the whole run, validation passes included, and peak memory.
+    """
+    stage = "finetune" if record.compressed else "train"
+    meter = StageMeter(stage, env)
     _check_matching_schema(record, train_data)
     batches = train_data.batches(batch_size, env, shuffle=True, seed=config.seed, drop_last=True)
     val = val_data.batches(batch_size, env) if val_data is not None else None
-    result = train_(model, batches, config, val_batches=val, teacher=teacher,
-                    progress=progress and env.rank == 0)
+    with meter.timed():
+        result = train_(model, meter.count(batches), config, val_batches=val, teacher=teacher,
+                        progress=progress and env.rank == 0)
     record.provenance = {
-        "stage": "finetune" if record.compressed else "train",
+        "stage": stage,
         "train_config": dataclasses.asdict(config),
         "train_data": {"path": str(train_data), "fingerprint": train_data.fingerprint()},
         "val_data": str(val_data) if val_data else None,
         "world_size": env.world_size,
         "inputs": dict(inputs),
         "history": [dataclasses.asdict(r) for r in result.history],
+        "throughput": meter.gather().to_dict(),
     }
     save_model(model, record, out, overwrite=overwrite)
     return result
@@ -263,10 +273,15 @@ def stats_stage(
     from the last save, with the same result as an uninterrupted pass; the folder is
     removed once ``out`` is written. Saves of another model, data, batch size, world size
     or block selection are ignored.
+
+    ``meta["throughput"]`` (:class:`~afmrec.pipeline.runinfo.RunInfo`) holds each rank's
+    rows and seconds of the pass (of a resumed pass: the rows run after the resume) and
+    its peak memory from the model's loading on.
     """
     check_not_input(out, model_dir, data.path)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; refusing to overwrite it")
+    meter = StageMeter("stats", env)
     model, record = load_model(model_dir, env=env, sharding=sharding)
     if record.compressed:
         raise InputError(f"{model_dir}: statistics are collected on an uncompressed model")
@@ -280,9 +295,13 @@ def stats_stage(
         checkpoint = StatsCheckpoint(out.with_name(f".{out.name}.partial"), checkpoint_every,
                                      key, env.rank)
     start = time.perf_counter()
-    stats = collect_statistics(unwrap(model), blocks, data.batches(batch_size, env),
-                               progress=progress and env.rank == 0, forward=model, exact=exact,
-                               checkpoint=checkpoint)
+    batches = meter.count(data.batches(batch_size, env))
+    with meter.timed():
+        stats = collect_statistics(unwrap(model), blocks, batches,
+                                   progress=progress and env.rank == 0, forward=model,
+                                   exact=exact, checkpoint=checkpoint)
+    # The batches a resumed pass skipped were read but not run: they are not its work.
+    meter.samples -= sum(batches.rows[: stats.meta["resumed_from_batch"]])
     if env.is_distributed:
         stats.all_reduce_()
     stats.check_finite()
@@ -296,6 +315,7 @@ def stats_stage(
         "versions": versions(),
         "seconds": time.perf_counter() - start,
         "resumed_from_batch": stats.meta["resumed_from_batch"],
+        "throughput": meter.gather().to_dict(),
     }
     if env.rank == 0:
         save_statistics(stats, out, overwrite=overwrite)
@@ -367,6 +387,10 @@ def compress_stage(
     the ranks that hold its rows (never gathered); rank 0 computes the bases and ranks
     and sends them to the others.
 
+    The provenance's ``throughput`` (:class:`~afmrec.pipeline.runinfo.RunInfo`, without
+    samples) holds each rank's wall time and peak memory of loading, planning and
+    folding (not of writing the checkpoint, which follows it).
+
     Returns:
         the new record and one row per block (rank, energy kept, parameters before/after),
         also written to ``out/ranks.parquet``.
@@ -379,23 +403,26 @@ def compress_stage(
     record = load_record(model_dir)
     if record.compressed:
         raise InputError(f"{model_dir}: this model is already compressed")
-    model, record = load_model(model_dir, env=env, sharding=sharding)
-    plan = None
-    if env.rank == 0:
-        plan = _plan_compression(model_dir, stats_path, record, rank_config, method,
-                                 None if env.is_distributed else model)
-    if env.is_distributed:
-        plan = _broadcast(plan)
-    bases, rows = plan
+    meter = StageMeter("compress", env)
+    with meter.timed():
+        model, record = load_model(model_dir, env=env, sharding=sharding)
+        plan = None
+        if env.rank == 0:
+            plan = _plan_compression(model_dir, stats_path, record, rank_config, method,
+                                     None if env.is_distributed else model)
+        if env.is_distributed:
+            plan = _broadcast(plan)
+        bases, rows = plan
+        if env.is_distributed:
+            state: Any = _compress_sharded(model, record, bases, compress_config)
+        else:
+            state = compress_(model, bases, compress_config)
     new = ModelRecord(
         record.model, bases.ranks, compress_config, method,
         provenance={"stage": "compress", "world_size": env.world_size,
-                    "inputs": {"model": bases.meta["stats"]["model"], "stats": str(stats_path)}},
+                    "inputs": {"model": bases.meta["stats"]["model"], "stats": str(stats_path)},
+                    "throughput": meter.gather().to_dict()},
     )
-    if env.is_distributed:
-        state: Any = _compress_sharded(model, record, bases, compress_config)
-    else:
-        state = compress_(model, bases, compress_config)
     # The bases and the ranks go into the folder before it appears: a kill never leaves
     # a compressed model without them.
     extra = {"bases.pt": lambda path: torch.save(bases.to_state(), path),
@@ -468,15 +495,21 @@ def evaluate_stage(
 
     The first model is the reference for the ``ratio`` column. Sizes are of the whole
     model (all shards); latency is rank 0's forward pass (collective when sharded).
+    ``samples_per_s`` is the evaluation pass's rows over all ranks per second of the
+    slowest rank, ``peak_memory_gib`` the largest GPU peak of any rank from the model's
+    loading to its latency measurement (``None`` on the CPU), and ``throughput`` the
+    per-rank record (:class:`~afmrec.pipeline.runinfo.RunInfo`) as JSON text.
     """
     if out is not None:
         check_not_input(out, data.path, *models.values())
     probe = next(iter(data.batches(latency_batch, env)))
-    rows = []
+    rows, infos = [], []
     for name, model_dir in models.items():
+        meter = StageMeter("evaluate", env)
         model, record = load_model(model_dir, env=env, sharding=sharding)
         _check_matching_schema(record, data)
-        result = evaluate(model, data.batches(batch_size, env))
+        with meter.timed():
+            result = evaluate(model, meter.count(data.batches(batch_size, env)))
         whole = skeleton(record)
         rows.append(
             {
@@ -489,9 +522,12 @@ def evaluate_stage(
                 "model_dir": str(model_dir),
             }
         )
-    for row in rows:
+        infos.append(meter.gather())
+        del model  # not held while the next one loads: each peak is one model's
+    for row, info in zip(rows, infos):
         row["ratio"] = rows[0]["params"] / row["params"]
         row["delta_auc"] = row["auc"] - rows[0]["auc"]
+        row.update(info.report_columns())
     if out is not None and env.rank == 0:
         write_report(rows, out, overwrite=True)
     barrier()

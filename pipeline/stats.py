@@ -97,9 +97,8 @@ def batch_moments(
     Returns:
         ``n`` (G,), ``s`` (G, m), ``g`` (G, m, m), float64.
     """
+    # (No shortcut for an all-true mask: testing for one would stall the GPU every batch.)
     y = y.contiguous()
-    if mask is not None and bool(mask.all()):
-        mask = None  # one-hot data: nothing to leave out
     if mask is None:
         n = torch.full((y.shape[0],), float(y.shape[1]), dtype=torch.float64, device=y.device)
     else:
@@ -159,7 +158,10 @@ class Statistics:
     def to_state(self) -> dict[str, Any]:
         return {
             "moments": {
-                k: {"n": v.n.cpu(), "s": v.s.cpu(), "g": v.g.cpu()} for k, v in self.moments.items()
+                # clone: a table's moments may be views of a stack, which torch.save would
+                # write whole
+                k: {"n": v.n.cpu().clone(), "s": v.s.cpu().clone(), "g": v.g.cpu().clone()}
+                for k, v in self.moments.items()
             },
             "meta": self.meta,
         }
@@ -167,6 +169,19 @@ class Statistics:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Statistics":
         return cls({k: Moments(**v) for k, v in state["moments"].items()}, state.get("meta", {}))
+
+
+def _stacked_moments(blocks: list[Block], device: torch.device | None) -> dict[str, Moments]:
+    """Zero moments of tables of one width, as views of stacked (T,), (T, m), (T, m, m)
+    sums (row j: ``blocks[j]``), so that one in-place add updates all of them. Tables of
+    mixed widths get moments of their own."""
+    widths = {b.out_features for b in blocks}
+    if len(widths) != 1:
+        return {b.name: Moments.zeros(b.out_features, device) for b in blocks}
+    z = dict(dtype=torch.float64, device=device)
+    t, m = len(blocks), widths.pop()
+    n, s, g = torch.zeros(t, **z), torch.zeros(t, m, **z), torch.zeros(t, m, m, **z)
+    return {b.name: Moments(n[j], s[j], g[j]) for j, b in enumerate(blocks)}
 
 
 def _fields(output: Any) -> torch.Tensor:
@@ -204,13 +219,14 @@ class StatsCollector:
         modules = dict(self.model.named_modules())
         tables_by_owner: dict[str, list[Block]] = {}
         for b in self.blocks:
-            self.moments[b.name] = Moments.zeros(b.out_features, self.device)
             if b.kind == "linear":
+                self.moments[b.name] = Moments.zeros(b.out_features, self.device)
                 self._handles.append(modules[b.module].register_forward_hook(self._linear_hook(b)))
             else:
                 owner = b.module.rpartition(".")[0]
                 tables_by_owner.setdefault(owner, []).append(b)
         for owner, blocks in tables_by_owner.items():
+            self.moments.update(_stacked_moments(blocks, self.device))
             arch = modules[owner]
             names = getattr(arch, "sparse_feature_names", None)
             if names is None:
@@ -236,22 +252,43 @@ class StatsCollector:
         return hook
 
     def _table_hook(self, blocks: list[Block], feature_names: list[str]):
-        plan = [
-            (self.moments[b.name], [feature_names.index(f) for f in b.features]) for b in blocks
-        ]
+        """One hook per sparse arch: one batched GEMM for all its tables, and (when each
+        table serves one feature, as ours do) three in-place adds into the stacked sums
+        that the tables' :class:`Moments` are views of, whatever the number of tables."""
+        plan = [(self.moments[b.name], [feature_names.index(f) for f in b.features]) for b in blocks]
         observed = sorted({i for _, index in plan for i in index})
+        first = plan[0][0]
+        stacked = all(len(index) == 1 for _, index in plan) and first.n._base is not None
+        if stacked:  # the views of block j sit at row j of the stack, in `blocks` order
+            stack = [t._base for t in first.tensors()]
+            rows = [observed.index(index[0]) for _, index in plan]
+        indices: dict[tuple[torch.device, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+        def index_tensors(kjt: KeyedJaggedTensor, device: torch.device):
+            # Built once per device and key order (a Python list index would copy to the
+            # device on every batch).
+            key = (device, tuple(kjt.keys()))
+            if key not in indices:
+                order = [kjt.keys().index(feature_names[i]) for i in observed]
+                as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+                indices[key] = (as_tensor(observed), as_tensor(order), as_tensor(rows if stacked else []))
+            return indices[key]
 
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             kjt: KeyedJaggedTensor = args[0] if args else next(iter(kwargs.values()))
             fields = _fields(output)  # (B, F, D)
+            observed_t, order, rows_t = index_tensors(kjt, fields.device)
             if len(observed) != fields.shape[1]:
-                fields = fields[:, observed]
+                fields = fields.index_select(1, observed_t)
             lengths = kjt.lengths().view(len(kjt.keys()), -1)
-            order = [kjt.keys().index(feature_names[i]) for i in observed]
-            nonempty = lengths[order] > 0  # (F', B)
+            nonempty = lengths.index_select(0, order.to(lengths.device)).to(fields.device) > 0  # (F', B)
             # One batched GEMM serves every table; empty bags (exactly 0 before and after
             # compression) are left out.
             n, s, g = batch_moments(fields.transpose(0, 1), nonempty, self.exact)  # (F', ...)
+            if stacked:
+                for total, part in zip(stack, (n, s, g)):
+                    total += part if len(rows) == len(observed) and rows == sorted(rows) else part.index_select(0, rows_t)
+                return
             for moments, index in plan:
                 for i in index:
                     j = observed.index(i)

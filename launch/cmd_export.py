@@ -1,0 +1,63 @@
+"""Write the serving artifact of a model: one TorchScript file that loads without afmrec.
+
+The tables go onto FBGEMM's inference kernels (TorchRec's quantize_embeddings) with rows
+in fp32, fp16, int8 or int4; the model is traced with torchrec.fx and scripted, the way
+TorchRec's inference stack builds its models. The file is loaded back and checked against
+the module it came from before it appears.
+
+A server loads it with TorchRec (for FBGEMM's operators) and nothing of afmrec:
+  import torch, torchrec
+  model = torch.jit.load("afm.pt", map_location="cuda")
+  logits = model(dense, values, lengths)   # (B, N) float32, (L,) int64, (F * B,) int32 -> (B,)
+
+Export runs in one process (the whole model is loaded on --device); the artifact serves
+on that kind of device.
+
+Example:
+  afmrec export --model runs/demo/afm_finetuned --tables int8 --out runs/demo/afm_int8.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .args import add_output, job
+
+HELP = "write a compressed model as a TorchScript serving artifact (fp32/fp16/int8/int4 tables)"
+log = logging.getLogger("afmrec.export")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="a model folder (compressed or not)")
+    add_output(parser, "the TorchScript file (.pt)")
+    parser.add_argument("--tables", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
+                        help="row format of the tables in the artifact (default: fp32)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="the device the artifact serves on (default: CUDA if available)")
+    parser.add_argument("--check-batch", type=int, default=256,
+                        help="rows of the random batch on which the written file is checked "
+                        "against the model (0: no check; default: 256)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from afmrec.pipeline.errors import InputError
+    from afmrec.pipeline.export import ExportConfig, export_model
+    from afmrec.pipeline.model_io import load_model
+
+    config = ExportConfig(tables=args.tables, check_batch=args.check_batch)
+    with job(args) as (env, _):
+        if env.is_distributed:
+            raise InputError("export runs in one process: call `afmrec export` without torchrun")
+        model, record = load_model(args.model, env.device)
+        source = {"model_dir": str(args.model), "ranks": record.ranks, "method": record.method,
+                  "fingerprint": record.fingerprint}
+        meta = export_model(model.eval(), record.model, args.out, config, source=source,
+                            overwrite=args.overwrite)
+    size = args.out.stat().st_size
+    check = meta.get("check_max_abs_diff")
+    log.info("wrote %s: %s params, %s tables, %.1f MiB on disk%s", args.out, f"{meta['params']:,}",
+             meta["tables"], size / 2**20,
+             f"; loaded back, max |logit diff| {check:.2g}" if check is not None else "")
+    return 0

@@ -1,0 +1,169 @@
+"""The serving artifact: it reproduces the model, loads in a process where afmrec cannot be
+imported, and the CLI writes it safely."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from afmrec.launch.cli import main
+from afmrec.models import build_model
+from afmrec.pipeline.bases import afm_bases, spectra
+from afmrec.pipeline.blocks import find_blocks
+from afmrec.pipeline.compress import CompressConfig, compress_
+from afmrec.pipeline.errors import InputError
+from afmrec.pipeline.export import (
+    ExportConfig,
+    call,
+    example_batch,
+    export_model,
+    load_artifact,
+    read_metadata,
+    serving_module,
+)
+from afmrec.pipeline.model_io import ModelRecord, save_model
+from afmrec.pipeline.stats import collect_statistics
+
+from .conftest import TABLES, random_batch, tiny_config
+
+D = 8  # FBGEMM's inference kernels want rows of a multiple of 4 bytes (int4: 8 values)
+BATCHES = [random_batch(64, 3, seed=s) for s in range(3)]
+
+
+def compressed(arch: str, tables=TABLES, dim: int = D, table_rank: int = 4) -> tuple[torch.nn.Module, ModelRecord]:
+    """A tiny model with every table at ``table_rank`` and every Linear at half rank."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(tiny_config(arch, embedding_dim=dim), tables=tables)
+    model = build_model(config).eval()
+    blocks = find_blocks(model)
+    ranks = {b.name: table_rank if b.kind == "table" else max(1, b.out_features // 2) for b in blocks}
+    bases = afm_bases(spectra(collect_statistics(model, blocks, BATCHES)), ranks)
+    compress_(model, bases, CompressConfig())
+    return model.eval(), ModelRecord(config, ranks=ranks, compress=CompressConfig(), method="afm")
+
+
+def eager_logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(batch.dense_features, batch.sparse_features).squeeze(1)
+
+
+@pytest.mark.parametrize("arch", ["dlrm", "dcn", "deepfm"])
+def test_fp32_artifact_reproduces_the_model(arch, tmp_path):
+    model, record = compressed(arch)
+    meta = export_model(model, record.model, tmp_path / "m.pt")
+    loaded, read = load_artifact(tmp_path / "m.pt")
+    assert read == {k: v for k, v in meta.items() if k != "check_max_abs_diff"}
+    assert read["features"] == ["t0", "t1", "t2"] and read["num_dense"] == 3
+    assert read["params"] == sum(p.numel() for p in model.parameters())
+    batch = random_batch(128, 3, seed=7, max_bag=4)
+    torch.testing.assert_close(call(loaded, batch), eager_logits(model, batch), rtol=1e-5, atol=1e-5)
+    assert meta["check_max_abs_diff"] <= 1e-5
+
+
+def test_quantised_tables_stay_close_and_shrink_the_file(tmp_path):
+    tables = tuple(dataclasses.replace(t, num_embeddings=4000) for t in TABLES)
+    model, record = compressed("dlrm", tables, dim=32, table_rank=16)
+    batch = random_batch(256, 3, seed=3, tables=tables)
+    want = eager_logits(model, batch)
+    sizes, errors = {}, {}
+    for tables in ("fp32", "fp16", "int8", "int4"):
+        path = tmp_path / f"{tables}.pt"
+        export_model(model, record.model, path, ExportConfig(tables=tables))
+        loaded, meta = load_artifact(path)
+        assert meta["tables"] == tables
+        # the file serves what the eager serving module computes, bit for bit
+        torch.testing.assert_close(call(loaded, batch), call(serving_module(model, meta["features"], tables), batch),
+                                   rtol=0, atol=0)
+        errors[tables] = (call(loaded, batch) - want).abs().max().item()
+        sizes[tables] = path.stat().st_size
+    assert errors["fp32"] <= 1e-5
+    assert errors["fp32"] <= errors["fp16"] <= errors["int8"] <= errors["int4"] < 0.1
+    assert errors["int8"] > 0  # it really is quantised
+    # 12,000 rows of 16 values (64 bytes in fp32). FBGEMM pads rows (int8/int4 ones with
+    # their scale and bias) to 16 bytes: at rank 4 int8 would save nothing.
+    assert sizes["int4"] < sizes["int8"] <= sizes["fp16"] < sizes["fp32"]
+
+
+def test_artifact_loads_without_afmrec(tmp_path):
+    """A server has torch and torchrec, not this project: block `import afmrec` and load."""
+    batch = random_batch(64, 3, seed=11)
+    for arch in ("dlrm", "dcn", "deepfm"):
+        model, record = compressed(arch)
+        export_model(model, record.model, tmp_path / f"{arch}.pt", ExportConfig(tables="int8"))
+        torch.save(call(serving_module(model, [t.name for t in record.model.tables], "int8"), batch),
+                   tmp_path / f"{arch}.want")
+    kjt = batch.sparse_features
+    torch.save({"dense": batch.dense_features, "values": kjt.values(), "lengths": kjt.lengths().int()},
+               tmp_path / "batch.pt")
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "afmrec" or name.startswith("afmrec."):
+                    raise ImportError("afmrec is not installed here")
+        sys.meta_path.insert(0, Block())
+        import torch, torchrec
+        try:
+            import afmrec
+            sys.exit("afmrec was importable")
+        except ImportError:
+            pass
+        d = sys.argv[1]
+        b = torch.load(d + "/batch.pt")
+        for arch in ("dlrm", "dcn", "deepfm"):
+            m = torch.jit.load(f"{d}/{arch}.pt")
+            with torch.no_grad():
+                got = m(b["dense"], b["values"], b["lengths"])
+            want = torch.load(f"{d}/{arch}.want")
+            print(arch, (got - want).abs().max().item())
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    diffs = dict(line.split() for line in out.stdout.strip().splitlines())
+    assert sorted(diffs) == ["dcn", "deepfm", "dlrm"]
+    assert all(float(v) == 0.0 for v in diffs.values()), diffs
+
+
+def test_example_batch_fits_the_schema():
+    config = tiny_config("dlrm", embedding_dim=D)
+    batch = example_batch(config, 50, seed=1)
+    kjt = batch.sparse_features
+    assert kjt.keys() == ["t0", "t1", "t2"] and batch.dense_features.shape == (50, 3)
+    assert kjt.lengths().shape == (150,) and 0 < kjt.lengths().sum() == kjt.values().numel()
+    for t, jt in zip(config.tables, kjt.split([1, 1, 1])):
+        assert int(jt.values().max()) < t.num_embeddings
+
+
+def test_cli_exports_a_saved_model(tmp_path, capsys):
+    model, record = compressed("deepfm")
+    save_model(model, record, tmp_path / "afm")
+    out = tmp_path / "afm.pt"
+    args = ["export", "--model", str(tmp_path / "afm"), "--out", str(out), "--device", "cpu"]
+    assert main([*args, "--tables", "int8"]) == 0
+    meta = read_metadata(out)
+    assert meta["tables"] == "int8" and meta["source"]["ranks"] == record.ranks
+    assert meta["arch"] == "deepfm" and meta["params"] == sum(p.numel() for p in model.parameters())
+    first = out.read_bytes()
+    assert main(args) == 2  # exists: refused, file unchanged
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == first
+    assert main([*args, "--overwrite"]) == 0 and read_metadata(out)["tables"] == "fp32"
+    assert main(["export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "model directory not found" in capsys.readouterr().err
+    assert main(["export", "--model", str(tmp_path / "afm"), "--out", str(tmp_path / "afm" / "x.pt")]) == 2
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_bad_inputs_are_input_errors(tmp_path):
+    with pytest.raises(InputError, match="tables must be one of"):
+        ExportConfig(tables="int2")
+    (tmp_path / "junk.pt").write_text("not a zip")
+    with pytest.raises(InputError, match="not a TorchScript file"):
+        read_metadata(tmp_path / "junk.pt")
+    assert json.dumps(ExportConfig().__dict__)
