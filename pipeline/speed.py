@@ -247,7 +247,7 @@ def exported(module: nn.Module, config: ModelConfig, tables: TableDtype, path: P
 
 def samples_per_s(module: nn.Module, batches: list[Batch], device: torch.device, repeats: int = 5) -> float:
     """Best of ``repeats`` passes over ``batches`` of a serving module (plain-tensor forward)."""
-    for b in batches[:2]:
+    for b in (batches * 3)[:3]:  # TorchScript's profiling executor optimises on the 2nd-3rd call
         call(module, b)
     best = min(_timed(lambda: [call(module, b) for b in batches], device) for _ in range(repeats))
     return sum(b.labels.numel() for b in batches) / best
