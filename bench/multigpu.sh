@@ -38,6 +38,8 @@ clock compress_${N}gpu T "$N" compress --model "$OUT/original" --stats "$OUT/sta
     --device cuda --sharding "${SHARD[@]}" --out "$OUT/afm" --quiet
 clock compress_1gpu T 1 compress --model "$OUT/original" --stats "$OUT/stats.pt" --ratio 4 \
     --device cuda --out "$OUT/afm_1gpu" --quiet
+# the serving artifact of the N-GPU compression, int8 tables, written and checked on one GPU
+clock export_1gpu $A export --model "$OUT/afm" --tables int8 --device cuda --out "$OUT/afm_int8.pt"
 clock eval_${N}gpu T "$N" evaluate --data "$OUT/data/test" --device cuda --sharding "*=row_wise" \
     --batch-size 8192 --latency-batch 8192 original="$OUT/original" afm="$OUT/afm" afm_1gpu="$OUT/afm_1gpu" \
     --out "$OUT/report_${N}gpu.parquet" --quiet

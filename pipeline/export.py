@@ -77,12 +77,16 @@ class ServingModule(nn.Module):
     Args:
         model: maps ``(dense (B, N), KJT)`` to logits (B, 1).
         features: the KJT's keys, in the order of ``lengths``.
+        tables: the row format of its tables (recorded in the artifact).
+        params: parameters of the float model it was made from (recorded).
     """
 
-    def __init__(self, model: nn.Module, features: list[str]) -> None:
+    def __init__(self, model: nn.Module, features: list[str], tables: str = "fp32", params: int = 0) -> None:
         super().__init__()
         self.model = model
         self.features = features
+        self.tables = tables
+        self.params = params
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Args: dense (B, N) float32; values (L,) int64 ids; lengths (F * B,) int32.
@@ -91,18 +95,23 @@ class ServingModule(nn.Module):
         return self.model(dense, kjt).squeeze(-1)
 
 
-def serving_module(model: nn.Module, features: list[str], tables: TableDtype = "fp32") -> ServingModule:
-    """A copy of ``model`` with its tables on FBGEMM's inference kernels, in eval mode.
+def serving_module(model: nn.Module, features: list[str], tables: TableDtype = "fp32",
+                   inplace: bool = False) -> ServingModule:
+    """``model`` with its tables on FBGEMM's inference kernels, in eval mode.
 
     Args:
         model: an unsharded model (``afmrec.models.build_model``, compressed or not).
         features: sparse feature names in input order.
         tables: row format of the tables.
+        inplace: convert ``model`` itself instead of a copy (saves a copy of the tables
+            on the device; ``model`` is then no longer a float model).
     """
     from torchrec.inference.modules import quantize_embeddings
 
-    served = quantize_embeddings(copy.deepcopy(model), dtype=TABLE_DTYPES[tables], inplace=True)
-    return ServingModule(served, list(features)).eval()
+    params = count_parameters(model)
+    served = quantize_embeddings(model if inplace else copy.deepcopy(model),
+                                 dtype=TABLE_DTYPES[tables], inplace=True)
+    return ServingModule(served, list(features), tables, params).eval()
 
 
 def script(module: ServingModule) -> torch.jit.ScriptModule:
@@ -145,11 +154,8 @@ def export_model(
 ) -> dict[str, Any]:
     """Writes the TorchScript artifact of ``model`` to ``out`` (atomically).
 
-    The file is loaded back and its logits compared with the eager serving module on an
-    example batch; a mismatch beyond float rounding stops the export and writes nothing.
-
     Args:
-        model: an unsharded model on the device it will serve on.
+        model: an unsharded model on the device it will serve on (left unchanged).
         config: its architecture (feature names, dense width).
         out: the ``.pt`` file to write.
         export: table format and check.
@@ -159,29 +165,47 @@ def export_model(
     Returns:
         The metadata written into the file (plus ``check_max_abs_diff``).
     """
-    features = [t.name for t in config.tables]
-    device = next(model.parameters()).device
-    eager = serving_module(model, features, export.tables)
-    scripted = script(eager)
+    served = serving_module(model, [t.name for t in config.tables], export.tables)
+    return write_artifact(served, config, out, check_batch=export.check_batch, source=source,
+                          overwrite=overwrite)
+
+
+def write_artifact(
+    served: ServingModule,
+    config: ModelConfig,
+    out: str | Path,
+    *,
+    check_batch: int = 256,
+    source: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Scripts a serving module and writes it to ``out`` (atomically), with its metadata.
+
+    With ``check_batch`` rows, the written file is loaded back and its logits compared with
+    ``served`` on an example batch; a mismatch beyond float rounding stops the export and
+    writes nothing.
+    """
+    device = next(served.parameters()).device  # the dense part serves where the tables do
     metadata = {
         "format": FORMAT,
-        "features": features,
+        "features": list(served.features),
         "num_dense": config.num_dense,
         "arch": config.arch,
-        "tables": export.tables,
-        "params": count_parameters(model),
+        "tables": served.tables,
+        "params": served.params,
         "device": str(device),
         "source": source or {},
         "versions": versions(),
         "forward": "logits (B,) = model(dense (B, num_dense) float32, values (L,) int64, "
                    "lengths (len(features) * B,) int32, feature-major)",
     }
+    scripted = script(served)
     with atomic_file(out, overwrite=overwrite) as tmp:
         torch.jit.save(scripted, str(tmp), _extra_files={METADATA: json.dumps(metadata, indent=1)})
-        if export.check_batch:
-            batch = example_batch(config, export.check_batch, device)
+        if check_batch:
+            batch = example_batch(config, check_batch, device)
             loaded, _ = load_artifact(tmp, device)
-            want, got = call(eager, batch), call(loaded, batch)
+            want, got = call(served, batch), call(loaded, batch)
             diff = (want - got).abs().max().item()
             if not torch.allclose(want, got, rtol=1e-5, atol=1e-5):
                 raise InputError(f"exported model differs from the module it came from (max |diff| {diff:.3g})")

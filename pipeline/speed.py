@@ -48,7 +48,7 @@ from .bench import time_stats_vs_forward_batches
 from .blocks import find_blocks
 from .compress import CompressConfig, compress_
 from .evaluate import count_parameters
-from .export import ExportConfig, TableDtype, call, export_model, load_artifact, serving_module
+from .export import ServingModule, TableDtype, call, load_artifact, serving_module, write_artifact
 from .model_io import ModelRecord, skeleton
 from .ranks import RankConfig
 from .stats import collect_statistics
@@ -123,6 +123,11 @@ def make_batches(shape: SpeedShape, batch_size: int, count: int, device: torch.d
         labels = torch.from_numpy((rng.random(batch_size) < 0.25).astype(np.float32))
         out.append(Batch(dense, kjt, labels).to(device))
     return out
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _sync(device: torch.device) -> None:
@@ -237,11 +242,11 @@ def inference_variants(
     }
 
 
-def exported(module: nn.Module, config: ModelConfig, tables: TableDtype, path: Path,
+def exported(served: ServingModule, config: ModelConfig, path: Path,
              device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """Writes ``module``'s serving artifact (``afmrec export``) and loads it back, as a
-    server would: what the inference benchmark times."""
-    export_model(module, config, path, ExportConfig(tables=tables, check_batch=0), overwrite=True)
+    """Writes a serving module's artifact (what ``afmrec export`` writes) and loads it back
+    as a server would: what the inference benchmark times."""
+    write_artifact(served, config, path, check_batch=0, overwrite=True)
     return load_artifact(path, device)
 
 
@@ -275,23 +280,27 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
     out: dict[str, Any] = {}
     for name, build in inference_variants(model, stats, record).items():
         module, tables = build()
-        out[f"params_{name}"] = count_parameters(module)
-        eager = serving_module(module, features, tables)
-        out[f"infer_eager_{name}_samples_per_s"] = samples_per_s(eager, batches, device)
-        artifact, _ = exported(module, record.model, tables, workdir / f"{name}.pt", device)
+        # A compressed variant is a fresh copy: convert it in place (one copy of the tables
+        # fewer on the device); the original is needed again.
+        eager = serving_module(module, features, tables, inplace=module is not model)
+        out[f"params_{name}"] = eager.params
         del module
-        out[f"artifact_mib_{name}"] = (workdir / f"{name}.pt").stat().st_size / 2**20
-        out[f"artifact_vs_eager_max_abs_diff_{name}"] = (
-            call(artifact, batches[0]) - call(eager, batches[0])).abs().max().item()
+        out[f"infer_eager_{name}_samples_per_s"] = samples_per_s(eager, batches, device)
+        want = call(eager, batches[0])
+        path = workdir / f"{name}.pt"
+        write_artifact(eager, record.model, path, check_batch=0, overwrite=True)
         del eager
+        _empty_cache(device)
+        artifact, _ = load_artifact(path, device)
+        out[f"artifact_mib_{name}"] = path.stat().st_size / 2**20
+        out[f"artifact_vs_eager_max_abs_diff_{name}"] = (call(artifact, batches[0]) - want).abs().max().item()
         out[f"infer_{name}_samples_per_s"] = peak.measure(
             f"infer_{name}", device, lambda: samples_per_s(artifact, batches, device))
         if profile_dir is not None:
             profile_to(profile_dir / f"profile_infer_{name}.txt", lambda: call(artifact, batches[0]), device)
         del artifact
-        (workdir / f"{name}.pt").unlink()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        path.unlink()
+        _empty_cache(device)
     base = out["infer_original_samples_per_s"]
     for name in ("afm4x", "afm8x", "int8", "afm4x_int8"):
         out[f"infer_{name}_vs_original"] = out[f"infer_{name}_samples_per_s"] / base
@@ -314,9 +323,12 @@ def bench_cpu_latency(model: nn.Module, stats: Any, record: ModelRecord, shape: 
     variants = {"original": cpu_model,
                 "afm4x": compress_(copy.deepcopy(cpu_model), _bases(cpu_model, stats, record, 4.0, "uniform"),
                                    CompressConfig())}
-    served = {name: exported(m, record.model, "fp32", workdir / f"cpu_{name}.pt", cpu)[0]
-              for name, m in variants.items()}
-    del cpu_model, variants
+    served = {}
+    for name in list(variants):
+        eager = serving_module(variants.pop(name), [t.name for t in record.model.tables], inplace=True)
+        served[name] = exported(eager, record.model, workdir / f"cpu_{name}.pt", cpu)[0]
+        del eager
+    del cpu_model
     out: dict[str, Any] = {"cpu_threads": torch.get_num_threads()}
     for b in shape.latency_batches:
         batch = make_batches(shape, b, 1, cpu, seed=2)[0]
