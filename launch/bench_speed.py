@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, help="where the timed checkpoints go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the record to this file")
     parser.add_argument("--profile-dir", type=Path,
-                        help="write torch.profiler tables (training step, each served variant) here")
+                        help="write torch.profiler tables (training step, forward vs statistics "
+                        "pass, each served artifact) here")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     parser.add_argument("--quiet", action="store_true", help="no info logs")
 
@@ -62,8 +63,12 @@ def run(args: argparse.Namespace) -> int:
     with job(args) as (env, _):
         if args.profile_dir:
             args.profile_dir.mkdir(parents=True, exist_ok=True)
+        def write(record: dict) -> None:  # after each stage: a run cut short keeps its numbers
+            if args.json and env.rank == 0:
+                write_json(args.json, record, overwrite=True)
+
         record = run_speed(shape, env, workdir=args.workdir, cpu_latency=not args.no_cpu_latency,
-                           profile_dir=args.profile_dir)
+                           profile_dir=args.profile_dir, on_stage=write)
         if env.rank == 0:
             print(json.dumps(record, indent=2, default=str))
             if args.json:

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="round table ranks up to a multiple of this (default: 4, what "
                         "FBGEMM's fused kernels need to shard the compressed tables; 1 for "
                         "models that stay in one process)")
+    parser.add_argument("--linear-multiple", type=int, default=1,
+                        help="round Linear ranks up to a multiple of this (default: 1; 8 for "
+                        "models served on GPUs: tensor-core GEMMs want aligned widths)")
     parser.add_argument("--table-rank-rounding", choices=("round", "error"), default="round",
                         help="a --rank or --rank-pattern rank of a table that is not a multiple "
                         "of --table-multiple: round it up with a warning (default) or stop")
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     rank_config = RankConfig(
         mode=mode, rank=args.rank, energy=args.energy, ratio=args.ratio,
         rank_pattern=_rank_pattern(args.rank_pattern), table_multiple=args.table_multiple,
+        linear_multiple=args.linear_multiple,
         table_rounding=args.table_rank_rounding,
     )
     with job(args) as (env, sharding):

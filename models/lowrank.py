@@ -111,6 +111,8 @@ class LowRankEmbeddingBagCollection(nn.Module):
                 dim = next(t.embedding_dim for t in tables if t.name == table)
                 groups.setdefault((ranks[table], dim), []).append(i)
         self._rank_groups = list(groups.values())
+        self._dims = [self._width(t) for _, t in self._feature_tables]
+        self.fused_projection: nn.Linear | None = None  # see fuse_projections_
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The configs of the original D-wide tables (what the consumers see)."""
@@ -145,6 +147,39 @@ class LowRankEmbeddingBagCollection(nn.Module):
                 out[i] = by_feature[feature]
         return out  # type: ignore[return-value]
 
+    def fuse_projections_(self) -> None:
+        """Serving form: all projections and their masked biases as one GEMM.
+
+        ``[y_1 .. y_F] = [z_1 .. z_F, m_1 .. m_F] P`` with ``P`` block-diagonal (``U_f^T``
+        in the code rows, ``b2_f`` in the mask rows, an identity for unprojected tables):
+        exact, and one kernel reading the pooled codes as they come out of the lookup,
+        instead of stacking, grouped GEMMs and a concatenation (what limits a served AFM
+        model on a GPU). It costs F times the FLOPs of the grouped form, which are small
+        next to the dense part. Irreversible; for inference (``afmrec export``).
+        """
+        widths = [self.projections[t].in_features if t in self.projections else self._width(t)
+                  for _, t in self._feature_tables]
+        dims = [self._width(t) for _, t in self._feature_tables]
+        ref = next(iter(self.projections.values())).weight if len(self.projections) else None
+        weight = torch.zeros(sum(dims), sum(widths) + len(dims), dtype=torch.float64,
+                             device=ref.device if ref is not None else None)
+        row = col = 0
+        for i, ((_, table), k, d) in enumerate(zip(self._feature_tables, widths, dims)):
+            if table in self.projections:
+                proj = self.projections[table]
+                weight[row:row + d, col:col + k] = proj.weight.detach().double()
+                weight[row:row + d, sum(widths) + i] = proj.bias.detach().double()
+            else:
+                weight[row:row + d, col:col + k] = torch.eye(d, dtype=torch.float64, device=weight.device)
+            row, col = row + d, col + k
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
+        with torch.no_grad():
+            fused.weight.copy_(weight.to(fused.weight.dtype))
+        self.fused_projection = fused
+
+    def _width(self, table: str) -> int:
+        return next(t.embedding_dim for t in self._configs if t.name == table)
+
     def forward_codes(self, features: KeyedJaggedTensor) -> tuple[KeyedTensor, torch.Tensor]:
         """The K-wide pooled codes and the (B, F) non-empty mask, before projection."""
         codes = self.codes(features)
@@ -153,6 +188,11 @@ class LowRankEmbeddingBagCollection(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Args: features: KJT of F features. Returns: KeyedTensor, (B, F * D)."""
         codes, mask = self.forward_codes(features)
+        keys = [f for f, _ in self._feature_tables]
+        if self.fused_projection is not None:
+            # the codes come out in feature order, one K_f-wide slice each (tested)
+            values = self.fused_projection(torch.cat([codes.values(), mask.to(codes.values().dtype)], dim=1))
+            return KeyedTensor(keys=keys, length_per_key=self._dims, values=values)
         ys = self.project(codes, mask)
         return KeyedTensor(
             keys=[f for f, _ in self._feature_tables],

@@ -59,6 +59,7 @@ def time_stats_vs_forward(
     sharding: ShardingConfig | None = None,
     batch_size: int = 4096,
     repeats: int = 3,
+    warm: bool = True,
 ) -> StatsTiming:
     """:func:`time_stats_vs_forward_batches` for a saved model over a dataset (read into
     memory first, so that reading is timed in neither)."""
@@ -66,6 +67,25 @@ def time_stats_vs_forward(
     blocks = find_blocks(skeleton(record))
     return time_stats_vs_forward_batches(model, blocks, list(data.batches(batch_size, env)),
                                          env, repeats=repeats)
+
+
+def passes(model: torch.nn.Module, blocks: list[Block],
+           batches: list[Batch]) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A forward-only pass and a statistics pass over ``batches``, as two callables."""
+    inner = unwrap(model)
+    device = model_device(inner)
+
+    def forward() -> None:
+        with eval_mode(model), torch.no_grad():
+            for b in batches:
+                forward_logits(model, b)
+
+    def stats() -> None:
+        with eval_mode(model), StatsCollector(inner, blocks, device), torch.no_grad():
+            for b in batches:
+                forward_logits(model, b)
+
+    return forward, stats
 
 
 def time_stats_vs_forward_batches(
@@ -83,19 +103,8 @@ def time_stats_vs_forward_batches(
     ranks' rows over the wall time).
     """
     rows = sum(b.labels.numel() for b in batches) * env.world_size
-    inner = unwrap(model)
-    device = model_device(inner)
-
-    def forward() -> None:
-        with eval_mode(model), torch.no_grad():
-            for b in batches:
-                forward_logits(model, b)
-
-    def stats() -> None:
-        with eval_mode(model), StatsCollector(inner, blocks, device), torch.no_grad():
-            for b in batches:
-                forward_logits(model, b)
-
+    device = model_device(unwrap(model))
+    forward, stats = passes(model, blocks, batches)
     forward()  # warm-up (allocator, lazy initialisation)
     f, s = [], []
     for _ in range(repeats):

@@ -97,7 +97,8 @@ class ServingModule(nn.Module):
 
 def serving_module(model: nn.Module, features: list[str], tables: TableDtype = "fp32",
                    inplace: bool = False) -> ServingModule:
-    """``model`` with its tables on FBGEMM's inference kernels, in eval mode.
+    """``model`` with its tables on FBGEMM's inference kernels and the projections of its
+    low-rank tables fused into one GEMM (``fuse_projections_``), in eval mode.
 
     Args:
         model: an unsharded model (``afmrec.models.build_model``, compressed or not).
@@ -108,9 +109,14 @@ def serving_module(model: nn.Module, features: list[str], tables: TableDtype = "
     """
     from torchrec.inference.modules import quantize_embeddings
 
+    from afmrec.models import LowRankEmbeddingBagCollection
+
     params = count_parameters(model)
-    served = quantize_embeddings(model if inplace else copy.deepcopy(model),
-                                 dtype=TABLE_DTYPES[tables], inplace=True)
+    served = model if inplace else copy.deepcopy(model)
+    for m in served.modules():
+        if isinstance(m, LowRankEmbeddingBagCollection):
+            m.fuse_projections_()
+    served = quantize_embeddings(served, dtype=TABLE_DTYPES[tables], inplace=True)
     return ServingModule(served, list(features), tables, params).eval()
 
 

@@ -35,6 +35,9 @@ class RankConfig:
         rank / energy / ratio: the value for the chosen mode (``ratio`` for both ratio modes).
         rank_pattern: ``{glob: K}`` per-block overrides, applied in every mode.
         table_multiple: round table ranks up to a multiple of this (4 for FBGEMM on CUDA).
+        linear_multiple: round Linear ranks up to a multiple of this (8: the GEMMs of the
+            factors keep 32-byte aligned rows, which tensor-core kernels need; an odd rank
+            such as 111 sends them to slow unaligned kernels on an H100).
         table_rounding: what an explicit table rank (``rank``, ``rank_pattern``) that is
             not a multiple of ``table_multiple`` gets: ``"round"`` up, with a logged
             warning, or ``"error"``. Ranks the policy picks itself are always rounded.
@@ -48,6 +51,7 @@ class RankConfig:
     ratio: float | None = None
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     table_multiple: int = 1
+    linear_multiple: int = 1
     table_rounding: str = "round"
     weights: Mapping[str, float] = field(default_factory=dict)
 
@@ -64,14 +68,14 @@ class RankConfig:
             raise InputError(f"energy must be in (0, 1], got {value}")
         if self.mode in ("ratio", "uniform") and value <= 1:
             raise InputError(f"ratio must be > 1, got {value}")
-        if self.table_multiple < 1:
-            raise InputError("table_multiple must be >= 1")
+        if self.table_multiple < 1 or self.linear_multiple < 1:
+            raise InputError("table_multiple and linear_multiple must be >= 1")
         if self.table_rounding not in ("round", "error"):
             raise InputError(f"table_rounding must be 'round' or 'error', got {self.table_rounding!r}")
 
 
 def _unit(block: Block, config: RankConfig) -> int:
-    return config.table_multiple if block.kind == "table" else 1
+    return config.table_multiple if block.kind == "table" else config.linear_multiple
 
 
 def _round(block: Block, k: int, config: RankConfig) -> int:
@@ -213,7 +217,7 @@ def select_ranks(
             continue
         k = _round(b, want, config)
         explicit = config.mode == "fixed" or b.name in overrides
-        if k != want and explicit and config.table_rounding == "error":
+        if k != want and explicit and b.kind == "table" and config.table_rounding == "error":
             raise InputError(
                 f"block {b.name}: table rank {want} is not a multiple of --table-multiple "
                 f"{config.table_multiple} (what FBGEMM's fused kernels need)"

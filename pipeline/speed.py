@@ -44,7 +44,7 @@ from afmrec.sharding.env import DistEnv
 from afmrec.sharding.plan import planner_plan
 
 from .bases import afm_bases, spectra
-from .bench import time_stats_vs_forward_batches
+from .bench import passes, time_stats_vs_forward_batches
 from .blocks import find_blocks
 from .compress import CompressConfig, compress_
 from .evaluate import count_parameters
@@ -213,7 +213,8 @@ def _bases(model: nn.Module, stats: Any, record: ModelRecord, ratio: float, mode
     spec = spectra(stats)
     whole, per_block = count_parameters(skeleton(record)), ratio
     while True:
-        _, ranks = plan_ranks(record, spec, RankConfig(mode=mode, ratio=per_block, table_multiple=4))
+        _, ranks = plan_ranks(record, spec, RankConfig(mode=mode, ratio=per_block, table_multiple=4,
+                                                           linear_multiple=8))
         small = skeleton(ModelRecord(record.model, ranks=ranks, compress=CompressConfig()))
         if mode != "uniform" or whole / count_parameters(small) >= ratio:
             return afm_bases(spec, ranks)
@@ -258,16 +259,22 @@ def samples_per_s(module: nn.Module, batches: list[Batch], device: torch.device,
     return sum(b.labels.numel() for b in batches) / best
 
 
-def profile_to(path: Path, fn: Callable[[], Any], device: torch.device, rows: int = 25) -> None:
-    """Writes torch.profiler's table of the ops and kernels of one call of ``fn``."""
+def profile_to(path: Path, fn: Callable[[], Any], device: torch.device, title: str, rows: int = 25) -> None:
+    """Appends torch.profiler's table of the ops and kernels of one call of ``fn`` to
+    ``path``, under ``title``."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()  # warm
+    _sync(device)
     with profile(activities=activities) as prof:
         fn()
         _sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    path.write_text(prof.key_averages().table(sort_by=key, row_limit=rows))
+    ops = sum(e.count for e in prof.key_averages())
+    with open(path, "a") as f:
+        f.write(f"## {title} ({ops} profiler events)\n")
+        f.write(prof.key_averages().table(sort_by=key, row_limit=rows) + "\n\n")
 
 
 def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: SpeedShape,
@@ -297,7 +304,8 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
         out[f"infer_{name}_samples_per_s"] = peak.measure(
             f"infer_{name}", device, lambda: samples_per_s(artifact, batches, device))
         if profile_dir is not None:
-            profile_to(profile_dir / f"profile_infer_{name}.txt", lambda: call(artifact, batches[0]), device)
+            profile_to(profile_dir / "profile_infer.txt", lambda: call(artifact, batches[0]), device,
+                       f"inference, {name} artifact, batch {shape.infer_batch}")
         del artifact
         path.unlink()
         _empty_cache(device)
@@ -340,8 +348,12 @@ def bench_cpu_latency(model: nn.Module, stats: Any, record: ModelRecord, shape: 
 
 
 def run_speed(shape: SpeedShape, env: DistEnv, *, workdir: Path | None = None,
-              cpu_latency: bool = True, profile_dir: Path | None = None) -> dict[str, Any]:
-    """Runs every measurement; returns the record that ``--json`` writes."""
+              cpu_latency: bool = True, profile_dir: Path | None = None,
+              on_stage: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Any]:
+    """Runs every measurement; returns the record that ``--json`` writes.
+
+    ``on_stage`` receives the record so far after each stage (a run cut short keeps
+    what it measured)."""
     device = env.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -359,27 +371,41 @@ def run_speed(shape: SpeedShape, env: DistEnv, *, workdir: Path | None = None,
     dmp = shard_model(unsharded, env, plan=planner_plan(unsharded, env, batch_size=shape.train_batch))
     train_batches = make_batches(shape, shape.train_batch, 4, device)
     result.update(peak.measure("train", device, lambda: bench_train(dmp, train_batches, shape, device)))
+    on_stage(result)
     if profile_dir is not None:
         profile_to(profile_dir / "profile_train_step.txt",
-                   lambda: plain_torchrec_loop(dmp, train_batches, 1), device)
+                   lambda: plain_torchrec_loop(dmp, train_batches, 1), device,
+                   f"one training step, batch {shape.train_batch}")
 
     blocks = find_blocks(skeleton(record))
+    # as many batches as the timed training steps: a pass's set-up (allocating the sums)
+    # is not what a pass over a dataset costs per batch
+    stats_batches = [train_batches[i % len(train_batches)] for i in range(shape.steps)]
     timing = peak.measure("stats", device, lambda: time_stats_vs_forward_batches(
-        dmp, blocks, train_batches, env, repeats=3))
+        dmp, blocks, stats_batches, env, repeats=3))
     result.update({"stats_vs_forward": timing.ratio,
                    "forward_samples_per_s": timing.forward_samples_per_s,
                    "stats_samples_per_s": timing.stats_samples_per_s})
+    on_stage(result)
+    if profile_dir is not None:
+        forward, stats_pass = passes(dmp, blocks, train_batches[:1])
+        for title, fn in (("forward-only", forward), ("statistics", stats_pass)):
+            profile_to(profile_dir / "profile_stats.txt", fn, device,
+                       f"{title} pass over one batch of {shape.train_batch}")
     stats = collect_statistics(unwrap(dmp), blocks, train_batches, forward=dmp)
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         result.update(peak.measure("compress", device, lambda: bench_compress(
             dmp, record, stats, Path(tmp), device)))
+        on_stage(result)
         del dmp
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
         model = build_model(config, device).eval()
         result.update(bench_inference(model, stats, record, shape, device, peak, Path(tmp), profile_dir))
+        result["peak_memory_gib"] = peak.gib
+        on_stage(result)
         if cpu_latency:
             result.update(bench_cpu_latency(model, stats, record, shape, Path(tmp)))
     result["peak_memory_gib"] = peak.gib

@@ -167,3 +167,28 @@ def test_bad_inputs_are_input_errors(tmp_path):
     with pytest.raises(InputError, match="not a TorchScript file"):
         read_metadata(tmp_path / "junk.pt")
     assert json.dumps(ExportConfig().__dict__)
+
+
+def test_fused_projections_are_exact_with_mixed_ranks_and_empty_bags():
+    """One block-diagonal GEMM over [codes, mask] gives what the grouped projections give:
+    tables at ranks 4 and 8 and one left whole, bags of 0-3 ids, float and quantised."""
+    from torchrec.inference.modules import quantize_embeddings
+
+    from afmrec.models import LowRankEmbeddingBagCollection, table_configs
+
+    torch.manual_seed(0)
+    configs = table_configs(tiny_config("dlrm", embedding_dim=16))
+    lowrank = LowRankEmbeddingBagCollection(configs, {"t0": 4, "t2": 8})
+    for p in lowrank.projections.parameters():
+        torch.nn.init.normal_(p)
+    kjt = random_batch(200, 3, seed=5).sparse_features
+    assert int((kjt.lengths() == 0).sum()) > 0
+    with torch.no_grad():
+        want = lowrank(kjt)
+        lowrank.fuse_projections_()
+        assert lowrank.fused_projection.weight.shape == (48, 4 + 16 + 8 + 3)
+        got = lowrank(kjt)
+        quantised = quantize_embeddings(lowrank, dtype=torch.float32, inplace=False)(kjt)
+    assert got.keys() == want.keys() == ["t0", "t1", "t2"]
+    torch.testing.assert_close(got.values(), want.values(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(quantised.values(), want.values(), rtol=1e-5, atol=1e-5)
