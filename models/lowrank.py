@@ -112,7 +112,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
                 groups.setdefault((ranks[table], dim), []).append(i)
         self._rank_groups = list(groups.values())
         self._dims = [self._width(t) for _, t in self._feature_tables]
-        self.fused_projection: nn.Linear | None = None  # see fuse_projections_
+        self._serving: tuple[int, int] | None = None  # (K, padding), see fuse_projections_
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The configs of the original D-wide tables (what the consumers see)."""
@@ -147,35 +147,32 @@ class LowRankEmbeddingBagCollection(nn.Module):
                 out[i] = by_feature[feature]
         return out  # type: ignore[return-value]
 
-    def fuse_projections_(self) -> None:
-        """Serving form: all projections and their masked biases as one GEMM.
-
-        ``[y_1 .. y_F] = [z_1 .. z_F, m_1 .. m_F] P`` with ``P`` block-diagonal (``U_f^T``
-        in the code rows, ``b2_f`` in the mask rows, an identity for unprojected tables):
-        exact, and one kernel reading the pooled codes as they come out of the lookup,
-        instead of stacking, grouped GEMMs and a concatenation (what limits a served AFM
-        model on a GPU). It costs F times the FLOPs of the grouped form, which are small
-        next to the dense part. Irreversible; for inference (``afmrec export``).
+    def fuse_projections_(self, multiple: int = 8) -> bool:
+        """Serving form of the projections, when every feature's table has one rank K and
+        width D (what uniform ranks give): the pooled codes are read in place as (B, F, K),
+        the non-empty indicator appended as one more code column (zero-padded to a
+        multiple of ``multiple``, for aligned tensor-core GEMMs), and one batched GEMM
+        with the stacked ``[U_f^T; b2_f]`` gives (F, B, D). Exact; it replaces stacking
+        the codes and the weights, a masked bias and a concatenation of F pieces on every
+        call. Returns False (and changes nothing) for mixed ranks or unprojected tables.
+        For inference (``afmrec export``); the per-table projections stay the trained
+        parameters.
         """
-        widths = [self.projections[t].in_features if t in self.projections else self._width(t)
-                  for _, t in self._feature_tables]
-        dims = [self._width(t) for _, t in self._feature_tables]
-        ref = next(iter(self.projections.values())).weight if len(self.projections) else None
-        weight = torch.zeros(sum(dims), sum(widths) + len(dims), dtype=torch.float64,
-                             device=ref.device if ref is not None else None)
-        row = col = 0
-        for i, ((_, table), k, d) in enumerate(zip(self._feature_tables, widths, dims)):
-            if table in self.projections:
-                proj = self.projections[table]
-                weight[row:row + d, col:col + k] = proj.weight.detach().double()
-                weight[row:row + d, sum(widths) + i] = proj.bias.detach().double()
-            else:
-                weight[row:row + d, col:col + k] = torch.eye(d, dtype=torch.float64, device=weight.device)
-            row, col = row + d, col + k
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
+        shapes = {(p.in_features, p.out_features) for p in self.projections.values()}
+        if len(shapes) != 1 or any(t not in self.projections for _, t in self._feature_tables):
+            return False
+        (k, d), = shapes
+        padded = -(-(k + 1) // multiple) * multiple
+        ref = next(iter(self.projections.values())).weight
+        weight = torch.zeros(len(self._feature_tables), padded, d, dtype=ref.dtype, device=ref.device)
         with torch.no_grad():
-            fused.weight.copy_(weight.to(fused.weight.dtype))
-        self.fused_projection = fused
+            for i, (_, table) in enumerate(self._feature_tables):
+                proj = self.projections[table]
+                weight[i, :k] = proj.weight.T
+                weight[i, k] = proj.bias
+        self.register_buffer("serving_weight", weight)
+        self._serving = (k, padded - k - 1)
+        return True
 
     def _width(self, table: str) -> int:
         return next(t.embedding_dim for t in self._configs if t.name == table)
@@ -189,10 +186,14 @@ class LowRankEmbeddingBagCollection(nn.Module):
         """Args: features: KJT of F features. Returns: KeyedTensor, (B, F * D)."""
         codes, mask = self.forward_codes(features)
         keys = [f for f, _ in self._feature_tables]
-        if self.fused_projection is not None:
-            # the codes come out in feature order, one K_f-wide slice each (tested)
-            values = self.fused_projection(torch.cat([codes.values(), mask.to(codes.values().dtype)], dim=1))
-            return KeyedTensor(keys=keys, length_per_key=self._dims, values=values)
+        if self._serving is not None:
+            # the codes come out in feature order, K wide each (tested)
+            k, pad = self._serving
+            z = codes.values().view(-1, len(keys), k)  # (B, F, K)
+            parts = [z, mask.to(z.dtype).unsqueeze(2)] + ([z.new_zeros(z.shape[0], len(keys), pad)] if pad else [])
+            y = torch.bmm(torch.cat(parts, dim=2).transpose(0, 1), self.serving_weight)  # (F, B, D)
+            return KeyedTensor(keys=keys, length_per_key=self._dims,
+                               values=y.transpose(0, 1).reshape(y.shape[1], -1))
         ys = self.project(codes, mask)
         return KeyedTensor(
             keys=[f for f, _ in self._feature_tables],

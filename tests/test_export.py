@@ -169,24 +169,26 @@ def test_bad_inputs_are_input_errors(tmp_path):
     assert json.dumps(ExportConfig().__dict__)
 
 
-def test_fused_projections_are_exact_with_mixed_ranks_and_empty_bags():
-    """One block-diagonal GEMM over [codes, mask] gives what the grouped projections give:
-    tables at ranks 4 and 8 and one left whole, bags of 0-3 ids, float and quantised."""
+def test_fused_projections_are_exact_with_empty_bags():
+    """One batched GEMM over the codes read in place plus the non-empty column gives what
+    the grouped projections give, float and quantised; mixed ranks are left as they are."""
     from torchrec.inference.modules import quantize_embeddings
 
     from afmrec.models import LowRankEmbeddingBagCollection, table_configs
 
     torch.manual_seed(0)
     configs = table_configs(tiny_config("dlrm", embedding_dim=16))
-    lowrank = LowRankEmbeddingBagCollection(configs, {"t0": 4, "t2": 8})
-    for p in lowrank.projections.parameters():
-        torch.nn.init.normal_(p)
     kjt = random_batch(200, 3, seed=5).sparse_features
     assert int((kjt.lengths() == 0).sum()) > 0
+    mixed = LowRankEmbeddingBagCollection(configs, {"t0": 4, "t2": 8})
+    assert not mixed.fuse_projections_() and "serving_weight" not in dict(mixed.named_buffers())
+    lowrank = LowRankEmbeddingBagCollection(configs, {"t0": 4, "t1": 4, "t2": 4})
+    for p in lowrank.projections.parameters():
+        torch.nn.init.normal_(p)
     with torch.no_grad():
         want = lowrank(kjt)
-        lowrank.fuse_projections_()
-        assert lowrank.fused_projection.weight.shape == (48, 4 + 16 + 8 + 3)
+        assert lowrank.fuse_projections_()
+        assert lowrank.serving_weight.shape == (3, 8, 16)  # K + 1 = 5 columns padded to 8
         got = lowrank(kjt)
         quantised = quantize_embeddings(lowrank, dtype=torch.float32, inplace=False)(kjt)
     assert got.keys() == want.keys() == ["t0", "t1", "t2"]
