@@ -23,6 +23,7 @@ count and the model it came from.
 # No `from __future__ import annotations`: torch.fx and TorchScript read the annotations of
 # ServingModule.forward as types.
 import copy
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,11 @@ def write_artifact(
             if not torch.allclose(want, got, rtol=1e-5, atol=1e-5):
                 raise InputError(f"exported model differs from the module it came from (max |diff| {diff:.3g})")
             metadata["check_max_abs_diff"] = diff
+    # Tracing and scripting leave reference cycles that hold ``served``'s tables; collect
+    # them now, or a caller's ``del`` frees no device memory (GPU memory does not trigger
+    # Python's collector: the speed benchmark ran out of memory that way).
+    del scripted
+    gc.collect()
     return metadata
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -126,6 +127,7 @@ def make_batches(shape: SpeedShape, batch_size: int, count: int, device: torch.d
 
 
 def _empty_cache(device: torch.device) -> None:
+    gc.collect()  # modules in reference cycles hold device memory until collected
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
