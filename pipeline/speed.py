@@ -317,8 +317,9 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
     return out
 
 
-def _latency_ms(module: nn.Module, batch: Batch, warmup: int = 1, repeats: int = 5) -> float:
-    """Median milliseconds of one call of a serving module on ``batch``."""
+def _latency_ms(module: nn.Module, batch: Batch, warmup: int = 3, repeats: int = 5) -> float:
+    """Median milliseconds of one call of a serving module on ``batch``. TorchScript
+    re-profiles and re-optimises for every new batch shape: three warm-up calls each."""
     for _ in range(warmup):
         call(module, batch)
     times = sorted(_timed(lambda: call(module, batch), batch.dense_features.device) for _ in range(repeats))
