@@ -11,6 +11,8 @@ usage: python3 bench/projection_forms.py
 """
 import torch
 
+from gemm_rank_sweep import ms  # the same timer (this folder is on sys.path)
+
 torch.backends.cuda.matmul.allow_tf32 = True
 B, F, K, D = 65536, 26, 32, 128
 dev = "cuda"
@@ -39,18 +41,6 @@ def serving():
     zp = torch.cat([z, mask.unsqueeze(2), z.new_zeros(B, F, 7)], dim=2)
     y = torch.bmm(zp.transpose(0, 1), stacked)
     return y.transpose(0, 1).reshape(B, -1)
-
-
-def ms(fn, reps=20):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 print(torch.cuda.get_device_name(), torch.__version__)
