@@ -90,6 +90,8 @@ class CrossNet(nn.Module):
                 nn.init.xavier_normal_(layer.down.weight)
             for layer in self.layers:
                 nn.init.zeros_(layer.up.bias)
+                if layer.down.bias is not None:  # a compressed layer's first factor
+                    nn.init.zeros_(layer.down.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, N). Returns: (B, N)."""

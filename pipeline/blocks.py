@@ -44,6 +44,12 @@ class Block:
         out_features: ``m`` (Linear output width; ``D`` of a table).
         features: the sparse features a table serves (tables only).
         bias: whether the Linear has a bias (tables: no).
+        fused_into: output width of the Linear that absorbs this block's second factor
+            (a DCN cross layer's ``up``, N wide, for its ``down``): the block then owns
+            that Linear's weight (N x m), which the compressed layer shrinks to N x K,
+            and there is no ``b2`` of its own. 0: the two factors stay. (With
+            ``CompressConfig(fuse=False)`` or an activation the fold does not happen and
+            the count is off by the difference.)
     """
 
     name: str
@@ -54,17 +60,25 @@ class Block:
     table: str | None = None
     features: tuple[str, ...] = ()
     bias: bool = True
+    fused_into: int = 0
 
     @property
     def params(self) -> int:
-        """Parameters of the original block (a table has no bias)."""
-        return self.in_features * self.out_features + self.has_bias * self.out_features
+        """Parameters of the original block (a table has no bias), plus the weight of the
+        Linear that absorbs its second factor, if any."""
+        m = self.out_features
+        return self.in_features * m + self.has_bias * m + self.fused_into * m
 
     @property
     def params_per_rank(self) -> int:
         """Parameters one unit of rank costs: a row of ``W1`` (or a column of ``E'``)
-        plus a column of ``W2`` (and a bias entry of ``b1`` for a Linear)."""
-        return self.in_features + self.out_features + (self.kind == "linear")
+        plus a column of ``W2`` (or of the absorbing Linear) and a bias entry of ``b1``
+        for a Linear."""
+        return self.in_features + (self.fused_into or self.out_features) + (self.kind == "linear")
+
+    @property
+    def _b2(self) -> int:
+        return 0 if self.fused_into else self.out_features
 
     @property
     def has_bias(self) -> bool:
@@ -72,11 +86,11 @@ class Block:
 
     def compressed_params(self, rank: int) -> int:
         """Parameters of the two factors at ``rank`` (``b2`` included)."""
-        return rank * self.params_per_rank + self.out_features
+        return rank * self.params_per_rank + self._b2
 
     def max_useful_rank(self) -> int:
         """Largest rank at which the factors are still smaller than the block (0: never)."""
-        k = (self.params - self.out_features - 1) // self.params_per_rank
+        k = (self.params - self._b2 - 1) // self.params_per_rank
         return max(0, min(k, self.in_features, self.out_features))
 
 
@@ -85,11 +99,15 @@ def find_blocks(model: nn.Module) -> list[Block]:
     the ``up`` of a cross layer)."""
     blocks: list[Block] = []
     skip: list[str] = []
+    fused_into: dict[str, int] = {}  # a cross layer's down -> the width of its up
     for path, module in model.named_modules():
         if any(path == s or path.startswith(s + ".") for s in skip):
             continue
         if isinstance(module, CrossLayer):
-            skip.append(f"{path}.up" if path else "up")
+            prefix = f"{path}." if path else ""
+            skip.append(f"{prefix}up")
+            if isinstance(module.up, nn.Linear):
+                fused_into[f"{prefix}down"] = module.up.out_features
         if isinstance(module, (LowRankLinear, LowRankEmbeddingBagCollection)):
             skip.append(path)
         elif isinstance(module, EmbeddingBagCollection):
@@ -107,7 +125,7 @@ def find_blocks(model: nn.Module) -> list[Block]:
                 )
         elif isinstance(module, nn.Linear):
             blocks.append(Block(path, "linear", path, module.in_features, module.out_features,
-                                bias=module.bias is not None))
+                                bias=module.bias is not None, fused_into=fused_into.get(path, 0)))
     return blocks
 
 

@@ -49,7 +49,7 @@ from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from afmrec.models import ModelConfig, build_model
+from afmrec.models import CrossNet, ModelConfig, build_model
 
 from .artifacts import fingerprint
 from .bases import Bases, Spectrum, afm_bases, spectra, weight_svd_bases
@@ -419,8 +419,8 @@ def choose_ranks(cell: Cell, selection: str, target: float | None) -> dict[str, 
 
 def _uniform_ranks(cell: Cell, target: float) -> dict[str, int] | None:
     """Uniform per-block ratio, bisected so that the whole model is ``target`` times smaller
-    (blocks that cannot shrink, biases and the DCN cross layers stay whole, so the per-block
-    ratio has to be higher than the target)."""
+    (blocks that cannot shrink and biases stay whole, so the per-block ratio has to be
+    higher than the target)."""
     budget = cell.params / target
     shrinkable = [b for b in cell.blocks if b.max_useful_rank() > 0]
 
@@ -449,6 +449,9 @@ def scratch_model(cell: Cell, ranks: Mapping[str, int]) -> nn.Module:
         compress_(model, Bases.placeholders(find_blocks(model), ranks), CompressConfig())
         for module in model.modules():
             if isinstance(module, (EmbeddingBagCollection, nn.Linear)):
+                module.reset_parameters()
+        for module in model.modules():
+            if isinstance(module, CrossNet):  # TorchRec's cross-layer initialisation
                 module.reset_parameters()
     return model
 

@@ -137,6 +137,9 @@ def test_lower_rank_down_fuses_into_up():
         assert (layer.up.in_features, layer.up.out_features) == (2, 16)
     # per layer: 16*3 + 3*16 + 16 = 112 before; 16*2 + 2 + 2*16 + 16 = 82 after
     assert n_params(model) == before - LAYERS * (112 - 82)
+    # and the rank planner counts exactly that saving (the down block owns up's weight)
+    block = next(b for b in find_blocks(dcn_model()) if b.name == f"{CROSS}.0.down")
+    assert block.fused_into == N and block.params - block.compressed_params(2) == 112 - 82
 
 
 def test_fusion_does_not_change_logits():
