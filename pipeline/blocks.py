@@ -48,8 +48,8 @@ class Block:
             (a DCN cross layer's ``up``, N wide, for its ``down``): the block then owns
             that Linear's weight (N x m), which the compressed layer shrinks to N x K,
             and there is no ``b2`` of its own. 0: the two factors stay. (With
-            ``CompressConfig(fuse=False)`` or an activation the fold does not happen and
-            the count is off by the difference.)
+            ``CompressConfig(fuse=False)`` the fold does not happen and the count is off
+            by the difference.)
     """
 
     name: str

@@ -170,22 +170,17 @@ def compose_linears(outer: nn.Linear, inner: nn.Linear) -> nn.Linear:
 def _fuse_cross_layers(model: nn.Module) -> bool:
     """Folds the second factor of every factored cross-layer ``down`` into its ``up``.
 
-    With ``down = second(first(x))`` (no activation), the layer becomes ``down = first``
-    (N -> K) and ``up`` = ``up o second`` (K -> N), exact. (``up`` itself is never a block,
-    see :func:`~afmrec.pipeline.blocks.find_blocks`.) A ``down`` with an activation between
-    its factors is left unfused: it would become ``act(first(x))``, no longer one Linear.
-    Returns whether any layer was fused.
+    With ``down = second(act(first(x)))``, the layer becomes ``down = act(first(x))``
+    (N -> K; just ``first`` without an activation) and ``up`` = ``up o second`` (K -> N),
+    exact: ``second`` and ``up`` are consecutive Linear maps. (``up`` itself is never a
+    block, see :func:`~afmrec.pipeline.blocks.find_blocks`.) Returns whether any layer
+    was fused.
     """
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, CrossLayer)
-        and isinstance(m.down, LowRankLinear)
-        and isinstance(m.down.activation, nn.Identity)
-    ]
+    layers = [m for m in model.modules() if isinstance(m, CrossLayer) and isinstance(m.down, LowRankLinear)]
     for layer in layers:
-        layer.up = compose_linears(layer.up, layer.down.second)
-        layer.down = layer.down.first
+        low = layer.down
+        layer.up = compose_linears(layer.up, low.second)
+        layer.down = low.first if isinstance(low.activation, nn.Identity) else nn.Sequential(low.first, low.activation)
     return bool(layers)
 
 

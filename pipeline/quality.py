@@ -491,6 +491,21 @@ def quantize_tables_(model: nn.Module) -> nn.Module:
     return quantize_embeddings(model, dtype=torch.qint8, inplace=True, per_table_weight_dtype=dtypes)
 
 
+def _relu_factors(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
+    """``(first, second)`` of every ``second(relu(first(x)))`` that compression made: a
+    ``LowRankLinear`` with a ReLU, and a fused cross layer (``down = relu(first)``, whose
+    ``up`` absorbed the second factor)."""
+    from afmrec.models import CrossLayer, LowRankLinear
+
+    pairs = []
+    for m in model.modules():
+        if isinstance(m, LowRankLinear) and isinstance(m.activation, nn.ReLU):
+            pairs.append((m.first, m.second))
+        elif isinstance(m, CrossLayer) and isinstance(m.down, nn.Sequential) and isinstance(m.down[-1], nn.ReLU):
+            pairs.append((m.down[0], m.up))
+    return pairs
+
+
 def shift_activations_(model: nn.Module, batches: Iterable[Batch]) -> nn.Module:
     """Makes the activations between factors start as the identity on ``batches``.
 
@@ -501,37 +516,34 @@ def shift_activations_(model: nn.Module, batches: Iterable[Batch]) -> nn.Module:
     ReLU's linear range: the model starts as the exact factorisation and fine-tuning can
     use the non-linearity.
     """
-    from afmrec.models import LowRankLinear
-
-    layers = [m for m in model.modules() if isinstance(m, LowRankLinear) and isinstance(m.activation, nn.ReLU)]
+    pairs = _relu_factors(model)
     batches = list(batches)
     # A layer's codes are right only once the layers before it are shifted: one pass per
     # depth level, each shifting by what is still below zero.
-    for _ in range(len(layers) + 1):
-        lows = _code_minima(model, layers, batches)
-        shifts = {id(m): (-lows[id(m)]).clamp_min(0) for m in layers}
-        if not any(bool(s.any()) for s in shifts.values()):
+    for _ in range(len(pairs) + 1):
+        lows = _code_minima(model, [first for first, _ in pairs], batches)
+        shifts = [(-low).clamp_min(0) for low in lows]
+        if not any(bool(s.any()) for s in shifts):
             break
         with torch.no_grad():
-            for m in layers:
-                m.first.bias += shifts[id(m)]
-                m.second.bias -= m.second.weight @ shifts[id(m)]
+            for (first, second), shift in zip(pairs, shifts):
+                first.bias += shift
+                second.bias -= second.weight @ shift
     return model
 
 
-def _code_minima(model: nn.Module, layers: Sequence[nn.Module], batches: Iterable[Batch]) -> dict[int, torch.Tensor]:
-    """Per layer, the smallest value of each code (first factor's output) over ``batches``."""
+def _code_minima(model: nn.Module, firsts: Sequence[nn.Linear], batches: Iterable[Batch]) -> list[torch.Tensor]:
+    """Per first factor, the smallest value of each of its codes over ``batches``."""
     from .evaluate import eval_mode, forward_logits
 
-    lows = {id(m): torch.full((m.rank,), math.inf) for m in layers}
+    lows = [torch.full((f.out_features,), math.inf) for f in firsts]
 
-    def hook(layer: nn.Module):
+    def hook(low: torch.Tensor):
         def record(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            low = output.detach().reshape(-1, output.shape[-1]).amin(0)
-            torch.minimum(lows[id(layer)], low, out=lows[id(layer)])
+            torch.minimum(low, output.detach().reshape(-1, output.shape[-1]).amin(0), out=low)
         return record
 
-    handles = [m.first.register_forward_hook(hook(m)) for m in layers]
+    handles = [f.register_forward_hook(hook(low)) for f, low in zip(firsts, lows)]
     try:
         with eval_mode(model), torch.no_grad():
             for batch in batches:

@@ -156,11 +156,17 @@ def test_fusion_does_not_change_logits():
     assert (logits(unfused) - original).abs().max().item() > 1e-4  # the truncation shows
 
 
-def test_activation_between_factors_is_not_fused():
+def test_activation_between_factors_is_fused_after_it():
+    """down = second(relu(first(x))): second and up are consecutive Linears, so up absorbs
+    second and the layer is Linear(16, 2) -> ReLU -> Linear(2, 16), the same function."""
     model = dcn_model()
-    compress_(model, cross_bases(model, down=2), CompressConfig(activation="relu"))
-    down = model.inter_arch.crossnet.layers[0].down
-    assert isinstance(down, LowRankLinear) and isinstance(down.activation, nn.ReLU)
+    bases = cross_bases(model, down=2)
+    unfused = compress_(copy.deepcopy(model), bases, CompressConfig(activation="relu", fuse=False))
+    fused = compress_(model, bases, CompressConfig(activation="relu"))
+    layer = fused.inter_arch.crossnet.layers[0]
+    assert isinstance(layer.down, nn.Sequential) and isinstance(layer.down[1], nn.ReLU)
+    assert (layer.down[0].out_features, layer.up.in_features) == (2, 2)
+    torch.testing.assert_close(logits(fused), logits(unfused), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("fuse", [False, True])
