@@ -170,3 +170,11 @@ def job(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
             yield env, sharding
     finally:
         destroy_distributed()
+
+
+def print_throughput(model_dir: Path) -> None:
+    """Prints the per-rank throughput line a stage recorded in ``model_dir/model.json``."""
+    from afmrec.pipeline.model_io import load_record
+    from afmrec.pipeline.runinfo import RunInfo
+
+    print(RunInfo.from_dict(load_record(model_dir).provenance["throughput"]).summary())

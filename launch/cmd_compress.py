@@ -24,7 +24,7 @@ from pathlib import Path
 
 from afmrec.pipeline.errors import InputError
 
-from .args import add_distributed, add_output, check_output_folder, job
+from .args import add_distributed, add_output, check_output_folder, job, print_throughput
 
 HELP = "compute PCA bases, pick ranks and write the low-rank model"
 
@@ -70,9 +70,7 @@ def _rank_pattern(items: list[str]) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.compress import CompressConfig
-    from afmrec.pipeline.model_io import load_record
     from afmrec.pipeline.ranks import RankConfig
-    from afmrec.pipeline.runinfo import RunInfo
     from afmrec.pipeline.stages import compress_stage
 
     mode = "ratio" if args.ratio is not None else "energy" if args.energy is not None else "fixed"
@@ -97,5 +95,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"{n} of {len(rows)} blocks compressed: {before:,} -> {after:,} parameters "
           f"({before / after:.2f}x); model written to {args.out}")
     if not args.quiet:
-        print(RunInfo.from_dict(load_record(args.out).provenance["throughput"]).summary())
+        print_throughput(args.out)
     return 0

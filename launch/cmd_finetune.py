@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import add_data, add_distributed, add_output, check_output_folder, job
+from .args import add_data, add_distributed, add_output, check_output_folder, job, print_throughput
 from .train_options import add_train_options, train_config, validation_split
 
 HELP = "fine-tune a compressed model with labels or by distillation"
@@ -42,4 +42,6 @@ def run(args: argparse.Namespace) -> int:
                        overwrite=args.overwrite, progress=not args.quiet)
         if env.rank == 0:
             print(f"model written to {args.out}")
+            if not args.quiet:
+                print_throughput(args.out)
     return 0

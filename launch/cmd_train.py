@@ -19,7 +19,7 @@ import argparse
 
 from afmrec.models import ARCHS, ModelConfig
 
-from .args import add_data, add_distributed, add_output, check_output_folder, int_list, job
+from .args import add_data, add_distributed, add_output, check_output_folder, int_list, job, print_throughput
 from .train_options import add_train_options, train_config, validation_split
 
 HELP = "train a DLRM / DLRM-DCNv2 / DeepFM model on a Parquet dataset"
@@ -45,8 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from afmrec.pipeline.model_io import load_record
-    from afmrec.pipeline.runinfo import RunInfo
     from afmrec.pipeline.stages import model_config_from_schema, train_stage
 
     train, val = validation_split(args)
@@ -67,5 +65,5 @@ def run(args: argparse.Namespace) -> int:
         if env.rank == 0:
             print(f"model written to {args.out}")
             if not args.quiet:
-                print(RunInfo.from_dict(load_record(args.out).provenance["throughput"]).summary())
+                print_throughput(args.out)
     return 0
