@@ -99,7 +99,8 @@ class ServingModule(nn.Module):
 def serving_module(model: nn.Module, features: list[str], tables: TableDtype = "fp32",
                    inplace: bool = False) -> ServingModule:
     """``model`` with its tables on FBGEMM's inference kernels and the projections of its
-    low-rank tables fused into one GEMM (``fuse_projections_``), in eval mode.
+    low-rank tables as one batched GEMM where they all have one rank
+    (``LowRankEmbeddingBagCollection.fuse_projections_``), in eval mode.
 
     Args:
         model: an unsharded model (``afmrec.models.build_model``, compressed or not).
