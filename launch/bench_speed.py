@@ -15,6 +15,9 @@ absolute samples/s behind each, peak device memory per stage, the device and the
 Runs in one process (it starts a one-rank process group when there is none), or under
 torchrun on several GPUs.
 
+--stages runs a subset (e.g. --stages inference,cpu: the served artifacts alone, on a
+model compressed with bases from its own statistics).
+
 Example:
   afmrec bench speed --json speed.json              # on a GPU host
   afmrec bench speed --small --device cpu           # anywhere
@@ -36,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--small", action="store_true", help="the CPU-sized shape")
     parser.add_argument("--table-cap", type=int, help="cap on rows per table (default: 4M; small: 20k)")
     parser.add_argument("--steps", type=int, help="timed training steps")
-    parser.add_argument("--no-cpu-latency", action="store_true", help="skip the CPU latency runs")
+    parser.add_argument("--stages", default="train,stats,compress,inference,cpu",
+                        help="comma-separated subset of train, stats, compress, inference (the "
+                        "served artifacts), cpu (CPU latency); default: all")
     parser.add_argument("--workdir", type=Path, help="where the timed checkpoints go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the record to this file")
     parser.add_argument("--profile-dir", type=Path,
@@ -63,11 +68,13 @@ def run(args: argparse.Namespace) -> int:
     with job(args) as (env, _):
         if args.profile_dir:
             args.profile_dir.mkdir(parents=True, exist_ok=True)
+
         def write(record: dict) -> None:  # after each stage: a run cut short keeps its numbers
             if args.json and env.rank == 0:
                 write_json(args.json, record, overwrite=True)
 
-        record = run_speed(shape, env, workdir=args.workdir, cpu_latency=not args.no_cpu_latency,
+        stages = [x for x in args.stages.split(",") if x]
+        record = run_speed(shape, env, stages=stages, workdir=args.workdir,
                            profile_dir=args.profile_dir, on_stage=write)
         if env.rank == 0:
             print(json.dumps(record, indent=2, default=str))

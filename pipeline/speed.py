@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from .bases import afm_bases, spectra
 from .bench import passes, time_stats_vs_forward_batches
 from .blocks import find_blocks
 from .compress import CompressConfig, compress_
+from .errors import InputError
 from .evaluate import count_parameters
 from .export import ServingModule, TableDtype, call, load_artifact, serving_module, write_artifact
 from .model_io import ModelRecord, skeleton
@@ -350,13 +351,23 @@ def bench_cpu_latency(model: nn.Module, stats: Any, record: ModelRecord, shape: 
     return out
 
 
-def run_speed(shape: SpeedShape, env: DistEnv, *, workdir: Path | None = None,
-              cpu_latency: bool = True, profile_dir: Path | None = None,
-              on_stage: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Any]:
-    """Runs every measurement; returns the record that ``--json`` writes.
+STAGES = ("train", "stats", "compress", "inference", "cpu")
 
-    ``on_stage`` receives the record so far after each stage (a run cut short keeps
-    what it measured)."""
+
+def run_speed(shape: SpeedShape, env: DistEnv, *, stages: Sequence[str] = STAGES,
+              workdir: Path | None = None, profile_dir: Path | None = None,
+              on_stage: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Any]:
+    """Runs the measurements of ``stages`` (a subset of :data:`STAGES`); returns the record
+    that ``--json`` writes.
+
+    ``train``, ``stats`` and ``compress`` run on the sharded model; ``inference`` (the GPU
+    artifacts) and ``cpu`` (CPU latency) on one unsharded model, compressed with AFM bases
+    from its own statistics. ``on_stage`` receives the record so far after each stage (a
+    run cut short keeps what it measured).
+    """
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise InputError(f"unknown speed stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
     device = env.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -369,50 +380,64 @@ def run_speed(shape: SpeedShape, env: DistEnv, *, workdir: Path | None = None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "shape": {**dataclasses.asdict(shape), "table_rows_total": sum(shape.table_rows)},
         "versions": _versions(),
+        "stages": [s for s in STAGES if s in stages],
     }
-    unsharded = build_model(config, device, sparse_device="meta")
-    dmp = shard_model(unsharded, env, plan=planner_plan(unsharded, env, batch_size=shape.train_batch))
     train_batches = make_batches(shape, shape.train_batch, 4, device)
-    result.update(peak.measure("train", device, lambda: bench_train(dmp, train_batches, shape, device)))
-    on_stage(result)
-    if profile_dir is not None:
-        profile_to(profile_dir / "profile_train_step.txt",
-                   lambda: plain_torchrec_loop(dmp, train_batches, 1), device,
-                   f"one training step, batch {shape.train_batch}")
-
     blocks = find_blocks(skeleton(record))
-    # as many batches as the timed training steps: a pass's set-up (allocating the sums)
-    # is not what a pass over a dataset costs per batch
-    stats_batches = [train_batches[i % len(train_batches)] for i in range(shape.steps)]
-    timing = peak.measure("stats", device, lambda: time_stats_vs_forward_batches(
-        dmp, blocks, stats_batches, env, repeats=3))
-    result.update({"stats_vs_forward": timing.ratio,
-                   "forward_samples_per_s": timing.forward_samples_per_s,
-                   "stats_samples_per_s": timing.stats_samples_per_s})
-    on_stage(result)
-    if profile_dir is not None:
-        forward, stats_pass = passes(dmp, blocks, train_batches[:1])
-        for title, fn in (("forward-only", forward), ("statistics", stats_pass)):
-            profile_to(profile_dir / "profile_stats.txt", fn, device,
-                       f"{title} pass over one batch of {shape.train_batch}")
-    stats = collect_statistics(unwrap(dmp), blocks, train_batches, forward=dmp)
-
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        result.update(peak.measure("compress", device, lambda: bench_compress(
-            dmp, record, stats, Path(tmp), device)))
-        on_stage(result)
-        del dmp
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-        model = build_model(config, device).eval()
-        result.update(bench_inference(model, stats, record, shape, device, peak, Path(tmp), profile_dir))
-        result["peak_memory_gib"] = peak.gib
-        on_stage(result)
-        if cpu_latency:
-            result.update(bench_cpu_latency(model, stats, record, shape, Path(tmp)))
+        if {"train", "stats", "compress"} & set(stages):
+            _sharded_stages(shape, env, record, blocks, train_batches, stages, peak, result,
+                            Path(tmp), profile_dir, on_stage)
+            _empty_cache(device)
+        if {"inference", "cpu"} & set(stages):
+            model = build_model(config, device).eval()
+            stats = collect_statistics(model, blocks, train_batches)
+            if "inference" in stages:
+                result.update(bench_inference(model, stats, record, shape, device, peak, Path(tmp),
+                                              profile_dir))
+                result["peak_memory_gib"] = peak.gib
+                on_stage(result)
+            if "cpu" in stages:
+                result.update(bench_cpu_latency(model, stats, record, shape, Path(tmp)))
     result["peak_memory_gib"] = peak.gib
     return result
+
+
+def _sharded_stages(shape: SpeedShape, env: DistEnv, record: ModelRecord, blocks: list,
+                    train_batches: list[Batch], stages: Sequence[str], peak: Peak,
+                    result: dict[str, Any], workdir: Path, profile_dir: Path | None,
+                    on_stage: Callable[[dict[str, Any]], None]) -> None:
+    """Training, statistics and compression on the model sharded by TorchRec's planner."""
+    device = env.device
+    unsharded = build_model(record.model, device, sparse_device="meta")
+    dmp = shard_model(unsharded, env, plan=planner_plan(unsharded, env, batch_size=shape.train_batch))
+    if "train" in stages:
+        result.update(peak.measure("train", device, lambda: bench_train(dmp, train_batches, shape, device)))
+        on_stage(result)
+        if profile_dir is not None:
+            profile_to(profile_dir / "profile_train_step.txt",
+                       lambda: plain_torchrec_loop(dmp, train_batches, 1), device,
+                       f"one training step, batch {shape.train_batch}")
+    if "stats" in stages:
+        # as many batches as the timed training steps: a pass's set-up (allocating the
+        # sums) is not what a pass over a dataset costs per batch
+        stats_batches = [train_batches[i % len(train_batches)] for i in range(shape.steps)]
+        timing = peak.measure("stats", device, lambda: time_stats_vs_forward_batches(
+            dmp, blocks, stats_batches, env, repeats=3))
+        result.update({"stats_vs_forward": timing.ratio,
+                       "forward_samples_per_s": timing.forward_samples_per_s,
+                       "stats_samples_per_s": timing.stats_samples_per_s})
+        on_stage(result)
+        if profile_dir is not None:
+            forward, stats_pass = passes(dmp, blocks, train_batches[:1])
+            for title, fn in (("forward-only", forward), ("statistics", stats_pass)):
+                profile_to(profile_dir / "profile_stats.txt", fn, device,
+                           f"{title} pass over one batch of {shape.train_batch}")
+    if "compress" in stages:
+        stats = collect_statistics(unwrap(dmp), blocks, train_batches, forward=dmp)
+        result.update(peak.measure("compress", device, lambda: bench_compress(
+            dmp, record, stats, workdir, device)))
+        on_stage(result)
 
 
 def _versions() -> dict[str, str]:

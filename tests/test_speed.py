@@ -26,3 +26,16 @@ def test_bench_speed_small_writes_every_ratio(tmp_path):
     # the AFM variants really are 4x and 8x smaller (whole model), int8 counts as original
     assert record["params_original"] / record["params_afm4x"] >= 4
     assert record["params_original"] / record["params_afm8x"] >= 8
+
+
+def test_bench_speed_stages_run_alone(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert main(["bench", "speed", "--small", "--device", "cpu", "--table-cap", "2000",
+                 "--stages", "cpu", "--json", str(out), "--quiet"]) == 0
+    record = json.loads(out.read_text())
+    assert record["stages"] == ["cpu"]
+    assert record["cpu_latency_afm4x_vs_original"] > 0
+    assert not any(k in record for k in ("train_vs_torchrec", "stats_vs_forward", "compress_vs_io",
+                                         "infer_afm4x_vs_original"))
+    assert main(["bench", "speed", "--small", "--device", "cpu", "--stages", "cpu,warp"]) == 2
+    assert "unknown speed stages ['warp']" in capsys.readouterr().err
