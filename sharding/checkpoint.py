@@ -80,9 +80,12 @@ def load_state_(model: nn.Module, checkpoint_dir: str | os.PathLike[str]) -> Non
         metadata = dcp.FileSystemReader(str(path)).read_metadata()
     except Exception as e:  # a truncated or corrupt .metadata
         raise InputError(f"{path}: unreadable checkpoint metadata ({_one_line(e)})") from None
-    _check_matches(state, metadata.state_dict_metadata, path)
+    stored = metadata.state_dict_metadata
+    # Read under the names the checkpoint uses (the same tensors: DCP loads into them).
+    to_load = {_legacy_name(key, stored): value for key, value in state.items()}
+    _check_matches(to_load, stored, path)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(to_load, checkpoint_id=str(path))
     except CheckpointException as e:
         _, cause = _first_failure(e)
         raise InputError(f"{path}: could not read the checkpoint ({_one_line(cause)}): a file "
@@ -93,6 +96,27 @@ def load_state_(model: nn.Module, checkpoint_dir: str | os.PathLike[str]) -> Non
     # the parameters themselves; load_state_dict makes that explicit for every module kind.
     model.load_state_dict(state)
     _raise_on_any_rank(_nonfinite(state, f"the checkpoint {path} is unusable"))
+
+
+# Names that earlier versions wrote, by the pattern of today's name: DLRM-DCNv2's cross
+# layers were TorchRec's LowRankCrossNet (kernels of the same shapes) before they became
+# CrossNet's Linear layers.
+_LEGACY_NAMES = (
+    (re.compile(r"^(.*crossnet)\.layers\.(\d+)\.down\.weight$"), r"\1.V_kernels.\2"),
+    (re.compile(r"^(.*crossnet)\.layers\.(\d+)\.up\.weight$"), r"\1.W_kernels.\2"),
+    (re.compile(r"^(.*crossnet)\.layers\.(\d+)\.up\.bias$"), r"\1.bias.\2"),
+)
+
+
+def _legacy_name(key: str, stored: dict[str, Any]) -> str:
+    """``key``, or the name an earlier version stored the same tensor under."""
+    if key in stored:
+        return key
+    for pattern, old in _LEGACY_NAMES:
+        legacy = pattern.sub(old, key)
+        if legacy != key and legacy in stored:
+            return legacy
+    return key
 
 
 def _check_matches(state: dict[str, Any], stored: dict[str, Any], path: Path) -> None:

@@ -85,9 +85,17 @@ def test_fresh_crossnet_has_torchrec_initialisation():
 def test_built_dcn_equals_torchrec_dcn():
     """build_model swaps the cross network without touching the RNG stream: its logits
     are those of TorchRec's DLRM_DCN built under the same seed."""
+    ref = torchrec_dcn(seed=0)
+    model = dcn_model()
+    assert isinstance(model.inter_arch.crossnet, CrossNet)
+    assert torch.equal(logits(model), logits(ref))
+
+
+def torchrec_dcn(seed: int) -> nn.Module:
+    """TorchRec's own DLRM_DCN (LowRankCrossNet), what DCN models were before CrossNet."""
     cfg = tiny_config("dcn")
-    torch.manual_seed(0)
-    ref = DLRM_DCN(
+    torch.manual_seed(seed)
+    return DLRM_DCN(
         embedding_bag_collection=EmbeddingBagCollection(tables=table_configs(cfg)),
         dense_in_features=cfg.num_dense,
         dense_arch_layer_sizes=list(cfg.dense_arch),
@@ -95,9 +103,19 @@ def test_built_dcn_equals_torchrec_dcn():
         dcn_num_layers=cfg.dcn_num_layers,
         dcn_low_rank_dim=cfg.dcn_low_rank_dim,
     )
-    model = dcn_model()
-    assert isinstance(model.inter_arch.crossnet, CrossNet)
-    assert torch.equal(logits(model), logits(ref))
+
+
+def test_checkpoints_written_before_crossnet_still_load(tmp_path):
+    """A checkpoint holding LowRankCrossNet's V_kernels / W_kernels / bias loads into
+    CrossNet's down / up layers (same shapes) and gives the same logits."""
+    from afmrec.sharding.checkpoint import load_state_, save_state
+
+    old = torchrec_dcn(seed=3)
+    save_state(old, tmp_path / "ckpt")
+    model = dcn_model()  # other weights (seed 0)
+    assert not torch.equal(logits(model), logits(old))
+    load_state_(model, tmp_path / "ckpt")
+    assert torch.equal(logits(model), logits(old))
 
 
 def test_cross_layers_are_blocks():
