@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +17,7 @@ from torchrec.datasets.utils import Batch
 from .blocks import Block, find_blocks
 from .evaluate import eval_mode, forward_logits, model_device
 from .model_io import load_model, skeleton
+from .runinfo import wall_seconds
 from .stages import LOCAL, DataRef
 from .stats import StatsCollector
 
@@ -36,19 +36,6 @@ class StatsTiming:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _wall(fn: Callable[[], None], env: DistEnv, device: torch.device) -> float:
-    """Wall time of ``fn`` on every rank (barriers around it; the device synchronised)."""
-    if env.is_distributed:
-        torch.distributed.barrier()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    if env.is_distributed:
-        torch.distributed.barrier()
-    return time.perf_counter() - start
 
 
 def time_stats_vs_forward(
@@ -108,7 +95,7 @@ def time_stats_vs_forward_batches(
     forward()  # warm-up (allocator, lazy initialisation)
     f, s = [], []
     for _ in range(repeats):
-        f.append(_wall(forward, env, device))
-        s.append(_wall(stats, env, device))
+        f.append(wall_seconds(forward, device, env))
+        s.append(wall_seconds(stats, device, env))
     fwd, st = rows / min(f), rows / min(s)
     return StatsTiming(fwd, st, st / fwd, rows, len(blocks), env.world_size, repeats)

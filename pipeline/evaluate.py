@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -27,6 +26,7 @@ from torchmetrics.classification import BinaryAUROC
 from torchrec.datasets.utils import Batch
 
 from .errors import InputError
+from .runinfo import wall_seconds
 
 
 @dataclass(frozen=True)
@@ -180,16 +180,12 @@ def measure_latency(model: nn.Module, batch: Batch, *, warmup: int = 3, repeats:
         )
     device = model_device(model)
     batch = batch.to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times_ms = []
     # Not inference_mode: FBGEMM's fused training kernels (a sharded model) have no CPU
     # kernel outside autograd ("split_embedding_codegen_lookup_adagrad_function_pt2").
     with eval_mode(model), torch.no_grad():
         for i in range(warmup + repeats):
-            sync()
-            start = time.perf_counter()
-            forward_logits(model, batch)
-            sync()
+            seconds = wall_seconds(lambda: forward_logits(model, batch), device)
             if i >= warmup:
-                times_ms.append((time.perf_counter() - start) * 1e3)
+                times_ms.append(seconds * 1e3)
     return statistics.median(times_ms)

@@ -34,7 +34,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,38 @@ import torch.distributed as dist
 from afmrec.sharding.env import DistEnv
 
 GIB = 2**30
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the work queued on ``device`` (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_seconds(fn: Callable[[], Any], device: torch.device, env: DistEnv | None = None) -> float:
+    """Wall time of ``fn``, the device synchronised at both ends (queued GPU work counts
+    where it was launched); in a job of several ranks, between barriers on every rank."""
+    synchronize(device)
+    if env is not None and env.is_distributed:
+        dist.barrier()
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    if env is not None and env.is_distributed:
+        dist.barrier()
+    return time.perf_counter() - start
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Starts a new peak of ``device``'s allocated memory (CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak memory allocated by tensors on ``device`` since the last reset, in GiB
+    (``None`` on the CPU)."""
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
 
 
 def peak_rss_gib() -> float | None:
@@ -230,12 +262,7 @@ class StageMeter:
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        if self._cuda:
-            torch.cuda.reset_peak_memory_stats(self.env.device)
-
-    @property
-    def _cuda(self) -> bool:
-        return self.env.device.type == "cuda"
+        reset_peak_memory(self.env.device)
 
     def count(self, batches: Iterable[Any]) -> CountedBatches:
         """``batches``, adding the rows of each one read to :attr:`samples`."""
@@ -246,23 +273,19 @@ class StageMeter:
     def timed(self) -> Iterator[StageMeter]:
         """Adds the block's wall time to :attr:`seconds` (the device is synchronised at
         both ends, so that queued GPU work counts where it was launched)."""
-        self._sync()
+        synchronize(self.env.device)
         start = time.perf_counter()
         try:
             yield self
         finally:
-            self._sync()
+            synchronize(self.env.device)
             self.seconds += time.perf_counter() - start
-
-    def _sync(self) -> None:
-        if self._cuda:
-            torch.cuda.synchronize(self.env.device)
 
     def local(self) -> RankRun:
         """This rank's record."""
         speed = self.samples / self.seconds if self.samples is not None and self.seconds > 0 else None
-        peak = torch.cuda.max_memory_allocated(self.env.device) / GIB if self._cuda else None
-        return RankRun(self.env.rank, self.samples, self.seconds, speed, peak, peak_rss_gib())
+        return RankRun(self.env.rank, self.samples, self.seconds, speed,
+                       peak_memory_gib(self.env.device), peak_rss_gib())
 
     def gather(self) -> RunInfo:
         """Every rank's record (collective when a process group exists; gloo or NCCL)."""

@@ -27,7 +27,6 @@ import copy
 import dataclasses
 import gc
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -54,6 +53,7 @@ from .export import ServingModule, TableDtype, call, load_artifact, serving_modu
 from .model_io import ModelRecord, skeleton
 from .ranks import RankConfig
 from .stats import collect_statistics
+from .runinfo import peak_memory_gib, reset_peak_memory, synchronize, wall_seconds
 from .train import TrainConfig, make_optimizer, train_
 
 # MLPerf DLRMv2 (Criteo 1TB multi-hot): rows and bag size of each of the 26 tables.
@@ -133,19 +133,6 @@ def _empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
 @dataclass
 class Peak:
     """Peak device memory of each stage, in GiB (CUDA only)."""
@@ -153,11 +140,10 @@ class Peak:
     gib: dict[str, float] = field(default_factory=dict)
 
     def measure(self, name: str, device: torch.device, fn: Callable[[], Any]) -> Any:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         out = fn()
-        if device.type == "cuda":
-            self.gib[name] = torch.cuda.max_memory_allocated(device) / 2**30
+        if (gib := peak_memory_gib(device)) is not None:
+            self.gib[name] = gib
         return out
 
 
@@ -179,8 +165,8 @@ def bench_train(model: nn.Module, batches: list[Batch], shape: SpeedShape, devic
     rows = shape.steps * shape.train_batch
     cycle = [batches[i % len(batches)] for i in range(shape.steps)]
     plain_torchrec_loop(model, batches, 2)  # warm-up
-    base = _timed(lambda: plain_torchrec_loop(model, batches, shape.steps), device)
-    ours = _timed(lambda: train_(model, cycle, TrainConfig(log_every=10**9), progress=False), device)
+    base = wall_seconds(lambda: plain_torchrec_loop(model, batches, shape.steps), device)
+    ours = wall_seconds(lambda: train_(model, cycle, TrainConfig(log_every=10**9), progress=False), device)
     return {"train_samples_per_s": rows / ours, "torchrec_train_samples_per_s": rows / base,
             "train_vs_torchrec": base / ours}
 
@@ -202,7 +188,7 @@ def bench_compress(model: nn.Module, record: ModelRecord, stats: Any, workdir: P
         bases = _bases(unwrap(model), stats, record, ratio=4.0)
         save_state(_compress_sharded(model, record, bases, CompressConfig()), compressed)
 
-    t_io, t_compress = _timed(io, device), _timed(compress, device)
+    t_io, t_compress = wall_seconds(io, device), wall_seconds(compress, device)
     return {"io_s": t_io, "compress_s": t_compress, "compress_vs_io": t_compress / t_io}
 
 
@@ -258,7 +244,7 @@ def samples_per_s(module: nn.Module, batches: list[Batch], device: torch.device,
     """Best of ``repeats`` passes over ``batches`` of a serving module (plain-tensor forward)."""
     for b in (batches * 3)[:3]:  # TorchScript's profiling executor optimises on the 2nd-3rd call
         call(module, b)
-    best = min(_timed(lambda: [call(module, b) for b in batches], device) for _ in range(repeats))
+    best = min(wall_seconds(lambda: [call(module, b) for b in batches], device) for _ in range(repeats))
     return sum(b.labels.numel() for b in batches) / best
 
 
@@ -269,10 +255,10 @@ def profile_to(path: Path, fn: Callable[[], Any], device: torch.device, title: s
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     fn()  # warm
-    _sync(device)
+    synchronize(device)
     with profile(activities=activities) as prof:
         fn()
-        _sync(device)
+        synchronize(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     ops = sum(e.count for e in prof.key_averages())
     with open(path, "a") as f:
@@ -323,7 +309,7 @@ def _latency_ms(module: nn.Module, batch: Batch, warmup: int = 3, repeats: int =
     re-profiles and re-optimises for every new batch shape: three warm-up calls each."""
     for _ in range(warmup):
         call(module, batch)
-    times = sorted(_timed(lambda: call(module, batch), batch.dense_features.device) for _ in range(repeats))
+    times = sorted(wall_seconds(lambda: call(module, batch), batch.dense_features.device) for _ in range(repeats))
     return 1000 * times[len(times) // 2]
 
 

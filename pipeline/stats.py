@@ -319,6 +319,7 @@ class StatsCollector:
         if stacked:  # the views of block j sit at row j of the stack, in `blocks` order
             stack = [t._base for t in first.tensors()]
             rows = [observed.index(index[0]) for _, index in plan]
+            in_order = rows == list(range(len(observed)))  # then no reordering is needed
         indices: dict[tuple[torch.device, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
         def index_tensors(kjt: KeyedJaggedTensor, device: torch.device):
@@ -344,7 +345,7 @@ class StatsCollector:
             n, s, g = batch_moments(fields.transpose(0, 1), nonempty, self.exact)  # (F', ...)
             if stacked:
                 for total, part in zip(stack, (n, s, g)):
-                    total += part if len(rows) == len(observed) and rows == sorted(rows) else part.index_select(0, rows_t)
+                    total += part if in_order else part.index_select(0, rows_t)
                 return
             for moments, index in plan:
                 for i in index:
