@@ -182,24 +182,37 @@ class LowRankEmbeddingBagCollection(nn.Module):
         codes = self.codes(features)
         return codes, nonempty_mask(features, [f for f, _ in self._feature_tables])
 
+    @property
+    def serving(self) -> bool:
+        """Whether the projections are in serving form (:meth:`fuse_projections_`)."""
+        return self._serving is not None
+
+    def project_into(self, features: KeyedJaggedTensor, out: torch.Tensor) -> None:
+        """Serving form (after :meth:`fuse_projections_`): writes the F projected fields
+        into ``out``, shape (B, F, D), which may be a view of a larger buffer (such as the
+        cross network's input): one batched GEMM writes them where they are consumed."""
+        codes, mask = self.forward_codes(features)
+        self._project_codes_into(codes, mask, out)
+
+    def _project_codes_into(self, codes: KeyedTensor, mask: torch.Tensor, out: torch.Tensor) -> None:
+        k, pad = self._serving
+        f = len(self._feature_tables)
+        z = codes.values().view(-1, f, k)  # (B, F, K): the codes come in feature order (tested)
+        parts = [z, mask.to(z.dtype).unsqueeze(2)] + ([z.new_zeros(z.shape[0], f, pad)] if pad else [])
+        # (F, B, K + 1 + pad) @ (F, K + 1 + pad, D) -> (F, B, D), i.e. ``out`` transposed
+        torch.bmm(torch.cat(parts, dim=2).transpose(0, 1), self.serving_weight, out=out.transpose(0, 1))
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Args: features: KJT of F features. Returns: KeyedTensor, (B, F * D)."""
-        codes, mask = self.forward_codes(features)
         keys = [f for f, _ in self._feature_tables]
+        codes, mask = self.forward_codes(features)
         if self._serving is not None:
-            # the codes come out in feature order, K wide each (tested)
-            k, pad = self._serving
-            z = codes.values().view(-1, len(keys), k)  # (B, F, K)
-            parts = [z, mask.to(z.dtype).unsqueeze(2)] + ([z.new_zeros(z.shape[0], len(keys), pad)] if pad else [])
-            y = torch.bmm(torch.cat(parts, dim=2).transpose(0, 1), self.serving_weight)  # (F, B, D)
-            return KeyedTensor(keys=keys, length_per_key=self._dims,
-                               values=y.transpose(0, 1).reshape(y.shape[1], -1))
+            batch = mask.shape[0]
+            fields = codes.values().new_empty([batch, len(keys), self._dims[0]])
+            self._project_codes_into(codes, mask, fields)
+            return KeyedTensor(keys=keys, length_per_key=self._dims, values=fields.view(batch, -1))
         ys = self.project(codes, mask)
-        return KeyedTensor(
-            keys=[f for f, _ in self._feature_tables],
-            length_per_key=[y.shape[1] for y in ys],
-            values=torch.cat(ys, dim=1),
-        )
+        return KeyedTensor(keys=keys, length_per_key=[y.shape[1] for y in ys], values=torch.cat(ys, dim=1))
 
     @classmethod
     def from_embedding_bag_collection(

@@ -98,9 +98,11 @@ class ServingModule(nn.Module):
 
 def serving_module(model: nn.Module, features: list[str], tables: TableDtype = "fp32",
                    inplace: bool = False) -> ServingModule:
-    """``model`` with its tables on FBGEMM's inference kernels and the projections of its
+    """``model`` with its tables on FBGEMM's inference kernels, the projections of its
     low-rank tables as one batched GEMM where they all have one rank
-    (``LowRankEmbeddingBagCollection.fuse_projections_``), in eval mode.
+    (``LowRankEmbeddingBagCollection.fuse_projections_``) and its serving form
+    (``afmrec.models.serving``: DLRM-DCNv2 assembles its cross input in one buffer), in
+    eval mode.
 
     Args:
         model: an unsharded model (``afmrec.models.build_model``, compressed or not).
@@ -112,6 +114,7 @@ def serving_module(model: nn.Module, features: list[str], tables: TableDtype = "
     from torchrec.inference.modules import quantize_embeddings
 
     from afmrec.models import LowRankEmbeddingBagCollection
+    from afmrec.models.serving import serving_form
 
     params = count_parameters(model)
     served = model if inplace else copy.deepcopy(model)
@@ -119,7 +122,7 @@ def serving_module(model: nn.Module, features: list[str], tables: TableDtype = "
         if isinstance(m, LowRankEmbeddingBagCollection):
             m.fuse_projections_()
     served = quantize_embeddings(served, dtype=TABLE_DTYPES[tables], inplace=True)
-    return ServingModule(served, list(features), tables, params).eval()
+    return ServingModule(serving_form(served), list(features), tables, params).eval()
 
 
 def script(module: ServingModule) -> torch.jit.ScriptModule:

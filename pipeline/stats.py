@@ -17,7 +17,7 @@ import itertools
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Hashable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -108,9 +108,10 @@ def batch_moments(
         return n, y64.sum(1), torch.bmm(y64.transpose(1, 2), y64)
     # Masked rows are zero, so the plain sum over all rows is the sum of the kept ones.
     c = y.sum(1) / n.clamp_min(1).to(y.dtype).unsqueeze(1)
-    yc = y - c.unsqueeze(1)
-    if mask is not None:
-        yc = yc * mask.unsqueeze(2)
+    if mask is None:
+        yc = y - c.unsqueeze(1)
+    else:  # y - mask c: masked rows stay 0, in one pass
+        yc = torch.addcmul(y, mask.unsqueeze(2).to(y.dtype), c.unsqueeze(1), value=-1)
     gc = torch.bmm(yc.transpose(1, 2), yc).to(torch.float64)
     t = yc.sum(1).to(torch.float64).unsqueeze(2)
     c64 = c.to(torch.float64).unsqueeze(2)
@@ -190,43 +191,215 @@ def _fields(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _check_unmodified(name: str, y: torch.Tensor, version: int) -> None:
+    if y._version != version:
+        raise InputError(
+            f"the output of {name} was modified in place before the forward pass ended; its "
+            "statistics cannot be read (use out-of-place activations)")
+
+
+# What an observer saw in one forward pass: a hashable key (structure, shapes, dtypes) and
+# the tensors themselves.
+Seen = tuple[Hashable, list[torch.Tensor]]
+
+
+class _Observer:
+    """Outputs held during one forward pass, and how their moments are added to the sums.
+
+    Per batch, :meth:`take` hands over what the hooks saw, :meth:`buffers` allocates the
+    update's inputs, :meth:`fill` copies what was seen into them and :meth:`update` adds
+    their moments to the sums. The update reads nothing but its inputs and the sums, so
+    :class:`StatsCollector` can capture it once as a CUDA graph and replay it on buffers
+    it refills every batch.
+    """
+
+    def take(self) -> Seen | None:
+        raise NotImplementedError
+
+    def buffers(self, key: Hashable, seen: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def fill(self, key: Hashable, buffers: list[torch.Tensor], seen: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def update(self, key: Hashable, inputs: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
 @dataclass
-class _WidthGroup:
-    """The Linear blocks of one output width: their moments are views of stacked sums,
-    and the outputs of one forward pass are stacked into one :func:`batch_moments` call."""
+class _WidthGroup(_Observer):
+    """The Linear blocks of one output width: their moments are views of stacked sums, and
+    the outputs of one forward pass go through one :func:`batch_moments` call."""
 
     names: list[str]
     stack: list[torch.Tensor]  # n (G,), s (G, m), g (G, m, m): the views' bases
+    exact: bool = False
     pending: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  # (j, y, version)
 
-    def flush(self, exact: bool) -> None:
+    def observe(self, j: int, y: torch.Tensor) -> None:
+        self.pending.append((j, y, y._version))
+
+    def take(self) -> Seen | None:
         items, self.pending = self.pending, []
         if not items:
-            return
+            return None
         for j, y, version in items:
-            if y._version != version:
-                raise InputError(
-                    f"the output of {self.names[j]} was modified in place before the forward "
-                    "pass ended; its statistics cannot be read (use out-of-place activations)")
-        rows = {y.shape for _, y, _ in items}
-        if [j for j, _, _ in items] == list(range(len(self.names))) and len(rows) == 1:
-            parts = batch_moments(torch.stack([y for _, y, _ in items]), None, exact)
-            for total, part in zip(self.stack, parts):
+            _check_unmodified(self.names[j], y, version)
+        layout = tuple((j, tuple(y.shape), y.dtype) for j, y, _ in items)
+        everyone_once = [j for j, _, _ in items] == list(range(len(self.names)))
+        # stacked: every block once, same rows; else (a block skipped or run twice) each alone
+        stacked = everyone_once and len({shape for _, shape, _ in layout}) == 1
+        return (stacked, layout), [y for _, y, _ in items]
+
+    def buffers(self, key: Hashable, seen: list[torch.Tensor]) -> list[torch.Tensor]:
+        if key[0]:
+            return [seen[0].new_empty((len(seen), *seen[0].shape))]
+        return [torch.empty_like(y) for y in seen]
+
+    def fill(self, key: Hashable, buffers: list[torch.Tensor], seen: list[torch.Tensor]) -> list[torch.Tensor]:
+        if key[0]:
+            torch.stack(seen, out=buffers[0])
+        else:
+            for b, y in zip(buffers, seen):
+                b.copy_(y)
+        return buffers
+
+    def update(self, key: Hashable, inputs: list[torch.Tensor]) -> None:
+        stacked, layout = key
+        if stacked:
+            for total, part in zip(self.stack, batch_moments(inputs[0], None, self.exact)):
                 total += part
             return
-        for j, y, _ in items:  # a block skipped or run twice in this pass: one at a time
-            for total, part in zip(self.stack, batch_moments(y.unsqueeze(0), None, exact)):
+        for (j, _, _), y in zip(layout, inputs):
+            for total, part in zip(self.stack, batch_moments(y.unsqueeze(0), None, self.exact)):
                 total[j] += part[0]
+
+
+class _TableObserver(_Observer):
+    """The tables of one sparse arch, observed where it returns its (B, F, D) fields: one
+    batched Gram product serves every table, and (when each table serves one feature, as
+    ours do) three in-place adds into the stacked sums that the tables' :class:`Moments`
+    are views of, whatever the number of tables. Empty bags (exactly 0 before and after
+    compression) are left out."""
+
+    def __init__(self, blocks: list[Block], feature_names: list[str], moments: Mapping[str, Moments],
+                 exact: bool) -> None:
+        self.exact = exact
+        self.plan = [(moments[b.name], [feature_names.index(f) for f in b.features]) for b in blocks]
+        self.feature_names = feature_names
+        self.observed = sorted({i for _, index in self.plan for i in index})
+        first = self.plan[0][0]
+        self.stacked = all(len(index) == 1 for _, index in self.plan) and first.n._base is not None
+        self.rows: list[int] = []
+        if self.stacked:  # the views of block j sit at row j of the stack, in `blocks` order
+            self.stack = [t._base for t in first.tensors()]
+            self.rows = [self.observed.index(index[0]) for _, index in self.plan]
+        self.in_order = self.rows == list(range(len(self.observed)))  # no reordering needed
+        self._index: dict[tuple[torch.device, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, tuple[str, ...], int]] = []
+
+    def hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        kjt: KeyedJaggedTensor = args[0] if args else next(iter(kwargs.values()))
+        fields = _fields(output)
+        self.pending.append((fields, kjt.lengths(), tuple(kjt.keys()), fields._version))
+
+    def _index_tensors(self, device: torch.device, keys: tuple[str, ...]):
+        """(observed fields, their rows in the lengths, stack rows), built once per device
+        and key order (a Python list index would copy to the device every batch)."""
+        if (device, keys) not in self._index:
+            order = [keys.index(self.feature_names[i]) for i in self.observed]
+            as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+            self._index[device, keys] = (as_tensor(self.observed), as_tensor(order), as_tensor(self.rows))
+        return self._index[device, keys]
+
+    def take(self) -> Seen | None:
+        items, self.pending = self.pending, []
+        if not items:
+            return None
+        for fields, _, _, version in items:
+            _check_unmodified("the sparse arch", fields, version)
+        key = tuple((tuple(f.shape), f.dtype, f.device, tuple(n.shape), n.dtype, keys)
+                    for f, n, keys, _ in items)
+        return key, [t for f, n, _, _ in items for t in (f, n)]
+
+    def buffers(self, key: Hashable, seen: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for (shape, dtype, device, lengths_shape, lengths_dtype, _) in key:
+            out.append(torch.empty((len(self.observed), shape[0], shape[2]), dtype=dtype, device=device))
+            out.append(torch.empty(lengths_shape, dtype=lengths_dtype, device=device))
+        return out
+
+    def fill(self, key: Hashable, buffers: list[torch.Tensor], seen: list[torch.Tensor]) -> list[torch.Tensor]:
+        for i, (_, _, device, _, _, keys) in enumerate(key):
+            fields, lengths = seen[2 * i], seen[2 * i + 1]
+            if len(self.observed) != fields.shape[1]:
+                fields = fields.index_select(1, self._index_tensors(device, keys)[0])
+            buffers[2 * i].copy_(fields.transpose(0, 1))  # (F', B, D)
+            buffers[2 * i + 1].copy_(lengths)
+        return buffers
+
+    def update(self, key: Hashable, inputs: list[torch.Tensor]) -> None:
+        for i, (_, _, device, _, _, keys) in enumerate(key):
+            fields, lengths = inputs[2 * i], inputs[2 * i + 1]
+            _, order, rows = self._index_tensors(device, keys)
+            nonempty = lengths.view(len(keys), -1).index_select(0, order) > 0  # (F', B)
+            n, s, g = batch_moments(fields, nonempty, self.exact)
+            if self.stacked:
+                for total, part in zip(self.stack, (n, s, g)):
+                    total += part if self.in_order else part.index_select(0, rows)
+                continue
+            for moments, index in self.plan:
+                for f in index:
+                    j = self.observed.index(f)
+                    moments.n += n[j]
+                    moments.s += s[j]
+                    moments.g += g[j]
+
+
+@dataclass
+class _CapturedUpdate:
+    """A CUDA graph of one batch's update and the input buffers it reads."""
+
+    buffers: list[list[torch.Tensor]]
+    graph: Any  # torch.cuda.CUDAGraph
+
+
+def _capture(work: list[tuple[_Observer, Seen]], sums: list[torch.Tensor]) -> _CapturedUpdate:
+    """Captures the update of ``work`` as a CUDA graph over fresh input buffers. The sums
+    are left as they were: the warm-up run that capture needs (on a side stream, as
+    ``torch.cuda.graphs`` asks) is undone, and capture itself runs nothing."""
+    buffers = [o.fill(key, o.buffers(key, seen), seen) for o, (key, seen) in work]
+
+    def run() -> None:
+        for (o, (key, _)), inputs in zip(work, buffers):
+            o.update(key, inputs)
+
+    saved = [t.clone() for t in sums]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    for t, s in zip(sums, saved):
+        t.copy_(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        run()
+    return _CapturedUpdate(buffers, graph)
 
 
 class StatsCollector:
     """Observes the outputs of ``blocks`` while the caller runs forward passes.
 
-    Tables are observed where their owner (a sparse arch) returns, all at once. A Linear's
-    output is held until the observed model's forward pass returns; then the outputs of
-    the Linears of each width go through one batched Gram product (a DLRM-DCNv2 has 11
-    Linear blocks in 5 widths): a few dozen kernels a batch instead of hundreds, which is
-    what the statistics pass costs on a GPU.
+    Outputs are held until the observed model's forward pass returns; then one update adds
+    them all: the tables of a sparse arch through one batched Gram product, the Linears of
+    each width through another (a DLRM-DCNv2 has 11 Linear blocks in 5 widths).
+
+    On CUDA the update is a few dozen small kernels a batch, which the host launches more
+    slowly than the GPU runs them. So from the second batch of a shape on, the update is
+    a CUDA graph: the held outputs are copied into its input buffers and the graph is
+    replayed (one launch); the sums are the same as the eager update's (tested). At most
+    :attr:`max_graphs` shapes are captured; others run eagerly.
 
     Example::
 
@@ -236,20 +409,27 @@ class StatsCollector:
         stats = collector.result()
     """
 
+    max_graphs = 4
+
     def __init__(
         self,
         model: nn.Module,
         blocks: Iterable[Block],
         device: torch.device | None = None,
         exact: bool = False,
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self.blocks = list(blocks)
         self.device = device
         self.exact = exact
+        self.cuda_graphs = cuda_graphs
+        self.replays = 0  # batches whose update ran as a CUDA graph
         self._moments: dict[str, Moments] = {}
-        self._groups: list[_WidthGroup] = []
+        self._observers: list[_Observer] = []
         self._handles: list[Any] = []
+        self._seen: dict[Hashable, int] = {}
+        self._graphs: dict[Hashable, _CapturedUpdate] = {}
 
     @property
     def moments(self) -> dict[str, Moments]:
@@ -258,9 +438,34 @@ class StatsCollector:
         return self._moments
 
     def flush(self) -> None:
-        """Adds the held Linear outputs (called when the observed model returns)."""
-        for group in self._groups:
-            group.flush(self.exact)
+        """Adds the held outputs (called when the observed model returns)."""
+        work = [(o, seen) for o in self._observers if (seen := o.take()) is not None]
+        if not work:
+            return
+        captured = self._graph(work)
+        if captured is None:
+            for o, (key, seen) in work:
+                o.update(key, o.fill(key, o.buffers(key, seen), seen))
+            return
+        for (o, (key, seen)), buffers in zip(work, captured.buffers):
+            o.fill(key, buffers, seen)
+        captured.graph.replay()
+        self.replays += 1
+
+    def _graph(self, work: list[tuple[_Observer, Seen]]) -> _CapturedUpdate | None:
+        """The CUDA graph of this batch's update: captured the second time a signature
+        (which observers saw what shapes) comes; None to run it eagerly."""
+        if not self.cuda_graphs or not all(t.is_cuda for _, (_, seen) in work for t in seen):
+            return None
+        signature = tuple((self._observers.index(o), key) for o, (key, _) in work)
+        if signature not in self._graphs:
+            self._seen[signature] = self._seen.get(signature, 0) + 1
+            if self._seen[signature] < 2 or len(self._graphs) >= self.max_graphs:
+                return None
+            bases = {id(b): b for m in self._moments.values() for t in m.tensors()
+                     for b in [t if t._base is None else t._base]}
+            self._graphs[signature] = _capture(work, list(bases.values()))
+        return self._graphs[signature]
 
     def __enter__(self) -> "StatsCollector":
         modules = dict(self.model.named_modules())
@@ -275,12 +480,10 @@ class StatsCollector:
             stacked = _stacked_moments(blocks, self.device)
             self._moments.update(stacked)
             first = stacked[blocks[0].name]
-            group = _WidthGroup([b.name for b in blocks], [t._base for t in first.tensors()])
-            self._groups.append(group)
+            group = _WidthGroup([b.name for b in blocks], [t._base for t in first.tensors()], self.exact)
+            self._observers.append(group)
             for j, b in enumerate(blocks):
                 self._handles.append(modules[b.module].register_forward_hook(self._linear_hook(group, j)))
-        if linear_by_width:
-            self._handles.append(self.model.register_forward_hook(lambda *_: self.flush()))
         for owner, blocks in tables_by_owner.items():
             self._moments.update(_stacked_moments(blocks, self.device))
             arch = modules[owner]
@@ -290,8 +493,11 @@ class StatsCollector:
                     f"{owner or 'the model'} owns embedding tables but has no "
                     "`sparse_feature_names` (observe tables through a TorchRec SparseArch)"
                 )
-            hook = self._table_hook(blocks, list(names))
-            self._handles.append(arch.register_forward_hook(hook, with_kwargs=True))
+            observer = _TableObserver(blocks, list(names), self._moments, self.exact)
+            self._observers.append(observer)
+            self._handles.append(arch.register_forward_hook(observer.hook, with_kwargs=True))
+        if self._observers:
+            self._handles.append(self.model.register_forward_hook(lambda *_: self.flush()))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -299,60 +505,12 @@ class StatsCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._graphs.clear()
 
     @staticmethod
     def _linear_hook(group: _WidthGroup, j: int):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            y = output.detach().reshape(-1, output.shape[-1])
-            group.pending.append((j, y, y._version))
-
-        return hook
-
-    def _table_hook(self, blocks: list[Block], feature_names: list[str]):
-        """One hook per sparse arch: one batched GEMM for all its tables, and (when each
-        table serves one feature, as ours do) three in-place adds into the stacked sums
-        that the tables' :class:`Moments` are views of, whatever the number of tables."""
-        plan = [(self._moments[b.name], [feature_names.index(f) for f in b.features]) for b in blocks]
-        observed = sorted({i for _, index in plan for i in index})
-        first = plan[0][0]
-        stacked = all(len(index) == 1 for _, index in plan) and first.n._base is not None
-        if stacked:  # the views of block j sit at row j of the stack, in `blocks` order
-            stack = [t._base for t in first.tensors()]
-            rows = [observed.index(index[0]) for _, index in plan]
-            in_order = rows == list(range(len(observed)))  # then no reordering is needed
-        indices: dict[tuple[torch.device, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-        def index_tensors(kjt: KeyedJaggedTensor, device: torch.device):
-            # Built once per device and key order (a Python list index would copy to the
-            # device on every batch).
-            key = (device, tuple(kjt.keys()))
-            if key not in indices:
-                order = [kjt.keys().index(feature_names[i]) for i in observed]
-                as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-                indices[key] = (as_tensor(observed), as_tensor(order), as_tensor(rows if stacked else []))
-            return indices[key]
-
-        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            kjt: KeyedJaggedTensor = args[0] if args else next(iter(kwargs.values()))
-            fields = _fields(output)  # (B, F, D)
-            observed_t, order, rows_t = index_tensors(kjt, fields.device)
-            if len(observed) != fields.shape[1]:
-                fields = fields.index_select(1, observed_t)
-            lengths = kjt.lengths().view(len(kjt.keys()), -1)
-            nonempty = lengths.index_select(0, order.to(lengths.device)).to(fields.device) > 0  # (F', B)
-            # One batched GEMM serves every table; empty bags (exactly 0 before and after
-            # compression) are left out.
-            n, s, g = batch_moments(fields.transpose(0, 1), nonempty, self.exact)  # (F', ...)
-            if stacked:
-                for total, part in zip(stack, (n, s, g)):
-                    total += part if in_order else part.index_select(0, rows_t)
-                return
-            for moments, index in plan:
-                for i in index:
-                    j = observed.index(i)
-                    moments.n += n[j]
-                    moments.s += s[j]
-                    moments.g += g[j]
+            group.observe(j, output.detach().reshape(-1, output.shape[-1]))
 
         return hook
 
@@ -482,6 +640,7 @@ def collect_statistics(
     forward: nn.Module | None = None,
     exact: bool = False,
     checkpoint: StatsCheckpoint | None = None,
+    cuda_graphs: bool = True,
 ) -> Statistics:
     """One forward pass over ``batches`` (TorchRec ``Batch``es) with observers.
 
@@ -496,6 +655,8 @@ def collect_statistics(
             accumulation (see :func:`batch_moments`).
         checkpoint: save the moments every ``checkpoint.every`` batches and resume from
             the last save; ``batches`` must then come in the same order on every run.
+        cuda_graphs: on CUDA, replay each batch's update as a CUDA graph (see
+            :class:`StatsCollector`); False runs it eagerly.
 
     Returns:
         The local (this process's) statistics, with ``meta["resumed_from_batch"]`` (0 for
@@ -506,7 +667,7 @@ def collect_statistics(
     from .evaluate import eval_mode, forward_logits, model_device
 
     runner = forward if forward is not None else model
-    collector = StatsCollector(model, blocks, model_device(model), exact)
+    collector = StatsCollector(model, blocks, model_device(model), exact, cuda_graphs)
     done, saved = checkpoint.resume() if checkpoint is not None else (0, {})
     total = len(batches) if hasattr(batches, "__len__") else None
     with eval_mode(runner), collector, torch.no_grad():

@@ -216,3 +216,25 @@ def test_writing_an_artifact_leaves_no_cycle_holding_the_tables(tmp_path):
         assert alive() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("afm", [False, True], ids=["original", "afm"])
+def test_dcn_serving_form_assembles_the_cross_input_in_place(afm, tmp_path):
+    """DLRM-DCNv2 serves through DCNServing: the dense row and the fields are written into
+    one buffer (the AFM fields by their batched projection GEMM) and the logits are the
+    model's, eager and exported."""
+    from afmrec.models.serving import DCNServing
+
+    if afm:
+        model, record = compressed("dcn")
+    else:
+        torch.manual_seed(0)
+        config = tiny_config("dcn", embedding_dim=D)
+        model, record = build_model(config).eval(), ModelRecord(config)
+    batch = random_batch(96, 3, seed=11, max_bag=4)
+    want = eager_logits(model, batch)
+    served = serving_module(model, [t.name for t in record.model.tables])
+    assert isinstance(served.model, DCNServing) and served.model.in_place == afm
+    torch.testing.assert_close(call(served, batch), want, rtol=1e-6, atol=1e-6)
+    export_model(model, record.model, tmp_path / "m.pt")
+    torch.testing.assert_close(call(load_artifact(tmp_path / "m.pt")[0], batch), want, rtol=1e-5, atol=1e-5)

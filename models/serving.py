@@ -1,0 +1,65 @@
+"""Serving forms: the function of a trained model, with its memory traffic arranged for
+inference (``afmrec export``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.models.dlrm import DLRM_DCN
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from .lowrank import LowRankEmbeddingBagCollection
+
+
+class DCNServing(nn.Module):
+    """DLRM-DCNv2's forward with the cross network's input assembled in one buffer.
+
+    TorchRec's ``DLRM_DCN`` concatenates the F pooled fields into (B, F, D), then puts the
+    dense row in front: two copies of the model's widest activation, (B, (F + 1) D), per
+    call. Here the dense arch's output and the fields are written into their slices of
+    one (B, F + 1, D) buffer: the fields of full-width tables are copied once, and the
+    low-rank tables in serving form
+    (:meth:`LowRankEmbeddingBagCollection.fuse_projections_`) write their projections
+    into it with their one batched GEMM, so an AFM model's fields are never copied.
+
+    Args:
+        model: a ``DLRM_DCN`` whose collection returns its F fields in the order of its
+            sparse arch's ``sparse_feature_names`` (every TorchRec collection and ours
+            does).
+    """
+
+    def __init__(self, model: DLRM_DCN) -> None:
+        super().__init__()
+        sparse = model.sparse_arch
+        self.dense_arch = model.dense_arch
+        self.embedding_bag_collection = sparse.embedding_bag_collection
+        self.crossnet = model.inter_arch.crossnet
+        self.over_arch = model.over_arch
+        self.num_fields: int = sparse.F
+        self.dim: int = sparse.D
+        ebc = self.embedding_bag_collection
+        self.in_place = isinstance(ebc, LowRankEmbeddingBagCollection) and ebc.serving
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        """Args: dense (B, N), KJT of F features. Returns: logits (B, 1)."""
+        dense = self.dense_arch(dense_features)  # (B, D)
+        batch = dense.shape[0]
+        x0 = dense.new_empty([batch, self.num_fields + 1, self.dim])
+        x0.select(1, 0).copy_(dense)
+        fields = x0.narrow(1, 1, self.num_fields)  # (B, F, D)
+        if self.in_place:
+            self.embedding_bag_collection.project_into(sparse_features, fields)
+        else:
+            fields.copy_(self.embedding_bag_collection(sparse_features).values().view(batch, self.num_fields, self.dim))
+        return self.over_arch(self.crossnet(x0.view(batch, -1)))
+
+
+def serving_form(model: nn.Module) -> nn.Module:
+    """The serving form of ``model`` (same parameters, same function), or ``model``
+    itself where there is none: DLRM-DCNv2 gets :class:`DCNServing` when its collection's
+    fields come in the sparse arch's order."""
+    if not isinstance(model, DLRM_DCN):
+        return model
+    sparse = model.sparse_arch
+    order = [f for c in sparse.embedding_bag_collection.embedding_bag_configs() for f in c.feature_names]
+    return DCNServing(model) if order == list(sparse.sparse_feature_names) else model
