@@ -48,11 +48,11 @@ from .bench import passes, time_stats_vs_forward_batches
 from .blocks import find_blocks
 from .compress import CompressConfig, compress_
 from .errors import InputError
-from .evaluate import count_parameters
+from .evaluate import count_parameters, eval_mode
 from .export import ServingModule, TableDtype, call, load_artifact, serving_module, write_artifact
 from .model_io import ModelRecord, skeleton
 from .ranks import RankConfig
-from .stats import collect_statistics
+from .stats import StatsCollector, collect_statistics
 from .runinfo import peak_memory_gib, reset_peak_memory, synchronize, wall_seconds
 from .train import TrainConfig, make_optimizer, train_
 
@@ -415,10 +415,14 @@ def _sharded_stages(shape: SpeedShape, env: DistEnv, record: ModelRecord, blocks
                        "stats_samples_per_s": timing.stats_samples_per_s})
         on_stage(result)
         if profile_dir is not None:
-            forward, stats_pass = passes(dmp, blocks, train_batches[:1])
-            for title, fn in (("forward-only", forward), ("statistics", stats_pass)):
-                profile_to(profile_dir / "profile_stats.txt", fn, device,
-                           f"{title} pass over one batch of {shape.train_batch}")
+            forward, _ = passes(dmp, blocks, train_batches[:1])
+            out = profile_dir / "profile_stats.txt"
+            profile_to(out, forward, device, f"forward-only pass over one batch of {shape.train_batch}")
+            # in a pass over many batches (the steady state), the update is a replayed graph:
+            # profile_to's warm-up call captures it, the profiled call replays it
+            with eval_mode(dmp), torch.no_grad(), StatsCollector(unwrap(dmp), blocks, device):
+                forward()  # a shape's first batch runs eagerly
+                profile_to(out, forward, device, f"statistics pass over one batch of {shape.train_batch}")
     if "compress" in stages:
         stats = collect_statistics(unwrap(dmp), blocks, train_batches, forward=dmp)
         result.update(peak.measure("compress", device, lambda: bench_compress(
