@@ -147,32 +147,56 @@ class LowRankEmbeddingBagCollection(nn.Module):
                 out[i] = by_feature[feature]
         return out  # type: ignore[return-value]
 
-    def fuse_projections_(self, multiple: int = 8) -> bool:
-        """Serving form of the projections, when every feature's table has one rank K and
-        width D (what uniform ranks give): the pooled codes are read in place as (B, F, K),
+    def fuse_projections_(self, multiple: int = 8, max_padding: float = 0.01) -> bool:
+        """Serving form of the projections: the pooled codes are read in place as (B, F, K),
         the non-empty indicator appended as one more code column (zero-padded to a
         multiple of ``multiple``, for aligned tensor-core GEMMs), and one batched GEMM
-        with the stacked ``[U_f^T; b2_f]`` gives (F, B, D). Exact; it replaces stacking
-        the codes and the weights, a masked bias and a concatenation of F pieces on every
-        call. Returns False (and changes nothing) for mixed ranks or unprojected tables.
-        For inference (``afmrec export``); the per-table projections stay the trained
+        with the stacked ``[U_f^T; b2_f]`` gives the (B, F, D) fields. Exact; it replaces
+        stacking the codes and the weights, a masked bias and a concatenation of F pieces
+        on every call. For inference (``afmrec export``); the projections stay the trained
         parameters.
+
+        Every feature's table must be projected to one width D. Tables of rank below the
+        largest, K, get zero columns up to K (zero codes meet zero weights: exact), if that
+        adds at most ``max_padding`` of the collection's code entries: a table of a few
+        rows, whose rank its row count caps, costs nothing to pad. Returns False (and
+        changes nothing) where these conditions fail.
         """
-        shapes = {(p.in_features, p.out_features) for p in self.projections.values()}
-        if len(shapes) != 1 or any(t not in self.projections for _, t in self._feature_tables):
+        if any(t not in self.projections for _, t in self._feature_tables):
             return False
-        (k, d), = shapes
+        if len({p.out_features for p in self.projections.values()}) != 1:
+            return False
+        ranks, rows = self.ranks, {t.name: t.num_embeddings for t in self._configs}
+        k, d = max(ranks.values()), self._dims[0]
+        extra = sum(rows[t] * (k - r) for t, r in ranks.items())
+        if extra > max_padding * sum(rows[t] * r for t, r in ranks.items()):
+            return False
+        if extra:
+            self._pad_codes_(k)
         padded = -(-(k + 1) // multiple) * multiple
         ref = next(iter(self.projections.values())).weight
         weight = torch.zeros(len(self._feature_tables), padded, d, dtype=ref.dtype, device=ref.device)
         with torch.no_grad():
             for i, (_, table) in enumerate(self._feature_tables):
                 proj = self.projections[table]
-                weight[i, :k] = proj.weight.T
+                weight[i, : proj.in_features] = proj.weight.T
                 weight[i, k] = proj.bias
         self.register_buffer("serving_weight", weight)
         self._serving = (k, padded - k - 1)
         return True
+
+    def _pad_codes_(self, k: int) -> None:
+        """Widens every code table to ``k`` columns with zeros (unchanged tables keep their
+        weight tensors)."""
+        old = self.codes
+        configs = [dataclasses.replace(c, embedding_dim=k) for c in old.embedding_bag_configs()]
+        new = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
+        for c in old.embedding_bag_configs():
+            weight = old.embedding_bags[c.name].weight
+            if c.embedding_dim < k:
+                weight = nn.Parameter(torch.cat([weight.detach(), weight.new_zeros(weight.shape[0], k - c.embedding_dim)], 1))
+            new.embedding_bags[c.name].weight = weight
+        self.codes = new
 
     def _width(self, table: str) -> int:
         return next(t.embedding_dim for t in self._configs if t.name == table)

@@ -18,11 +18,15 @@ from .conftest import random_batch, tiny_config
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _collect(model, blocks, batches, cuda_graphs: bool):
+def _collect(model, blocks, batches, cuda_graphs: bool, read_after: int = 3):
+    """The pass's statistics, its replay count and the counts read after ``read_after``
+    batches (as a checkpoint save reads them, while replays may still run)."""
     with torch.no_grad(), StatsCollector(model, blocks, torch.device("cuda"), cuda_graphs=cuda_graphs) as c:
-        for b in batches:
+        for i, b in enumerate(batches, start=1):
             model(b.dense_features, b.sparse_features)
-    return c.result(), c.replays
+            if i == read_after:
+                partial = {k: m.n.clone() for k, m in c.moments.items()}
+    return c.result(), c.replays, partial
 
 
 @pytest.mark.parametrize("arch", ["dlrm", "dcn", "deepfm"])
@@ -35,9 +39,10 @@ def test_graphed_update_adds_what_the_eager_update_adds(arch):
     blocks = find_blocks(model)
     batches = [random_batch(64, 3, seed=s).to(torch.device("cuda")) for s in range(5)]
     batches.append(random_batch(40, 3, seed=9).to(torch.device("cuda")))  # a short last batch
-    eager, none = _collect(model, blocks, batches, cuda_graphs=False)
-    graphed, replays = _collect(model, blocks, batches, cuda_graphs=True)
+    eager, none, eager_partial = _collect(model, blocks, batches, cuda_graphs=False)
+    graphed, replays, partial = _collect(model, blocks, batches, cuda_graphs=True)
     assert none == 0
+    assert all(torch.equal(partial[k], eager_partial[k]) for k in partial)
     assert replays == 4  # batches 2-5; the first ran eagerly, the short one too
     for name, m in eager.moments.items():
         g = graphed.moments[name]

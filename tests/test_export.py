@@ -169,9 +169,12 @@ def test_bad_inputs_are_input_errors(tmp_path):
     assert json.dumps(ExportConfig().__dict__)
 
 
-def test_fused_projections_are_exact_with_empty_bags():
+@pytest.mark.parametrize("ranks, columns", [((4, 4, 4), 8), ((4, 8, 8), 16)], ids=["uniform", "mixed"])
+def test_fused_projections_are_exact_with_empty_bags(ranks, columns):
     """One batched GEMM over the codes read in place plus the non-empty column gives what
-    the grouped projections give, float and quantised; mixed ranks are left as they are."""
+    the grouped projections give, float and quantised. Mixed ranks are padded to the
+    largest where that costs at most ``max_padding`` of the code entries, else left as
+    they are; unprojected tables are left as they are."""
     from torchrec.inference.modules import quantize_embeddings
 
     from afmrec.models import LowRankEmbeddingBagCollection, table_configs
@@ -180,15 +183,20 @@ def test_fused_projections_are_exact_with_empty_bags():
     configs = table_configs(tiny_config("dlrm", embedding_dim=16))
     kjt = random_batch(200, 3, seed=5).sparse_features
     assert int((kjt.lengths() == 0).sum()) > 0
-    mixed = LowRankEmbeddingBagCollection(configs, {"t0": 4, "t2": 8})
-    assert not mixed.fuse_projections_() and "serving_weight" not in dict(mixed.named_buffers())
-    lowrank = LowRankEmbeddingBagCollection(configs, {"t0": 4, "t1": 4, "t2": 4})
-    for p in lowrank.projections.parameters():
+    partial = LowRankEmbeddingBagCollection(configs, {"t0": 4, "t2": 8})
+    assert not partial.fuse_projections_() and "serving_weight" not in dict(partial.named_buffers())
+    lowrank = LowRankEmbeddingBagCollection(configs, dict(zip(["t0", "t1", "t2"], ranks)))
+    for p in lowrank.parameters():
         torch.nn.init.normal_(p)
+    # padding t0 (10 rows) from 4 to 8 columns adds 40 to 560 code entries: 7%, over 1%
+    padding = 0.0 if len(set(ranks)) == 1 else 0.1
     with torch.no_grad():
         want = lowrank(kjt)
-        assert lowrank.fuse_projections_()
-        assert lowrank.serving_weight.shape == (3, 8, 16)  # K + 1 = 5 columns padded to 8
+        if padding:
+            assert not lowrank.fuse_projections_() and not lowrank.serving
+        assert lowrank.fuse_projections_(max_padding=padding)
+        assert lowrank.serving_weight.shape == (3, columns, 16)  # K + 1 columns, padded to 8s
+        assert lowrank.ranks == dict(zip(["t0", "t1", "t2"], ranks))  # the trained projections
         got = lowrank(kjt)
         quantised = quantize_embeddings(lowrank, dtype=torch.float32, inplace=False)(kjt)
     assert got.keys() == want.keys() == ["t0", "t1", "t2"]
