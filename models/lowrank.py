@@ -151,50 +151,63 @@ class LowRankEmbeddingBagCollection(nn.Module):
         """Serving form of the projections: the pooled codes are read in place as (B, F, K),
         the non-empty indicator appended as one more code column (zero-padded to a
         multiple of ``multiple``, for aligned tensor-core GEMMs), and one batched GEMM
-        with the stacked ``[U_f^T; b2_f]`` gives the (B, F, D) fields. Exact; it replaces
+        with the stacked ``[U_f^T; b2_f]`` gives the (B, F, D) fields. It replaces
         stacking the codes and the weights, a masked bias and a concatenation of F pieces
         on every call. For inference (``afmrec export``); the projections stay the trained
         parameters.
 
-        Every feature's table must be projected to one width D. Tables of rank below the
-        largest, K, get zero columns up to K (zero codes meet zero weights: exact), if that
-        adds at most ``max_padding`` of the collection's code entries: a table of a few
-        rows, whose rank its row count caps, costs nothing to pad. Returns False (and
-        changes nothing) where these conditions fail.
+        Every code table is made K wide, K the largest rank, exactly:
+
+        * a table of rank below K gets zero columns (zero codes meet zero weights), if all
+          of them together add at most ``max_padding`` of the collection's code entries
+          (a table of a few rows, whose rank its row count caps, costs nothing to pad);
+        * a table left unprojected (compression would not have made it smaller: a few
+          rows) becomes the identity code table of its n <= K rows, with its rows as the
+          projection: bag sums of one-hot codes times the rows are the rows' bag sums.
+
+        Returns False (and changes nothing) where this fails: widths differ, an
+        unprojected table has more than K rows, or the padding costs more.
         """
-        if any(t not in self.projections for _, t in self._feature_tables):
-            return False
-        if len({p.out_features for p in self.projections.values()}) != 1:
-            return False
         ranks, rows = self.ranks, {t.name: t.num_embeddings for t in self._configs}
+        if not ranks or len(set(self._dims)) != 1:
+            return False
         k, d = max(ranks.values()), self._dims[0]
+        plain = [t.name for t in self._configs if t.name not in ranks]
+        if any(rows[t] > k for t in plain):
+            return False
         extra = sum(rows[t] * (k - r) for t, r in ranks.items())
         if extra > max_padding * sum(rows[t] * r for t, r in ranks.items()):
             return False
-        if extra:
-            self._pad_codes_(k)
         padded = -(-(k + 1) // multiple) * multiple
         ref = next(iter(self.projections.values())).weight
         weight = torch.zeros(len(self._feature_tables), padded, d, dtype=ref.dtype, device=ref.device)
         with torch.no_grad():
             for i, (_, table) in enumerate(self._feature_tables):
-                proj = self.projections[table]
-                weight[i, : proj.in_features] = proj.weight.T
-                weight[i, k] = proj.bias
+                if table in ranks:
+                    proj = self.projections[table]
+                    weight[i, : proj.in_features] = proj.weight.T
+                    weight[i, k] = proj.bias
+                else:
+                    weight[i, : rows[table]] = self.codes.embedding_bags[table].weight
+        self._widen_codes_(k)
         self.register_buffer("serving_weight", weight)
         self._serving = (k, padded - k - 1)
         return True
 
-    def _pad_codes_(self, k: int) -> None:
-        """Widens every code table to ``k`` columns with zeros (unchanged tables keep their
-        weight tensors)."""
+    def _widen_codes_(self, k: int) -> None:
+        """Makes every code table ``k`` wide: projected ones get zero columns, unprojected
+        ones become identity tables (see :meth:`fuse_projections_`). Tables already ``k``
+        wide keep their weight tensors."""
         old = self.codes
         configs = [dataclasses.replace(c, embedding_dim=k) for c in old.embedding_bag_configs()]
         new = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
         for c in old.embedding_bag_configs():
             weight = old.embedding_bags[c.name].weight
-            if c.embedding_dim < k:
-                weight = nn.Parameter(torch.cat([weight.detach(), weight.new_zeros(weight.shape[0], k - c.embedding_dim)], 1))
+            if c.name not in self.projections:
+                weight = nn.Parameter(torch.eye(c.num_embeddings, k, dtype=weight.dtype, device=weight.device))
+            elif c.embedding_dim < k:
+                zeros = weight.new_zeros(weight.shape[0], k - c.embedding_dim)
+                weight = nn.Parameter(torch.cat([weight.detach(), zeros], 1))
             new.embedding_bags[c.name].weight = weight
         self.codes = new
 

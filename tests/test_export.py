@@ -169,12 +169,14 @@ def test_bad_inputs_are_input_errors(tmp_path):
     assert json.dumps(ExportConfig().__dict__)
 
 
-@pytest.mark.parametrize("ranks, columns", [((4, 4, 4), 8), ((4, 8, 8), 16)], ids=["uniform", "mixed"])
+@pytest.mark.parametrize("ranks, columns", [((4, 4, 4), 8), ((4, 8, 8), 16), ((None, 12, 12), 16)],
+                         ids=["uniform", "mixed", "unprojected"])
 def test_fused_projections_are_exact_with_empty_bags(ranks, columns):
     """One batched GEMM over the codes read in place plus the non-empty column gives what
     the grouped projections give, float and quantised. Mixed ranks are padded to the
     largest where that costs at most ``max_padding`` of the code entries, else left as
-    they are; unprojected tables are left as they are."""
+    they are; an unprojected table of at most K rows becomes an identity code table, one
+    of more rows leaves the collection as it is."""
     from torchrec.inference.modules import quantize_embeddings
 
     from afmrec.models import LowRankEmbeddingBagCollection, table_configs
@@ -185,18 +187,20 @@ def test_fused_projections_are_exact_with_empty_bags(ranks, columns):
     assert int((kjt.lengths() == 0).sum()) > 0
     partial = LowRankEmbeddingBagCollection(configs, {"t0": 4, "t2": 8})
     assert not partial.fuse_projections_() and "serving_weight" not in dict(partial.named_buffers())
-    lowrank = LowRankEmbeddingBagCollection(configs, dict(zip(["t0", "t1", "t2"], ranks)))
+    given = {t: r for t, r in zip(["t0", "t1", "t2"], ranks) if r is not None}
+    lowrank = LowRankEmbeddingBagCollection(configs, given)
     for p in lowrank.parameters():
         torch.nn.init.normal_(p)
     # padding t0 (10 rows) from 4 to 8 columns adds 40 to 560 code entries: 7%, over 1%
-    padding = 0.0 if len(set(ranks)) == 1 else 0.1
+    padding = 0.1 if ranks == (4, 8, 8) else 0.0
     with torch.no_grad():
         want = lowrank(kjt)
         if padding:
             assert not lowrank.fuse_projections_() and not lowrank.serving
         assert lowrank.fuse_projections_(max_padding=padding)
+        assert {c.embedding_dim for c in lowrank.codes.embedding_bag_configs()} == {max(given.values())}
         assert lowrank.serving_weight.shape == (3, columns, 16)  # K + 1 columns, padded to 8s
-        assert lowrank.ranks == dict(zip(["t0", "t1", "t2"], ranks))  # the trained projections
+        assert lowrank.ranks == given  # the trained projections
         got = lowrank(kjt)
         quantised = quantize_embeddings(lowrank, dtype=torch.float32, inplace=False)(kjt)
     assert got.keys() == want.keys() == ["t0", "t1", "t2"]
