@@ -72,20 +72,96 @@ class Moments:
         return [self.n, self.s, self.g]
 
 
+PILOT_ROWS = 256
+
+
+def _pilot_step(rows: int) -> int:
+    """Stride of the evenly spaced rows whose mean is the centre (at most about
+    :data:`PILOT_ROWS` of them, spread over the batch, so that sorted data is sampled
+    throughout)."""
+    return max(1, rows // PILOT_ROWS)
+
+
+def pilot_centre(y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The centre of each group's rows: the mean of evenly spaced kept rows (0 where none
+    of them is kept).
+
+    Args:
+        y: (G, R, m) rows, masked ones zero.  mask: (G, R) bool or None.
+    Returns:
+        (G, m), ``y``'s dtype.
+    """
+    step = _pilot_step(y.shape[1])
+    sample = y[:, ::step]
+    if mask is None:
+        return sample.sum(1) / max(1, sample.shape[1])  # (no rows: 0)
+    kept = mask[:, ::step].sum(1).clamp_min(1).to(y.dtype)
+    return sample.sum(1) / kept.unsqueeze(1)
+
+
+def _count_column(m: int) -> int:
+    """Width of a centred-rows buffer: m centred columns, the count column, zeros up to a
+    multiple of 4 (16-byte rows, which TF32 tensor-core GEMMs need)."""
+    return m + 4 - m % 4
+
+
+def centred_buffer(groups: int, rows: int, m: int, like: torch.Tensor) -> torch.Tensor:
+    """A (G, R, m + pad) buffer for :func:`centre_into`: zeros, ones in the count column."""
+    out = like.new_zeros(groups, rows, _count_column(m))
+    out[..., m] = 1
+    return out
+
+
+def centre_into(out: torch.Tensor, y: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """Writes ``y - c`` (masked rows: 0) into ``out[..., :m]`` and the mask into the count
+    column ``out[..., m]`` (left as it is, ones, without a mask), in one pass over ``y``.
+
+    Args:
+        out: (G, R, m + pad) from :func:`centred_buffer`.  y: (G, R, m), any strides.
+        c: (G, m) centre.  mask: (G, R) bool or None.
+    """
+    m = y.shape[2]
+    if mask is None:
+        torch.sub(y, c.unsqueeze(1), out=out[..., :m])
+        return
+    torch.addcmul(y, mask.unsqueeze(2).to(y.dtype), c.unsqueeze(1), value=-1, out=out[..., :m])
+    out[..., m].copy_(mask)
+
+
+def moments_from_centred(a: torch.Tensor, c: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n``, ``sum y``, ``sum y y^T`` from centred rows with a count column (see
+    :func:`batch_moments`): one batched GEMM ``a^T a`` gives the centred Gram matrix
+    ``Gc`` and, in the count column, the centred rows' sum ``t``; the rest is float64.
+
+    Args:
+        a: (G, R, m + pad) from :func:`centre_into`.  c: (G, m).  n: (G,) float64.
+    """
+    m = c.shape[1]
+    p = torch.bmm(a.transpose(1, 2), a)  # (G, m + pad, m + pad)
+    gc = p[:, :m, :m].to(torch.float64)
+    t = p[:, :m, m].to(torch.float64)
+    c64 = c.to(torch.float64)
+    s = n.unsqueeze(1) * c64 + t
+    cross = c64.unsqueeze(2) * t.unsqueeze(1)
+    return n, s, gc + cross + cross.transpose(1, 2) + n[:, None, None] * c64.unsqueeze(2) * c64.unsqueeze(1)
+
+
 def batch_moments(
     y: torch.Tensor, mask: torch.Tensor | None = None, exact: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n``, ``sum y`` and ``sum y y^T`` of G groups of rows at once, in float64.
 
     ``exact``: every product in float64. Otherwise (the default: a float64 GEMM costs
-    more than the layer's own forward pass for wide blocks) each group is centred at its rounded mean ``c`` and the Gram matrix of the centred rows
-    is one batched GEMM in ``y``'s precision; then, in float64, ``s = n c + t`` and
-    ``G = Gc + c t^T + t c^T + n c c^T`` with ``t`` the centred rows' sum, which is exact
-    algebra. The only roundings are the sums over the batch's R rows of centred values:
-    each entry of ``Gc`` (and of ``t``) is within ``gamma_R * sum_r |yc_ri| |yc_rj|``
-    (``gamma_R = R u / (1 - R u)``, ``u = 2^-24`` in float32) of the true value, i.e.
-    relative to the batch's spread, not to its mean (tested). Sums over batches, ranks
-    and jobs are float64.
+    more than the layer's own forward pass for wide blocks) each group's rows are centred
+    at ``c``, the mean of evenly spaced rows (:func:`pilot_centre`), and one batched GEMM
+    in ``y``'s precision gives the centred rows' Gram matrix ``Gc`` and sum ``t`` (a count
+    column rides along, :func:`centre_into`); then, in float64, ``s = n c + t`` and
+    ``G = Gc + c t^T + t c^T + n c c^T``, which is exact algebra for any ``c``. The only
+    roundings are the GEMM's sums over the batch's R rows: each entry of ``Gc`` (and of
+    ``t``) is within ``gamma_R * sum_r |yc_ri| |yc_rj|`` (``gamma_R = R u / (1 - R u)``,
+    ``u = 2^-24`` in float32; TF32 inputs where CUDA's ``allow_tf32`` is on) of the true
+    value, i.e. relative to the batch's spread about ``c``, not to its mean (tested). Sums
+    over batches, ranks and jobs are float64.
 
     Masked rows must be zero in ``y`` (an empty bag pools to 0); they are left out of
     ``n`` and of the centring.
@@ -98,26 +174,18 @@ def batch_moments(
         ``n`` (G,), ``s`` (G, m), ``g`` (G, m, m), float64.
     """
     # (No shortcut for an all-true mask: testing for one would stall the GPU every batch.)
-    y = y.contiguous()
+    g, r, m = y.shape
     if mask is None:
-        n = torch.full((y.shape[0],), float(y.shape[1]), dtype=torch.float64, device=y.device)
+        n = torch.full((g,), float(r), dtype=torch.float64, device=y.device)
     else:
         n = mask.sum(1).to(torch.float64)
     if exact:
         y64 = y.to(torch.float64)
         return n, y64.sum(1), torch.bmm(y64.transpose(1, 2), y64)
-    # Masked rows are zero, so the plain sum over all rows is the sum of the kept ones.
-    c = y.sum(1) / n.clamp_min(1).to(y.dtype).unsqueeze(1)
-    if mask is None:
-        yc = y - c.unsqueeze(1)
-    else:  # y - mask c: masked rows stay 0, in one pass
-        yc = torch.addcmul(y, mask.unsqueeze(2).to(y.dtype), c.unsqueeze(1), value=-1)
-    gc = torch.bmm(yc.transpose(1, 2), yc).to(torch.float64)
-    t = yc.sum(1).to(torch.float64).unsqueeze(2)
-    c64 = c.to(torch.float64).unsqueeze(2)
-    s = (n.unsqueeze(1) * c64.squeeze(2) + t.squeeze(2))
-    cross = c64 * t.transpose(1, 2)
-    return n, s, gc + cross + cross.transpose(1, 2) + n[:, None, None] * c64 * c64.transpose(1, 2)
+    c = pilot_centre(y, mask)
+    a = centred_buffer(g, r, m, y)
+    centre_into(a, y, c, mask)
+    return moments_from_centred(a, c, n)
 
 
 @dataclass
@@ -206,11 +274,13 @@ Seen = tuple[Hashable, list[torch.Tensor]]
 class _Observer:
     """Outputs held during one forward pass, and how their moments are added to the sums.
 
-    Per batch, :meth:`take` hands over what the hooks saw, :meth:`buffers` allocates the
-    update's inputs, :meth:`fill` copies what was seen into them and :meth:`update` adds
-    their moments to the sums. The update reads nothing but its inputs and the sums, so
-    :class:`StatsCollector` can capture it once as a CUDA graph and replay it on buffers
-    it refills every batch.
+    Per batch, :meth:`take` hands over what the hooks saw. In the default mode
+    :meth:`buffers` allocates the update's inputs, :meth:`fill` centres what was seen
+    into them (:func:`centre_into`: the one pass over the outputs) and :meth:`update`
+    turns them into moments with one GEMM and adds those to the sums. The update reads
+    nothing but its inputs and the sums, so :class:`StatsCollector` can capture it once
+    as a CUDA graph and replay it on buffers it refills every batch. ``exact`` mode runs
+    :meth:`exact_update` (float64 products) instead.
     """
 
     def take(self) -> Seen | None:
@@ -225,15 +295,17 @@ class _Observer:
     def update(self, key: Hashable, inputs: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def exact_update(self, key: Hashable, seen: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
 
 @dataclass
 class _WidthGroup(_Observer):
     """The Linear blocks of one output width: their moments are views of stacked sums, and
-    the outputs of one forward pass go through one :func:`batch_moments` call."""
+    the outputs of one forward pass go through one batched GEMM."""
 
     names: list[str]
     stack: list[torch.Tensor]  # n (G,), s (G, m), g (G, m, m): the views' bases
-    exact: bool = False
     pending: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  # (j, y, version)
 
     def observe(self, j: int, y: torch.Tensor) -> None:
@@ -251,28 +323,47 @@ class _WidthGroup(_Observer):
         stacked = everyone_once and len({shape for _, shape, _ in layout}) == 1
         return (stacked, layout), [y for _, y, _ in items]
 
+    def _groups(self, key: Hashable, seen: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """The outputs that share one GEMM: all of them (stacked), or one at a time."""
+        return [seen] if key[0] else [[y] for y in seen]
+
     def buffers(self, key: Hashable, seen: list[torch.Tensor]) -> list[torch.Tensor]:
-        if key[0]:
-            return [seen[0].new_empty((len(seen), *seen[0].shape))]
-        return [torch.empty_like(y) for y in seen]
+        out = []
+        for ys in self._groups(key, seen):
+            (rows, m), like = ys[0].shape, ys[0]
+            out += [centred_buffer(len(ys), rows, m, like), like.new_empty(len(ys), m)]
+        return out
 
     def fill(self, key: Hashable, buffers: list[torch.Tensor], seen: list[torch.Tensor]) -> list[torch.Tensor]:
-        if key[0]:
-            torch.stack(seen, out=buffers[0])
-        else:
-            for b, y in zip(buffers, seen):
-                b.copy_(y)
+        for i, ys in enumerate(self._groups(key, seen)):
+            a, c = buffers[2 * i], buffers[2 * i + 1]
+            step = _pilot_step(ys[0].shape[0])
+            torch.sum(torch.stack([y[::step] for y in ys]), 1, out=c)  # = pilot_centre
+            c /= max(1, -(-ys[0].shape[0] // step))
+            for j, y in enumerate(ys):
+                centre_into(a[j : j + 1], y.unsqueeze(0), c[j : j + 1])
         return buffers
 
     def update(self, key: Hashable, inputs: list[torch.Tensor]) -> None:
         stacked, layout = key
-        if stacked:
-            for total, part in zip(self.stack, batch_moments(inputs[0], None, self.exact)):
+        for i in range(len(inputs) // 2):
+            a, c = inputs[2 * i], inputs[2 * i + 1]
+            n = torch.full((a.shape[0],), float(a.shape[1]), dtype=torch.float64, device=a.device)
+            self._add(stacked, layout, i, moments_from_centred(a, c, n))
+
+    def exact_update(self, key: Hashable, seen: list[torch.Tensor]) -> None:
+        stacked, layout = key
+        for i, ys in enumerate(self._groups(key, seen)):
+            self._add(stacked, layout, i, batch_moments(torch.stack(ys), None, exact=True))
+
+    def _add(self, stacked: bool, layout: tuple, i: int, parts: tuple[torch.Tensor, ...]) -> None:
+        if stacked:  # every block, in order
+            for total, part in zip(self.stack, parts):
                 total += part
             return
-        for (j, _, _), y in zip(layout, inputs):
-            for total, part in zip(self.stack, batch_moments(y.unsqueeze(0), None, self.exact)):
-                total[j] += part[0]
+        j = layout[i][0]
+        for total, part in zip(self.stack, parts):
+            total[j] += part[0]
 
 
 class _TableObserver(_Observer):
@@ -282,9 +373,7 @@ class _TableObserver(_Observer):
     are views of, whatever the number of tables. Empty bags (exactly 0 before and after
     compression) are left out."""
 
-    def __init__(self, blocks: list[Block], feature_names: list[str], moments: Mapping[str, Moments],
-                 exact: bool) -> None:
-        self.exact = exact
+    def __init__(self, blocks: list[Block], feature_names: list[str], moments: Mapping[str, Moments]) -> None:
         self.plan = [(moments[b.name], [feature_names.index(f) for f in b.features]) for b in blocks]
         self.feature_names = feature_names
         self.observed = sorted({i for _, index in self.plan for i in index})
@@ -318,42 +407,58 @@ class _TableObserver(_Observer):
             return None
         for fields, _, _, version in items:
             _check_unmodified("the sparse arch", fields, version)
-        key = tuple((tuple(f.shape), f.dtype, f.device, tuple(n.shape), n.dtype, keys)
-                    for f, n, keys, _ in items)
+        key = tuple((tuple(f.shape), f.dtype, f.device, keys) for f, _, keys, _ in items)
         return key, [t for f, n, _, _ in items for t in (f, n)]
+
+    def _observed(self, entry: tuple, fields: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The observed fields as (F', B, D) (a view where all are observed) and their
+        non-empty mask (F', B)."""
+        _, _, device, keys = entry
+        observed, order, _ = self._index_tensors(device, keys)
+        if len(self.observed) != fields.shape[1]:
+            fields = fields.index_select(1, observed)
+        nonempty = lengths.view(len(keys), -1).index_select(0, order.to(lengths.device)).to(device) > 0
+        return fields.transpose(0, 1), nonempty
 
     def buffers(self, key: Hashable, seen: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
-        for (shape, dtype, device, lengths_shape, lengths_dtype, _) in key:
-            out.append(torch.empty((len(self.observed), shape[0], shape[2]), dtype=dtype, device=device))
-            out.append(torch.empty(lengths_shape, dtype=lengths_dtype, device=device))
+        for (shape, _, _, _), fields in zip(key, seen[::2]):
+            f, b, d = len(self.observed), shape[0], shape[2]
+            out += [centred_buffer(f, b, d, fields), fields.new_empty(f, d),
+                    torch.empty(f, dtype=torch.float64, device=fields.device)]
         return out
 
     def fill(self, key: Hashable, buffers: list[torch.Tensor], seen: list[torch.Tensor]) -> list[torch.Tensor]:
-        for i, (_, _, device, _, _, keys) in enumerate(key):
-            fields, lengths = seen[2 * i], seen[2 * i + 1]
-            if len(self.observed) != fields.shape[1]:
-                fields = fields.index_select(1, self._index_tensors(device, keys)[0])
-            buffers[2 * i].copy_(fields.transpose(0, 1))  # (F', B, D)
-            buffers[2 * i + 1].copy_(lengths)
+        for i, entry in enumerate(key):
+            y, nonempty = self._observed(entry, seen[2 * i], seen[2 * i + 1])
+            a, c, n = buffers[3 * i : 3 * i + 3]
+            c.copy_(pilot_centre(y, nonempty))
+            centre_into(a, y, c, nonempty)
+            n.copy_(nonempty.sum(1))
         return buffers
 
     def update(self, key: Hashable, inputs: list[torch.Tensor]) -> None:
-        for i, (_, _, device, _, _, keys) in enumerate(key):
-            fields, lengths = inputs[2 * i], inputs[2 * i + 1]
-            _, order, rows = self._index_tensors(device, keys)
-            nonempty = lengths.view(len(keys), -1).index_select(0, order) > 0  # (F', B)
-            n, s, g = batch_moments(fields, nonempty, self.exact)
-            if self.stacked:
-                for total, part in zip(self.stack, (n, s, g)):
-                    total += part if self.in_order else part.index_select(0, rows)
-                continue
-            for moments, index in self.plan:
-                for f in index:
-                    j = self.observed.index(f)
-                    moments.n += n[j]
-                    moments.s += s[j]
-                    moments.g += g[j]
+        for i in range(len(key)):
+            self._add(moments_from_centred(*inputs[3 * i : 3 * i + 3]), key[i])
+
+    def exact_update(self, key: Hashable, seen: list[torch.Tensor]) -> None:
+        for i, entry in enumerate(key):
+            y, nonempty = self._observed(entry, seen[2 * i], seen[2 * i + 1])
+            self._add(batch_moments(y, nonempty, exact=True), entry)
+
+    def _add(self, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], entry: tuple) -> None:
+        n, s, g = parts
+        if self.stacked:
+            rows = self._index_tensors(entry[2], entry[3])[2]
+            for total, part in zip(self.stack, (n, s, g)):
+                total += part if self.in_order else part.index_select(0, rows)
+            return
+        for moments, index in self.plan:
+            for f in index:
+                j = self.observed.index(f)
+                moments.n += n[j]
+                moments.s += s[j]
+                moments.g += g[j]
 
 
 @dataclass
@@ -445,6 +550,10 @@ class StatsCollector:
         work = [(o, seen) for o in self._observers if (seen := o.take()) is not None]
         if not work:
             return
+        if self.exact:
+            for o, (key, seen) in work:
+                o.exact_update(key, seen)
+            return
         captured = self._graph(work)
         if captured is None:
             self._join()
@@ -500,7 +609,7 @@ class StatsCollector:
             stacked = _stacked_moments(blocks, self.device)
             self._moments.update(stacked)
             first = stacked[blocks[0].name]
-            group = _WidthGroup([b.name for b in blocks], [t._base for t in first.tensors()], self.exact)
+            group = _WidthGroup([b.name for b in blocks], [t._base for t in first.tensors()])
             self._observers.append(group)
             for j, b in enumerate(blocks):
                 self._handles.append(modules[b.module].register_forward_hook(self._linear_hook(group, j)))
@@ -513,7 +622,7 @@ class StatsCollector:
                     f"{owner or 'the model'} owns embedding tables but has no "
                     "`sparse_feature_names` (observe tables through a TorchRec SparseArch)"
                 )
-            observer = _TableObserver(blocks, list(names), self._moments, self.exact)
+            observer = _TableObserver(blocks, list(names), self._moments)
             self._observers.append(observer)
             self._handles.append(arch.register_forward_hook(observer.hook, with_kwargs=True))
         if self._observers:

@@ -137,13 +137,17 @@ def test_unreachable_ratio_and_bad_patterns():
         RankConfig(mode="fixed")
 
 
-def test_fast_gram_is_within_the_float32_gemm_bound():
+@pytest.mark.parametrize("sorted_rows", [False, True])
+def test_fast_gram_is_within_the_float32_gemm_bound(sorted_rows):
     """The default float32 path: |G - G_exact| <= gamma_R * |Yc|^T |Yc| entrywise, with Yc
-    the centred rows (so the error scales with the spread, not with a large mean)."""
-    from afmrec.pipeline.stats import batch_moments
+    the rows centred at the pilot centre (so the error scales with the spread, not with a
+    large mean), also for rows sorted by value, whose first rows are not typical."""
+    from afmrec.pipeline.stats import batch_moments, pilot_centre
 
     g = torch.Generator().manual_seed(0)
     y = 50.0 + torch.randn(3, 2000, 24, generator=g) * torch.rand(24, generator=g)  # big mean
+    if sorted_rows:
+        y = y[:, y[0, :, 0].argsort()]
     mask = torch.rand(3, 2000, generator=g) > 0.2
     y = y * mask.unsqueeze(2)
     n, s, fast = batch_moments(y, mask)
@@ -151,9 +155,12 @@ def test_fast_gram_is_within_the_float32_gemm_bound():
     assert torch.equal(n, n2)
     u, rows = 2.0**-24, y.shape[1]
     gamma = rows * u / (1 - rows * u)
+    c = pilot_centre(y, mask).double().unsqueeze(1)
     mu = (s2 / n.unsqueeze(1)).unsqueeze(1)
-    yc = ((y.double() - mu) * mask.unsqueeze(2)).abs()
-    # the rounded centre moves yc by at most ~u |mu| per entry: part of the slack below
+    spread = (exact.diagonal(dim1=1, dim2=2) / n.unsqueeze(1) - mu.squeeze(1) ** 2).sqrt().unsqueeze(1)
+    assert ((c - mu).abs() < 0.3 * spread).all()  # evenly spaced rows: near the mean, sorted or not
+    yc = ((y.double() - c) * mask.unsqueeze(2)).abs()
+    # the centred rows are rounded to float32 once: part of the slack below
     yc = yc + 2 * u * mu.abs()
     assert ((s - s2).abs() <= gamma * yc.sum(1) + 1e-12 * s2.abs()).all()
     bound = gamma * torch.bmm(yc.transpose(1, 2), yc)
