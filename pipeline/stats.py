@@ -106,8 +106,9 @@ def _count_column(m: int) -> int:
 
 
 def centred_buffer(groups: int, rows: int, m: int, like: torch.Tensor) -> torch.Tensor:
-    """A (G, R, m + pad) buffer for :func:`centre_into`: zeros, ones in the count column."""
-    out = like.new_zeros(groups, rows, _count_column(m))
+    """A (G, R, m + pad) buffer for :func:`centre_into`: ones in the count column, zeros after it."""
+    out = like.new_empty(groups, rows, _count_column(m))
+    out[..., m:] = 0  # (the centred columns are all written by centre_into)
     out[..., m] = 1
     return out
 
@@ -157,11 +158,12 @@ def batch_moments(
     in ``y``'s precision gives the centred rows' Gram matrix ``Gc`` and sum ``t`` (a count
     column rides along, :func:`centre_into`); then, in float64, ``s = n c + t`` and
     ``G = Gc + c t^T + t c^T + n c c^T``, which is exact algebra for any ``c``. The only
-    roundings are the GEMM's sums over the batch's R rows: each entry of ``Gc`` (and of
-    ``t``) is within ``gamma_R * sum_r |yc_ri| |yc_rj|`` (``gamma_R = R u / (1 - R u)``,
-    ``u = 2^-24`` in float32; TF32 inputs where CUDA's ``allow_tf32`` is on) of the true
-    value, i.e. relative to the batch's spread about ``c``, not to its mean (tested). Sums
-    over batches, ranks and jobs are float64.
+    roundings are the GEMM's sums over the batch's R rows: each entry of ``Gc`` is within
+    ``gamma_R * sum_r |yc_ri| |yc_rj|`` and of ``t`` within ``gamma_R * sum_r |yc_ri|``
+    (``gamma_R = R u / (1 - R u)``, ``u = 2^-24`` in float32; TF32 inputs where CUDA's
+    ``allow_tf32`` is on) of the true value, i.e. relative to the batch's spread about
+    ``c``, not to its mean; ``G`` carries ``t``'s error times ``c`` besides, which cancels
+    in the covariance (tested). Sums over batches, ranks and jobs are float64.
 
     Masked rows must be zero in ``y`` (an empty bag pools to 0); they are left out of
     ``n`` and of the centring.
@@ -274,13 +276,11 @@ Seen = tuple[Hashable, list[torch.Tensor]]
 class _Observer:
     """Outputs held during one forward pass, and how their moments are added to the sums.
 
-    Per batch, :meth:`take` hands over what the hooks saw. In the default mode
-    :meth:`buffers` allocates the update's inputs, :meth:`fill` centres what was seen
-    into them (:func:`centre_into`: the one pass over the outputs) and :meth:`update`
-    turns them into moments with one GEMM and adds those to the sums. The update reads
-    nothing but its inputs and the sums, so :class:`StatsCollector` can capture it once
-    as a CUDA graph and replay it on buffers it refills every batch. ``exact`` mode runs
-    :meth:`exact_update` (float64 products) instead.
+    Per batch, :meth:`take` hands over what the hooks saw, :meth:`buffers` allocates the
+    update's inputs, :meth:`fill` copies what was seen into them and :meth:`update` adds
+    their moments to the sums. The update reads nothing but its inputs and the sums, so
+    :class:`StatsCollector` can capture it once as a CUDA graph and replay it on buffers
+    it refills every batch.
     """
 
     def take(self) -> Seen | None:
@@ -295,17 +295,15 @@ class _Observer:
     def update(self, key: Hashable, inputs: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
-    def exact_update(self, key: Hashable, seen: list[torch.Tensor]) -> None:
-        raise NotImplementedError
-
 
 @dataclass
 class _WidthGroup(_Observer):
     """The Linear blocks of one output width: their moments are views of stacked sums, and
-    the outputs of one forward pass go through one batched GEMM."""
+    the outputs of one forward pass go through one :func:`batch_moments` call."""
 
     names: list[str]
     stack: list[torch.Tensor]  # n (G,), s (G, m), g (G, m, m): the views' bases
+    exact: bool = False
     pending: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  # (j, y, version)
 
     def observe(self, j: int, y: torch.Tensor) -> None:
@@ -323,47 +321,28 @@ class _WidthGroup(_Observer):
         stacked = everyone_once and len({shape for _, shape, _ in layout}) == 1
         return (stacked, layout), [y for _, y, _ in items]
 
-    def _groups(self, key: Hashable, seen: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """The outputs that share one GEMM: all of them (stacked), or one at a time."""
-        return [seen] if key[0] else [[y] for y in seen]
-
     def buffers(self, key: Hashable, seen: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for ys in self._groups(key, seen):
-            (rows, m), like = ys[0].shape, ys[0]
-            out += [centred_buffer(len(ys), rows, m, like), like.new_empty(len(ys), m)]
-        return out
+        if key[0]:
+            return [seen[0].new_empty((len(seen), *seen[0].shape))]
+        return [torch.empty_like(y) for y in seen]
 
     def fill(self, key: Hashable, buffers: list[torch.Tensor], seen: list[torch.Tensor]) -> list[torch.Tensor]:
-        for i, ys in enumerate(self._groups(key, seen)):
-            a, c = buffers[2 * i], buffers[2 * i + 1]
-            step = _pilot_step(ys[0].shape[0])
-            torch.sum(torch.stack([y[::step] for y in ys]), 1, out=c)  # = pilot_centre
-            c /= max(1, -(-ys[0].shape[0] // step))
-            for j, y in enumerate(ys):
-                centre_into(a[j : j + 1], y.unsqueeze(0), c[j : j + 1])
+        if key[0]:
+            torch.stack(seen, out=buffers[0])
+        else:
+            for b, y in zip(buffers, seen):
+                b.copy_(y)
         return buffers
 
     def update(self, key: Hashable, inputs: list[torch.Tensor]) -> None:
         stacked, layout = key
-        for i in range(len(inputs) // 2):
-            a, c = inputs[2 * i], inputs[2 * i + 1]
-            n = torch.full((a.shape[0],), float(a.shape[1]), dtype=torch.float64, device=a.device)
-            self._add(stacked, layout, i, moments_from_centred(a, c, n))
-
-    def exact_update(self, key: Hashable, seen: list[torch.Tensor]) -> None:
-        stacked, layout = key
-        for i, ys in enumerate(self._groups(key, seen)):
-            self._add(stacked, layout, i, batch_moments(torch.stack(ys), None, exact=True))
-
-    def _add(self, stacked: bool, layout: tuple, i: int, parts: tuple[torch.Tensor, ...]) -> None:
-        if stacked:  # every block, in order
-            for total, part in zip(self.stack, parts):
+        if stacked:
+            for total, part in zip(self.stack, batch_moments(inputs[0], None, self.exact)):
                 total += part
             return
-        j = layout[i][0]
-        for total, part in zip(self.stack, parts):
-            total[j] += part[0]
+        for (j, _, _), y in zip(layout, inputs):
+            for total, part in zip(self.stack, batch_moments(y.unsqueeze(0), None, self.exact)):
+                total[j] += part[0]
 
 
 class _TableObserver(_Observer):
@@ -373,7 +352,9 @@ class _TableObserver(_Observer):
     are views of, whatever the number of tables. Empty bags (exactly 0 before and after
     compression) are left out."""
 
-    def __init__(self, blocks: list[Block], feature_names: list[str], moments: Mapping[str, Moments]) -> None:
+    def __init__(self, blocks: list[Block], feature_names: list[str], moments: Mapping[str, Moments],
+                 exact: bool) -> None:
+        self.exact = exact
         self.plan = [(moments[b.name], [feature_names.index(f) for f in b.features]) for b in blocks]
         self.feature_names = feature_names
         self.observed = sorted({i for _, index in self.plan for i in index})
@@ -407,58 +388,42 @@ class _TableObserver(_Observer):
             return None
         for fields, _, _, version in items:
             _check_unmodified("the sparse arch", fields, version)
-        key = tuple((tuple(f.shape), f.dtype, f.device, keys) for f, _, keys, _ in items)
+        key = tuple((tuple(f.shape), f.dtype, f.device, tuple(n.shape), n.dtype, keys)
+                    for f, n, keys, _ in items)
         return key, [t for f, n, _, _ in items for t in (f, n)]
-
-    def _observed(self, entry: tuple, fields: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The observed fields as (F', B, D) (a view where all are observed) and their
-        non-empty mask (F', B)."""
-        _, _, device, keys = entry
-        observed, order, _ = self._index_tensors(device, keys)
-        if len(self.observed) != fields.shape[1]:
-            fields = fields.index_select(1, observed)
-        nonempty = lengths.view(len(keys), -1).index_select(0, order.to(lengths.device)).to(device) > 0
-        return fields.transpose(0, 1), nonempty
 
     def buffers(self, key: Hashable, seen: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
-        for (shape, _, _, _), fields in zip(key, seen[::2]):
-            f, b, d = len(self.observed), shape[0], shape[2]
-            out += [centred_buffer(f, b, d, fields), fields.new_empty(f, d),
-                    torch.empty(f, dtype=torch.float64, device=fields.device)]
+        for (shape, dtype, device, lengths_shape, lengths_dtype, _) in key:
+            out.append(torch.empty((len(self.observed), shape[0], shape[2]), dtype=dtype, device=device))
+            out.append(torch.empty(lengths_shape, dtype=lengths_dtype, device=device))
         return out
 
     def fill(self, key: Hashable, buffers: list[torch.Tensor], seen: list[torch.Tensor]) -> list[torch.Tensor]:
-        for i, entry in enumerate(key):
-            y, nonempty = self._observed(entry, seen[2 * i], seen[2 * i + 1])
-            a, c, n = buffers[3 * i : 3 * i + 3]
-            c.copy_(pilot_centre(y, nonempty))
-            centre_into(a, y, c, nonempty)
-            n.copy_(nonempty.sum(1))
+        for i, (_, _, device, _, _, keys) in enumerate(key):
+            fields, lengths = seen[2 * i], seen[2 * i + 1]
+            if len(self.observed) != fields.shape[1]:
+                fields = fields.index_select(1, self._index_tensors(device, keys)[0])
+            buffers[2 * i].copy_(fields.transpose(0, 1))  # (F', B, D)
+            buffers[2 * i + 1].copy_(lengths)
         return buffers
 
     def update(self, key: Hashable, inputs: list[torch.Tensor]) -> None:
-        for i in range(len(key)):
-            self._add(moments_from_centred(*inputs[3 * i : 3 * i + 3]), key[i])
-
-    def exact_update(self, key: Hashable, seen: list[torch.Tensor]) -> None:
-        for i, entry in enumerate(key):
-            y, nonempty = self._observed(entry, seen[2 * i], seen[2 * i + 1])
-            self._add(batch_moments(y, nonempty, exact=True), entry)
-
-    def _add(self, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], entry: tuple) -> None:
-        n, s, g = parts
-        if self.stacked:
-            rows = self._index_tensors(entry[2], entry[3])[2]
-            for total, part in zip(self.stack, (n, s, g)):
-                total += part if self.in_order else part.index_select(0, rows)
-            return
-        for moments, index in self.plan:
-            for f in index:
-                j = self.observed.index(f)
-                moments.n += n[j]
-                moments.s += s[j]
-                moments.g += g[j]
+        for i, (_, _, device, _, _, keys) in enumerate(key):
+            fields, lengths = inputs[2 * i], inputs[2 * i + 1]
+            _, order, rows = self._index_tensors(device, keys)
+            nonempty = lengths.view(len(keys), -1).index_select(0, order) > 0  # (F', B)
+            n, s, g = batch_moments(fields, nonempty, self.exact)
+            if self.stacked:
+                for total, part in zip(self.stack, (n, s, g)):
+                    total += part if self.in_order else part.index_select(0, rows)
+                continue
+            for moments, index in self.plan:
+                for f in index:
+                    j = self.observed.index(f)
+                    moments.n += n[j]
+                    moments.s += s[j]
+                    moments.g += g[j]
 
 
 @dataclass
@@ -550,10 +515,6 @@ class StatsCollector:
         work = [(o, seen) for o in self._observers if (seen := o.take()) is not None]
         if not work:
             return
-        if self.exact:
-            for o, (key, seen) in work:
-                o.exact_update(key, seen)
-            return
         captured = self._graph(work)
         if captured is None:
             self._join()
@@ -609,7 +570,7 @@ class StatsCollector:
             stacked = _stacked_moments(blocks, self.device)
             self._moments.update(stacked)
             first = stacked[blocks[0].name]
-            group = _WidthGroup([b.name for b in blocks], [t._base for t in first.tensors()])
+            group = _WidthGroup([b.name for b in blocks], [t._base for t in first.tensors()], self.exact)
             self._observers.append(group)
             for j, b in enumerate(blocks):
                 self._handles.append(modules[b.module].register_forward_hook(self._linear_hook(group, j)))
@@ -622,7 +583,7 @@ class StatsCollector:
                     f"{owner or 'the model'} owns embedding tables but has no "
                     "`sparse_feature_names` (observe tables through a TorchRec SparseArch)"
                 )
-            observer = _TableObserver(blocks, list(names), self._moments)
+            observer = _TableObserver(blocks, list(names), self._moments, self.exact)
             self._observers.append(observer)
             self._handles.append(arch.register_forward_hook(observer.hook, with_kwargs=True))
         if self._observers:
