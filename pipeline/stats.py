@@ -72,98 +72,22 @@ class Moments:
         return [self.n, self.s, self.g]
 
 
-PILOT_ROWS = 256
-
-
-def _pilot_step(rows: int) -> int:
-    """Stride of the evenly spaced rows whose mean is the centre (at most about
-    :data:`PILOT_ROWS` of them, spread over the batch, so that sorted data is sampled
-    throughout)."""
-    return max(1, rows // PILOT_ROWS)
-
-
-def pilot_centre(y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The centre of each group's rows: the mean of evenly spaced kept rows (0 where none
-    of them is kept).
-
-    Args:
-        y: (G, R, m) rows, masked ones zero.  mask: (G, R) bool or None.
-    Returns:
-        (G, m), ``y``'s dtype.
-    """
-    step = _pilot_step(y.shape[1])
-    sample = y[:, ::step]
-    if mask is None:
-        return sample.sum(1) / max(1, sample.shape[1])  # (no rows: 0)
-    kept = mask[:, ::step].sum(1).clamp_min(1).to(y.dtype)
-    return sample.sum(1) / kept.unsqueeze(1)
-
-
-def _count_column(m: int) -> int:
-    """Width of a centred-rows buffer: m centred columns, the count column, zeros up to a
-    multiple of 4 (16-byte rows, which TF32 tensor-core GEMMs need)."""
-    return m + 4 - m % 4
-
-
-def centred_buffer(groups: int, rows: int, m: int, like: torch.Tensor) -> torch.Tensor:
-    """A (G, R, m + pad) buffer for :func:`centre_into`: ones in the count column, zeros after it."""
-    out = like.new_empty(groups, rows, _count_column(m))
-    out[..., m:] = 0  # (the centred columns are all written by centre_into)
-    out[..., m] = 1
-    return out
-
-
-def centre_into(out: torch.Tensor, y: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    """Writes ``y - c`` (masked rows: 0) into ``out[..., :m]`` and the mask into the count
-    column ``out[..., m]`` (left as it is, ones, without a mask), in one pass over ``y``.
-
-    Args:
-        out: (G, R, m + pad) from :func:`centred_buffer`.  y: (G, R, m), any strides.
-        c: (G, m) centre.  mask: (G, R) bool or None.
-    """
-    m = y.shape[2]
-    if mask is None:
-        torch.sub(y, c.unsqueeze(1), out=out[..., :m])
-        return
-    torch.addcmul(y, mask.unsqueeze(2).to(y.dtype), c.unsqueeze(1), value=-1, out=out[..., :m])
-    out[..., m].copy_(mask)
-
-
-def moments_from_centred(a: torch.Tensor, c: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``n``, ``sum y``, ``sum y y^T`` from centred rows with a count column (see
-    :func:`batch_moments`): one batched GEMM ``a^T a`` gives the centred Gram matrix
-    ``Gc`` and, in the count column, the centred rows' sum ``t``; the rest is float64.
-
-    Args:
-        a: (G, R, m + pad) from :func:`centre_into`.  c: (G, m).  n: (G,) float64.
-    """
-    m = c.shape[1]
-    p = torch.bmm(a.transpose(1, 2), a)  # (G, m + pad, m + pad)
-    gc = p[:, :m, :m].to(torch.float64)
-    t = p[:, :m, m].to(torch.float64)
-    c64 = c.to(torch.float64)
-    s = n.unsqueeze(1) * c64 + t
-    cross = c64.unsqueeze(2) * t.unsqueeze(1)
-    return n, s, gc + cross + cross.transpose(1, 2) + n[:, None, None] * c64.unsqueeze(2) * c64.unsqueeze(1)
-
-
 def batch_moments(
     y: torch.Tensor, mask: torch.Tensor | None = None, exact: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n``, ``sum y`` and ``sum y y^T`` of G groups of rows at once, in float64.
 
     ``exact``: every product in float64. Otherwise (the default: a float64 GEMM costs
-    more than the layer's own forward pass for wide blocks) each group's rows are centred
-    at ``c``, the mean of evenly spaced rows (:func:`pilot_centre`), and one batched GEMM
-    in ``y``'s precision gives the centred rows' Gram matrix ``Gc`` and sum ``t`` (a count
-    column rides along, :func:`centre_into`); then, in float64, ``s = n c + t`` and
-    ``G = Gc + c t^T + t c^T + n c c^T``, which is exact algebra for any ``c``. The only
-    roundings are the GEMM's sums over the batch's R rows: each entry of ``Gc`` is within
-    ``gamma_R * sum_r |yc_ri| |yc_rj|`` and of ``t`` within ``gamma_R * sum_r |yc_ri|``
-    (``gamma_R = R u / (1 - R u)``, ``u = 2^-24`` in float32; TF32 inputs where CUDA's
-    ``allow_tf32`` is on) of the true value, i.e. relative to the batch's spread about
-    ``c``, not to its mean; ``G`` carries ``t``'s error times ``c`` besides, which cancels
-    in the covariance (tested). Sums over batches, ranks and jobs are float64.
+    more than the layer's own forward pass for wide blocks) each group is centred at its rounded mean ``c`` and the Gram matrix of the centred rows
+    is one batched GEMM in ``y``'s precision; then, in float64, ``s = n c + t`` and
+    ``G = Gc + c t^T + t c^T + n c c^T`` with ``t`` the centred rows' sum, which is exact
+    algebra. The only roundings are the sums over the batch's R rows of centred values:
+    each entry of ``Gc`` is within ``gamma_R * sum_r |yc_ri| |yc_rj|`` and of ``t`` within
+    ``gamma_R * sum_r |yc_ri|`` (``gamma_R = R u / (1 - R u)``, ``u = 2^-24`` in float32;
+    TF32 inputs to the GEMM where CUDA's ``allow_tf32`` is on) of the true value, i.e.
+    relative to the batch's spread, not to its mean; ``G`` carries ``t``'s error times
+    ``c`` besides, which cancels in the covariance (tested). Sums over batches, ranks and
+    jobs are float64.
 
     Masked rows must be zero in ``y`` (an empty bag pools to 0); they are left out of
     ``n`` and of the centring.
@@ -176,18 +100,26 @@ def batch_moments(
         ``n`` (G,), ``s`` (G, m), ``g`` (G, m, m), float64.
     """
     # (No shortcut for an all-true mask: testing for one would stall the GPU every batch.)
-    g, r, m = y.shape
+    y = y.contiguous()
     if mask is None:
-        n = torch.full((g,), float(r), dtype=torch.float64, device=y.device)
+        n = torch.full((y.shape[0],), float(y.shape[1]), dtype=torch.float64, device=y.device)
     else:
         n = mask.sum(1).to(torch.float64)
     if exact:
         y64 = y.to(torch.float64)
         return n, y64.sum(1), torch.bmm(y64.transpose(1, 2), y64)
-    c = pilot_centre(y, mask)
-    a = centred_buffer(g, r, m, y)
-    centre_into(a, y, c, mask)
-    return moments_from_centred(a, c, n)
+    # Masked rows are zero, so the plain sum over all rows is the sum of the kept ones.
+    c = y.sum(1) / n.clamp_min(1).to(y.dtype).unsqueeze(1)
+    if mask is None:
+        yc = y - c.unsqueeze(1)
+    else:  # y - mask c: masked rows stay 0, in one pass
+        yc = torch.addcmul(y, mask.unsqueeze(2).to(y.dtype), c.unsqueeze(1), value=-1)
+    gc = torch.bmm(yc.transpose(1, 2), yc).to(torch.float64)
+    t = yc.sum(1).to(torch.float64).unsqueeze(2)
+    c64 = c.to(torch.float64).unsqueeze(2)
+    s = (n.unsqueeze(1) * c64.squeeze(2) + t.squeeze(2))
+    cross = c64 * t.transpose(1, 2)
+    return n, s, gc + cross + cross.transpose(1, 2) + n[:, None, None] * c64 * c64.transpose(1, 2)
 
 
 @dataclass
