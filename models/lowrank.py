@@ -105,13 +105,12 @@ class LowRankEmbeddingBagCollection(nn.Module):
             }
         )
         self._feature_tables = [(f, t.name) for t in tables for f in t.feature_names]
+        self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]  # D per feature
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (_, table) in enumerate(self._feature_tables):
             if table in ranks:
-                dim = next(t.embedding_dim for t in tables if t.name == table)
-                groups.setdefault((ranks[table], dim), []).append(i)
+                groups.setdefault((ranks[table], self._dims[i]), []).append(i)
         self._rank_groups = list(groups.values())
-        self._dims = [self._width(t) for _, t in self._feature_tables]
         self._serving: tuple[int, int] | None = None  # (K, padding), see fuse_projections_
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
@@ -210,9 +209,6 @@ class LowRankEmbeddingBagCollection(nn.Module):
                 weight = nn.Parameter(torch.cat([weight.detach(), zeros], 1))
             new.embedding_bags[c.name].weight = weight
         self.codes = new
-
-    def _width(self, table: str) -> int:
-        return next(t.embedding_dim for t in self._configs if t.name == table)
 
     def forward_codes(self, features: KeyedJaggedTensor) -> tuple[KeyedTensor, torch.Tensor]:
         """The K-wide pooled codes and the (B, F) non-empty mask, before projection."""

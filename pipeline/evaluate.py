@@ -16,7 +16,7 @@ import contextlib
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -158,7 +158,14 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measure_latency(model: nn.Module, batch: Batch, *, warmup: int = 3, repeats: int = 20) -> float:
+def measure_latency(
+    model: nn.Module,
+    batch: Batch,
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    run: Callable[[nn.Module, Batch], Any] = forward_logits,
+) -> float:
     """Median wall time of one forward pass over ``batch``, in milliseconds.
 
     Runs in eval mode (restored afterwards) under ``torch.no_grad``, on the
@@ -171,6 +178,8 @@ def measure_latency(model: nn.Module, batch: Batch, *, warmup: int = 3, repeats:
         batch: the input, moved to the model's device once, before timing.
         warmup: untimed passes first (allocator, lazy initialisation).
         repeats: timed passes; the median resists outliers from other processes.
+        run: how one pass is called (default: the model's ``(dense, KJT)`` forward; a
+            serving artifact is called with ``afmrec.pipeline.export.call``).
     Returns:
         Median milliseconds per forward pass.
     """
@@ -185,7 +194,7 @@ def measure_latency(model: nn.Module, batch: Batch, *, warmup: int = 3, repeats:
     # kernel outside autograd ("split_embedding_codegen_lookup_adagrad_function_pt2").
     with eval_mode(model), torch.no_grad():
         for i in range(warmup + repeats):
-            seconds = wall_seconds(lambda: forward_logits(model, batch), device)
+            seconds = wall_seconds(lambda: run(model, batch), device)
             if i >= warmup:
                 times_ms.append(seconds * 1e3)
     return statistics.median(times_ms)

@@ -48,7 +48,7 @@ from .bench import passes, time_stats_vs_forward_batches
 from .blocks import find_blocks
 from .compress import CompressConfig, compress_
 from .errors import InputError
-from .evaluate import count_parameters, eval_mode
+from .evaluate import count_parameters, eval_mode, measure_latency
 from .export import ServingModule, TableDtype, call, load_artifact, serving_module, write_artifact
 from .model_io import ModelRecord, skeleton
 from .ranks import RankConfig
@@ -304,15 +304,6 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
     return out
 
 
-def _latency_ms(module: nn.Module, batch: Batch, warmup: int = 3, repeats: int = 5) -> float:
-    """Median milliseconds of one call of a serving module on ``batch``. TorchScript
-    re-profiles and re-optimises for every new batch shape: three warm-up calls each."""
-    for _ in range(warmup):
-        call(module, batch)
-    times = sorted(wall_seconds(lambda: call(module, batch), batch.dense_features.device) for _ in range(repeats))
-    return 1000 * times[len(times) // 2]
-
-
 def bench_cpu_latency(model: nn.Module, stats: Any, record: ModelRecord, shape: SpeedShape,
                       workdir: Path) -> dict[str, Any]:
     """Milliseconds per call of the CPU artifact, original vs AFM 4x, at each latency batch."""
@@ -331,7 +322,9 @@ def bench_cpu_latency(model: nn.Module, stats: Any, record: ModelRecord, shape: 
     for b in shape.latency_batches:
         batch = make_batches(shape, b, 1, cpu, seed=2)[0]
         for name, m in served.items():
-            out[f"cpu_ms_{name}_b{b}"] = _latency_ms(m, batch)
+            # TorchScript re-profiles and re-optimises for every new batch shape: three
+            # warm-up calls each
+            out[f"cpu_ms_{name}_b{b}"] = measure_latency(m, batch, warmup=3, repeats=5, run=call)
         out[f"cpu_latency_afm4x_vs_original_b{b}"] = out[f"cpu_ms_original_b{b}"] / out[f"cpu_ms_afm4x_b{b}"]
     out["cpu_latency_afm4x_vs_original"] = out[f"cpu_latency_afm4x_vs_original_b{shape.latency_batches[-1]}"]
     return out

@@ -159,25 +159,30 @@ class Statistics:
                 raise InputError(f"block {name}: statistics hold NaN or Inf")
 
     def to_state(self) -> dict[str, Any]:
-        return {
-            "moments": {
-                # clone: a table's moments may be views of a stack, which torch.save would
-                # write whole
-                k: {"n": v.n.cpu().clone(), "s": v.s.cpu().clone(), "g": v.g.cpu().clone()}
-                for k, v in self.moments.items()
-            },
-            "meta": self.meta,
-        }
+        return {"moments": moments_state(self.moments), "meta": self.meta}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Statistics":
-        return cls({k: Moments(**v) for k, v in state["moments"].items()}, state.get("meta", {}))
+        return cls(moments_from_state(state["moments"]), state.get("meta", {}))
+
+
+def moments_state(moments: Mapping[str, Moments]) -> dict[str, dict[str, torch.Tensor]]:
+    """Moments by name as plain CPU tensors (what ``torch.save`` writes). Each is a copy of
+    its own: moments may be views of a stack, which ``torch.save`` would write whole."""
+    return {k: {"n": m.n.cpu().clone(), "s": m.s.cpu().clone(), "g": m.g.cpu().clone()}
+            for k, m in moments.items()}
+
+
+def moments_from_state(state: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, Moments]:
+    """The inverse of :func:`moments_state`."""
+    return {k: Moments(**v) for k, v in state.items()}
 
 
 def _stacked_moments(blocks: list[Block], device: torch.device | None) -> dict[str, Moments]:
-    """Zero moments of tables of one width, as views of stacked (T,), (T, m), (T, m, m)
-    sums (row j: ``blocks[j]``), so that one in-place add updates all of them. Tables of
-    mixed widths get moments of their own."""
+    """Zero moments of blocks of one width (a sparse arch's tables, or the Linears of one
+    output width), as views of stacked (T,), (T, m), (T, m, m) sums (row j: ``blocks[j]``),
+    so that one in-place add updates all of them. Blocks of mixed widths get moments of
+    their own."""
     widths = {b.out_features for b in blocks}
     if len(widths) != 1:
         return {b.name: Moments.zeros(b.out_features, device) for b in blocks}
@@ -401,7 +406,7 @@ class StatsCollector:
     slowly than the GPU runs them. So from the second batch of a shape on, the update is
     a CUDA graph: the held outputs are copied into its input buffers and the graph is
     replayed (one launch) on a side stream, where it runs beside the next batch's forward
-    pass; the sums are the same as the eager update's (tested). At most
+    pass; its counts equal the eager update's and its sums match them (tested). At most
     :attr:`max_graphs` shapes are captured; others run eagerly.
 
     Example::
@@ -610,7 +615,7 @@ class StatsCheckpoint:
             return None
         if state.get("key") != self.key:
             return None
-        return {k: Moments(**v) for k, v in state["moments"].items()}
+        return moments_from_state(state["moments"])
 
     def save(self, moments: Mapping[str, Moments], batches: int) -> None:
         """Saves the sums over the first ``batches`` batches (collective in a job)."""
@@ -621,7 +626,7 @@ class StatsCheckpoint:
         state = {
             "key": self.key,
             "batches": batches,
-            "moments": {k: {"n": m.n.cpu(), "s": m.s.cpu(), "g": m.g.cpu()} for k, m in moments.items()},
+            "moments": moments_state(moments),
         }
         with atomic_file(self.folder / f"rank{self.rank}-{batches:012d}.pt", overwrite=True) as tmp:
             torch.save(state, tmp)
