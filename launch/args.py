@@ -108,24 +108,16 @@ def add_distributed(parser: argparse.ArgumentParser) -> None:
                    help="where each rank computes (default: CUDA if available)")
 
 
-def check_output_folder(args: argparse.Namespace) -> None:
-    """Fails before any work when ``--out`` may not be written: it exists and no
-    ``--overwrite``, or it is not something ``--overwrite`` may replace. (Training would
-    otherwise run to the end and only then find it.)"""
-    from afmrec.pipeline.artifacts import check_replaceable
-
-    check_replaceable(args.out, args.overwrite, folder=True)
-
-
 def _inputs(args: argparse.Namespace) -> list[Path]:
     """The paths a command reads: its --model, --stats, --teacher, --data, --val and
     NAME=DIR models (a DIR@START:STOP data reference reads DIR)."""
     paths = [Path(v) for v in (getattr(args, k, None) for k in ("model", "stats", "teacher")) if v]
+    from afmrec.pipeline.stages import DataRef
+
     for key in ("data", "val"):
         spec = getattr(args, key, None)
         if spec:
-            spec = str(spec)
-            paths.append(Path(spec.rpartition("@")[0] if "@" in spec else spec))
+            paths.append(DataRef.parse(spec).path)
     for item in getattr(args, "models", None) or []:
         _, sep, path = str(item).partition("=")
         if sep and path:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from afmrec.pipeline.errors import InputError
 
-from .args import add_distributed, add_output, check_output_folder, job, print_throughput
+from .args import add_distributed, add_output, job, print_throughput
 
 HELP = "compute PCA bases, pick ranks and write the low-rank model"
 
@@ -73,15 +73,13 @@ def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.ranks import RankConfig
     from afmrec.pipeline.stages import compress_stage
 
-    mode = "ratio" if args.ratio is not None else "energy" if args.energy is not None else "fixed"
-    rank_config = RankConfig(
-        mode=mode, rank=args.rank, energy=args.energy, ratio=args.ratio,
+    rank_config = RankConfig.from_policy(
+        ratio=args.ratio, energy=args.energy, rank=args.rank,
         rank_pattern=_rank_pattern(args.rank_pattern), table_multiple=args.table_multiple,
         linear_multiple=args.linear_multiple,
         table_rounding=args.table_rank_rounding,
     )
     with job(args) as (env, sharding):
-        check_output_folder(args)
         _, rows = compress_stage(
             args.model, args.stats, args.out, rank_config,
             CompressConfig(activation=args.activation, fuse=not args.no_fuse),

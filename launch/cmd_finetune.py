@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import add_data, add_distributed, add_output, check_output_folder, job, print_throughput
+from .args import add_data, add_distributed, add_output, job, print_throughput
 from .train_options import add_train_options, train_config, validation_split
 
 HELP = "fine-tune a compressed model with labels or by distillation"
@@ -36,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
 
     train, val = validation_split(args)
     with job(args) as (env, sharding):
-        check_output_folder(args)  # under the lock, before hours of training
         finetune_stage(args.model, args.out, train, val, train_config(args), env=env,
                        sharding=sharding, teacher_dir=args.teacher, batch_size=args.batch_size,
                        overwrite=args.overwrite, progress=not args.quiet)

@@ -19,7 +19,7 @@ import argparse
 
 from afmrec.models import ARCHS, ModelConfig
 
-from .args import add_data, add_distributed, add_output, check_output_folder, int_list, job, print_throughput
+from .args import add_data, add_distributed, add_output, int_list, job, print_throughput
 from .train_options import add_train_options, train_config, validation_split
 
 HELP = "train a DLRM / DLRM-DCNv2 / DeepFM model on a Parquet dataset"
@@ -58,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
         dcn_low_rank_dim=args.dcn_low_rank_dim,
     )
     with job(args) as (env, sharding):
-        check_output_folder(args)  # under the lock, before hours of training
         train_stage(args.out, model_config, train, val, train_config(args), env=env,
                     sharding=sharding, batch_size=args.batch_size, overwrite=args.overwrite,
                     progress=not args.quiet)

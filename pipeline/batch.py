@@ -105,19 +105,16 @@ class BatchRow:
                 object.__setattr__(self, attr, DataRef.parse(getattr(self, attr)))
         if not self.name:
             object.__setattr__(self, "name", self.out.name)
-        policies = [p for p in ("ratio", "energy", "rank") if getattr(self, p) is not None]
-        if len(policies) != 1:
-            raise InputError(f"give exactly one of ratio, energy, rank (got {policies or 'none'})")
         if self.method not in ("afm", "svd"):
             raise InputError(f"method must be 'afm' or 'svd', got {self.method!r}")
         if min(self.finetune_epochs, self.finetune_batch_size, self.batch_size) < 1:
             raise InputError("finetune_epochs, finetune_batch_size and batch_size must be >= 1")
-        self.rank_config(), self.compress_config()  # their own checks, before any job starts
+        # their own checks (exactly one of ratio, energy, rank...), before any job starts
+        self.rank_config(), self.compress_config()
 
     def rank_config(self) -> RankConfig:
-        mode = "ratio" if self.ratio is not None else "energy" if self.energy is not None else "fixed"
-        return RankConfig(mode=mode, rank=self.rank, energy=self.energy, ratio=self.ratio,
-                          table_multiple=self.table_multiple)
+        return RankConfig.from_policy(ratio=self.ratio, energy=self.energy, rank=self.rank,
+                                      table_multiple=self.table_multiple)
 
     def compress_config(self) -> CompressConfig:
         return CompressConfig(activation=self.activation)

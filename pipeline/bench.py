@@ -46,7 +46,6 @@ def time_stats_vs_forward(
     sharding: ShardingConfig | None = None,
     batch_size: int = 4096,
     repeats: int = 3,
-    warm: bool = True,
 ) -> StatsTiming:
     """:func:`time_stats_vs_forward_batches` for a saved model over a dataset (read into
     memory first, so that reading is timed in neither)."""

@@ -30,7 +30,6 @@ the benchmark's issue, both computed on the rows alone.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -40,7 +39,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -63,7 +62,7 @@ from .report import write_report
 from .sensitivity import SensitivityConfig, measure_sensitivity, sensitivity_weights
 from .stages import DataRef, model_config_from_schema
 from .stats import collect_statistics
-from .train import TrainConfig, TrainResult, train_
+from .train import TrainConfig, TrainResult, seeded, train_
 
 log = logging.getLogger(__name__)
 
@@ -332,13 +331,6 @@ class Cell:
         return self._batches(self.splits.finetune, self.protocol.finetune_batch_size)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        yield
-
-
 def model_config(data: DataRef, arch: str, protocol: Protocol) -> ModelConfig:
     """The model for a dataset. Without dense features the bottom MLP would map an empty
     input to a constant through two layers; one layer (D biases) is the same function
@@ -354,7 +346,7 @@ def fit_original(plan: DatasetPlan, splits: Splits, arch: str, seed: int) -> tup
     """Builds and trains the original to convergence (epochs selected on ``splits.val``)."""
     p = plan.protocol
     config = model_config(splits.train, arch, p)
-    with _seeded(seed):
+    with seeded(seed):
         model = build_model(config)
     val = list(splits.val.batches(p.eval_batch_size))
     cell = Cell(plan.name, arch, seed, splits, p, config, model, 0, [], 0, {}, {}, val, [])
@@ -444,7 +436,7 @@ def _uniform_ranks(cell: Cell, target: float) -> dict[str, int] | None:
 
 def scratch_model(cell: Cell, ranks: Mapping[str, int]) -> nn.Module:
     """The compressed architecture at ``ranks`` with fresh random weights."""
-    with _seeded(cell.seed):
+    with seeded(cell.seed):
         model = build_model(cell.config)
         compress_(model, Bases.placeholders(find_blocks(model), ranks), CompressConfig())
         for module in model.modules():

@@ -12,7 +12,7 @@ import heapq
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 from .bases import Spectrum
 from .blocks import Block, resolve_pattern_map
@@ -73,6 +73,19 @@ class RankConfig:
         if self.table_rounding not in ("round", "error"):
             raise InputError(f"table_rounding must be 'round' or 'error', got {self.table_rounding!r}")
 
+    @classmethod
+    def from_policy(cls, *, ratio: float | None = None, energy: float | None = None,
+                    rank: int | None = None, **options: Any) -> "RankConfig":
+        """The config of whichever one of ``ratio`` (mode ``"ratio"``), ``energy`` or
+        ``rank`` (``"fixed"``) is given, as the CLI and batch manifests state a policy;
+        ``options``: the other fields."""
+        given = [name for name, value in (("ratio", ratio), ("energy", energy), ("rank", rank))
+                 if value is not None]
+        if len(given) != 1:
+            raise InputError(f"give exactly one of ratio, energy, rank (got {given or 'none'})")
+        mode = {"ratio": "ratio", "energy": "energy", "rank": "fixed"}[given[0]]
+        return cls(mode=mode, rank=rank, energy=energy, ratio=ratio, **options)
+
 
 def _unit(block: Block, config: RankConfig) -> int:
     return config.table_multiple if block.kind == "table" else config.linear_multiple
@@ -83,7 +96,8 @@ def _round(block: Block, k: int, config: RankConfig) -> int:
     return min(-(-k // u) * u, block.out_features)
 
 
-def _energy_rank(spectrum: Spectrum, energy: float) -> int:
+def energy_rank(spectrum: Spectrum, energy: float) -> int:
+    """The smallest rank that keeps ``energy`` of the variance (1 for a constant output)."""
     total = float(spectrum.eigenvalues.sum())
     if total <= 0:
         return 1
@@ -202,7 +216,7 @@ def select_ranks(
             elif config.mode == "uniform":
                 ranks[b.name] = _uniform_rank(b, config.ratio)
             else:
-                ranks[b.name] = _energy_rank(spectra[b.name], config.energy)
+                ranks[b.name] = energy_rank(spectra[b.name], config.energy)
     for b in blocks:
         if b.name in overrides:
             ranks[b.name] = overrides[b.name]

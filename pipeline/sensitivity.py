@@ -35,6 +35,7 @@ from .blocks import Block
 from .compress import CompressConfig, compress_
 from .errors import InputError
 from .evaluate import evaluate
+from .ranks import energy_rank
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,9 @@ class Probe:
 
 
 def probe_ranks(spectrum: Spectrum, energies: Iterable[float], max_rank: int) -> list[int]:
-    """The distinct ranks, at most ``max_rank``, that first keep each of ``energies``."""
-    ev = spectrum.eigenvalues
-    total = float(ev.sum())
-    if total <= 0:
-        return []  # a constant output: every rank keeps all of it
-    cum = (ev.cumsum(0) / total).tolist()
-    ranks = {next(i + 1 for i, c in enumerate(cum) if c >= e - 1e-12) for e in energies}
+    """The distinct ranks, at most ``max_rank``, that first keep each of ``energies`` (none
+    for a constant output: every rank keeps all of it)."""
+    ranks = {energy_rank(spectrum, e) for e in energies}
     return sorted(k for k in ranks if k <= max_rank and spectrum.energy(k) < 1.0)
 
 

@@ -38,8 +38,8 @@ from afmrec.sharding.dmp import unwrap
 from afmrec.sharding.env import DistEnv, barrier
 from afmrec.sharding.plan import ShardingConfig
 
-from .artifacts import (_broadcast, atomic_file, check_not_input, file_fingerprint, fingerprint,
-                        versions)
+from .artifacts import (_broadcast, atomic_file, check_not_input, check_replaceable, file_fingerprint,
+                        fingerprint, versions)
 from .bases import Bases, Spectrum, afm_bases, spectra, weight_svd_bases
 from .blocks import Block, find_blocks, select_blocks
 from .compress import CompressConfig, compress_
@@ -214,6 +214,7 @@ def train_stage(
 ) -> TrainResult:
     """Builds a fresh model from ``model_config``, trains it and writes ``out``."""
     check_not_input(out, train_data.path)
+    check_replaceable(out, overwrite, folder=True)  # now, not after hours of training
     torch.manual_seed(config.seed)
     record = ModelRecord(model_config)
     model = build_sharded(record, env, sharding) if env.is_distributed else build_model(model_config)
@@ -237,6 +238,7 @@ def finetune_stage(
 ) -> TrainResult:
     """Fine-tunes a saved (compressed) model with labels, or from a teacher's logits."""
     check_not_input(out, model_dir, train_data.path, *(teacher_dir and [teacher_dir] or []))
+    check_replaceable(out, overwrite, folder=True)  # now, not after hours of training
     model, record = load_model(model_dir, env=env, sharding=sharding)
     teacher = None
     inputs = {"model": _model_fingerprint(model_dir)}
@@ -279,8 +281,7 @@ def stats_stage(
     its peak memory from the model's loading on.
     """
     check_not_input(out, model_dir, data.path)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; refusing to overwrite it")
+    check_replaceable(out, overwrite, folder=False)
     meter = StageMeter("stats", env)
     model, record = load_model(model_dir, env=env, sharding=sharding)
     if record.compressed:
@@ -359,11 +360,12 @@ def _compress_sharded(
     )
     tables = {b.name: b for b in find_blocks(compressed) if b.kind == "table"}
     compress_(compressed, bases, config)
-    state = {k: v for k, v in compressed.state_dict().items() if not v.is_meta}
+    full = compressed.state_dict()
+    state = {k: v for k, v in full.items() if not v.is_meta}
     for name, block in sorted(tables.items()):
         src = f"{block.module}.embedding_bags.{block.table}.weight"
         dst = f"{block.module}.codes.embedding_bags.{block.table}.weight"
-        key = dst if dst in compressed.state_dict() else src
+        key = dst if dst in full else src
         basis = bases.bases.get(name)
         state[key] = sharded[src] if basis is None else fold_table(sharded[src], basis.components)
     return state
@@ -398,8 +400,7 @@ def compress_stage(
     if method not in ("afm", "svd"):
         raise InputError(f"method must be 'afm' or 'svd', got {method!r}")
     check_not_input(out, model_dir, stats_path)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; refusing to overwrite it")
+    check_replaceable(out, overwrite, folder=True)
     record = load_record(model_dir)
     if record.compressed:
         raise InputError(f"{model_dir}: this model is already compressed")

@@ -299,11 +299,14 @@ class _BestState:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seeds torch's RNG inside the block and restores the caller's RNG state after."""
-    cuda_devices = []
-    if device.type == "cuda":
-        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Seeds torch's RNG inside the block and restores the caller's RNG state after: the
+    CPU's and ``device``'s (every visible GPU's when ``device`` is None)."""
+    cuda_devices = None
+    if device is not None:
+        cuda_devices = []
+        if device.type == "cuda":
+            cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
         yield
@@ -379,7 +382,7 @@ def train_(
     total = _total_steps(train_batches, config)
     bar = tqdm(total=total, disable=not progress, desc="train", unit="step")
     try:
-        with _seeded(config.seed, device):
+        with seeded(config.seed, device):
             model.train()
             return _run(model, train_batches, config, val_batches, loss_fn, bar)
     finally:

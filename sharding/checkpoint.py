@@ -29,6 +29,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
+from afmrec.pipeline.artifacts import write_json
 from afmrec.pipeline.errors import InputError
 
 CHECKSUMS = "checksums.json"
@@ -215,11 +216,7 @@ def _write_checksums(path: Path) -> None:
         dist.all_gather_object(parts, mine)
         mine = {k: v for part in parts for k, v in (part or {}).items()}
     if rank == 0:
-        record = {"format": CHECKSUMS_FORMAT, "files": mine}
-        with open(path / CHECKSUMS, "w") as f:
-            f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_json(path / CHECKSUMS, {"format": CHECKSUMS_FORMAT, "files": mine}, overwrite=True)
     if world > 1:
         dist.barrier()
 
