@@ -329,13 +329,14 @@ def _params(model_dir: Path) -> int:
 
 
 def _run_stages(
-    row: BatchRow, env: DistEnv, sharding: ShardingConfig | None,
+    row: BatchRow, keys: dict[str, str], env: DistEnv, sharding: ShardingConfig | None,
     checkpoint_every: int | None, progress: bool,
 ) -> dict[str, Any]:
-    """stats -> compress -> (finetune) -> (evaluate), each skipped if done; the measures."""
+    """stats -> compress -> (finetune) -> (evaluate), each skipped if its ledger entry
+    holds its key (``keys``: :func:`stage_keys`); the measures."""
     _check_inputs(row)
     _claim(row.out, env)
-    keys, ledger = stage_keys(row), _Ledger(row.out, env)
+    ledger = _Ledger(row.out, env)
     original = _original(row, env)
     stats, compressed = row.out / STATS, row.out / COMPRESSED
     final = row.out / FINETUNED if row.finetune is not None else compressed
@@ -415,12 +416,13 @@ def run_row(
     """
     start = time.perf_counter()
     try:
-        measures = _run_stages(row, env, sharding, checkpoint_every, progress)
+        keys = stage_keys(row)  # (hashes every input file: once per row)
+        measures = _run_stages(row, keys, env, sharding, checkpoint_every, progress)
     except Exception as e:  # the row fails alone; its log keeps the traceback of a bug
         log.error("row %s failed: %s", row.name, _describe(e), exc_info=not isinstance(e, InputError))
         return failed_result(row, _describe(e), time.perf_counter() - start)
     result = {**_identity(row), **measures, "status": "ok", "error": None,
-              "wall_s": time.perf_counter() - start, "key": row_key(row)}
+              "wall_s": time.perf_counter() - start, "key": list(keys.values())[-1]}
     if env.rank == 0:
         write_json(row.out / RESULT, result, overwrite=True)
     log.info("row %s finished in %.1f s", row.name, result["wall_s"])

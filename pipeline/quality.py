@@ -37,7 +37,7 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -313,6 +313,7 @@ class Cell:
     test: list[Batch]
     params: int = 0
     bytes: int = 0
+    calibration: list[Batch] = field(default_factory=list)  # the statistics pass's rows (analyse_)
 
     @property
     def finetune_steps(self) -> int:
@@ -375,8 +376,9 @@ def analyse_(cell: Cell) -> None:
     p = cell.protocol
     cell.blocks = find_blocks(cell.original)
     cell.other_params = cell.params - sum(b.params for b in cell.blocks)
-    calibration = cell.splits.train.batches(p.eval_batch_size, limit_rows=p.calibration_rows)
-    cell.spectra = spectra(collect_statistics(cell.original, cell.blocks, calibration))
+    # read once: activation variants are calibrated on the same rows
+    cell.calibration = list(cell.splits.train.batches(p.eval_batch_size, limit_rows=p.calibration_rows))
+    cell.spectra = spectra(collect_statistics(cell.original, cell.blocks, cell.calibration))
     rows = p.sensitivity_rows
     val = cell.val if rows is None else list(cell.splits.val.batches(p.eval_batch_size, limit_rows=rows))
     probes = measure_sensitivity(cell.original, cell.blocks, cell.spectra, val, p.sensitivity)
@@ -560,8 +562,7 @@ def _start(recipe: Recipe, cell: Cell, ranks: Mapping[str, int] | None, built: M
         bases = weight_svd_bases(cell.original, cell.blocks, ranks)
     model = compress_(copy.deepcopy(cell.original), bases, CompressConfig(activation=recipe.activation))
     if recipe.activation is not None:
-        p = cell.protocol
-        shift_activations_(model, cell.splits.train.batches(p.eval_batch_size, limit_rows=p.calibration_rows))
+        shift_activations_(model, cell.calibration)
     return model
 
 
