@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data(parser, what="data to run over (read into memory first)")
     parser.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass per rank")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed runs of each")
+    parser.add_argument("--precision", choices=("float64", "float32", "bfloat16"), default="float32",
+                        help="the statistics' Gram products (as `afmrec stats --precision`)")
     parser.add_argument("--json", type=Path, help="also write the record to this file")
     parser.add_argument("--quiet", action="store_true", help="no info logs")
     add_distributed(parser)
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     with job(args) as (env, sharding):
         timing = time_stats_vs_forward(args.model, DataRef.parse(args.data), env=env,
                                        sharding=sharding, batch_size=args.batch_size,
-                                       repeats=args.repeats)
+                                       repeats=args.repeats, precision=args.precision)
         if env.rank == 0:
             record = {"bench": "stats_vs_forward", **timing.to_dict()}
             print(json.dumps(record, indent=2))

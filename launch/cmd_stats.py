@@ -30,9 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", nargs="+", default=["*"], metavar="GLOB",
                         help="blocks to observe, by name glob (default: all)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="blocks to skip")
-    parser.add_argument("--exact", action="store_true",
-                        help="float64 Gram products (default: float32 GEMMs of centred rows, "
-                        "float64 sums; error bounded by the GEMM's, relative to each batch's spread)")
+    parser.add_argument("--precision", choices=("float64", "float32", "bfloat16"), default="float32",
+                        help="precision of each batch's Gram product (default: %(default)s): "
+                        "float64 products; or a GEMM of the centred rows in float32 (TF32 on "
+                        "CUDA) or bfloat16 (float32 accumulation; about half the GPU time), "
+                        "error relative to each batch's spread. Sums over batches are float64")
     parser.add_argument("--checkpoint-every", type=int, metavar="N",
                         help="save the running moments every N batches; a rerun after a kill or "
                         "a requeue resumes from the last save (same result as one pass)")
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         stats = stats_stage(
             args.model, DataRef.parse(args.data), args.out, env=env, sharding=sharding,
             batch_size=args.batch_size, target=tuple(args.target), exclude=tuple(args.exclude),
-            exact=args.exact, checkpoint_every=args.checkpoint_every,
+            precision=args.precision, checkpoint_every=args.checkpoint_every,
             overwrite=args.overwrite, progress=not args.quiet,
         )
         if env.rank == 0:

@@ -29,6 +29,7 @@ class StatsTiming:
     forward_samples_per_s: float
     stats_samples_per_s: float
     ratio: float
+    precision: str
     rows: int
     blocks: int
     world_size: int
@@ -46,18 +47,20 @@ def time_stats_vs_forward(
     sharding: ShardingConfig | None = None,
     batch_size: int = 4096,
     repeats: int = 3,
+    precision: str = "float32",
 ) -> StatsTiming:
     """:func:`time_stats_vs_forward_batches` for a saved model over a dataset (read into
     memory first, so that reading is timed in neither)."""
     model, record = load_model(model_dir, env=env, sharding=sharding)
     blocks = find_blocks(skeleton(record))
     return time_stats_vs_forward_batches(model, blocks, list(data.batches(batch_size, env)),
-                                         env, repeats=repeats)
+                                         env, repeats=repeats, precision=precision)
 
 
-def passes(model: torch.nn.Module, blocks: list[Block],
-           batches: list[Batch]) -> tuple[Callable[[], None], Callable[[], None]]:
-    """A forward-only pass and a statistics pass over ``batches``, as two callables."""
+def passes(model: torch.nn.Module, blocks: list[Block], batches: list[Batch],
+           precision: str = "float32") -> tuple[Callable[[], None], Callable[[], None]]:
+    """A forward-only pass and a statistics pass (Gram products in ``precision``) over
+    ``batches``, as two callables."""
     inner = unwrap(model)
     device = model_device(inner)
 
@@ -67,7 +70,7 @@ def passes(model: torch.nn.Module, blocks: list[Block],
                 forward_logits(model, b)
 
     def stats() -> None:
-        with eval_mode(model), StatsCollector(inner, blocks, device), torch.no_grad():
+        with eval_mode(model), StatsCollector(inner, blocks, device, precision), torch.no_grad():
             for b in batches:
                 forward_logits(model, b)
 
@@ -81,6 +84,7 @@ def time_stats_vs_forward_batches(
     env: DistEnv = LOCAL,
     *,
     repeats: int = 3,
+    precision: str = "float32",
 ) -> StatsTiming:
     """Times a forward-only pass and the statistics pass over the same batches.
 
@@ -90,11 +94,11 @@ def time_stats_vs_forward_batches(
     """
     rows = sum(b.labels.numel() for b in batches) * env.world_size
     device = model_device(unwrap(model))
-    forward, stats = passes(model, blocks, batches)
+    forward, stats = passes(model, blocks, batches, precision)
     forward()  # warm-up (allocator, lazy initialisation)
     f, s = [], []
     for _ in range(repeats):
         f.append(wall_seconds(forward, device, env))
         s.append(wall_seconds(stats, device, env))
     fwd, st = rows / min(f), rows / min(s)
-    return StatsTiming(fwd, st, st / fwd, rows, len(blocks), env.world_size, repeats)
+    return StatsTiming(fwd, st, st / fwd, precision, rows, len(blocks), env.world_size, repeats)

@@ -8,7 +8,8 @@ and CI. Every ratio is measured in the same process on the same device:
 
 1. ``train_vs_torchrec``: our ``train_`` vs a plain TorchRec DMP loop (same model,
    optimizers and batches);
-2. ``stats_vs_forward``: the statistics pass vs a forward-only pass;
+2. ``stats_vs_forward``: the statistics pass vs a forward-only pass (and
+   ``stats_vs_forward_{float32,bfloat16}``, the pass with each Gram precision);
 3. ``compress_vs_io``: load + bases + shard-local fold + save of the checkpoint vs load +
    save of the same checkpoint with ``torch.distributed.checkpoint`` (lower is better);
 4. inference samples/s of AFM at 4x and 8x fewer parameters, TorchRec int8 tables, and AFM
@@ -331,6 +332,9 @@ def bench_cpu_latency(model: nn.Module, stats: Any, record: ModelRecord, shape: 
 
 
 STAGES = ("train", "stats", "compress", "inference", "cpu")
+STATS_PRECISIONS = ("float32", "bfloat16")
+"""The statistics pass is timed with each; ``stats_vs_forward`` is the first's (the
+default of ``afmrec stats``)."""
 
 
 def run_speed(shape: SpeedShape, env: DistEnv, *, stages: Sequence[str] = STAGES,
@@ -401,21 +405,25 @@ def _sharded_stages(shape: SpeedShape, env: DistEnv, record: ModelRecord, blocks
         # as many batches as the timed training steps: a pass's set-up (allocating the
         # sums) is not what a pass over a dataset costs per batch
         stats_batches = [train_batches[i % len(train_batches)] for i in range(shape.steps)]
-        timing = peak.measure("stats", device, lambda: time_stats_vs_forward_batches(
-            dmp, blocks, stats_batches, env, repeats=3))
-        result.update({"stats_vs_forward": timing.ratio,
-                       "forward_samples_per_s": timing.forward_samples_per_s,
-                       "stats_samples_per_s": timing.stats_samples_per_s})
+        for precision in STATS_PRECISIONS:
+            timing = peak.measure("stats", device, lambda: time_stats_vs_forward_batches(
+                dmp, blocks, stats_batches, env, repeats=3, precision=precision))
+            result.update({f"stats_vs_forward_{precision}": timing.ratio,
+                           "forward_samples_per_s": timing.forward_samples_per_s,
+                           f"stats_samples_per_s_{precision}": timing.stats_samples_per_s})
+        result["stats_vs_forward"] = result[f"stats_vs_forward_{STATS_PRECISIONS[0]}"]
         on_stage(result)
         if profile_dir is not None:
             forward, _ = passes(dmp, blocks, train_batches[:1])
             out = profile_dir / "profile_stats.txt"
             profile_to(out, forward, device, f"forward-only pass over one batch of {shape.train_batch}")
-            # in a pass over many batches (the steady state), the update is a replayed graph:
-            # profile_to's warm-up call captures it, the profiled call replays it
-            with eval_mode(dmp), torch.no_grad(), StatsCollector(unwrap(dmp), blocks, device):
-                forward()  # a shape's first batch runs eagerly
-                profile_to(out, forward, device, f"statistics pass over one batch of {shape.train_batch}")
+            for precision in STATS_PRECISIONS:
+                # in a pass over many batches (the steady state), the update is a replayed
+                # graph: profile_to's warm-up call captures it, the profiled call replays it
+                with eval_mode(dmp), torch.no_grad(), StatsCollector(unwrap(dmp), blocks, device, precision):
+                    forward()  # a shape's first batch runs eagerly
+                    profile_to(out, forward, device,
+                               f"statistics pass ({precision} Gram products) over one batch of {shape.train_batch}")
     if "compress" in stages:
         stats = collect_statistics(unwrap(dmp), blocks, train_batches, forward=dmp)
         result.update(peak.measure("compress", device, lambda: bench_compress(

@@ -260,7 +260,7 @@ def stats_stage(
     batch_size: int = 4096,
     target: tuple[str, ...] = ("*",),
     exclude: tuple[str, ...] = (),
-    exact: bool = False,
+    precision: str = "float32",
     overwrite: bool = False,
     progress: bool = True,
     checkpoint_every: int | None = None,
@@ -292,7 +292,7 @@ def stats_stage(
     checkpoint = None
     if checkpoint_every is not None:
         key = fingerprint([model_fingerprint, data_fingerprint, batch_size, env.world_size,
-                           exact, sorted(b.name for b in blocks)])
+                           precision, sorted(b.name for b in blocks)])
         checkpoint = StatsCheckpoint(out.with_name(f".{out.name}.partial"), checkpoint_every,
                                      key, env.rank)
     start = time.perf_counter()
@@ -300,7 +300,7 @@ def stats_stage(
     with meter.timed():
         stats = collect_statistics(unwrap(model), blocks, batches,
                                    progress=progress and env.rank == 0, forward=model,
-                                   exact=exact, checkpoint=checkpoint)
+                                   precision=precision, checkpoint=checkpoint)
     # The batches a resumed pass skipped were read but not run: they are not its work.
     meter.samples -= sum(batches.rows[: stats.meta["resumed_from_batch"]])
     if env.is_distributed:
@@ -312,7 +312,7 @@ def stats_stage(
         "model_dir": str(model_dir),
         "data": {"path": str(data), "fingerprint": data_fingerprint},
         "world_size": env.world_size,
-        "exact": exact,
+        "precision": precision,
         "versions": versions(),
         "seconds": time.perf_counter() - start,
         "resumed_from_batch": stats.meta["resumed_from_batch"],

@@ -47,9 +47,9 @@ class Moments:
         z = dict(dtype=torch.float64, device=device)
         return cls(torch.zeros((), **z), torch.zeros(m, **z), torch.zeros(m, m, **z))
 
-    def update_(self, y: torch.Tensor, exact: bool = False) -> None:
+    def update_(self, y: torch.Tensor, precision: str = "float32") -> None:
         """Adds rows ``y`` of shape (R, m) (see :func:`batch_moments`)."""
-        n, s, g = batch_moments(y.detach().unsqueeze(0), None, exact)
+        n, s, g = batch_moments(y.detach().unsqueeze(0), None, precision)
         self.n += n[0]
         self.s += s[0]
         self.g += g[0]
@@ -72,54 +72,102 @@ class Moments:
         return [self.n, self.s, self.g]
 
 
+PRECISIONS = ("float64", "float32", "bfloat16")
+"""How :func:`batch_moments` forms a batch's products: every product in float64; or the
+GEMM of centred rows in float32 (TF32 on CUDA where ``allow_tf32`` is on); or in
+bfloat16 (half the bytes, twice the GEMM rate) with float32 accumulation."""
+
+PILOT_ROWS = 256
+"""Rows whose mean is a batch's centre (see :func:`batch_moments`)."""
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def batch_moments(
-    y: torch.Tensor, mask: torch.Tensor | None = None, exact: bool = False
+    y: torch.Tensor, mask: torch.Tensor | None = None, precision: str = "float32"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n``, ``sum y`` and ``sum y y^T`` of G groups of rows at once, in float64.
 
-    ``exact``: every product in float64. Otherwise (the default: a float64 GEMM costs
-    more than the layer's own forward pass for wide blocks) each group is centred at its rounded mean ``c`` and the Gram matrix of the centred rows
-    is one batched GEMM in ``y``'s precision; then, in float64, ``s = n c + t`` and
-    ``G = Gc + c t^T + t c^T + n c c^T`` with ``t`` the centred rows' sum, which is exact
-    algebra. The only roundings are the sums over the batch's R rows of centred values:
-    each entry of ``Gc`` is within ``gamma_R * sum_r |yc_ri| |yc_rj|`` and of ``t`` within
-    ``gamma_R * sum_r |yc_ri|`` (``gamma_R = R u / (1 - R u)``, ``u = 2^-24`` in float32;
-    TF32 inputs to the GEMM where CUDA's ``allow_tf32`` is on) of the true value, i.e.
-    relative to the batch's spread, not to its mean; ``G`` carries ``t``'s error times
-    ``c`` besides, which cancels in the covariance (tested). Sums over batches, ranks and
-    jobs are float64.
+    ``precision="float64"``: every product in float64 (a float64 GEMM costs more than the
+    layer's own forward pass for wide blocks). Otherwise each group is centred at ``c``,
+    the mean of its first :data:`PILOT_ROWS` kept rows (0 if there are none; any ``c``
+    gives the same algebra, a ``c`` near the mean gives small centred values), and the
+    centred rows ``yc`` go through one batched GEMM and one sum; then, in float64,
+    ``s = n c + t`` and ``G = Gc + c t^T + t c^T + n c c^T`` with ``t`` the sum of ``yc``,
+    which is exact algebra. The roundings:
+
+    - ``"float32"``: ``yc`` in float32 (TF32 inputs to the GEMM where CUDA's
+      ``allow_tf32`` is on). Each entry of ``Gc`` is within ``gamma_R * sum_r |yc_ri|
+      |yc_rj|`` and of ``t`` within ``gamma_R * sum_r |yc_ri|`` (``gamma_R = R u / (1 - R
+      u)``, ``u = 2^-24``) of the true value, i.e. relative to the batch's spread, not to
+      its mean.
+    - ``"bfloat16"``: ``yc`` is rounded to bfloat16 (one pass that centres and rounds),
+      which moves each entry by at most ``e |y - c|``, ``e = 2^-8 + 2^-24 + 2^-32``; the
+      products of bfloat16 values are exact in float32 and are summed in float32, within
+      ``gamma_R`` of the rounded rows' sums. So ``Gc`` is within ``(2e + e^2 + gamma_R
+      (1 + e)^2) sum_r |yc_ri| |yc_rj|`` and ``t`` within ``(e + gamma_R (1 + e)) sum_r
+      |yc_ri|``: the moments of rows each within ``e |y - c|`` of the true ones.
+
+    In both, ``G`` carries ``t``'s error times ``c`` besides, which cancels in the
+    covariance (tested). Sums over batches, ranks and jobs are float64.
 
     Masked rows must be zero in ``y`` (an empty bag pools to 0); they are left out of
-    ``n`` and of the centring.
+    ``n``, of the centre and of the sums.
 
     Args:
-        y: (G, R, m) rows.
+        y: (G, R, m) rows, float32.
         mask: (G, R) bool, the rows to count, or None for all.
-        exact: float64 products.
+        precision: one of :data:`PRECISIONS`.
     Returns:
         ``n`` (G,), ``s`` (G, m), ``g`` (G, m, m), float64.
     """
+    check_precision(precision)
     # (No shortcut for an all-true mask: testing for one would stall the GPU every batch.)
-    y = y.contiguous()
     if mask is None:
         n = torch.full((y.shape[0],), float(y.shape[1]), dtype=torch.float64, device=y.device)
     else:
         n = mask.sum(1).to(torch.float64)
-    if exact:
+    if precision == "float64":
         y64 = y.to(torch.float64)
         return n, y64.sum(1), torch.bmm(y64.transpose(1, 2), y64)
-    # Masked rows are zero, so the plain sum over all rows is the sum of the kept ones.
-    c = y.sum(1) / n.clamp_min(1).to(y.dtype).unsqueeze(1)
+    c = _pilot_centre(y, mask)
+    # centred (masked rows stay 0) and rounded to the GEMM's input type in one pass
+    yc = torch.empty(y.shape, dtype=getattr(torch, precision), device=y.device)
     if mask is None:
-        yc = y - c.unsqueeze(1)
-    else:  # y - mask c: masked rows stay 0, in one pass
-        yc = torch.addcmul(y, mask.unsqueeze(2).to(y.dtype), c.unsqueeze(1), value=-1)
-    gc = torch.bmm(yc.transpose(1, 2), yc).to(torch.float64)
-    t = yc.sum(1).to(torch.float64).unsqueeze(2)
-    c64 = c.to(torch.float64).unsqueeze(2)
-    s = (n.unsqueeze(1) * c64.squeeze(2) + t.squeeze(2))
-    cross = c64 * t.transpose(1, 2)
-    return n, s, gc + cross + cross.transpose(1, 2) + n[:, None, None] * c64 * c64.transpose(1, 2)
+        torch.sub(y, c.unsqueeze(1), out=yc)
+    else:
+        torch.addcmul(y, mask.unsqueeze(2).to(y.dtype), c.unsqueeze(1), value=-1, out=yc)
+    t = yc.sum(1, dtype=torch.float32).to(torch.float64)
+    c64 = c.to(torch.float64)
+    s = torch.addcmul(t, n.unsqueeze(1), c64)
+    # G = Gc + c t^T + t c^T + n c c^T = Gc + c w^T + w c^T with w = t + n c / 2
+    w = torch.addcmul(t, n.unsqueeze(1), c64, value=0.5).unsqueeze(2)
+    c64 = c64.unsqueeze(2)
+    g = torch.baddbmm(_gram(yc).to(torch.float64), c64, w.transpose(1, 2))
+    return n, s, g.baddbmm_(w, c64.transpose(1, 2))
+
+
+def _pilot_centre(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(G, m): the mean of each group's first :data:`PILOT_ROWS` kept rows (0 if none is
+    kept): close enough to the mean to keep centred values small, without a pass."""
+    pilot = y[:, :PILOT_ROWS]
+    if mask is None:
+        return pilot.mean(1)
+    return pilot.sum(1) / mask[:, :PILOT_ROWS].sum(1, keepdim=True).clamp_min(1).to(y.dtype)
+
+
+def _gram(yc: torch.Tensor) -> torch.Tensor:
+    """(G, m, m) float32 ``yc^T yc`` of (G, R, m) rows, float32 or bfloat16 ones (the latter
+    with float32 products and sums: CUDA's bf16 GEMM with a float32 output; elsewhere the
+    rows widened to float32 first, which is exact)."""
+    if yc.dtype == torch.bfloat16:
+        if yc.is_cuda:
+            return torch.bmm(yc.transpose(1, 2), yc, out_dtype=torch.float32)
+        yc = yc.to(torch.float32)
+    return torch.bmm(yc.transpose(1, 2), yc)
 
 
 @dataclass
@@ -240,7 +288,7 @@ class _WidthGroup(_Observer):
 
     names: list[str]
     stack: list[torch.Tensor]  # n (G,), s (G, m), g (G, m, m): the views' bases
-    exact: bool = False
+    precision: str = "float32"
     pending: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  # (j, y, version)
 
     def observe(self, j: int, y: torch.Tensor) -> None:
@@ -274,11 +322,11 @@ class _WidthGroup(_Observer):
     def update(self, key: Hashable, inputs: list[torch.Tensor]) -> None:
         stacked, layout = key
         if stacked:
-            for total, part in zip(self.stack, batch_moments(inputs[0], None, self.exact)):
+            for total, part in zip(self.stack, batch_moments(inputs[0], None, self.precision)):
                 total += part
             return
         for (j, _, _), y in zip(layout, inputs):
-            for total, part in zip(self.stack, batch_moments(y.unsqueeze(0), None, self.exact)):
+            for total, part in zip(self.stack, batch_moments(y.unsqueeze(0), None, self.precision)):
                 total[j] += part[0]
 
 
@@ -290,8 +338,8 @@ class _TableObserver(_Observer):
     compression) are left out."""
 
     def __init__(self, blocks: list[Block], feature_names: list[str], moments: Mapping[str, Moments],
-                 exact: bool) -> None:
-        self.exact = exact
+                 precision: str) -> None:
+        self.precision = precision
         self.plan = [(moments[b.name], [feature_names.index(f) for f in b.features]) for b in blocks]
         self.feature_names = feature_names
         self.observed = sorted({i for _, index in self.plan for i in index})
@@ -350,7 +398,7 @@ class _TableObserver(_Observer):
             fields, lengths = inputs[2 * i], inputs[2 * i + 1]
             _, order, rows = self._index_tensors(device, keys)
             nonempty = lengths.view(len(keys), -1).index_select(0, order) > 0  # (F', B)
-            n, s, g = batch_moments(fields, nonempty, self.exact)
+            n, s, g = batch_moments(fields, nonempty, self.precision)
             if self.stacked:
                 for total, part in zip(self.stack, (n, s, g)):
                     total += part if self.in_order else part.index_select(0, rows)
@@ -424,13 +472,14 @@ class StatsCollector:
         model: nn.Module,
         blocks: Iterable[Block],
         device: torch.device | None = None,
-        exact: bool = False,
+        precision: str = "float32",
         cuda_graphs: bool = True,
     ) -> None:
+        check_precision(precision)
         self.model = model
         self.blocks = list(blocks)
         self.device = device
-        self.exact = exact
+        self.precision = precision
         self.cuda_graphs = cuda_graphs
         self.replays = 0  # batches whose update ran as a CUDA graph
         self._moments: dict[str, Moments] = {}
@@ -507,7 +556,7 @@ class StatsCollector:
             stacked = _stacked_moments(blocks, self.device)
             self._moments.update(stacked)
             first = stacked[blocks[0].name]
-            group = _WidthGroup([b.name for b in blocks], [t._base for t in first.tensors()], self.exact)
+            group = _WidthGroup([b.name for b in blocks], [t._base for t in first.tensors()], self.precision)
             self._observers.append(group)
             for j, b in enumerate(blocks):
                 self._handles.append(modules[b.module].register_forward_hook(self._linear_hook(group, j)))
@@ -520,7 +569,7 @@ class StatsCollector:
                     f"{owner or 'the model'} owns embedding tables but has no "
                     "`sparse_feature_names` (observe tables through a TorchRec SparseArch)"
                 )
-            observer = _TableObserver(blocks, list(names), self._moments, self.exact)
+            observer = _TableObserver(blocks, list(names), self._moments, self.precision)
             self._observers.append(observer)
             self._handles.append(arch.register_forward_hook(observer.hook, with_kwargs=True))
         if self._observers:
@@ -666,7 +715,7 @@ def collect_statistics(
     *,
     progress: bool = False,
     forward: nn.Module | None = None,
-    exact: bool = False,
+    precision: str = "float32",
     checkpoint: StatsCheckpoint | None = None,
     cuda_graphs: bool = True,
 ) -> Statistics:
@@ -679,8 +728,8 @@ def collect_statistics(
         progress: show a progress bar.
         forward: the module to run, if not ``model`` itself (a
             ``DistributedModelParallel`` wrapping ``model``).
-        exact: float64 Gram products; False: float32 GEMMs of centred rows with float64
-            accumulation (see :func:`batch_moments`).
+        precision: the batch products' precision, one of :data:`PRECISIONS` (see
+            :func:`batch_moments`); the sums over batches are float64 in all.
         checkpoint: save the moments every ``checkpoint.every`` batches and resume from
             the last save; ``batches`` must then come in the same order on every run.
         cuda_graphs: on CUDA, replay each batch's update as a CUDA graph (see
@@ -695,7 +744,7 @@ def collect_statistics(
     from .evaluate import eval_mode, forward_logits, model_device
 
     runner = forward if forward is not None else model
-    collector = StatsCollector(model, blocks, model_device(model), exact, cuda_graphs)
+    collector = StatsCollector(model, blocks, model_device(model), precision, cuda_graphs)
     done, saved = checkpoint.resume() if checkpoint is not None else (0, {})
     total = len(batches) if hasattr(batches, "__len__") else None
     with eval_mode(runner), collector, torch.no_grad():

@@ -18,10 +18,11 @@ from .conftest import random_batch, tiny_config
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _collect(model, blocks, batches, cuda_graphs: bool, read_after: int = 3):
+def _collect(model, blocks, batches, cuda_graphs: bool, precision: str, read_after: int = 3):
     """The pass's statistics, its replay count and the counts read after ``read_after``
     batches (as a checkpoint save reads them, while replays may still run)."""
-    with torch.no_grad(), StatsCollector(model, blocks, torch.device("cuda"), cuda_graphs=cuda_graphs) as c:
+    with torch.no_grad(), StatsCollector(model, blocks, torch.device("cuda"), precision,
+                                           cuda_graphs=cuda_graphs) as c:
         for i, b in enumerate(batches, start=1):
             model(b.dense_features, b.sparse_features)
             if i == read_after:
@@ -29,8 +30,9 @@ def _collect(model, blocks, batches, cuda_graphs: bool, read_after: int = 3):
     return c.result(), c.replays, partial
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ["dlrm", "dcn", "deepfm"])
-def test_graphed_update_adds_what_the_eager_update_adds(arch):
+def test_graphed_update_adds_what_the_eager_update_adds(arch, precision):
     """Batches of one shape replay a captured graph (from the second on); a batch of
     another shape runs eagerly. Counts are exact (a warm-up or capture that added to the
     sums would double them) and the sums agree with the eager update's."""
@@ -39,8 +41,8 @@ def test_graphed_update_adds_what_the_eager_update_adds(arch):
     blocks = find_blocks(model)
     batches = [random_batch(64, 3, seed=s).to(torch.device("cuda")) for s in range(5)]
     batches.append(random_batch(40, 3, seed=9).to(torch.device("cuda")))  # a short last batch
-    eager, none, eager_partial = _collect(model, blocks, batches, cuda_graphs=False)
-    graphed, replays, partial = _collect(model, blocks, batches, cuda_graphs=True)
+    eager, none, eager_partial = _collect(model, blocks, batches, False, precision)
+    graphed, replays, partial = _collect(model, blocks, batches, True, precision)
     assert none == 0
     assert all(torch.equal(partial[k], eager_partial[k]) for k in partial)
     assert replays == 4  # batches 2-5; the first ran eagerly, the short one too

@@ -38,13 +38,14 @@ def observed_outputs(model, blocks, batches):
     return {k: torch.cat(v).double() for k, v in out.items()}
 
 
-@pytest.mark.parametrize("exact, tol", [(True, 1e-9), (False, 1e-5)])
-def test_streaming_statistics_equal_torch_cov(arch, exact, tol):
-    """float64 products match torch.cov to 1e-9; the default float32 Gram to 1e-5."""
+@pytest.mark.parametrize("precision, tol", [("float64", 1e-9), ("float32", 1e-5), ("bfloat16", 4e-3)])
+def test_streaming_statistics_equal_torch_cov(arch, precision, tol):
+    """float64 products match torch.cov to 1e-9; the default float32 Gram to 1e-5; the
+    bfloat16 one to 4e-3 (its rounding is 2^-8 of the centred values)."""
     torch.manual_seed(0)
     model = build_model(tiny_config(arch)).eval()
     blocks = find_blocks(model)
-    stats = collect_statistics(model, blocks, BATCHES, exact=exact)
+    stats = collect_statistics(model, blocks, BATCHES, precision=precision)
     ref = observed_outputs(model, blocks, BATCHES)
     assert set(stats.moments) == {b.name for b in blocks}
     for name, y in ref.items():
@@ -59,9 +60,9 @@ def test_merged_halves_equal_one_pass():
     torch.manual_seed(0)
     model = build_model(tiny_config("dcn")).eval()
     blocks = find_blocks(model)
-    whole = collect_statistics(model, blocks, BATCHES, exact=True)
-    merged = collect_statistics(model, blocks, BATCHES[:2], exact=True).merge(
-        collect_statistics(model, blocks, BATCHES[2:], exact=True)
+    whole = collect_statistics(model, blocks, BATCHES, precision="float64")
+    merged = collect_statistics(model, blocks, BATCHES[:2], precision="float64").merge(
+        collect_statistics(model, blocks, BATCHES[2:], precision="float64")
     )
     for name in whole.moments:
         for a, b in zip(whole.moments[name].tensors(), merged.moments[name].tensors()):
@@ -137,36 +138,65 @@ def test_unreachable_ratio_and_bad_patterns():
         RankConfig(mode="fixed")
 
 
-def test_fast_gram_is_within_the_float32_gemm_bound():
-    """The default float32 path: the centred Gram matrix and sum are within
-    gamma_R * |Yc|^T |Yc| and gamma_R * sum |Yc| entrywise (Yc: the centred rows, so the
-    errors scale with the spread, not with a large mean), and G within the former plus the
-    centre times the latter."""
+def _pilot_centre(y, mask):
+    """The centre batch_moments documents, in float64: the mean of each group's first 256
+    kept rows."""
+    y64, keep = y[:, :256].double(), mask[:, :256].double()
+    return (y64.sum(1) / keep.sum(1, keepdim=True)).unsqueeze(1)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("precision, e", [("float32", 0.0), ("bfloat16", 2.0**-8 + 2.0**-24 + 2.0**-32)])
+def test_fast_gram_is_within_its_documented_bound(precision, e, device):
+    """The centred Gram matrix and sum are within (2e + e^2 + gamma_R (1 + e)^2) |Yc|^T |Yc|
+    and (e + gamma_R (1 + e)) sum |Yc| entrywise, e the rounding of the centred rows
+    (0 in float32, 2^-8 + ... in bfloat16) and Yc the rows centred at the pilot mean (so
+    the errors scale with the spread, not with a large mean); G within the former plus
+    the centre times the latter."""
     from afmrec.pipeline.stats import batch_moments
 
     g = torch.Generator().manual_seed(0)
     y = 50.0 + torch.randn(3, 2000, 24, generator=g) * torch.rand(24, generator=g)  # big mean
     mask = torch.rand(3, 2000, generator=g) > 0.2
     y = y * mask.unsqueeze(2)
-    n, s, fast = batch_moments(y, mask)
-    n2, s2, exact = batch_moments(y, mask, exact=True)
+    n, s, fast = (t.cpu() for t in batch_moments(y.to(device), mask.to(device), precision))
+    n2, s2, exact = batch_moments(y, mask, "float64")
     assert torch.equal(n, n2)
     u, rows = 2.0**-24, y.shape[1]
     gamma = rows * u / (1 - rows * u)
-    mu = (s2 / n.unsqueeze(1)).unsqueeze(1)
-    yc = ((y.double() - mu) * mask.unsqueeze(2)).abs()
-    # the rounded centre moves yc by at most ~u |mu| per entry: part of the slack below
-    yc = yc + 2 * u * mu.abs()
-    t_err = gamma * yc.sum(1)  # bound on the error of the centred sum t (hence of s = n c + t)
+    c = _pilot_centre(y, mask)
+    yc = ((y.double() - c) * mask.unsqueeze(2)).abs()
+    # the centre is rounded to float32 (which the algebra absorbs) and y - c rounds once
+    # more in float32: both within u |c| per entry, part of the slack here
+    yc = yc + 2 * u * c.abs()
+    t_err = (e + gamma * (1 + e)) * yc.sum(1)  # the error of t (hence of s = n c + t)
     assert ((s - s2).abs() <= t_err + 1e-12 * s2.abs()).all()
-    # G = Gc + c t^T + t c^T + n c c^T in float64: the GEMM's error on Gc, plus t's error
-    # times the centre (a CPU BLAS with another summation order showed it; it cancels in
-    # the covariance, checked below)
-    cross = mu.abs().transpose(1, 2) * t_err.unsqueeze(1)
-    bound = gamma * torch.bmm(yc.transpose(1, 2), yc) + cross + cross.transpose(1, 2)
+    # G = Gc + c t^T + t c^T + n c c^T in float64: Gc's error, plus t's error times the
+    # centre (a CPU BLAS with another summation order showed it; it cancels in the
+    # covariance, checked below)
+    cross = c.abs().transpose(1, 2) * t_err.unsqueeze(1)
+    bound = (2 * e + e * e + gamma * (1 + e) ** 2) * torch.bmm(yc.transpose(1, 2), yc)
+    bound = bound + cross + cross.transpose(1, 2)
     slack = 1e-12 * exact.abs()
     assert ((fast - exact).abs() <= bound + slack).all()
     # and the covariance it yields is close in relative terms although the mean is 50
     cov = lambda g_, n_, s_: g_ / n_[:, None, None] - (s_ / n_[:, None]).unsqueeze(2) * (s_ / n_[:, None]).unsqueeze(1)
-    rel = (cov(fast, n, s) - cov(exact, n, s)).abs().max() / cov(exact, n, s).abs().max()
-    assert rel < 1e-4
+    rel = (cov(fast, n, s) - cov(exact, n, s2)).abs().max() / cov(exact, n, s2).abs().max()
+    assert rel < (1e-6 if precision == "float32" else 1e-3)
+
+
+def test_bfloat16_bound_is_tight_enough_to_fail():
+    """The bound above is not vacuous: rows rounded to bfloat16 *before* centring (errors
+    relative to the mean of 50, not to the spread) break it."""
+    from afmrec.pipeline.stats import batch_moments
+
+    g = torch.Generator().manual_seed(0)
+    y = 50.0 + torch.randn(1, 2000, 24, generator=g) * torch.rand(24, generator=g)
+    _, _, exact = batch_moments(y, None, "float64")
+    _, _, rounded_first = batch_moments(y.bfloat16().float(), None, "float64")
+    e, u = 2.0**-8 + 2.0**-24 + 2.0**-32, 2.0**-24
+    yc = (y.double() - _pilot_centre(y, torch.ones(1, 2000, dtype=torch.bool))).abs() + 2 * u * 50
+    gamma = 2000 * u / (1 - 2000 * u)
+    bound = (2 * e + e * e + gamma * (1 + e) ** 2) * torch.bmm(yc.transpose(1, 2), yc)
+    assert not ((rounded_first - exact).abs() <= bound).all()
