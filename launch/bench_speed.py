@@ -26,8 +26,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+from typing import Iterator
 from pathlib import Path
 
 from .args import job
@@ -51,6 +53,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no info logs")
 
 
+@contextlib.contextmanager
+def _one_rank_unless_launched() -> Iterator[None]:
+    """DistributedModelParallel needs a process group: the variables of a job of one rank
+    of our own where no launcher set them, removed again afterwards (a caller in the same
+    process must not take itself for a rank of a job that is over)."""
+    added = {key: value for key, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"),
+                                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533"))
+             if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.artifacts import write_json
     from afmrec.pipeline.speed import SpeedShape, run_speed
@@ -61,11 +79,7 @@ def run(args: argparse.Namespace) -> int:
         import dataclasses
 
         shape = dataclasses.replace(shape, **changes)
-    # DistributedModelParallel needs a process group: one rank of our own if not launched.
-    for key, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
-        os.environ.setdefault(key, value)
-    with job(args) as (env, _):
+    with _one_rank_unless_launched(), job(args) as (env, _):
         if args.profile_dir:
             args.profile_dir.mkdir(parents=True, exist_ok=True)
 

@@ -8,7 +8,8 @@ A block is an affine map whose output we observe and factor (DESIGN.md section 2
   not a block: its output lies in the r-dimensional span of its weight already, the
   ``down`` block's factors shrink it (fused, ``compress._fuse_cross_layers``), and its
   N x N Gram matrix (N = 3456 at the MLPerf shape) would cost the statistics pass more
-  than the forward pass.
+  than the forward pass. Without fusion (``CompressConfig(fuse=False)``, planned with
+  ``find_blocks(model, fuse=False)``) it stays as it is.
 
 Block names are module paths (``dense_arch.model._mlp.0._linear``) and, for tables, the
 collection's path plus the table name (``sparse_arch.embedding_bag_collection.t0``).
@@ -47,9 +48,9 @@ class Block:
         fused_into: output width of the Linear that absorbs this block's second factor
             (a DCN cross layer's ``up``, N wide, for its ``down``): the block then owns
             that Linear's weight (N x m), which the compressed layer shrinks to N x K,
-            and there is no ``b2`` of its own. 0: the two factors stay. (With
-            ``CompressConfig(fuse=False)`` the fold does not happen and the count is off
-            by the difference.)
+            and there is no ``b2`` of its own. 0: the two factors stay (every block of
+            ``find_blocks(model, fuse=False)``, as ``CompressConfig(fuse=False)`` builds
+            the model).
     """
 
     name: str
@@ -94,9 +95,16 @@ class Block:
         return max(0, min(k, self.in_features, self.out_features))
 
 
-def find_blocks(model: nn.Module) -> list[Block]:
+def find_blocks(model: nn.Module, *, fuse: bool = True) -> list[Block]:
     """Every table and every ``nn.Linear`` of ``model`` that is not already low-rank (nor
-    the ``up`` of a cross layer)."""
+    the ``up`` of a cross layer).
+
+    Args:
+        model: an unsharded model (or its skeleton).
+        fuse: whether the model will be compressed with fusion (``CompressConfig.fuse``):
+            a cross layer's ``down`` is then fused into its ``up`` (``Block.fused_into``),
+            otherwise no block is and the ``up`` counts among the other parameters.
+    """
     blocks: list[Block] = []
     skip: list[str] = []
     fused_into: dict[str, int] = {}  # a cross layer's down -> the width of its up
@@ -106,7 +114,7 @@ def find_blocks(model: nn.Module) -> list[Block]:
         if isinstance(module, CrossLayer):
             prefix = f"{path}." if path else ""
             skip.append(f"{prefix}up")
-            if isinstance(module.up, nn.Linear):
+            if fuse and isinstance(module.up, nn.Linear):
                 fused_into[f"{prefix}down"] = module.up.out_features
         if isinstance(module, (LowRankLinear, LowRankEmbeddingBagCollection)):
             skip.append(path)

@@ -106,8 +106,14 @@ def energy_rank(spectrum: Spectrum, energy: float) -> int:
 
 
 def _uniform_rank(block: Block, ratio: float) -> int:
-    """The rank whose factors come closest to ``ratio`` times fewer parameters (at least 1)."""
-    k = math.floor((block.params / ratio - block.out_features) / block.params_per_rank + 0.5)
+    """The rank whose factors come closest to ``ratio`` times fewer parameters (at least 1).
+
+    ``Block.compressed_params(k)`` is ``compressed_params(0)`` (``b2``, none where the
+    second factor is fused) plus ``k * params_per_rank``: the nearest integer to the ``k``
+    where that line meets ``params / ratio`` is the closest rank (a tie rounds up).
+    """
+    fixed = block.compressed_params(0)
+    k = math.floor((block.params / ratio - fixed) / block.params_per_rank + 0.5)
     return max(1, k)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -17,6 +18,7 @@ KEYS = ("train_vs_torchrec", "stats_vs_forward", "compress_vs_io", "infer_afm4x_
 
 def test_bench_speed_small_writes_every_ratio(tmp_path):
     out = tmp_path / "speed.json"
+    environ = dict(os.environ)
     assert main(["bench", "speed", "--small", "--device", "cpu", "--steps", "2",
                  "--table-cap", "5000", "--json", str(out), "--quiet"]) == 0
     record = json.loads(out.read_text())
@@ -26,6 +28,12 @@ def test_bench_speed_small_writes_every_ratio(tmp_path):
     # the AFM variants really are 4x and 8x smaller (whole model), int8 counts as original
     assert record["params_original"] / record["params_afm4x"] >= 4
     assert record["params_original"] / record["params_afm8x"] >= 8
+    # the one-rank job's variables are gone again: a later command in this process (a
+    # test) must not take itself for a rank of it
+    assert dict(os.environ) == environ
+    # both precisions of the statistics pass were timed; the key is the default's
+    assert record["stats_vs_forward"] == record["stats_vs_forward_float32"]
+    assert record["stats_vs_forward_bfloat16"] > 0
 
 
 def test_bench_speed_stages_run_alone(tmp_path, capsys):
