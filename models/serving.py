@@ -1,14 +1,21 @@
 """Serving forms: the function of a trained model, with its memory traffic arranged for
-inference (``afmrec export``)."""
+inference (``afmrec export``).
+
+- :class:`DCNServing`: DLRM-DCNv2's cross input assembled in one buffer.
+- :class:`LinearReLU`: every ``Linear -> ReLU`` of the MLPs (TorchRec ``Perceptron``\ s,
+  their Linear plain or low-rank) as one GEMM with the ReLU in its epilogue, instead of a
+  GEMM and a pass that reads and writes the whole (B, out) activation again.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torchrec.models.dlrm import DLRM_DCN
+from torchrec.modules.mlp import Perceptron
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from .lowrank import LowRankEmbeddingBagCollection
+from .lowrank import LowRankEmbeddingBagCollection, LowRankLinear
 
 
 class DCNServing(nn.Module):
@@ -54,10 +61,60 @@ class DCNServing(nn.Module):
         return self.over_arch(self.crossnet(x0.view(batch, -1)))
 
 
+class LinearReLU(nn.Module):
+    """``relu(linear(pre(x)))`` with the bias and the ReLU in the GEMM's epilogue
+    (``torch._addmm_activation``: cuBLASLt's bias + ReLU epilogue on CUDA).
+
+    Args:
+        linear: the Linear whose output the ReLU reads (a low-rank pair's ``second``).
+        pre: what comes before it (a low-rank pair's ``first`` and activation), or
+            ``nn.Identity``.
+    """
+
+    def __init__(self, linear: nn.Linear, pre: nn.Module) -> None:
+        super().__init__()
+        self.pre = pre
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (B, in), a matrix (as every MLP of our models gets). Returns: (B, out)."""
+        return torch._addmm_activation(self.bias, self.pre(x), self.weight.t())
+
+
+def _linear_relu(perceptron: Perceptron) -> LinearReLU | None:
+    """The fused form of a ``Perceptron`` with a ReLU and a bias, else None."""
+    act = perceptron._activation_fn
+    if not (act is torch.relu or isinstance(act, nn.ReLU)):
+        return None
+    linear = perceptron._linear
+    if isinstance(linear, LowRankLinear):
+        pre: nn.Module = nn.Sequential(linear.first, linear.activation)
+        linear = linear.second
+    elif isinstance(linear, nn.Linear):
+        pre = nn.Identity()
+    else:
+        return None
+    return LinearReLU(linear, pre) if linear.bias is not None else None
+
+
+def fuse_relus_(model: nn.Module) -> int:
+    """Replaces, in place, every ``Perceptron`` of ``model`` with a ReLU by its
+    :class:`LinearReLU` (same parameters, same function). Returns how many."""
+    fused = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Perceptron) and (replacement := _linear_relu(child)) is not None:
+                setattr(parent, name, replacement)
+                fused += 1
+    return fused
+
+
 def serving_form(model: nn.Module) -> nn.Module:
-    """The serving form of ``model`` (same parameters, same function), or ``model``
-    itself where there is none: DLRM-DCNv2 gets :class:`DCNServing` when its collection's
-    fields come in the sparse arch's order."""
+    """The serving form of ``model`` (same parameters, same function): its MLPs' ReLUs
+    fused into their GEMMs (:func:`fuse_relus_`, in place), and DLRM-DCNv2 wrapped in
+    :class:`DCNServing` when its collection's fields come in the sparse arch's order."""
+    fuse_relus_(model)
     if not isinstance(model, DLRM_DCN):
         return model
     sparse = model.sparse_arch

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from torch import nn
 
 from afmrec.launch.cli import main
 from afmrec.models import build_model
@@ -247,6 +248,35 @@ def test_dcn_serving_form_assembles_the_cross_input_in_place(afm, tmp_path):
     want = eager_logits(model, batch)
     served = serving_module(model, [t.name for t in record.model.tables])
     assert isinstance(served.model, DCNServing) and served.model.in_place == afm
+    torch.testing.assert_close(call(served, batch), want, rtol=1e-6, atol=1e-6)
+    export_model(model, record.model, tmp_path / "m.pt")
+    torch.testing.assert_close(call(load_artifact(tmp_path / "m.pt")[0], batch), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["dlrm", "dcn", "deepfm"])
+@pytest.mark.parametrize("afm", [False, True], ids=["original", "afm"])
+def test_serving_form_fuses_every_relu_into_its_gemm(arch, afm, tmp_path):
+    """Every Linear -> ReLU of the MLPs (a low-rank pair's too) serves as one GEMM with the
+    ReLU in its epilogue; the logits are the model's, eager and exported."""
+    from torchrec.modules.mlp import Perceptron
+
+    from afmrec.models.serving import LinearReLU
+
+    if afm:
+        model, record = compressed(arch)
+    else:
+        torch.manual_seed(0)
+        config = tiny_config(arch, embedding_dim=D)
+        model, record = build_model(config).eval(), ModelRecord(config)
+    relus = sum(isinstance(m, Perceptron) and m._activation_fn is torch.relu for m in model.modules())
+    assert relus >= 3
+    batch = random_batch(96, 3, seed=11, max_bag=4)
+    want = eager_logits(model, batch)
+    served = serving_module(model, [t.name for t in record.model.tables])
+    assert not any(isinstance(m, Perceptron) for m in served.modules())
+    fused = [m for m in served.modules() if isinstance(m, LinearReLU)]
+    assert len(fused) == relus
+    assert any(isinstance(m.pre, nn.Sequential) for m in fused) == afm  # low-rank pairs
     torch.testing.assert_close(call(served, batch), want, rtol=1e-6, atol=1e-6)
     export_model(model, record.model, tmp_path / "m.pt")
     torch.testing.assert_close(call(load_artifact(tmp_path / "m.pt")[0], batch), want, rtol=1e-5, atol=1e-5)
