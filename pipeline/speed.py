@@ -12,11 +12,11 @@ and CI. Every ratio is measured in the same process on the same device:
    ``stats_vs_forward_{float32,bfloat16}``, the pass with each Gram precision);
 3. ``compress_vs_io``: load + bases + shard-local fold + save of the checkpoint vs load +
    save of the same checkpoint with ``torch.distributed.checkpoint`` (lower is better);
-4. inference samples/s of AFM at 4x and 8x fewer parameters, TorchRec int8 tables, and AFM
-   4x + int8, each over the original, each timed as the serving artifact that
-   ``afmrec export`` writes (TorchScript, FBGEMM's inference kernels), loaded back with
-   ``torch.jit.load``; the eager module it came from is timed beside it. CPU latency of AFM
-   4x vs the original, artifacts again;
+4. inference samples/s of AFM at 4x and 8x fewer parameters, TorchRec int8 tables, AFM
+   4x + int8, fp16 tables and AFM 4x + fp16, each over the original, each timed as the
+   serving artifact that ``afmrec export`` writes (TorchScript, FBGEMM's inference
+   kernels), loaded back with ``torch.jit.load``; the eager module it came from is timed
+   beside it. CPU latency of AFM 4x vs the original, artifacts again;
 5. peak device memory of each stage.
 
 Dense math runs in TF32 on CUDA for every variant alike.
@@ -230,6 +230,8 @@ def inference_variants(
         "afm8x": lambda: (afm(8.0), "fp32"),
         "int8": lambda: (model, "int8"),
         "afm4x_int8": lambda: (afm(4.0), "int8"),
+        "fp16": lambda: (model, "fp16"),
+        "afm4x_fp16": lambda: (afm(4.0), "fp16"),
     }
 
 
@@ -300,7 +302,7 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
         path.unlink()
         _empty_cache(device)
     base = out["infer_original_samples_per_s"]
-    for name in ("afm4x", "afm8x", "int8", "afm4x_int8"):
+    for name in ("afm4x", "afm8x", "int8", "afm4x_int8", "fp16", "afm4x_fp16"):
         out[f"infer_{name}_vs_original"] = out[f"infer_{name}_samples_per_s"] / base
     return out
 

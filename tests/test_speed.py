@@ -13,6 +13,7 @@ pytestmark = pytest.mark.slow
 
 KEYS = ("train_vs_torchrec", "stats_vs_forward", "compress_vs_io", "infer_afm4x_vs_original",
         "infer_afm8x_vs_original", "infer_int8_vs_original", "infer_afm4x_int8_vs_original",
+        "infer_fp16_vs_original", "infer_afm4x_fp16_vs_original",
         "cpu_latency_afm4x_vs_original")
 
 
