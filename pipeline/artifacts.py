@@ -311,18 +311,6 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
             _remove(tmp)
 
 
-def _collective() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if _collective() else 0
-
-
 def _broadcast(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     import torch.distributed as dist
@@ -338,15 +326,16 @@ def shared_atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) 
     checkpoint). Collective: rank 0 picks the temporary folder and renames it when every
     rank is done; in a single process it is :func:`atomic_dir`.
     """
-    if not _collective():
+    # Imported here, as torch.distributed is: importing this module does not import torch.
+    from afmrec.sharding.env import barrier, is_collective, is_rank_zero
+
+    if not is_collective():
         with atomic_dir(path, overwrite=overwrite) as tmp:
             yield tmp
         return
-    import torch.distributed as dist
-
     path = Path(path)
     decision: tuple[str | None, str | None] | None = None
-    if _rank() == 0:
+    if is_rank_zero():
         try:
             clean_stale(path)
             check_replaceable(path, overwrite, folder=True)
@@ -365,12 +354,12 @@ def shared_atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) 
         with _write_errors(path):
             yield tmp
     except BaseException:
-        if _rank() == 0:  # every rank failed in the same collective (or is about to)
+        if is_rank_zero():  # every rank failed in the same collective (or is about to)
             _remove(tmp)
         raise
-    dist.barrier()
+    barrier()
     error = None
-    if _rank() == 0:
+    if is_rank_zero():
         try:
             with _write_errors(path):
                 _publish(tmp, path, overwrite)
@@ -435,19 +424,21 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
         with output_lock(out):
             compress_stage(model_dir, stats, out, ...)
     """
+    from afmrec.sharding.env import is_collective, is_rank_zero
+
     path = Path(path)
     lock = path.with_name(f".{path.name}.lock")
     fd, error = (None, None)
-    if _rank() == 0:
+    if is_rank_zero():
         fd, error = _acquire(path, lock)
-    if _collective():
+    if is_collective():
         error = _broadcast(error)
     if error is not None:
         raise InputError(error)
     key = str(path.resolve())
     _LOCKED.add(key)
     try:
-        if _rank() == 0:
+        if is_rank_zero():
             clean_stale(path)  # before the stage looks at what exists
         yield
     finally:

@@ -214,22 +214,17 @@ class CountedBatches:
     """Batches that add their rows (``batch.labels.numel()``) to a meter as they are read.
 
     Re-iterable when the source is (one count per pass: a training run's epochs add up);
-    ``len()`` and every other attribute (``set_epoch``...) are the source's.
-
-    Attributes:
-        rows: the rows of every batch read, in order (over all passes).
+    ``len()`` and every other attribute (``set_epoch``, ``set_first_batch``...) are the
+    source's.
     """
 
     def __init__(self, batches: Iterable[Any], meter: StageMeter) -> None:
         self._batches = batches
         self._meter = meter
-        self.rows: list[int] = []
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self._batches:
-            n = batch.labels.numel()
-            self.rows.append(n)
-            self._meter.samples = (self._meter.samples or 0) + n
+            self._meter.samples = (self._meter.samples or 0) + batch.labels.numel()
             yield batch
 
     def __len__(self) -> int:

@@ -144,14 +144,17 @@ def _model_fingerprint(model_dir: Path) -> str:
 
 
 def plan_ranks(
-    record: ModelRecord, spectra_by_block: Mapping[str, Spectrum], rank_config: RankConfig
+    record: ModelRecord, spectra_by_block: Mapping[str, Spectrum], rank_config: RankConfig,
+    fuse: bool = True,
 ) -> tuple[list[Block], dict[str, int]]:
     """The blocks that have statistics, and the rank of each one to compress.
 
-    The parameters outside those blocks count toward the whole-model ratio.
+    The parameters outside those blocks count toward the whole-model ratio; ``fuse`` as
+    the compression's (:class:`CompressConfig`): whether a cross layer's second factor
+    folds into its ``up``.
     """
     whole = skeleton(record)
-    blocks = [b for b in find_blocks(whole) if b.name in spectra_by_block]
+    blocks = [b for b in find_blocks(whole, fuse=fuse) if b.name in spectra_by_block]
     other = count_parameters(whole) - sum(b.params for b in blocks)
     return blocks, select_ranks(blocks, spectra_by_block, rank_config, other_params=other)
 
@@ -272,9 +275,9 @@ def stats_stage(
 
     With ``checkpoint_every`` each rank saves its moments every that many batches in a
     hidden folder beside ``out`` (``.NAME.partial``), and a rerun after a kill resumes
-    from the last save, with the same result as an uninterrupted pass; the folder is
-    removed once ``out`` is written. Saves of another model, data, batch size, world size
-    or block selection are ignored.
+    from the last save, without reading the batches it counts, with the same result as
+    an uninterrupted pass; the folder is removed once ``out`` is written. Saves of another
+    model, data, batch size, world size or block selection are ignored.
 
     ``meta["throughput"]`` (:class:`~afmrec.pipeline.runinfo.RunInfo`) holds each rank's
     rows and seconds of the pass (of a resumed pass: the rows run after the resume) and
@@ -296,13 +299,13 @@ def stats_stage(
         checkpoint = StatsCheckpoint(out.with_name(f".{out.name}.partial"), checkpoint_every,
                                      key, env.rank)
     start = time.perf_counter()
+    # A resumed pass starts the reader at its first batch not saved: the meter counts the
+    # batches run, and no others are read.
     batches = meter.count(data.batches(batch_size, env))
     with meter.timed():
         stats = collect_statistics(unwrap(model), blocks, batches,
                                    progress=progress and env.rank == 0, forward=model,
                                    precision=precision, checkpoint=checkpoint)
-    # The batches a resumed pass skipped were read but not run: they are not its work.
-    meter.samples -= sum(batches.rows[: stats.meta["resumed_from_batch"]])
     if env.is_distributed:
         stats.all_reduce_()
     stats.check_finite()
@@ -410,7 +413,7 @@ def compress_stage(
         plan = None
         if env.rank == 0:
             plan = _plan_compression(model_dir, stats_path, record, rank_config, method,
-                                     None if env.is_distributed else model)
+                                     compress_config.fuse, None if env.is_distributed else model)
         if env.is_distributed:
             plan = _broadcast(plan)
         bases, rows = plan
@@ -438,6 +441,7 @@ def _plan_compression(
     record: ModelRecord,
     rank_config: RankConfig,
     method: str,
+    fuse: bool,
     model: torch.nn.Module | None,
 ) -> tuple[Bases, list[dict[str, Any]]]:
     """Spectra, ranks and bases (rank 0's part of :func:`compress_stage`)."""
@@ -448,7 +452,7 @@ def _plan_compression(
             f"({stats.meta.get('model_dir')}), not {model_dir}"
         )
     spec = spectra(stats)
-    blocks, ranks = plan_ranks(record, spec, rank_config)
+    blocks, ranks = plan_ranks(record, spec, rank_config, fuse)
     if method == "afm":
         bases = afm_bases(spec, ranks)
     elif model is None:

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from afmrec.sharding.env import barrier, min_over_ranks
+
 from .artifacts import atomic_file
 from .blocks import Block
 from .errors import InputError
@@ -118,7 +120,7 @@ def batch_moments(
     ``n``, of the centre and of the sums.
 
     Args:
-        y: (G, R, m) rows, float32.
+        y: (G, R, m) rows (float64 ones go the float64 way whatever ``precision``).
         mask: (G, R) bool, the rows to count, or None for all.
         precision: one of :data:`PRECISIONS`.
     Returns:
@@ -130,7 +132,7 @@ def batch_moments(
         n = torch.full((y.shape[0],), float(y.shape[1]), dtype=torch.float64, device=y.device)
     else:
         n = mask.sum(1).to(torch.float64)
-    if precision == "float64":
+    if precision == "float64" or y.dtype == torch.float64:  # float64 rows stay float64
         y64 = y.to(torch.float64)
         return n, y64.sum(1), torch.bmm(y64.transpose(1, 2), y64)
     c = _pilot_centre(y, mask)
@@ -605,25 +607,6 @@ class StatsCollector:
         return Statistics(dict(self.moments), dict(meta or {}))
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _min_over_ranks(value: int) -> int:
-    """The smallest ``value`` of all ranks (``value`` itself without a process group)."""
-    if not _distributed():
-        return value
-    import torch.distributed as dist
-
-    # NCCL reduces only CUDA tensors (init_distributed has set this rank's device).
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t)
-
-
 @dataclass(frozen=True)
 class StatsCheckpoint:
     """Periodic saves of a rank's moments, so that a killed statistics pass resumes.
@@ -668,10 +651,7 @@ class StatsCheckpoint:
 
     def save(self, moments: Mapping[str, Moments], batches: int) -> None:
         """Saves the sums over the first ``batches`` batches (collective in a job)."""
-        if _distributed():
-            import torch.distributed as dist
-
-            dist.barrier()
+        barrier()
         state = {
             "key": self.key,
             "batches": batches,
@@ -693,8 +673,8 @@ class StatsCheckpoint:
             moments = self._load(path)
             if moments is not None:
                 valid[batches] = moments
-        batches = _min_over_ranks(max(valid, default=0))
-        if batches and _min_over_ranks(int(batches in valid)) == 0:
+        batches = min_over_ranks(max(valid, default=0))
+        if batches and min_over_ranks(int(batches in valid)) == 0:
             batches = 0  # some rank lacks that save: only a fresh pass is consistent
         # Other saves (later ones, or of another pass) would outrank this pass's next saves.
         for other, path in self._saves().items():
@@ -706,6 +686,23 @@ class StatsCheckpoint:
         """Removes the saves once the pass's result is written (rank 0 only)."""
         if self.rank == 0:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _batches_from(batches: Iterable[Any], first: int) -> Iterable[Any]:
+    """``batches`` from batch ``first`` (0-based) on.
+
+    A reader that can start there (``set_first_batch``, as
+    :class:`~afmrec.pipeline.data.ParquetBatches` has) reads none of the batches before,
+    and starts at 0 again once iterated; any other iterable is read through them.
+    """
+    if not hasattr(batches, "set_first_batch"):
+        yield from itertools.islice(batches, first, None)
+        return
+    batches.set_first_batch(first)
+    try:
+        yield from batches
+    finally:
+        batches.set_first_batch(0)
 
 
 def collect_statistics(
@@ -731,7 +728,9 @@ def collect_statistics(
         precision: the batch products' precision, one of :data:`PRECISIONS` (see
             :func:`batch_moments`); the sums over batches are float64 in all.
         checkpoint: save the moments every ``checkpoint.every`` batches and resume from
-            the last save; ``batches`` must then come in the same order on every run.
+            the last save; ``batches`` must then come in the same order on every run. A
+            resumed pass starts a reader that can (``set_first_batch``) at the first batch
+            not saved: the batches before are not read.
         cuda_graphs: on CUDA, replay each batch's update as a CUDA graph (see
             :class:`StatsCollector`); False runs it eagerly.
 
@@ -750,8 +749,8 @@ def collect_statistics(
     with eval_mode(runner), collector, torch.no_grad():
         if saved:
             collector.load_(saved)
-        # Skipped batches are read but not run: the saved sums already count them.
-        todo = itertools.islice(batches, done, None)
+        # The saved sums already count the batches before ``done``.
+        todo = _batches_from(batches, done)
         bar = tqdm(todo, desc="stats", disable=not progress, unit="batch", total=total, initial=done)
         for i, batch in enumerate(bar, start=done + 1):
             forward_logits(runner, batch)

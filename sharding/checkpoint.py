@@ -32,6 +32,8 @@ from torch.distributed.tensor import DTensor
 from afmrec.pipeline.artifacts import write_json
 from afmrec.pipeline.errors import InputError
 
+from .env import raise_on_any_rank, rank_world
+
 CHECKSUMS = "checksums.json"
 CHECKSUMS_FORMAT = "afmrec.checksums/1"
 # Elements per chunk of the finiteness check: bounds its temporary memory on huge tables.
@@ -50,7 +52,7 @@ def save_state(model: nn.Module | dict[str, Any], checkpoint_dir: str | os.PathL
         OSError: a file could not be written (the errno of the first failing rank).
     """
     state = model if isinstance(model, dict) else model.state_dict()
-    _raise_on_any_rank(_nonfinite(state, "refusing to save the model (did training diverge?)"))
+    raise_on_any_rank(_nonfinite(state, "refusing to save the model (did training diverge?)"))
     path = Path(checkpoint_dir)
     try:
         dcp.save(state, checkpoint_id=str(path))
@@ -75,7 +77,7 @@ def load_state_(model: nn.Module, checkpoint_dir: str | os.PathLike[str]) -> Non
         raise InputError(f"{path}: checkpoint not found")
     if not (path / ".metadata").is_file():
         raise InputError(f"{path}: not a checkpoint (no .metadata file)")
-    _raise_on_any_rank(_verify_checksums(path))
+    raise_on_any_rank(_verify_checksums(path))
     state = model.state_dict()
     try:
         metadata = dcp.FileSystemReader(str(path)).read_metadata()
@@ -96,7 +98,7 @@ def load_state_(model: nn.Module, checkpoint_dir: str | os.PathLike[str]) -> Non
     # In one process DCP loads into the state dict's tensors, which for plain modules are
     # the parameters themselves; load_state_dict makes that explicit for every module kind.
     model.load_state_dict(state)
-    _raise_on_any_rank(_nonfinite(state, f"the checkpoint {path} is unusable"))
+    raise_on_any_rank(_nonfinite(state, f"the checkpoint {path} is unusable"))
 
 
 # Names that earlier versions wrote, by the pattern of today's name: DLRM-DCNv2's cross
@@ -147,23 +149,6 @@ def _check_matches(state: dict[str, Any], stored: dict[str, Any], path: Path) ->
 # --- checks that every rank must agree on ---------------------------------------------------
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _raise_on_any_rank(error: str | None) -> None:
-    """Raises ``InputError`` on every rank if any rank has an error (the lowest rank's)."""
-    _, world = _rank_world()
-    if world > 1:
-        errors: list[str | None] = [None] * world
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e is not None), None)
-    if error is not None:
-        raise InputError(error)
-
-
 def _local_tensors(value: Any) -> Iterator[torch.Tensor]:
     """This rank's part of a state-dict value."""
     if isinstance(value, ShardedTensor):
@@ -207,7 +192,7 @@ def _writer(name: str, world: int) -> int:
 
 def _write_checksums(path: Path) -> None:
     """Each rank hashes the files it wrote; rank 0 writes ``checksums.json``."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     names = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != CHECKSUMS)
     mine = {n: {"size": (path / n).stat().st_size, "sha256": _sha256(path / n)}
             for n in names if _writer(n, world) == rank}
@@ -236,7 +221,7 @@ def _verify_checksums(path: Path) -> str | None:
         files = {name: (int(v["size"]), str(v["sha256"])) for name, v in record["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{record_path}: unreadable ({_one_line(e)})"
-    rank, world = _rank_world()
+    rank, world = rank_world()
     for i, (name, (size, digest)) in enumerate(sorted(files.items())):
         p = path / name
         if not p.is_file():

@@ -57,7 +57,7 @@ class DistEnv:
     @property
     def is_distributed(self) -> bool:
         """Whether a default process group exists (false for a plain one-process run)."""
-        return dist.is_available() and dist.is_initialized()
+        return is_distributed()
 
     def device_of(self, rank: int) -> torch.device:
         """The device that ``rank`` computes on, by the rule of :func:`init_distributed`.
@@ -159,16 +159,67 @@ def destroy_distributed() -> None:
     process group left to the interpreter's exit handlers occasionally aborts the
     process ("terminate called without an active exception") after all work is done.
     """
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.destroy_process_group()
+
+
+# --- the process group as seen from anywhere (no DistEnv needed) ---------------------------
+
+
+def is_distributed() -> bool:
+    """Whether a default process group exists (false for a plain one-process run; true
+    under ``torchrun --nproc-per-node 1``, a group of one)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` in the default process group; ``(0, 1)`` without one."""
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_collective() -> bool:
+    """Whether other ranks take part: a process group of more than one rank. Agreement
+    between ranks (broadcasts, gathered errors) is then needed; with one rank it is not."""
+    return rank_world()[1] > 1
 
 
 def is_rank_zero() -> bool:
     """Whether this process is rank 0 (always true without a process group)."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return rank_world()[0] == 0
 
 
 def barrier() -> None:
     """Waits for every rank; a no-op without a process group."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
+
+
+def raise_on_any_rank(error: str | None) -> None:
+    """Raises ``InputError`` on every rank if any rank has an ``error`` (the lowest
+    rank's), so that no rank goes on into a collective that another one left.
+
+    Collective among several ranks (an object all-gather); one rank raises its own.
+    """
+    _, world = rank_world()
+    if world > 1:
+        errors: list[str | None] = [None] * world
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise InputError(error)
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest ``value`` of all ranks (``value`` itself without a process group).
+
+    Collective whenever a process group exists, a group of one included.
+    """
+    if not is_distributed():
+        return value
+    # NCCL reduces only CUDA tensors (init_distributed has set this rank's device).
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -108,6 +108,10 @@ class ParquetBatches:
     the rank's row groups is permuted, and rows are permuted within windows of
     :data:`SHUFFLE_WINDOW_ROW_GROUPS` row groups. Call :meth:`set_epoch` before each epoch.
 
+    Resuming (:meth:`set_first_batch`): an iteration can start at batch k with the batches
+    it would have yielded from k on. Unshuffled, batch k starts at row ``k * batch_size``
+    of the rank's range, so the row groups wholly before it are not read at all.
+
     Args:
         path: dataset folder.
         batch_size: B, rows per batch.
@@ -126,6 +130,7 @@ class ParquetBatches:
         schema: the dataset's :class:`DataSchema`.
         total_rows: rows selected, over all ranks.
         num_rows: rows in this rank's range.
+        first_batch: the batch that iterations start at (0 unless :meth:`set_first_batch`).
 
     Example::
 
@@ -164,6 +169,7 @@ class ParquetBatches:
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
+        self.first_batch = 0
 
         row_groups = _row_groups(self.path)
         dataset_rows = sum(n for _, _, n in row_groups)
@@ -182,6 +188,21 @@ class ParquetBatches:
         """Selects the shuffling order of the next iterations."""
         self.epoch = epoch
 
+    def set_first_batch(self, first: int) -> None:
+        """Makes the next iterations start at batch ``first`` (0-based) of the pass.
+
+        They yield the batches that a whole iteration yields from ``first`` on, bitwise;
+        ``len()`` stays the whole pass's. Unshuffled, the rows before batch ``first``
+        are not read (nor the row groups that hold only such rows); shuffled, rows mix
+        within windows, so the windows before are read, but no skipped batch is built.
+
+        Raises:
+            InputError: ``first`` is not in ``[0, len(self)]``.
+        """
+        if not 0 <= first <= len(self):
+            raise InputError(f"first batch {first} is not in [0, {len(self)}]")
+        self.first_batch = first
+
     def __len__(self) -> int:
         per_rank = self.total_rows // self.world_size
         if self.drop_last:
@@ -189,23 +210,26 @@ class ParquetBatches:
         return math.ceil(per_rank / self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        num_batches, size = len(self), self.batch_size
-        if num_batches == 0:
+        num_batches, size, first = len(self), self.batch_size, self.first_batch
+        if first >= num_batches:
             return
+        # Unshuffled, batch b starts at row b * size: the batches before it go unread.
+        unread = 0 if self.shuffle else first
+        to_read = _skip_rows(self._pieces, unread * size)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
-        order = rng.permutation(len(self._pieces)) if self.shuffle else range(len(self._pieces))
+        order = rng.permutation(len(to_read)) if self.shuffle else range(len(to_read))
         window = SHUFFLE_WINDOW_ROW_GROUPS if self.shuffle else 1
         # Without drop_last the last batch takes every row left, so all but it are full.
         full_batches = num_batches if self.drop_last else num_batches - 1
-        emitted = 0
+        emitted = unread
         leftover = self.schema.arrow_schema().empty_table()
         for w in range(0, len(order), window):
-            pieces = [self._read(self._pieces[i]) for i in order[w : w + window]]
+            pieces = [self._read(to_read[i]) for i in order[w : w + window]]
             table = pa.concat_tables([leftover, *pieces])
             if self.shuffle:
                 table = table.take(rng.permutation(table.num_rows))
             full = min(table.num_rows // size, full_batches - emitted)
-            for k in range(full):
+            for k in range(max(first - emitted, 0), full):
                 yield make_batch(table.slice(k * size, size), self.schema)
             emitted += full
             if emitted == num_batches:
@@ -234,6 +258,17 @@ def _row_groups(path: Path) -> list[tuple[ds.ParquetFileFragment, str, int]]:
         for group in part.split_by_row_group():
             info = group.row_groups[0]
             out.append((group, f"{part.path} (row group {info.id})", info.num_rows))
+    return out
+
+
+def _skip_rows(pieces: list[_Piece], rows: int) -> list[_Piece]:
+    """``pieces`` without their first ``rows`` rows (the piece they end in keeps its rest)."""
+    out = []
+    for piece in pieces:
+        cut = min(rows, piece.num_rows)
+        rows -= cut
+        if cut < piece.num_rows:
+            out.append(replace(piece, offset=piece.offset + cut, num_rows=piece.num_rows - cut))
     return out
 
 
