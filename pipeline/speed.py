@@ -425,7 +425,8 @@ def _sharded_stages(shape: SpeedShape, env: DistEnv, record: ModelRecord, blocks
                 with eval_mode(dmp), torch.no_grad(), StatsCollector(unwrap(dmp), blocks, device, precision):
                     forward()  # a shape's first batch runs eagerly
                     profile_to(out, forward, device,
-                               f"statistics pass ({precision} Gram products) over one batch of {shape.train_batch}")
+                               f"statistics pass ({precision} Gram products) over one batch of {shape.train_batch}",
+                               rows=40)
     if "compress" in stages:
         stats = collect_statistics(unwrap(dmp), blocks, train_batches, forward=dmp)
         result.update(peak.measure("compress", device, lambda: bench_compress(
