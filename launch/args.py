@@ -9,7 +9,9 @@ import logging
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
+
+from afmrec.pipeline.hints import scalar_type
 
 
 def setup_logging(quiet: bool = False) -> None:
@@ -47,38 +49,87 @@ def add_data(parser: argparse.ArgumentParser, flag: str = "--data", what: str = 
     )
 
 
-def _scalar_type(tp: Any) -> Any:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
+def add_dataclass_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    helps: Mapping[str, str],
+    *,
+    dest_prefix: str = "",
+    group: Any = None,
+    absent_unless_given: bool = False,
+    extra: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """One ``--field-name`` option per field of a config dataclass named in ``helps``.
 
+    The dataclass stays the single source of names, types and defaults; read the options
+    back with :func:`dataclass_from_args`. A field ``X | None`` takes an ``X``, a
+    ``bool`` one is ``--name/--no-name``, a ``tuple[X, ...]`` one takes one or more ``X``
+    (a list: the dataclass may make it a tuple).
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str], prefix: str = "") -> None:
-    """One ``--field`` option per field of a config dataclass named in ``helps``.
-
-    The dataclass stays the single source of names, types and defaults.
+    Args:
+        parser: the (sub-)command's parser.
+        cls: the dataclass.
+        helps: the help of each field that gets an option, by field name; the help
+            ends with the field's default unless that is ``None`` or empty.
+        dest_prefix: the options' attributes are ``dest_prefix + field name`` (the flags
+            are not prefixed): keeps the fields of two dataclasses apart.
+        group: the argument group to add them to (default: a new one, "CLS options").
+        absent_unless_given: an option that is not given sets no attribute
+            (``argparse.SUPPRESS``), so that :func:`dataclass_from_args` takes the field
+            from its ``fallback`` (a config file), or its default.
+        extra: more :meth:`~argparse.ArgumentParser.add_argument` arguments of a field
+            (``choices``, ``metavar``...), by field name.
     """
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(f"{cls.__name__} options")
+    if group is None:
+        group = parser.add_argument_group(f"{cls.__name__} options")
     for f in dataclasses.fields(cls):
         if f.name not in helps:
             continue
-        tp = _scalar_type(hints[f.name])
+        tp = scalar_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        flag = "--" + prefix + f.name.replace("_", "-")
+        flag = "--" + f.name.replace("_", "-")
+        more = (extra or {}).get(f.name, {})
+        kwargs: dict[str, Any] = {
+            "dest": dest_prefix + f.name,
+            "default": argparse.SUPPRESS if absent_unless_given else default,
+        }
         if tp is bool:
-            group.add_argument(flag, dest=prefix + f.name, action=argparse.BooleanOptionalAction,
-                               default=default, help=helps[f.name])
+            kwargs.update(action=argparse.BooleanOptionalAction, help=helps[f.name])
         else:
-            group.add_argument(flag, dest=prefix + f.name, type=tp, default=default,
-                               help=f"{helps[f.name]} (default: {default})")
+            if typing.get_origin(tp) is tuple:
+                kwargs.update(nargs="+", type=typing.get_args(tp)[0])
+            else:
+                kwargs["type"] = tp
+            shown = f" (default: {default})" if default not in (None, ()) else ""
+            kwargs["help"] = helps[f.name] + shown
+            if "choices" not in more:  # choices show themselves
+                kwargs["metavar"] = f.name.upper()
+        group.add_argument(flag, **{**kwargs, **more})
 
 
-def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "", **extra: Any) -> Any:
-    kwargs = {
-        f.name: getattr(args, prefix + f.name)
+def dataclass_from_args(
+    cls: type,
+    args: argparse.Namespace,
+    *,
+    dest_prefix: str = "",
+    fallback: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> Any:
+    """The ``cls`` of the options :func:`add_dataclass_options` added to ``args``.
+
+    A field's value is ``extra``'s, else its option's (attribute ``dest_prefix + name``),
+    else ``fallback``'s, else the field's default.
+
+    Raises:
+        InputError: ``cls`` refuses the values (its validation raised a ``ValueError``).
+    """
+    kwargs = dict(fallback or {})
+    kwargs.update({
+        f.name: getattr(args, dest_prefix + f.name)
         for f in dataclasses.fields(cls)
-        if hasattr(args, prefix + f.name)
-    }
+        if hasattr(args, dest_prefix + f.name)
+    })
     kwargs.update(extra)
     try:
         return cls(**kwargs)

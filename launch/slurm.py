@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from afmrec.pipeline.errors import InputError
+from afmrec.pipeline.hints import scalar_type
 
-from .args import _scalar_type
+from .args import add_dataclass_options, dataclass_from_args
 
 EXECUTORS = ("slurm", "local", "debug")
 
@@ -124,7 +125,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(SlurmConfig)}
 def _kind(name: str) -> type:
     """The type of a :class:`SlurmConfig` field: ``tuple``, or its scalar type."""
     hint = typing.get_type_hints(SlurmConfig)[name]
-    return tuple if typing.get_origin(hint) is tuple else _scalar_type(hint)
+    return tuple if typing.get_origin(hint) is tuple else scalar_type(hint)
 
 
 def _check_type(name: str, value: Any, where: str) -> Any:
@@ -171,6 +172,9 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return values
 
 
+# Where a flag's value is: _DEST + field name (``args.slurm_nodes`` for ``--nodes``).
+_DEST = "slurm_"
+
 # Flag help of every SlurmConfig field (the dataclass gives names, types and defaults).
 SLURM_HELP = {
     "executor": "slurm (sbatch/srun), local (subprocesses here) or debug (in this process)",
@@ -201,26 +205,17 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("job options (SLURM through submitit; flags override --slurm-config)")
     g.add_argument("--slurm-config", type=Path, metavar="FILE",
                    help="job options from a TOML or JSON file, keys as the flags below")
-    for name, help_text in SLURM_HELP.items():
-        kind = _kind(name)
-        default = _FIELDS[name].default
-        extra: dict[str, Any] = {"nargs": "+", "metavar": "LINE"} if kind is tuple else {"type": kind}
-        if name == "executor":
-            extra["choices"] = EXECUTORS
-        elif kind is not tuple:
-            extra["metavar"] = name.upper()
-        shown = f" (default: {default})" if default not in (None, ()) else ""
-        # SUPPRESS: a flag that is not given leaves no attribute, so the file's value stays.
-        g.add_argument("--" + name.replace("_", "-"), dest=f"slurm_{name}",
-                       default=argparse.SUPPRESS, help=help_text + shown, **extra)
+    # absent_unless_given: a flag that is not given leaves no attribute, so the file's
+    # value stays.
+    add_dataclass_options(parser, SlurmConfig, SLURM_HELP, dest_prefix=_DEST, group=g,
+                          absent_unless_given=True,
+                          extra={"executor": {"choices": EXECUTORS}, "setup": {"metavar": "LINE"}})
 
 
 def slurm_config_from_args(args: argparse.Namespace) -> SlurmConfig:
     """The :class:`SlurmConfig` of ``--slurm-config`` and the flags (flags win)."""
-    values = read_config_file(args.slurm_config) if args.slurm_config else {}
-    values.update({name: getattr(args, f"slurm_{name}") for name in SLURM_HELP
-                   if hasattr(args, f"slurm_{name}")})
-    return SlurmConfig(**values)
+    from_file = read_config_file(args.slurm_config) if args.slurm_config else {}
+    return dataclass_from_args(SlurmConfig, args, dest_prefix=_DEST, fallback=from_file)
 
 
 def _mem(mem_gb: float) -> str:

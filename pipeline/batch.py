@@ -43,6 +43,7 @@ from .artifacts import _broadcast, atomic_dir, atomic_file, fingerprint, read_js
 from .compress import CompressConfig
 from .errors import InputError
 from .evaluate import count_parameters
+from .hints import scalar_type
 from .model_io import ModelRecord, load_record, skeleton
 from .ranks import RankConfig
 from .report import read_report
@@ -163,7 +164,7 @@ def _row(record: Mapping[str, Any], base: Path, where: str) -> BatchRow:
     for column, value in record.items():
         if _is_blank(value):
             continue
-        kind = ([a for a in typing.get_args(hints[column]) if a is not type(None)] or [hints[column]])[0]
+        kind = scalar_type(hints[column])
         try:
             values[column] = _convert(kind, value, base)
         except InputError as e:  # a malformed DIR@START:STOP says what is wrong itself
