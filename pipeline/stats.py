@@ -13,13 +13,11 @@ Empty bags are not counted: their output is exactly 0 before and after compressi
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import itertools
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Mapping
+from typing import Any, Hashable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -101,18 +99,17 @@ def batch_moments(
     gives the same algebra, a ``c`` near the mean gives small centred values), and the
     centred rows ``yc`` go through one batched GEMM and one sum; then, in float64,
     ``s = n c + t`` and ``G = Gc + c t^T + t c^T + n c c^T`` with ``t`` the sum of ``yc``,
-    which is exact algebra. (On CUDA the centre, the centring and ``t`` are kernels
-    that Triton generates: one pass over the rows.) The roundings:
+    which is exact algebra. The roundings:
 
     - ``"float32"``: ``yc`` in float32 (TF32 inputs to the GEMM where CUDA's
       ``allow_tf32`` is on). Each entry of ``Gc`` is within ``gamma_R * sum_r |yc_ri|
       |yc_rj|`` and of ``t`` within ``gamma_R * sum_r |yc_ri|`` (``gamma_R = R u / (1 - R
       u)``, ``u = 2^-24``) of the true value, i.e. relative to the batch's spread, not to
       its mean.
-    - ``"bfloat16"``: ``yc`` is rounded to bfloat16, which moves each entry by at most
-      ``e |y - c|``, ``e = 2^-8 + 2^-24 + 2^-32``; the products of bfloat16 values are
-      exact in float32 and are summed in float32, within ``gamma_R`` of the rounded rows'
-      sums. So ``Gc`` is within ``(2e + e^2 + gamma_R
+    - ``"bfloat16"``: ``yc`` is rounded to bfloat16 (one pass that centres and rounds),
+      which moves each entry by at most ``e |y - c|``, ``e = 2^-8 + 2^-24 + 2^-32``; the
+      products of bfloat16 values are exact in float32 and are summed in float32, within
+      ``gamma_R`` of the rounded rows' sums. So ``Gc`` is within ``(2e + e^2 + gamma_R
       (1 + e)^2) sum_r |yc_ri| |yc_rj|`` and ``t`` within ``(e + gamma_R (1 + e)) sum_r
       |yc_ri|``: the moments of rows each within ``e |y - c|`` of the true ones.
 
@@ -138,8 +135,14 @@ def batch_moments(
     if precision == "float64" or y.dtype == torch.float64:  # float64 rows stay float64
         y64 = y.to(torch.float64)
         return n, y64.sum(1), torch.bmm(y64.transpose(1, 2), y64)
-    c, yc, t = _centring(y.device)(y, mask, getattr(torch, precision))
-    t = t.to(torch.float64)
+    c = _pilot_centre(y, mask)
+    # centred (masked rows stay 0) and rounded to the GEMM's input type in one pass
+    yc = torch.empty(y.shape, dtype=getattr(torch, precision), device=y.device)
+    if mask is None:
+        torch.sub(y, c.unsqueeze(1), out=yc)
+    else:
+        torch.addcmul(y, mask.unsqueeze(2).to(y.dtype), c.unsqueeze(1), value=-1, out=yc)
+    t = yc.sum(1, dtype=torch.float32).to(torch.float64)
     c64 = c.to(torch.float64)
     s = torch.addcmul(t, n.unsqueeze(1), c64)
     # G = Gc + c t^T + t c^T + n c c^T = Gc + c w^T + w c^T with w = t + n c / 2
@@ -147,34 +150,6 @@ def batch_moments(
     c64 = c64.unsqueeze(2)
     g = torch.baddbmm(_gram(yc).to(torch.float64), c64, w.transpose(1, 2))
     return n, s, g.baddbmm_(w, c64.transpose(1, 2))
-
-
-def _centred(y: torch.Tensor, mask: torch.Tensor | None,
-             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The centre ``c`` (G, m) of :func:`_pilot_centre`; the rows centred at it, masked
-    rows 0, rounded to ``dtype`` (G, R, m); and their sum over rows ``t`` (G, m), float32."""
-    c = _pilot_centre(y, mask)
-    if mask is None:
-        yc = y - c.unsqueeze(1)
-    else:
-        yc = torch.addcmul(y, mask.unsqueeze(2).to(y.dtype), c.unsqueeze(1), value=-1)
-    yc = yc.to(dtype)
-    return c, yc, yc.sum(1, dtype=torch.float32)
-
-
-def _centring(device: torch.device) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """:func:`_centred` as generated kernels where Triton runs (CUDA): the centring, the
-    rounding and the sum take one pass over the rows instead of three element-wise and
-    reduction kernels at a third of the memory bandwidth. Elsewhere it runs eagerly."""
-    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
-        return _centred
-    return _compiled_centred()
-
-
-@functools.cache
-def _compiled_centred() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    # Compiled on a shape's first (eager) batch, so a CUDA graph captures compiled kernels.
-    return torch.compile(_centred, dynamic=True, fullgraph=True)
 
 
 def _pilot_centre(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
