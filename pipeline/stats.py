@@ -157,7 +157,7 @@ def _pilot_centre(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     kept): close enough to the mean to keep centred values small, without a pass."""
     pilot = y[:, :PILOT_ROWS]
     if mask is None:
-        return pilot.mean(1)
+        return pilot.sum(1) / max(pilot.shape[1], 1)  # no rows: 0, not a 0/0
     return pilot.sum(1) / mask[:, :PILOT_ROWS].sum(1, keepdim=True).clamp_min(1).to(y.dtype)
 
 
