@@ -25,6 +25,8 @@ from torch import nn
 from torchmetrics.classification import BinaryAUROC
 from torchrec.datasets.utils import Batch
 
+from afmrec.sharding.env import is_distributed
+
 from .errors import InputError
 from .runinfo import wall_seconds
 
@@ -134,7 +136,7 @@ def evaluate(model: nn.Module, batches: Iterable[Batch]) -> EvalResult:
                     labels.sum(),
                 ]
             )
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(totals)
     loss_sum, n, positives = totals.tolist()
     if n == 0:

@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import torch.distributed as dist
 from torch import nn
 
 from afmrec.models import ModelConfig, build_model
 from afmrec.sharding.checkpoint import load_state_, save_state
 from afmrec.sharding.dmp import shard_model
-from afmrec.sharding.env import DistEnv
+from afmrec.sharding.env import DistEnv, is_rank_zero
 from afmrec.sharding.plan import ShardingConfig
 
 from .artifacts import fingerprint, read_json, shared_atomic_dir, versions, write_json
@@ -122,7 +121,7 @@ def save_model(
     """
     with shared_atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_state(model, tmp / "checkpoint")
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_rank_zero():
             write_json(tmp / "model.json", record.to_dict())
             for name, write in (extra or {}).items():
                 write(tmp / name)
