@@ -27,6 +27,7 @@ from afmrec.sharding.env import barrier, min_over_ranks
 
 from .artifacts import atomic_file
 from .blocks import Block
+from .centring import centre_round_sum
 from .errors import InputError
 
 
@@ -99,7 +100,8 @@ def batch_moments(
     gives the same algebra, a ``c`` near the mean gives small centred values), and the
     centred rows ``yc`` go through one batched GEMM and one sum; then, in float64,
     ``s = n c + t`` and ``G = Gc + c t^T + t c^T + n c c^T`` with ``t`` the sum of ``yc``,
-    which is exact algebra. The roundings:
+    which is exact algebra (:func:`~afmrec.pipeline.centring.centre_round_sum` centres,
+    rounds and sums in one pass on CUDA). The roundings:
 
     - ``"float32"``: ``yc`` in float32 (TF32 inputs to the GEMM where CUDA's
       ``allow_tf32`` is on). Each entry of ``Gc`` is within ``gamma_R * sum_r |yc_ri|
@@ -136,13 +138,8 @@ def batch_moments(
         y64 = y.to(torch.float64)
         return n, y64.sum(1), torch.bmm(y64.transpose(1, 2), y64)
     c = _pilot_centre(y, mask)
-    # centred (masked rows stay 0) and rounded to the GEMM's input type in one pass
-    yc = torch.empty(y.shape, dtype=getattr(torch, precision), device=y.device)
-    if mask is None:
-        torch.sub(y, c.unsqueeze(1), out=yc)
-    else:
-        torch.addcmul(y, mask.unsqueeze(2).to(y.dtype), c.unsqueeze(1), value=-1, out=yc)
-    t = yc.sum(1, dtype=torch.float32).to(torch.float64)
+    yc, t = centre_round_sum(y, mask, c, getattr(torch, precision))
+    t = t.to(torch.float64)
     c64 = c.to(torch.float64)
     s = torch.addcmul(t, n.unsqueeze(1), c64)
     # G = Gc + c t^T + t c^T + n c c^T = Gc + c w^T + w c^T with w = t + n c / 2

@@ -51,3 +51,29 @@ def test_graphed_update_adds_what_the_eager_update_adds(arch, precision):
         assert torch.equal(m.n, g.n), name
         torch.testing.assert_close(g.s, m.s, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(g.g, m.g, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, masked", [
+    ((5, 8192, 512), False), ((26, 8192, 128), True), ((1, 8192, 1), False),
+    ((2, 257, 24), False), ((3, 33, 130), True), ((1, 0, 4), False)])
+def test_fused_centring_gives_pytorchs_rows_and_their_sums(shape, masked, dtype):
+    """The Triton pass writes the rows PyTorch's kernels write, bit for bit (``y - mask c``
+    rounded in float32, then to ``dtype``, to nearest even), and sums the rounded rows in
+    float32, within gamma_R of their exact sums."""
+    pytest.importorskip("triton")
+    from afmrec.pipeline import centring
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    y = torch.randn(shape, generator=g, device="cuda") * 3 + 5
+    mask = torch.rand(shape[:2], generator=g, device="cuda") > 0.3 if masked else None
+    if masked:
+        y = y * mask.unsqueeze(2)
+    c = y[:, :16].sum(1) / max(min(shape[1], 16), 1)
+    yc, t = centring._fused(y, mask, c, dtype)
+    want_yc, _ = centring._unfused(y, mask, c, dtype)
+    assert yc.dtype == dtype and torch.equal(yc, want_yc)
+    exact = yc.double().sum(1)
+    rows, u = shape[1], 2.0**-24
+    bound = rows * u / (1 - rows * u) * yc.double().abs().sum(1)
+    assert ((t.double() - exact).abs() <= bound + 1e-30).all()
