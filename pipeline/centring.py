@@ -15,6 +15,8 @@ holds for both.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 try:
@@ -59,6 +61,33 @@ def _unfused(y: torch.Tensor, mask: torch.Tensor | None, c: torch.Tensor,
     else:
         torch.addcmul(y, mask.unsqueeze(2).to(y.dtype), c.unsqueeze(1), value=-1, out=yc)
     return yc, yc.sum(1, dtype=torch.float32)
+
+
+def add_recombined_(totals: Sequence[torch.Tensor], n: torch.Tensor, c: torch.Tensor,
+                    t: torch.Tensor, gc: torch.Tensor) -> bool:
+    """Adds a batch's moments, given by its centred parts, to float64 totals in one kernel.
+
+    ``n_tot += n``, ``s_tot += n c + t`` and ``g_tot += Gc + c w^T + w c^T`` with ``w = t +
+    n c / 2`` (that is, ``Gc + c t^T + t c^T + n c c^T``), all in float64, where Triton runs
+    (CUDA) and the totals are contiguous; PyTorch's kernels take about a dozen launches
+    for it, each a few microseconds of a graph replay.
+
+    Args:
+        totals: ``n`` (G,), ``s`` (G, m), ``g`` (G, m, m), float64, updated in place.
+        n: (G,) float64 counts; c: (G, m) centres; t: (G, m) centred sums; gc: (G, m, m)
+            centred Gram matrices (float32).
+    Returns:
+        False (nothing done) where the kernel does not apply.
+    """
+    n_tot, s_tot, g_tot = totals
+    if triton is None or not gc.is_cuda or not all(x.is_contiguous() for x in totals):
+        return False
+    groups, width = c.shape
+    block = min(64, max(16, triton.next_power_of_2(width)))
+    grid = (groups, triton.cdiv(width, block), triton.cdiv(width, block))
+    _add_recombined_kernel[grid](n_tot, s_tot, g_tot, n.contiguous(), c.contiguous(),
+                                 t.contiguous(), gc.contiguous(), width, BLOCK=block)
+    return True
 
 
 def _fused(y: torch.Tensor, mask: torch.Tensor | None, c: torch.Tensor,
@@ -116,3 +145,36 @@ if triton is not None:
             tl.store(yc_ptr + offsets, rounded, mask=inside)
             acc += tl.sum(rounded.to(tl.float32), axis=0)
         tl.store(partial_ptr + (g * tl.num_programs(2) + split) * width + cols, acc, mask=in_cols)
+
+    @triton.jit
+    def _add_recombined_kernel(n_tot_ptr, s_tot_ptr, g_tot_ptr, n_ptr, c_ptr, t_ptr, gc_ptr,
+                               width, BLOCK: tl.constexpr):
+        """Program (g, i block, j block): ``g_tot[g, i, j] += gc + c_i w_j + w_i c_j`` in
+        float64; the programs of the first j block add ``n c_i + t_i`` to ``s_tot[g, i]``,
+        program (g, 0, 0) adds ``n`` to ``n_tot[g]``."""
+        g = tl.program_id(0)
+        bi = tl.program_id(1)
+        bj = tl.program_id(2)
+        i = bi * BLOCK + tl.arange(0, BLOCK)
+        j = bj * BLOCK + tl.arange(0, BLOCK)
+        in_i = i < width
+        in_j = j < width
+        count = tl.load(n_ptr + g)
+        c_i = tl.load(c_ptr + g * width + i, mask=in_i, other=0.0).to(tl.float64)
+        c_j = tl.load(c_ptr + g * width + j, mask=in_j, other=0.0).to(tl.float64)
+        t_i = tl.load(t_ptr + g * width + i, mask=in_i, other=0.0).to(tl.float64)
+        t_j = tl.load(t_ptr + g * width + j, mask=in_j, other=0.0).to(tl.float64)
+        w_i = t_i + 0.5 * count * c_i
+        w_j = t_j + 0.5 * count * c_j
+        base = g.to(tl.int64) * width * width
+        offsets = base + i.to(tl.int64)[:, None] * width + j[None, :]
+        inside = in_i[:, None] & in_j[None, :]
+        gc = tl.load(gc_ptr + offsets, mask=inside, other=0.0).to(tl.float64)
+        total = tl.load(g_tot_ptr + offsets, mask=inside, other=0.0)
+        total += gc + c_i[:, None] * w_j[None, :] + w_i[:, None] * c_j[None, :]
+        tl.store(g_tot_ptr + offsets, total, mask=inside)
+        if bj == 0:
+            s_total = tl.load(s_tot_ptr + g * width + i, mask=in_i, other=0.0)
+            tl.store(s_tot_ptr + g * width + i, s_total + count * c_i + t_i, mask=in_i)
+            if bi == 0:
+                tl.store(n_tot_ptr + g, tl.load(n_tot_ptr + g) + count)

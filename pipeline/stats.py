@@ -17,7 +17,7 @@ import itertools
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable, Iterable, Mapping
+from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from afmrec.sharding.env import barrier, min_over_ranks
 
 from .artifacts import atomic_file
 from .blocks import Block
-from .centring import centre_round_sum
+from .centring import add_recombined_, centre_round_sum
 from .errors import InputError
 
 
@@ -128,6 +128,44 @@ def batch_moments(
     Returns:
         ``n`` (G,), ``s`` (G, m), ``g`` (G, m, m), float64.
     """
+    parts = _batch_parts(y, mask, precision)
+    return parts if len(parts) == 3 else _recombined(*parts)
+
+
+def _recombined(n: torch.Tensor, c: torch.Tensor, t: torch.Tensor,
+                gc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(n, s, g)`` in float64 from the centred parts (see :func:`batch_moments`)."""
+    t64, c64 = t.to(torch.float64), c.to(torch.float64)
+    s = torch.addcmul(t64, n.unsqueeze(1), c64)
+    # G = Gc + c t^T + t c^T + n c c^T = Gc + c w^T + w c^T with w = t + n c / 2
+    w = torch.addcmul(t64, n.unsqueeze(1), c64, value=0.5).unsqueeze(2)
+    c64 = c64.unsqueeze(2)
+    g = torch.baddbmm(gc.to(torch.float64), c64, w.transpose(1, 2))
+    return n, s, g.baddbmm_(w, c64.transpose(1, 2))
+
+
+def add_batch_moments_(totals: Sequence[torch.Tensor], y: torch.Tensor,
+                       mask: torch.Tensor | None = None, precision: str = "float32") -> None:
+    """Adds :func:`batch_moments` of ``y`` to ``totals`` in place: ``n`` (G,), ``s`` (G, m)
+    and ``g`` (G, m, m), float64.
+
+    On CUDA with Triton the float64 part (``s = n c + t``, ``G = Gc + c w^T + w c^T``, the
+    adds) is one kernel (:func:`~afmrec.pipeline.centring.add_recombined_`) instead of a
+    dozen small ones; elsewhere it is :func:`batch_moments` and three adds.
+    """
+    parts = _batch_parts(y, mask, precision)
+    if len(parts) == 4:
+        if add_recombined_(totals, *parts):
+            return
+        parts = _recombined(*parts)
+    for total, part in zip(totals, parts):
+        total += part
+
+
+def _batch_parts(y: torch.Tensor, mask: torch.Tensor | None, precision: str) -> tuple[torch.Tensor, ...]:
+    """``(n, s, g)`` in float64 of float64 rows or products; otherwise ``(n, c, t, Gc)``:
+    the count (G,) float64, the centre (G, m), the centred rows' sum (G, m) and Gram matrix
+    (G, m, m), float32 (see :func:`batch_moments`)."""
     check_precision(precision)
     # (No shortcut for an all-true mask: testing for one would stall the GPU every batch.)
     if mask is None:
@@ -139,14 +177,7 @@ def batch_moments(
         return n, y64.sum(1), torch.bmm(y64.transpose(1, 2), y64)
     c = _pilot_centre(y, mask)
     yc, t = centre_round_sum(y, mask, c, getattr(torch, precision))
-    t = t.to(torch.float64)
-    c64 = c.to(torch.float64)
-    s = torch.addcmul(t, n.unsqueeze(1), c64)
-    # G = Gc + c t^T + t c^T + n c c^T = Gc + c w^T + w c^T with w = t + n c / 2
-    w = torch.addcmul(t, n.unsqueeze(1), c64, value=0.5).unsqueeze(2)
-    c64 = c64.unsqueeze(2)
-    g = torch.baddbmm(_gram(yc).to(torch.float64), c64, w.transpose(1, 2))
-    return n, s, g.baddbmm_(w, c64.transpose(1, 2))
+    return n, c, t, _gram(yc)
 
 
 def _pilot_centre(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -321,8 +352,7 @@ class _WidthGroup(_Observer):
     def update(self, key: Hashable, inputs: list[torch.Tensor]) -> None:
         stacked, layout = key
         if stacked:
-            for total, part in zip(self.stack, batch_moments(inputs[0], None, self.precision)):
-                total += part
+            add_batch_moments_(self.stack, inputs[0], None, self.precision)
             return
         for (j, _, _), y in zip(layout, inputs):
             for total, part in zip(self.stack, batch_moments(y.unsqueeze(0), None, self.precision)):
@@ -397,10 +427,13 @@ class _TableObserver(_Observer):
             fields, lengths = inputs[2 * i], inputs[2 * i + 1]
             _, order, rows = self._index_tensors(device, keys)
             nonempty = lengths.view(len(keys), -1).index_select(0, order) > 0  # (F', B)
+            if self.stacked and self.in_order:
+                add_batch_moments_(self.stack, fields, nonempty, self.precision)
+                continue
             n, s, g = batch_moments(fields, nonempty, self.precision)
             if self.stacked:
                 for total, part in zip(self.stack, (n, s, g)):
-                    total += part if self.in_order else part.index_select(0, rows)
+                    total += part.index_select(0, rows)
                 continue
             for moments, index in self.plan:
                 for f in index:

@@ -77,3 +77,28 @@ def test_fused_centring_gives_pytorchs_rows_and_their_sums(shape, masked, dtype)
     rows, u = shape[1], 2.0**-24
     bound = rows * u / (1 - rows * u) * yc.double().abs().sum(1)
     assert ((t.double() - exact).abs() <= bound + 1e-30).all()
+
+
+@pytest.mark.parametrize("precision, tol", [("float32", 1e-5), ("bfloat16", 4e-3)])
+@pytest.mark.parametrize("arch", ["dlrm", "dcn", "deepfm"])
+def test_cuda_statistics_equal_float64_products_on_the_cpu(arch, precision, tol):
+    """The whole CUDA update (graph replays, the Triton centring and float64 recombination)
+    against float64 products on the CPU, same model and batches: counts exact, means and
+    covariances to the precision's tolerance (as ``test_streaming_statistics_equal_torch_cov``)."""
+    import copy
+
+    from afmrec.pipeline.stats import collect_statistics
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(arch, embedding_dim=8)).eval()
+    blocks = find_blocks(model)
+    batches = [random_batch(64, 3, seed=s) for s in range(5)]
+    want = collect_statistics(model, blocks, batches, precision="float64")
+    cuda = copy.deepcopy(model).to("cuda")
+    got = collect_statistics(cuda, blocks, [b.to(torch.device("cuda")) for b in batches], precision=precision)
+    for name, m in want.moments.items():
+        g = got.moments[name]
+        assert torch.equal(g.n.cpu(), m.n), name
+        torch.testing.assert_close(g.mean.cpu(), m.mean, rtol=tol, atol=tol * float(m.covariance.diagonal().sqrt().max()))
+        cov = m.covariance
+        torch.testing.assert_close(g.covariance.cpu(), cov, rtol=tol, atol=tol * float(cov.abs().max()))
