@@ -85,8 +85,6 @@ def test_cuda_statistics_equal_float64_products_on_the_cpu(arch, precision, tol)
     """The whole CUDA update (graph replays, the Triton centring and float64 recombination)
     against float64 products on the CPU, same model and batches: counts exact, means and
     covariances to the precision's tolerance (as ``test_streaming_statistics_equal_torch_cov``)."""
-    import copy
-
     from afmrec.pipeline.stats import collect_statistics
 
     torch.manual_seed(0)
@@ -94,8 +92,11 @@ def test_cuda_statistics_equal_float64_products_on_the_cpu(arch, precision, tol)
     blocks = find_blocks(model)
     batches = [random_batch(64, 3, seed=s) for s in range(5)]
     want = collect_statistics(model, blocks, batches, precision="float64")
-    cuda = copy.deepcopy(model).to("cuda")
-    got = collect_statistics(cuda, blocks, [b.to(torch.device("cuda")) for b in batches], precision=precision)
+    # built on the device (TorchRec's collection keeps the device it was built on)
+    cuda = build_model(tiny_config(arch, embedding_dim=8), torch.device("cuda")).eval()
+    cuda.load_state_dict(model.state_dict())
+    on_cuda = [random_batch(64, 3, seed=s).to(torch.device("cuda")) for s in range(5)]  # fresh KJTs
+    got = collect_statistics(cuda, blocks, on_cuda, precision=precision)
     for name, m in want.moments.items():
         g = got.moments[name]
         assert torch.equal(g.n.cpu(), m.n), name
