@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("float64", "float32", "bfloat16"), default="float32",
                         help="precision of each batch's Gram product (default: %(default)s): "
                         "float64 products; or a GEMM of the centred rows in float32 (TF32 on "
-                        "CUDA) or bfloat16 (float32 accumulation; passes 3-8%% faster on an "
+                        "CUDA) or bfloat16 (float32 accumulation; passes 3-10%% faster on an "
                         "H100, slower on a CPU), error relative to each batch's spread. Sums "
                         "over batches are float64")
     parser.add_argument("--checkpoint-every", type=int, metavar="N",
