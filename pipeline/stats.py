@@ -52,10 +52,8 @@ class Moments:
 
     def update_(self, y: torch.Tensor, precision: str = "float32") -> None:
         """Adds rows ``y`` of shape (R, m) (see :func:`batch_moments`)."""
-        n, s, g = batch_moments(y.detach().unsqueeze(0), None, precision)
-        self.n += n[0]
-        self.s += s[0]
-        self.g += g[0]
+        add_batch_moments_([t.unsqueeze(0) for t in self.tensors()], y.detach().unsqueeze(0), None,
+                           precision)
 
     def merge(self, other: "Moments") -> "Moments":
         return Moments(self.n + other.n, self.s + other.s, self.g + other.g)
@@ -128,8 +126,7 @@ def batch_moments(
     Returns:
         ``n`` (G,), ``s`` (G, m), ``g`` (G, m, m), float64.
     """
-    parts = _batch_parts(y, mask, precision)
-    return parts if len(parts) == 3 else _recombined(*parts)
+    return _recombined(*_batch_parts(y, mask, precision))
 
 
 def _recombined(n: torch.Tensor, c: torch.Tensor, t: torch.Tensor,
@@ -154,18 +151,16 @@ def add_batch_moments_(totals: Sequence[torch.Tensor], y: torch.Tensor,
     dozen small ones; elsewhere it is :func:`batch_moments` and three adds.
     """
     parts = _batch_parts(y, mask, precision)
-    if len(parts) == 4:
-        if add_recombined_(totals, *parts):
-            return
-        parts = _recombined(*parts)
-    for total, part in zip(totals, parts):
-        total += part
+    if not add_recombined_(totals, *parts):
+        for total, part in zip(totals, _recombined(*parts)):
+            total += part
 
 
-def _batch_parts(y: torch.Tensor, mask: torch.Tensor | None, precision: str) -> tuple[torch.Tensor, ...]:
-    """``(n, s, g)`` in float64 of float64 rows or products; otherwise ``(n, c, t, Gc)``:
-    the count (G,) float64, the centre (G, m), the centred rows' sum (G, m) and Gram matrix
-    (G, m, m), float32 (see :func:`batch_moments`)."""
+def _batch_parts(y: torch.Tensor, mask: torch.Tensor | None,
+                 precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(n, c, t, Gc)``: the count (G,) float64, the centre (G, m), the centred rows' sum
+    (G, m) and Gram matrix (G, m, m) (see :func:`batch_moments`); float32, or float64 with
+    ``c = 0`` for float64 rows or products (the recombination then adds exact zeros)."""
     check_precision(precision)
     # (No shortcut for an all-true mask: testing for one would stall the GPU every batch.)
     if mask is None:
@@ -174,7 +169,7 @@ def _batch_parts(y: torch.Tensor, mask: torch.Tensor | None, precision: str) -> 
         n = mask.sum(1).to(torch.float64)
     if precision == "float64" or y.dtype == torch.float64:  # float64 rows stay float64
         y64 = y.to(torch.float64)
-        return n, y64.sum(1), torch.bmm(y64.transpose(1, 2), y64)
+        return n, y64.new_zeros(y64.shape[::2]), y64.sum(1), torch.bmm(y64.transpose(1, 2), y64)
     c = _pilot_centre(y, mask)
     yc, t = centre_round_sum(y, mask, c, getattr(torch, precision))
     return n, c, t, _gram(yc)
@@ -355,8 +350,8 @@ class _WidthGroup(_Observer):
             add_batch_moments_(self.stack, inputs[0], None, self.precision)
             return
         for (j, _, _), y in zip(layout, inputs):
-            for total, part in zip(self.stack, batch_moments(y.unsqueeze(0), None, self.precision)):
-                total[j] += part[0]
+            add_batch_moments_([total[j : j + 1] for total in self.stack], y.unsqueeze(0), None,
+                               self.precision)
 
 
 class _TableObserver(_Observer):
