@@ -17,7 +17,7 @@ from torchrec.datasets.utils import Batch
 from .blocks import Block, find_blocks
 from .evaluate import eval_mode, forward_logits, model_device
 from .model_io import load_model, skeleton
-from .runinfo import wall_seconds
+from .runinfo import fastest_interleaved
 from .stages import LOCAL, DataRef
 from .stats import StatsCollector
 
@@ -96,9 +96,6 @@ def time_stats_vs_forward_batches(
     device = model_device(unwrap(model))
     forward, stats = passes(model, blocks, batches, precision)
     forward()  # warm-up (allocator, lazy initialisation)
-    f, s = [], []
-    for _ in range(repeats):
-        f.append(wall_seconds(forward, device, env))
-        s.append(wall_seconds(stats, device, env))
-    fwd, st = rows / min(f), rows / min(s)
+    f, s = fastest_interleaved([forward, stats], device, env, repeats)
+    fwd, st = rows / f, rows / s
     return StatsTiming(fwd, st, st / fwd, precision, rows, len(blocks), env.world_size, repeats)

@@ -34,7 +34,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -62,6 +62,14 @@ def wall_seconds(fn: Callable[[], Any], device: torch.device, env: DistEnv | Non
     if env is not None and env.is_distributed:
         dist.barrier()
     return time.perf_counter() - start
+
+
+def fastest_interleaved(fns: Sequence[Callable[[], Any]], device: torch.device,
+                        env: DistEnv | None = None, repeats: int = 3) -> list[float]:
+    """The fastest :func:`wall_seconds` of each of ``fns``, run in turn ``repeats`` times:
+    other load on the machine affects every one alike."""
+    times = [[wall_seconds(fn, device, env) for fn in fns] for _ in range(repeats)]
+    return [min(column) for column in zip(*times)]
 
 
 def reset_peak_memory(device: torch.device) -> None:

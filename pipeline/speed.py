@@ -54,7 +54,7 @@ from .export import ServingModule, TableDtype, call, load_artifact, serving_modu
 from .model_io import ModelRecord, skeleton
 from .ranks import RankConfig
 from .stats import StatsCollector, collect_statistics
-from .runinfo import peak_memory_gib, reset_peak_memory, synchronize, wall_seconds
+from .runinfo import fastest_interleaved, peak_memory_gib, reset_peak_memory, synchronize, wall_seconds
 from .train import TrainConfig, make_optimizer, train_
 
 # MLPerf DLRMv2 (Criteo 1TB multi-hot): rows and bag size of each of the 26 tables.
@@ -170,13 +170,11 @@ def bench_train(model: nn.Module, batches: list[Batch], shape: SpeedShape, devic
     rows = shape.steps * shape.train_batch
     cycle = [batches[i % len(batches)] for i in range(shape.steps)]
     plain_torchrec_loop(model, batches, 2)  # warm-up
-    base, ours = [], []
-    for _ in range(repeats):
-        base.append(wall_seconds(lambda: plain_torchrec_loop(model, batches, shape.steps), device))
-        ours.append(wall_seconds(lambda: train_(model, cycle, TrainConfig(log_every=10**9), progress=False),
-                                 device))
-    return {"train_samples_per_s": rows / min(ours), "torchrec_train_samples_per_s": rows / min(base),
-            "train_vs_torchrec": min(base) / min(ours)}
+    base, ours = fastest_interleaved(
+        [lambda: plain_torchrec_loop(model, batches, shape.steps),
+         lambda: train_(model, cycle, TrainConfig(log_every=10**9), progress=False)], device, repeats=repeats)
+    return {"train_samples_per_s": rows / ours, "torchrec_train_samples_per_s": rows / base,
+            "train_vs_torchrec": base / ours}
 
 
 def bench_compress(model: nn.Module, record: ModelRecord, stats: Any, workdir: Path,
@@ -284,7 +282,8 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
     batches = make_batches(shape, shape.infer_batch, 3, device, seed=1)
     features = [t.name for t in record.model.tables]
     out: dict[str, Any] = {}
-    for name, build in inference_variants(model, stats, record).items():
+    variants = inference_variants(model, stats, record)
+    for name, build in variants.items():
         module, tables = build()
         # A compressed variant is a fresh copy: convert it in place (one copy of the tables
         # fewer on the device); the original is needed again.
@@ -309,8 +308,9 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
         path.unlink()
         _empty_cache(device)
     base = out["infer_original_samples_per_s"]
-    for name in ("afm4x", "afm8x", "int8", "afm4x_int8", "fp16", "afm4x_fp16"):
-        out[f"infer_{name}_vs_original"] = out[f"infer_{name}_samples_per_s"] / base
+    for name in variants:
+        if name != "original":
+            out[f"infer_{name}_vs_original"] = out[f"infer_{name}_samples_per_s"] / base
     return out
 
 
