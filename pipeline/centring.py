@@ -1,16 +1,23 @@
 """The statistics update's one pass over a batch's rows: centre, round, sum.
 
-:func:`centre_round_sum` gives the centred rows in the Gram GEMM's input type and their
-column sums. On CUDA, where Triton is installed, it is one generated kernel: each row is
-read once (float32), written once (bfloat16 or float32), and the column sums are taken of
-the rounded values in the same pass. PyTorch's own kernels take three passes for it and
-run the centring unvectorised (a broadcast centre and a type cast), at about a third of
-the memory bandwidth. Elsewhere (CPU, no Triton) it runs those PyTorch kernels.
+:func:`centre_round_sum` gives each group's centre (the mean of its first
+:data:`PILOT_ROWS` kept rows), the rows centred there in the Gram GEMM's input type, and
+their column sums. On CUDA, where Triton is installed, it is two generated kernels: one
+takes the centres, the other reads each row once (float32) where it lies, writes it once
+(bfloat16 or float32) and sums the rounded values in the same pass. PyTorch's own
+kernels take a copy into one (G, R, m) tensor, two passes for the centre and three for
+the rest, and run the centring unvectorised. Elsewhere (CPU, no Triton) it runs those
+PyTorch kernels.
 
-Both give the same rounded rows (``y - mask c`` rounded once in float32, then once to the
-output type, to nearest even) and column sums of those rounded rows in float32, in
-another order of addition: the bound of :func:`~afmrec.pipeline.stats.batch_moments`
-holds for both.
+The rows are read where they lie through :class:`RowGroups`, a table of addresses: the
+layers' outputs (a Linear's (R, m) output, a field of a sparse arch's (B, F, D) output)
+are read in place, and a CUDA graph of the update reads whatever rows the table names at
+replay time, so a batch's update copies no rows into the graph's buffers.
+
+Both give the same rounded rows for a given centre (``y - mask c`` rounded once in
+float32, then once to the output type, to nearest even) and column sums of those rounded
+rows in float32, in another order of addition: the bound of
+:func:`~afmrec.pipeline.stats.batch_moments` holds for both.
 """
 
 from __future__ import annotations
@@ -32,23 +39,85 @@ MIN_PROGRAMS = 1024
 """Programs a launch aims for (an H100 has 132 SMs): splits over rows make up for few
 groups and narrow rows."""
 
+PILOT_ROWS = 256
+"""Rows whose mean is a group's centre: close enough to the mean to keep centred values
+small, without a pass over the batch."""
+
+
+class RowGroups:
+    """G groups of R float32 rows of width m, read where they lie: row r of group g starts
+    ``r * row_stride`` elements after the address ``addresses[g]`` (columns contiguous).
+
+    A kernel launched on it (also one replayed by a CUDA graph) reads the rows whose
+    addresses the table holds when it runs: :meth:`point_at` moves no rows, and the
+    caller keeps them alive until the kernels that read them have run.
+    """
+
+    dtype = torch.float32
+
+    def __init__(self, groups: int, rows: int, width: int, row_stride: int, device: torch.device):
+        self.shape = (groups, rows, width)
+        self.row_stride = row_stride
+        self.device = torch.device(device)
+        self.addresses = torch.empty(groups, dtype=torch.int64, device=device)
+        self._pointed: list[int] = []
+
+    @classmethod
+    def of(cls, y: torch.Tensor) -> "RowGroups":
+        """The groups of a (G, R, m) float32 tensor whose columns are contiguous, read in
+        place (the addresses computed on its device: no host sync, capturable)."""
+        groups, rows, width = y.shape
+        out = cls(groups, rows, width, y.stride(1), y.device)
+        step = y.stride(0) * y.element_size()
+        torch.arange(groups, device=y.device, out=out.addresses).mul_(step).add_(y.data_ptr())
+        return out
+
+    def point_at(self, addresses: list[int]) -> None:
+        """Points the groups at rows starting at ``addresses`` (host integers, each a
+        ``data_ptr()``): one copy to the device, none where they are the last ones (the
+        caching allocator tends to hand a layer the same block every batch). Enqueued on
+        the current stream."""
+        if addresses != self._pointed:
+            host = torch.tensor(addresses, dtype=torch.int64).pin_memory()
+            self.addresses.copy_(host, non_blocking=True)
+            self._pointed = list(addresses)
+
+
+def reads_in_place(y: torch.Tensor) -> bool:
+    """Whether :func:`centre_round_sum` can read the rows of ``y`` (a (R, m) or (B, F, D)
+    float32 output) in place through :class:`RowGroups`: on CUDA with Triton."""
+    return triton is not None and y.is_cuda and y.dtype == torch.float32 and y.stride(-1) == 1
+
 
 def centre_round_sum(
-    y: torch.Tensor, mask: torch.Tensor | None, c: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows centred at ``c`` (masked rows 0), rounded to ``dtype``, and their sums.
+    y: torch.Tensor | RowGroups, mask: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each group's centre, its rows centred there (masked rows 0) and rounded to
+    ``dtype``, and their sums.
 
     Args:
-        y: (G, R, m) float32 rows; masked rows are 0.
+        y: (G, R, m) float32 rows, a tensor or :class:`RowGroups`; masked rows are 0.
         mask: (G, R) bool, the rows to count, or None for all.
-        c: (G, m) float32 centres.
         dtype: ``torch.float32`` or ``torch.bfloat16``, the Gram GEMM's input type.
     Returns:
-        ``yc`` (G, R, m) of ``dtype`` and ``t`` (G, m) float32, the sum of ``yc``'s rows.
+        ``c`` (G, m) float32, the mean of each group's first :data:`PILOT_ROWS` kept rows
+        (0 if none is kept); ``yc`` (G, R, m) of ``dtype``, contiguous; ``t`` (G, m)
+        float32, the sum of ``yc``'s rows.
     """
+    if isinstance(y, RowGroups):
+        return _fused(y, mask, dtype)
     if triton is not None and y.is_cuda and y.dtype == torch.float32:
-        return _fused(y, mask, c, dtype)
-    return _unfused(y, mask, c, dtype)
+        return _fused(RowGroups.of(y if y.stride(2) == 1 else y.contiguous()), mask, dtype)
+    c = _pilot_centre(y, mask)
+    return (c, *_unfused(y, mask, c, dtype))
+
+
+def _pilot_centre(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(G, m): the mean of each group's first :data:`PILOT_ROWS` kept rows, 0 if none is."""
+    pilot = y[:, :PILOT_ROWS]
+    if mask is None:
+        return pilot.sum(1) / max(pilot.shape[1], 1)  # no rows: 0, not a 0/0
+    return pilot.sum(1) / mask[:, :PILOT_ROWS].sum(1, keepdim=True).clamp_min(1).to(y.dtype)
 
 
 def _unfused(y: torch.Tensor, mask: torch.Tensor | None, c: torch.Tensor,
@@ -90,11 +159,10 @@ def add_recombined_(totals: Sequence[torch.Tensor], n: torch.Tensor, c: torch.Te
     return True
 
 
-def _fused(y: torch.Tensor, mask: torch.Tensor | None, c: torch.Tensor,
-           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`centre_round_sum` as one Triton kernel; the partial sums of the row splits
-    are added in a fixed order (deterministic)."""
-    y, c = y.contiguous(), c.contiguous()
+def _fused(y: RowGroups, mask: torch.Tensor | None,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`centre_round_sum` as two Triton kernels (the centres, then the pass); the
+    partial sums of the row splits are added in a fixed order (deterministic)."""
     groups, rows, width = y.shape
     block_m = min(128, max(16, triton.next_power_of_2(width)))
     column_blocks = triton.cdiv(width, block_m)
@@ -102,47 +170,78 @@ def _fused(y: torch.Tensor, mask: torch.Tensor | None, c: torch.Tensor,
     splits = max(1, min(row_blocks, triton.cdiv(MIN_PROGRAMS, groups * column_blocks)))
     rows_per_split = triton.cdiv(row_blocks, splits) * BLOCK_R
     splits = triton.cdiv(rows, rows_per_split) if rows else 1
+    c = torch.empty((groups, width), dtype=torch.float32, device=y.device)
     yc = torch.empty(y.shape, dtype=dtype, device=y.device)
     partial = torch.empty((groups, splits, width), dtype=torch.float32, device=y.device)
-    keep = mask.contiguous().view(torch.uint8) if mask is not None else y  # y: an unread stand-in
+    keep = mask.contiguous().view(torch.uint8) if mask is not None else y.addresses  # unread stand-in
+    common = dict(HAS_MASK=mask is not None, BLOCK_R=BLOCK_R, BLOCK_M=block_m)
+    _pilot_kernel[(groups, column_blocks)](y.addresses, keep, c, rows, width, y.row_stride,
+                                           PILOT_ROWS=PILOT_ROWS, **common)
     _centre_round_sum_kernel[(groups, column_blocks, splits)](
-        y, keep, c, yc, partial, rows, width,
-        ROWS_PER_SPLIT=rows_per_split, HAS_MASK=mask is not None, BLOCK_R=BLOCK_R, BLOCK_M=block_m,
-    )
-    return yc, partial.sum(1)
+        y.addresses, keep, c, yc, partial, rows, width, y.row_stride,
+        ROWS_PER_SPLIT=rows_per_split, **common)
+    return c, yc, partial.sum(1)
 
 
 if triton is not None:
 
     @triton.jit
-    def _centre_round_sum_kernel(y_ptr, keep_ptr, c_ptr, yc_ptr, partial_ptr, rows, width,
-                                 ROWS_PER_SPLIT: tl.constexpr, HAS_MASK: tl.constexpr,
-                                 BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    def _pilot_kernel(addresses_ptr, keep_ptr, c_ptr, rows, width, row_stride,
+                      PILOT_ROWS: tl.constexpr, HAS_MASK: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Program (g, column block): ``c[g]``, the mean of group g's first PILOT_ROWS
+        kept rows (masked rows are 0 in ``y``), 0 if none is kept."""
+        g = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_cols = cols < width
+        y_ptr = tl.load(addresses_ptr + g).to(tl.pointer_type(tl.float32))
+        stop = tl.minimum(rows, PILOT_ROWS)
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        count = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for r in range(0, PILOT_ROWS, BLOCK_R):
+            row = r + tl.arange(0, BLOCK_R)
+            in_rows = row < stop
+            offsets = row.to(tl.int64)[:, None] * row_stride + cols[None, :]
+            y = tl.load(y_ptr + offsets, mask=in_rows[:, None] & in_cols[None, :], other=0.0)
+            total += tl.sum(y, axis=0)
+            if HAS_MASK:
+                count += tl.load(keep_ptr + g * rows + row, mask=in_rows, other=0).to(tl.float32)
+            else:
+                count += in_rows.to(tl.float32)
+        kept = tl.maximum(tl.sum(count, axis=0), 1.0)
+        tl.store(c_ptr + g * width + cols, total / kept, mask=in_cols)
+
+    @triton.jit
+    def _centre_round_sum_kernel(addresses_ptr, keep_ptr, c_ptr, yc_ptr, partial_ptr, rows,
+                                 width, row_stride, ROWS_PER_SPLIT: tl.constexpr,
+                                 HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr,
+                                 BLOCK_M: tl.constexpr):
         """Program (g, column block, split): rows ``[split * ROWS_PER_SPLIT, ...)`` of group
-        g, BLOCK_M columns; writes their centred, rounded values and their column sums.
-        (The split's length is a compile-time constant: a batch shape compiles once.)"""
+        g, BLOCK_M columns, read where they lie; writes their centred, rounded values
+        (contiguous) and their column sums. (The split's length is a compile-time
+        constant: a batch shape compiles once.)"""
         g = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         split = tl.program_id(2)
         in_cols = cols < width
+        y_ptr = tl.load(addresses_ptr + g).to(tl.pointer_type(tl.float32))
         centre = tl.load(c_ptr + g * width + cols, mask=in_cols, other=0.0)
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
         start = split * ROWS_PER_SPLIT
         stop = tl.minimum(start + ROWS_PER_SPLIT, rows)
         base = g.to(tl.int64) * rows * width
         for r in range(0, ROWS_PER_SPLIT, BLOCK_R):
-            row = start + r + tl.arange(0, BLOCK_R)
+            row = (start + r + tl.arange(0, BLOCK_R)).to(tl.int64)
             in_rows = row < stop
             inside = in_rows[:, None] & in_cols[None, :]
-            offsets = base + row.to(tl.int64)[:, None] * width + cols[None, :]
-            y = tl.load(y_ptr + offsets, mask=inside, other=0.0)
+            y = tl.load(y_ptr + row[:, None] * row_stride + cols[None, :], mask=inside, other=0.0)
             if HAS_MASK:
                 kept = tl.load(keep_ptr + g * rows + row, mask=in_rows, other=0).to(tl.float32)
                 yc = y - kept[:, None] * centre[None, :]
             else:
                 yc = y - centre[None, :]
             rounded = tl.where(inside, yc, 0.0).to(yc_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-            tl.store(yc_ptr + offsets, rounded, mask=inside)
+            tl.store(yc_ptr + base + row[:, None] * width + cols[None, :], rounded, mask=inside)
             acc += tl.sum(rounded.to(tl.float32), axis=0)
         tl.store(partial_ptr + (g * tl.num_programs(2) + split) * width + cols, acc, mask=in_cols)
 

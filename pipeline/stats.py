@@ -27,7 +27,7 @@ from afmrec.sharding.env import barrier, min_over_ranks
 
 from .artifacts import atomic_file
 from .blocks import Block
-from .centring import add_recombined_, centre_round_sum
+from .centring import RowGroups, add_recombined_, centre_round_sum, reads_in_place
 from .errors import InputError
 
 
@@ -78,10 +78,6 @@ PRECISIONS = ("float64", "float32", "bfloat16")
 GEMM of centred rows in float32 (TF32 on CUDA where ``allow_tf32`` is on); or in
 bfloat16 (half the bytes, twice the GEMM rate) with float32 accumulation."""
 
-PILOT_ROWS = 256
-"""Rows whose mean is a batch's centre (see :func:`batch_moments`)."""
-
-
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -94,8 +90,9 @@ def batch_moments(
 
     ``precision="float64"``: every product in float64 (a float64 GEMM costs more than the
     layer's own forward pass for wide blocks). Otherwise each group is centred at ``c``,
-    the mean of its first :data:`PILOT_ROWS` kept rows (0 if there are none; any ``c``
-    gives the same algebra, a ``c`` near the mean gives small centred values), and the
+    the mean of its first :data:`~afmrec.pipeline.centring.PILOT_ROWS` kept rows (0 if
+    none is; any ``c`` gives the same algebra, a ``c`` near the mean gives small centred
+    values), and the
     centred rows ``yc`` go through one batched GEMM and one sum; then, in float64,
     ``s = n c + t`` and ``G = Gc + c t^T + t c^T + n c c^T`` with ``t`` the sum of ``yc``,
     which is exact algebra (:func:`~afmrec.pipeline.centring.centre_round_sum` centres,
@@ -120,7 +117,8 @@ def batch_moments(
     ``n``, of the centre and of the sums.
 
     Args:
-        y: (G, R, m) rows (float64 ones go the float64 way whatever ``precision``).
+        y: (G, R, m) rows (float64 ones go the float64 way whatever ``precision``), or
+            :class:`~afmrec.pipeline.centring.RowGroups` of float32 rows read in place.
         mask: (G, R) bool, the rows to count, or None for all.
         precision: one of :data:`PRECISIONS`.
     Returns:
@@ -156,32 +154,24 @@ def add_batch_moments_(totals: Sequence[torch.Tensor], y: torch.Tensor,
             total += part
 
 
-def _batch_parts(y: torch.Tensor, mask: torch.Tensor | None,
+def _batch_parts(y: torch.Tensor | RowGroups, mask: torch.Tensor | None,
                  precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(n, c, t, Gc)``: the count (G,) float64, the centre (G, m), the centred rows' sum
     (G, m) and Gram matrix (G, m, m) (see :func:`batch_moments`); float32, or float64 with
-    ``c = 0`` for float64 rows or products (the recombination then adds exact zeros)."""
+    ``c = 0`` for float64 rows or products (the recombination then adds exact zeros).
+    ``y`` is (G, R, m), a tensor or (float32, not in float64 precision) :class:`RowGroups`."""
     check_precision(precision)
+    groups, rows, _ = y.shape
     # (No shortcut for an all-true mask: testing for one would stall the GPU every batch.)
     if mask is None:
-        n = torch.full((y.shape[0],), float(y.shape[1]), dtype=torch.float64, device=y.device)
+        n = torch.full((groups,), float(rows), dtype=torch.float64, device=y.device)
     else:
         n = mask.sum(1).to(torch.float64)
     if precision == "float64" or y.dtype == torch.float64:  # float64 rows stay float64
         y64 = y.to(torch.float64)
         return n, y64.new_zeros(y64.shape[::2]), y64.sum(1), torch.bmm(y64.transpose(1, 2), y64)
-    c = _pilot_centre(y, mask)
-    yc, t = centre_round_sum(y, mask, c, getattr(torch, precision))
+    c, yc, t = centre_round_sum(y, mask, getattr(torch, precision))
     return n, c, t, _gram(yc)
-
-
-def _pilot_centre(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """(G, m): the mean of each group's first :data:`PILOT_ROWS` kept rows (0 if none is
-    kept): close enough to the mean to keep centred values small, without a pass."""
-    pilot = y[:, :PILOT_ROWS]
-    if mask is None:
-        return pilot.sum(1) / max(pilot.shape[1], 1)  # no rows: 0, not a 0/0
-    return pilot.sum(1) / mask[:, :PILOT_ROWS].sum(1, keepdim=True).clamp_min(1).to(y.dtype)
 
 
 def _gram(yc: torch.Tensor) -> torch.Tensor:
@@ -325,33 +315,49 @@ class _WidthGroup(_Observer):
             return None
         for j, y, version in items:
             _check_unmodified(self.names[j], y, version)
-        layout = tuple((j, tuple(y.shape), y.dtype) for j, y, _ in items)
-        everyone_once = [j for j, _, _ in items] == list(range(len(self.names)))
+        layout = tuple((j, tuple(y.shape), y.stride(), y.dtype) for j, y, _ in items)
+        everyone_once = [j for j, *_ in layout] == list(range(len(self.names)))
         # stacked: every block once, same rows; else (a block skipped or run twice) each alone
-        stacked = everyone_once and len({shape for _, shape, _ in layout}) == 1
-        return (stacked, layout), [y for _, y, _ in items]
+        stacked = everyone_once and len({(shape, stride) for _, shape, stride, _ in layout}) == 1
+        seen = [y for _, y, _ in items]
+        in_place = self.precision != "float64" and all(reads_in_place(y) for y in seen)
+        return (stacked, in_place, layout), seen
 
-    def buffers(self, key: Hashable, seen: list[torch.Tensor]) -> list[torch.Tensor]:
-        if key[0]:
-            return [seen[0].new_empty((len(seen), *seen[0].shape))]
-        return [torch.empty_like(y) for y in seen]
+    @staticmethod
+    def _groups(key: Hashable, seen: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """The outputs of each Gram product: all at once (stacked), or each alone."""
+        return [seen] if key[0] else [[y] for y in seen]
 
-    def fill(self, key: Hashable, buffers: list[torch.Tensor], seen: list[torch.Tensor]) -> list[torch.Tensor]:
-        if key[0]:
-            torch.stack(seen, out=buffers[0])
-        else:
-            for b, y in zip(buffers, seen):
-                b.copy_(y)
+    def buffers(self, key: Hashable, seen: list[torch.Tensor]) -> list[torch.Tensor | RowGroups]:
+        return [_rows_input((len(ys), *ys[0].shape), ys[0].stride(0), ys[0], key[1])
+                for ys in self._groups(key, seen)]
+
+    def fill(self, key: Hashable, buffers: list[torch.Tensor | RowGroups],
+             seen: list[torch.Tensor]) -> list[torch.Tensor | RowGroups]:
+        for rows, ys in zip(buffers, self._groups(key, seen)):
+            if isinstance(rows, RowGroups):
+                rows.point_at([y.data_ptr() for y in ys])
+            else:
+                torch.stack(ys, out=rows)
         return buffers
 
-    def update(self, key: Hashable, inputs: list[torch.Tensor]) -> None:
-        stacked, layout = key
+    def update(self, key: Hashable, inputs: list[torch.Tensor | RowGroups]) -> None:
+        stacked, _, layout = key
         if stacked:
             add_batch_moments_(self.stack, inputs[0], None, self.precision)
             return
-        for (j, _, _), y in zip(layout, inputs):
-            add_batch_moments_([total[j : j + 1] for total in self.stack], y.unsqueeze(0), None,
-                               self.precision)
+        for (j, *_), y in zip(layout, inputs):
+            add_batch_moments_([total[j : j + 1] for total in self.stack], y, None, self.precision)
+
+
+def _rows_input(shape: tuple[int, ...], row_stride: int, like: torch.Tensor,
+                in_place: bool) -> torch.Tensor | RowGroups:
+    """An update's (G, R, m) input: the addresses of rows read where they lie (see
+    :class:`~afmrec.pipeline.centring.RowGroups`), or a tensor of ``like``'s type and
+    device that the rows are copied into."""
+    if in_place:
+        return RowGroups(*shape, row_stride, like.device)
+    return like.new_empty(shape)
 
 
 class _TableObserver(_Observer):
@@ -397,28 +403,36 @@ class _TableObserver(_Observer):
             return None
         for fields, _, _, version in items:
             _check_unmodified("the sparse arch", fields, version)
-        key = tuple((tuple(f.shape), f.dtype, f.device, tuple(n.shape), n.dtype, keys)
-                    for f, n, keys, _ in items)
-        return key, [t for f, n, _, _ in items for t in (f, n)]
+        in_place = self.precision != "float64" and all(reads_in_place(f) for f, *_ in items)
+        layout = tuple((tuple(f.shape), f.stride(), f.dtype, f.device, tuple(n.shape), n.dtype, keys)
+                       for f, n, keys, _ in items)
+        return (in_place, layout), [t for f, n, _, _ in items for t in (f, n)]
 
-    def buffers(self, key: Hashable, seen: list[torch.Tensor]) -> list[torch.Tensor]:
+    def buffers(self, key: Hashable, seen: list[torch.Tensor]) -> list[torch.Tensor | RowGroups]:
+        in_place, layout = key
         out = []
-        for (shape, dtype, device, lengths_shape, lengths_dtype, _) in key:
-            out.append(torch.empty((len(self.observed), shape[0], shape[2]), dtype=dtype, device=device))
-            out.append(torch.empty(lengths_shape, dtype=lengths_dtype, device=device))
+        for i, (shape, stride, _, _, _, _, _) in enumerate(layout):
+            fields, lengths = seen[2 * i], seen[2 * i + 1]
+            out.append(_rows_input((len(self.observed), shape[0], shape[2]), stride[0], fields, in_place))
+            out.append(torch.empty_like(lengths))
         return out
 
-    def fill(self, key: Hashable, buffers: list[torch.Tensor], seen: list[torch.Tensor]) -> list[torch.Tensor]:
-        for i, (_, _, device, _, _, keys) in enumerate(key):
-            fields, lengths = seen[2 * i], seen[2 * i + 1]
-            if len(self.observed) != fields.shape[1]:
-                fields = fields.index_select(1, self._index_tensors(device, keys)[0])
-            buffers[2 * i].copy_(fields.transpose(0, 1))  # (F', B, D)
+    def fill(self, key: Hashable, buffers: list[torch.Tensor | RowGroups],
+             seen: list[torch.Tensor]) -> list[torch.Tensor | RowGroups]:
+        for i, (_, _, _, device, _, _, keys) in enumerate(key[1]):
+            fields, lengths, rows = seen[2 * i], seen[2 * i + 1], buffers[2 * i]
+            if isinstance(rows, RowGroups):  # field f's rows: a column of (B, F, D)
+                step = fields.stride(1) * fields.element_size()
+                rows.point_at([fields.data_ptr() + f * step for f in self.observed])
+            else:
+                if len(self.observed) != fields.shape[1]:
+                    fields = fields.index_select(1, self._index_tensors(device, keys)[0])
+                rows.copy_(fields.transpose(0, 1))  # (F', B, D)
             buffers[2 * i + 1].copy_(lengths)
         return buffers
 
-    def update(self, key: Hashable, inputs: list[torch.Tensor]) -> None:
-        for i, (_, _, device, _, _, keys) in enumerate(key):
+    def update(self, key: Hashable, inputs: list[torch.Tensor | RowGroups]) -> None:
+        for i, (_, _, _, device, _, _, keys) in enumerate(key[1]):
             fields, lengths = inputs[2 * i], inputs[2 * i + 1]
             _, order, rows = self._index_tensors(device, keys)
             nonempty = lengths.view(len(keys), -1).index_select(0, order) > 0  # (F', B)
@@ -515,6 +529,7 @@ class StatsCollector:
         self._seen: dict[Hashable, int] = {}
         self._graphs: dict[Hashable, _CapturedUpdate] = {}
         self._stream: Any = None  # torch.cuda.Stream of the replays
+        self._held: list[list[torch.Tensor]] = []  # the outputs the last replay reads
 
     @property
     def moments(self) -> dict[str, Moments]:
@@ -541,18 +556,23 @@ class StatsCollector:
         current = torch.cuda.current_stream()
         if self._stream is None:
             self._stream = torch.cuda.Stream()
-        current.wait_stream(self._stream)
+        self._join()
         for (o, (key, seen)), buffers in zip(work, captured.buffers):
             o.fill(key, buffers, seen)
         self._stream.wait_stream(current)
         with torch.cuda.stream(self._stream):
             captured.graph.replay()
+        # The replay may read the outputs where they lie (RowGroups): they stay allocated
+        # until the current stream has waited for it (the next _join).
+        self._held = [seen for _, (_, seen) in work]
         self.replays += 1
 
     def _join(self) -> None:
-        """Makes the current stream wait for the replayed updates (before the sums are read)."""
+        """Makes the current stream wait for the replayed updates (before the sums are read,
+        or the outputs they read are freed)."""
         if self._stream is not None:
             torch.cuda.current_stream().wait_stream(self._stream)
+        self._held = []
 
     def _graph(self, work: list[tuple[_Observer, Seen]]) -> _CapturedUpdate | None:
         """The CUDA graph of this batch's update: captured the second time a signature

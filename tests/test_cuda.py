@@ -18,31 +18,46 @@ from .conftest import random_batch, tiny_config
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _collect(model, blocks, batches, cuda_graphs: bool, precision: str, read_after: int = 3):
+def _collect(model, blocks, batches, cuda_graphs: bool, precision: str, read_after: int = 3,
+             keep_outputs: bool = False):
     """The pass's statistics, its replay count and the counts read after ``read_after``
-    batches (as a checkpoint save reads them, while replays may still run)."""
+    batches (as a checkpoint save reads them, while replays may still run).
+    ``keep_outputs``: every observed output stays allocated to the end, so that no batch's
+    outputs lie where an earlier batch's did."""
+    kept, hooks = [], []
+    if keep_outputs:
+        modules = dict(model.named_modules())
+        owners = {b.module if b.kind == "linear" else b.module.rpartition(".")[0] for b in blocks}
+        hooks = [modules[m].register_forward_hook(lambda _m, _i, out: kept.append(out)) for m in owners]
     with torch.no_grad(), StatsCollector(model, blocks, torch.device("cuda"), precision,
                                            cuda_graphs=cuda_graphs) as c:
         for i, b in enumerate(batches, start=1):
             model(b.dense_features, b.sparse_features)
             if i == read_after:
                 partial = {k: m.n.clone() for k, m in c.moments.items()}
+    for h in hooks:
+        h.remove()
     return c.result(), c.replays, partial
 
 
+@pytest.mark.parametrize("keep_outputs", [False, True])
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ["dlrm", "dcn", "deepfm"])
-def test_graphed_update_adds_what_the_eager_update_adds(arch, precision):
+def test_graphed_update_adds_what_the_eager_update_adds(arch, precision, keep_outputs):
     """Batches of one shape replay a captured graph (from the second on); a batch of
     another shape runs eagerly. Counts are exact (a warm-up or capture that added to the
-    sums would double them) and the sums agree with the eager update's."""
+    sums would double them) and the sums agree with the eager update's. The replays read
+    the outputs where they lie: whether the allocator hands the layers the same memory
+    every batch or (outputs kept alive elsewhere) new memory, each replay reads its own
+    batch's outputs."""
     torch.manual_seed(0)
     model = build_model(tiny_config(arch, embedding_dim=8), torch.device("cuda")).eval()
     blocks = find_blocks(model)
     batches = [random_batch(64, 3, seed=s).to(torch.device("cuda")) for s in range(5)]
     batches.append(random_batch(40, 3, seed=9).to(torch.device("cuda")))  # a short last batch
     eager, none, eager_partial = _collect(model, blocks, batches, False, precision)
-    graphed, replays, partial = _collect(model, blocks, batches, True, precision)
+    graphed, replays, partial = _collect(model, blocks, batches, True, precision,
+                                         keep_outputs=keep_outputs)
     assert none == 0
     assert all(torch.equal(partial[k], eager_partial[k]) for k in partial)
     assert replays == 4  # batches 2-5; the first ran eagerly, the short one too
@@ -54,27 +69,34 @@ def test_graphed_update_adds_what_the_eager_update_adds(arch, precision):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape, masked", [
-    ((5, 8192, 512), False), ((26, 8192, 128), True), ((1, 8192, 1), False),
-    ((2, 257, 24), False), ((3, 33, 130), True), ((1, 0, 4), False)])
-def test_fused_centring_gives_pytorchs_rows_and_their_sums(shape, masked, dtype):
-    """The Triton pass writes the rows PyTorch's kernels write, bit for bit (``y - mask c``
-    rounded in float32, then to ``dtype``, to nearest even), and sums the rounded rows in
-    float32, within gamma_R of their exact sums."""
+@pytest.mark.parametrize("shape, masked, fields", [
+    ((5, 8192, 512), False, False), ((26, 8192, 128), True, True), ((1, 8192, 1), False, False),
+    ((2, 257, 24), False, False), ((3, 33, 130), True, True), ((1, 0, 4), False, False)])
+def test_fused_centring_gives_pytorchs_rows_and_their_sums(shape, masked, fields, dtype):
+    """The Triton kernels read the rows where they lie (``fields``: each group a column of a
+    (B, F, D) output, rows F * D apart), take the centres PyTorch takes (in another order
+    of addition), write the rows PyTorch's kernels write for that centre, bit for bit
+    (``y - mask c`` rounded in float32, then to ``dtype``, to nearest even), and sum the
+    rounded rows in float32, within gamma_R of their exact sums."""
     pytest.importorskip("triton")
     from afmrec.pipeline import centring
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    y = torch.randn(shape, generator=g, device="cuda") * 3 + 5
+    groups, rows, width = shape
+    if fields:
+        y = (torch.randn((rows, groups + 1, width), generator=g, device="cuda") * 3 + 5)[:, 1:].transpose(0, 1)
+    else:
+        y = torch.randn(shape, generator=g, device="cuda") * 3 + 5
     mask = torch.rand(shape[:2], generator=g, device="cuda") > 0.3 if masked else None
     if masked:
-        y = y * mask.unsqueeze(2)
-    c = y[:, :16].sum(1) / max(min(shape[1], 16), 1)
-    yc, t = centring._fused(y, mask, c, dtype)
+        y.mul_(mask.unsqueeze(2))
+    c, yc, t = centring._fused(centring.RowGroups.of(y), mask, dtype)
+    pilot = min(rows, centring.PILOT_ROWS)
+    torch.testing.assert_close(c, centring._pilot_centre(y, mask), rtol=0, atol=pilot * 2.0**-24 * 10)
     want_yc, _ = centring._unfused(y, mask, c, dtype)
-    assert yc.dtype == dtype and torch.equal(yc, want_yc)
+    assert yc.dtype == dtype and yc.is_contiguous() and torch.equal(yc, want_yc)
     exact = yc.double().sum(1)
-    rows, u = shape[1], 2.0**-24
+    u = 2.0**-24
     bound = rows * u / (1 - rows * u) * yc.double().abs().sum(1)
     assert ((t.double() - exact).abs() <= bound + 1e-30).all()
 
