@@ -20,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data(parser, what="data to run over (read into memory first)")
     parser.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass per rank")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed runs of each")
-    parser.add_argument("--precision", choices=("float64", "float32", "bfloat16"), default="float32",
-                        help="the statistics' Gram products (as `afmrec stats --precision`)")
+    parser.add_argument("--precision", choices=("auto", "float64", "float32", "bfloat16"), default="auto",
+                        help="the statistics' Gram products (as `afmrec stats --precision`; "
+                        "default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the record to this file")
     parser.add_argument("--quiet", action="store_true", help="no info logs")
     add_distributed(parser)

@@ -30,12 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", nargs="+", default=["*"], metavar="GLOB",
                         help="blocks to observe, by name glob (default: all)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="blocks to skip")
-    parser.add_argument("--precision", choices=("float64", "float32", "bfloat16"), default="float32",
-                        help="precision of each batch's Gram product (default: %(default)s): "
-                        "float64 products; or a GEMM of the centred rows in float32 (TF32 on "
-                        "CUDA) or bfloat16 (float32 accumulation; passes 3-10%% faster on an "
-                        "H100, slower on a CPU), error relative to each batch's spread. Sums "
-                        "over batches are float64")
+    parser.add_argument("--precision", choices=("auto", "float64", "float32", "bfloat16"), default="auto",
+                        help="precision of each batch's Gram product (default: %(default)s, "
+                        "bfloat16 on CUDA, float32 on a CPU): float64 products; or a GEMM of the "
+                        "centred rows in float32 (TF32 on CUDA) or bfloat16 (float32 "
+                        "accumulation; the pass 10%% faster than float32 on an H100, slower on "
+                        "a CPU), error relative to each batch's spread (bfloat16: the moments "
+                        "of rows each within 2^-8 |y - centre| of the true ones). Sums over "
+                        "batches are float64")
     parser.add_argument("--checkpoint-every", type=int, metavar="N",
                         help="save the running moments every N batches; a rerun after a kill or "
                         "a requeue resumes from the last save (same result as one pass)")

@@ -19,7 +19,7 @@ from .evaluate import eval_mode, forward_logits, model_device
 from .model_io import load_model, skeleton
 from .runinfo import fastest_interleaved
 from .stages import LOCAL, DataRef
-from .stats import StatsCollector
+from .stats import StatsCollector, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def time_stats_vs_forward(
     sharding: ShardingConfig | None = None,
     batch_size: int = 4096,
     repeats: int = 3,
-    precision: str = "float32",
+    precision: str = "auto",
 ) -> StatsTiming:
     """:func:`time_stats_vs_forward_batches` for a saved model over a dataset (read into
     memory first, so that reading is timed in neither)."""
@@ -58,7 +58,7 @@ def time_stats_vs_forward(
 
 
 def passes(model: torch.nn.Module, blocks: list[Block], batches: list[Batch],
-           precision: str = "float32") -> tuple[Callable[[], None], Callable[[], None]]:
+           precision: str = "auto") -> tuple[Callable[[], None], Callable[[], None]]:
     """A forward-only pass and a statistics pass (Gram products in ``precision``) over
     ``batches``, as two callables."""
     inner = unwrap(model)
@@ -84,7 +84,7 @@ def time_stats_vs_forward_batches(
     env: DistEnv = LOCAL,
     *,
     repeats: int = 3,
-    precision: str = "float32",
+    precision: str = "auto",
 ) -> StatsTiming:
     """Times a forward-only pass and the statistics pass over the same batches.
 
@@ -94,6 +94,7 @@ def time_stats_vs_forward_batches(
     """
     rows = sum(b.labels.numel() for b in batches) * env.world_size
     device = model_device(unwrap(model))
+    precision = resolve_precision(precision, device)
     forward, stats = passes(model, blocks, batches, precision)
     forward()  # warm-up (allocator, lazy initialisation)
     f, s = fastest_interleaved([forward, stats], device, env, repeats)

@@ -43,6 +43,9 @@ PILOT_ROWS = 256
 """Rows whose mean is a group's centre: close enough to the mean to keep centred values
 small, without a pass over the batch."""
 
+PILOT_BLOCK_M = 32
+"""Columns a program of the centre's kernel takes (all PILOT_ROWS rows at once)."""
+
 
 class RowGroups:
     """G groups of R float32 rows of width m, read where they lie: row r of group g starts
@@ -93,7 +96,7 @@ def centre_round_sum(
     y: torch.Tensor | RowGroups, mask: torch.Tensor | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each group's centre, its rows centred there (masked rows 0) and rounded to
-    ``dtype``, and their sums.
+    ``dtype``, and their sums over S splits of the rows.
 
     Args:
         y: (G, R, m) float32 rows, a tensor or :class:`RowGroups`; masked rows are 0.
@@ -101,8 +104,9 @@ def centre_round_sum(
         dtype: ``torch.float32`` or ``torch.bfloat16``, the Gram GEMM's input type.
     Returns:
         ``c`` (G, m) float32, the mean of each group's first :data:`PILOT_ROWS` kept rows
-        (0 if none is kept); ``yc`` (G, R, m) of ``dtype``, contiguous; ``t`` (G, m)
-        float32, the sum of ``yc``'s rows.
+        (0 if none is kept); ``yc`` (G, R, m) of ``dtype``, contiguous; ``t`` (G, S, m)
+        float32, the sums of ``yc``'s rows in S >= 1 consecutive splits (added in float64
+        by the recombination, which is at least as accurate as one float32 sum).
     """
     if isinstance(y, RowGroups):
         return _fused(y, mask, dtype)
@@ -123,13 +127,13 @@ def _pilot_centre(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 def _unfused(y: torch.Tensor, mask: torch.Tensor | None, c: torch.Tensor,
              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`centre_round_sum` with PyTorch's kernels: a centring pass that rounds as it
-    writes, and a sum."""
+    writes, and a sum (one split)."""
     yc = torch.empty(y.shape, dtype=dtype, device=y.device)
     if mask is None:
         torch.sub(y, c.unsqueeze(1), out=yc)
     else:
         torch.addcmul(y, mask.unsqueeze(2).to(y.dtype), c.unsqueeze(1), value=-1, out=yc)
-    return yc, yc.sum(1, dtype=torch.float32)
+    return yc, yc.sum(1, dtype=torch.float32, keepdim=True)
 
 
 def add_recombined_(totals: Sequence[torch.Tensor], n: torch.Tensor, c: torch.Tensor,
@@ -137,14 +141,15 @@ def add_recombined_(totals: Sequence[torch.Tensor], n: torch.Tensor, c: torch.Te
     """Adds a batch's moments, given by its centred parts, to float64 totals in one kernel.
 
     ``n_tot += n``, ``s_tot += n c + t`` and ``g_tot += Gc + c w^T + w c^T`` with ``w = t +
-    n c / 2`` (that is, ``Gc + c t^T + t c^T + n c c^T``), all in float64, where Triton runs
-    (CUDA) and the totals are contiguous; PyTorch's kernels take about a dozen launches
-    for it, each a few microseconds of a graph replay.
+    n c / 2`` (that is, ``Gc + c t^T + t c^T + n c c^T``), ``t`` the sum of the splits'
+    sums, all in float64, where Triton runs (CUDA) and the totals are contiguous;
+    PyTorch's kernels take about a dozen launches for it, each a few microseconds of a
+    graph replay.
 
     Args:
         totals: ``n`` (G,), ``s`` (G, m), ``g`` (G, m, m), float64, updated in place.
-        n: (G,) float64 counts; c: (G, m) centres; t: (G, m) centred sums; gc: (G, m, m)
-            centred Gram matrices (float32).
+        n: (G,) float64 counts; c: (G, m) centres; t: (G, S, m) the centred rows' sums over
+            S splits; gc: (G, m, m) centred Gram matrices (float32).
     Returns:
         False (nothing done) where the kernel does not apply.
     """
@@ -152,10 +157,12 @@ def add_recombined_(totals: Sequence[torch.Tensor], n: torch.Tensor, c: torch.Te
     if triton is None or not gc.is_cuda or not all(x.is_contiguous() for x in totals):
         return False
     groups, width = c.shape
+    splits = t.shape[1]
     block = min(64, max(16, triton.next_power_of_2(width)))
     grid = (groups, triton.cdiv(width, block), triton.cdiv(width, block))
     _add_recombined_kernel[grid](n_tot, s_tot, g_tot, n.contiguous(), c.contiguous(),
-                                 t.contiguous(), gc.contiguous(), width, BLOCK=block)
+                                 t.contiguous(), gc.contiguous(), width, splits,
+                                 SPLITS=triton.next_power_of_2(splits), BLOCK=block)
     return True
 
 
@@ -174,42 +181,38 @@ def _fused(y: RowGroups, mask: torch.Tensor | None,
     yc = torch.empty(y.shape, dtype=dtype, device=y.device)
     partial = torch.empty((groups, splits, width), dtype=torch.float32, device=y.device)
     keep = mask.contiguous().view(torch.uint8) if mask is not None else y.addresses  # unread stand-in
-    common = dict(HAS_MASK=mask is not None, BLOCK_R=BLOCK_R, BLOCK_M=block_m)
-    _pilot_kernel[(groups, column_blocks)](y.addresses, keep, c, rows, width, y.row_stride,
-                                           PILOT_ROWS=PILOT_ROWS, **common)
+    pilot_m = min(PILOT_BLOCK_M, block_m)
+    _pilot_kernel[(groups, triton.cdiv(width, pilot_m))](
+        y.addresses, keep, c, rows, width, y.row_stride, PILOT_ROWS=PILOT_ROWS,
+        HAS_MASK=mask is not None, BLOCK_M=pilot_m)
     _centre_round_sum_kernel[(groups, column_blocks, splits)](
         y.addresses, keep, c, yc, partial, rows, width, y.row_stride,
-        ROWS_PER_SPLIT=rows_per_split, **common)
-    return c, yc, partial.sum(1)
+        ROWS_PER_SPLIT=rows_per_split, HAS_MASK=mask is not None, BLOCK_R=BLOCK_R, BLOCK_M=block_m)
+    return c, yc, partial
 
 
 if triton is not None:
 
     @triton.jit
     def _pilot_kernel(addresses_ptr, keep_ptr, c_ptr, rows, width, row_stride,
-                      PILOT_ROWS: tl.constexpr, HAS_MASK: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+                      PILOT_ROWS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
         """Program (g, column block): ``c[g]``, the mean of group g's first PILOT_ROWS
-        kept rows (masked rows are 0 in ``y``), 0 if none is kept."""
+        kept rows (masked rows are 0 in ``y``), 0 if none is kept; one load of all of
+        them."""
         g = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         in_cols = cols < width
         y_ptr = tl.load(addresses_ptr + g).to(tl.pointer_type(tl.float32))
-        stop = tl.minimum(rows, PILOT_ROWS)
-        total = tl.zeros([BLOCK_M], dtype=tl.float32)
-        count = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for r in range(0, PILOT_ROWS, BLOCK_R):
-            row = r + tl.arange(0, BLOCK_R)
-            in_rows = row < stop
-            offsets = row.to(tl.int64)[:, None] * row_stride + cols[None, :]
-            y = tl.load(y_ptr + offsets, mask=in_rows[:, None] & in_cols[None, :], other=0.0)
-            total += tl.sum(y, axis=0)
-            if HAS_MASK:
-                count += tl.load(keep_ptr + g * rows + row, mask=in_rows, other=0).to(tl.float32)
-            else:
-                count += in_rows.to(tl.float32)
-        kept = tl.maximum(tl.sum(count, axis=0), 1.0)
-        tl.store(c_ptr + g * width + cols, total / kept, mask=in_cols)
+        row = tl.arange(0, PILOT_ROWS)
+        in_rows = row < rows
+        offsets = row.to(tl.int64)[:, None] * row_stride + cols[None, :]
+        y = tl.load(y_ptr + offsets, mask=in_rows[:, None] & in_cols[None, :], other=0.0)
+        if HAS_MASK:
+            keep = tl.load(keep_ptr + g.to(tl.int64) * rows + row, mask=in_rows, other=0)
+            kept = tl.sum(keep.to(tl.float32), axis=0)
+        else:
+            kept = tl.sum(in_rows.to(tl.float32), axis=0)
+        tl.store(c_ptr + g * width + cols, tl.sum(y, axis=0) / tl.maximum(kept, 1.0), mask=in_cols)
 
     @triton.jit
     def _centre_round_sum_kernel(addresses_ptr, keep_ptr, c_ptr, yc_ptr, partial_ptr, rows,
@@ -236,7 +239,7 @@ if triton is not None:
             inside = in_rows[:, None] & in_cols[None, :]
             y = tl.load(y_ptr + row[:, None] * row_stride + cols[None, :], mask=inside, other=0.0)
             if HAS_MASK:
-                kept = tl.load(keep_ptr + g * rows + row, mask=in_rows, other=0).to(tl.float32)
+                kept = tl.load(keep_ptr + g.to(tl.int64) * rows + row, mask=in_rows, other=0).to(tl.float32)
                 yc = y - kept[:, None] * centre[None, :]
             else:
                 yc = y - centre[None, :]
@@ -247,10 +250,11 @@ if triton is not None:
 
     @triton.jit
     def _add_recombined_kernel(n_tot_ptr, s_tot_ptr, g_tot_ptr, n_ptr, c_ptr, t_ptr, gc_ptr,
-                               width, BLOCK: tl.constexpr):
+                               width, splits, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
         """Program (g, i block, j block): ``g_tot[g, i, j] += gc + c_i w_j + w_i c_j`` in
-        float64; the programs of the first j block add ``n c_i + t_i`` to ``s_tot[g, i]``,
-        program (g, 0, 0) adds ``n`` to ``n_tot[g]``."""
+        float64, ``t`` the float64 sum of the ``splits`` partial sums; the programs of the
+        first j block add ``n c_i + t_i`` to ``s_tot[g, i]``, program (g, 0, 0) adds ``n``
+        to ``n_tot[g]``."""
         g = tl.program_id(0)
         bi = tl.program_id(1)
         bj = tl.program_id(2)
@@ -261,8 +265,8 @@ if triton is not None:
         count = tl.load(n_ptr + g)
         c_i = tl.load(c_ptr + g * width + i, mask=in_i, other=0.0).to(tl.float64)
         c_j = tl.load(c_ptr + g * width + j, mask=in_j, other=0.0).to(tl.float64)
-        t_i = tl.load(t_ptr + g * width + i, mask=in_i, other=0.0).to(tl.float64)
-        t_j = tl.load(t_ptr + g * width + j, mask=in_j, other=0.0).to(tl.float64)
+        t_i = _split_sum(t_ptr, g, i, in_i, width, splits, SPLITS)
+        t_j = _split_sum(t_ptr, g, j, in_j, width, splits, SPLITS)
         w_i = t_i + 0.5 * count * c_i
         w_j = t_j + 0.5 * count * c_j
         base = g.to(tl.int64) * width * width
@@ -277,3 +281,11 @@ if triton is not None:
             tl.store(s_tot_ptr + g * width + i, s_total + count * c_i + t_i, mask=in_i)
             if bi == 0:
                 tl.store(n_tot_ptr + g, tl.load(n_tot_ptr + g) + count)
+
+    @triton.jit
+    def _split_sum(t_ptr, g, cols, in_cols, width, splits, SPLITS: tl.constexpr):
+        """Columns ``cols`` of ``t[g].sum(0)``, ``t`` (G, splits, width) float32, in float64."""
+        split = tl.arange(0, SPLITS)
+        offsets = (g * splits + split)[:, None] * width + cols[None, :]
+        t = tl.load(t_ptr + offsets, mask=(split < splits)[:, None] & in_cols[None, :], other=0.0)
+        return tl.sum(t.to(tl.float64), axis=0)

@@ -51,7 +51,7 @@ from .model_io import (ModelRecord, build_sharded, load_model, load_record, save
 from .ranks import RankConfig, select_ranks
 from .report import write_report
 from .runinfo import StageMeter
-from .stats import Statistics, StatsCheckpoint, collect_statistics
+from .stats import Statistics, StatsCheckpoint, collect_statistics, resolve_precision
 from .train import TrainConfig, TrainResult, train_
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ def stats_stage(
     batch_size: int = 4096,
     target: tuple[str, ...] = ("*",),
     exclude: tuple[str, ...] = (),
-    precision: str = "float32",
+    precision: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
     checkpoint_every: int | None = None,
@@ -285,6 +285,7 @@ def stats_stage(
     """
     check_not_input(out, model_dir, data.path)
     check_replaceable(out, overwrite, folder=False)
+    precision = resolve_precision(precision, env.device)  # "auto" is recorded as what it ran
     meter = StageMeter("stats", env)
     model, record = load_model(model_dir, env=env, sharding=sharding)
     if record.compressed:

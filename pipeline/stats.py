@@ -76,11 +76,23 @@ class Moments:
 PRECISIONS = ("float64", "float32", "bfloat16")
 """How :func:`batch_moments` forms a batch's products: every product in float64; or the
 GEMM of centred rows in float32 (TF32 on CUDA where ``allow_tf32`` is on); or in
-bfloat16 (half the bytes, twice the GEMM rate) with float32 accumulation."""
+bfloat16 (half the bytes, twice the GEMM rate) with float32 accumulation. A pass may
+also be asked for ``"auto"`` (:func:`resolve_precision`)."""
 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def resolve_precision(precision: str, device: torch.device | None) -> str:
+    """``precision``, with ``"auto"`` resolved for a pass on ``device``: bfloat16 on CUDA
+    (within its proven bound, :func:`batch_moments`, and the fastest there: the GEMM of
+    bfloat16 rows is about 4x the TF32 one), float32 elsewhere (a CPU has no fast
+    bfloat16 GEMM, and rounding costs a pass)."""
+    if precision == "auto":
+        return "bfloat16" if device is not None and torch.device(device).type == "cuda" else "float32"
+    check_precision(precision)
+    return precision
 
 
 def batch_moments(
@@ -129,8 +141,9 @@ def batch_moments(
 
 def _recombined(n: torch.Tensor, c: torch.Tensor, t: torch.Tensor,
                 gc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(n, s, g)`` in float64 from the centred parts (see :func:`batch_moments`)."""
-    t64, c64 = t.to(torch.float64), c.to(torch.float64)
+    """``(n, s, g)`` in float64 from the centred parts (see :func:`batch_moments`; ``t``
+    holds the sums of S splits of the rows, (G, S, m))."""
+    t64, c64 = t.to(torch.float64).sum(1), c.to(torch.float64)
     s = torch.addcmul(t64, n.unsqueeze(1), c64)
     # G = Gc + c t^T + t c^T + n c c^T = Gc + c w^T + w c^T with w = t + n c / 2
     w = torch.addcmul(t64, n.unsqueeze(1), c64, value=0.5).unsqueeze(2)
@@ -156,8 +169,9 @@ def add_batch_moments_(totals: Sequence[torch.Tensor], y: torch.Tensor,
 
 def _batch_parts(y: torch.Tensor | RowGroups, mask: torch.Tensor | None,
                  precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(n, c, t, Gc)``: the count (G,) float64, the centre (G, m), the centred rows' sum
-    (G, m) and Gram matrix (G, m, m) (see :func:`batch_moments`); float32, or float64 with
+    """``(n, c, t, Gc)``: the count (G,) float64, the centre (G, m), the centred rows' sums
+    over S splits of them (G, S, m) and their Gram matrix (G, m, m) (see
+    :func:`batch_moments`); float32, or float64 with
     ``c = 0`` for float64 rows or products (the recombination then adds exact zeros).
     ``y`` is (G, R, m), a tensor or (float32, not in float64 precision) :class:`RowGroups`."""
     check_precision(precision)
@@ -169,7 +183,7 @@ def _batch_parts(y: torch.Tensor | RowGroups, mask: torch.Tensor | None,
         n = mask.sum(1).to(torch.float64)
     if precision == "float64" or y.dtype == torch.float64:  # float64 rows stay float64
         y64 = y.to(torch.float64)
-        return n, y64.new_zeros(y64.shape[::2]), y64.sum(1), torch.bmm(y64.transpose(1, 2), y64)
+        return n, y64.new_zeros(y64.shape[::2]), y64.sum(1, keepdim=True), torch.bmm(y64.transpose(1, 2), y64)
     c, yc, t = centre_round_sum(y, mask, getattr(torch, precision))
     return n, c, t, _gram(yc)
 
@@ -513,14 +527,13 @@ class StatsCollector:
         model: nn.Module,
         blocks: Iterable[Block],
         device: torch.device | None = None,
-        precision: str = "float32",
+        precision: str = "auto",
         cuda_graphs: bool = True,
     ) -> None:
-        check_precision(precision)
         self.model = model
         self.blocks = list(blocks)
         self.device = device
-        self.precision = precision
+        self.precision = resolve_precision(precision, device)
         self.cuda_graphs = cuda_graphs
         self.replays = 0  # batches whose update ran as a CUDA graph
         self._moments: dict[str, Moments] = {}
@@ -757,7 +770,7 @@ def collect_statistics(
     *,
     progress: bool = False,
     forward: nn.Module | None = None,
-    precision: str = "float32",
+    precision: str = "auto",
     checkpoint: StatsCheckpoint | None = None,
     cuda_graphs: bool = True,
 ) -> Statistics:
@@ -771,7 +784,8 @@ def collect_statistics(
         forward: the module to run, if not ``model`` itself (a
             ``DistributedModelParallel`` wrapping ``model``).
         precision: the batch products' precision, one of :data:`PRECISIONS` (see
-            :func:`batch_moments`); the sums over batches are float64 in all.
+            :func:`batch_moments`) or ``"auto"`` (:func:`resolve_precision` for the
+            model's device); the sums over batches are float64 in all.
         checkpoint: save the moments every ``checkpoint.every`` batches and resume from
             the last save; ``batches`` must then come in the same order on every run. A
             resumed pass starts a reader that can (``set_first_batch``) at the first batch

@@ -33,6 +33,7 @@ def test_bench_speed_small_writes_every_ratio(tmp_path):
     # test) must not take itself for a rank of it
     assert dict(os.environ) == environ
     # both precisions of the statistics pass were timed; the key is the default's
+    assert record["stats_precision"] == "float32"  # `--precision auto` on a CPU
     assert record["stats_vs_forward"] == record["stats_vs_forward_float32"]
     assert record["stats_vs_forward_bfloat16"] > 0
 

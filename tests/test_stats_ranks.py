@@ -200,3 +200,15 @@ def test_bfloat16_bound_is_tight_enough_to_fail():
     gamma = 2000 * u / (1 - 2000 * u)
     bound = (2 * e + e * e + gamma * (1 + e) ** 2) * torch.bmm(yc.transpose(1, 2), yc)
     assert not ((rounded_first - exact).abs() <= bound).all()
+
+
+def test_auto_precision_is_bfloat16_on_cuda_and_float32_elsewhere():
+    from afmrec.pipeline.errors import InputError
+    from afmrec.pipeline.stats import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "bfloat16"
+    assert resolve_precision("auto", torch.device("cpu")) == "float32"
+    assert resolve_precision("auto", None) == "float32"
+    assert resolve_precision("float64", torch.device("cuda")) == "float64"  # as asked
+    with pytest.raises(InputError, match="precision must be one of"):
+        resolve_precision("fp8", torch.device("cpu"))
