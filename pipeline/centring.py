@@ -64,6 +64,7 @@ class RowGroups:
         self.device = torch.device(device)
         self.addresses = torch.empty(groups, dtype=torch.int64, device=device)
         self._pointed: list[int] = []
+        self._staged: dict[tuple[int, ...], torch.Tensor] = {}  # pinned copies of recent tables
 
     @classmethod
     def of(cls, y: torch.Tensor) -> "RowGroups":
@@ -77,13 +78,20 @@ class RowGroups:
 
     def point_at(self, addresses: list[int]) -> None:
         """Points the groups at rows starting at ``addresses`` (host integers, each a
-        ``data_ptr()``): one copy to the device, none where they are the last ones (the
-        caching allocator tends to hand a layer the same block every batch). Enqueued on
-        the current stream."""
-        if addresses != self._pointed:
+        ``data_ptr()``): one copy to the device, enqueued on the current stream; none where
+        they are the last ones. (The caching allocator hands a layer one of a few blocks
+        in turn: the pinned tables of the last few are kept.)"""
+        if addresses == self._pointed:
+            return
+        key = tuple(addresses)
+        host = self._staged.pop(key, None)
+        if host is None:
             host = torch.tensor(addresses, dtype=torch.int64).pin_memory()
-            self.addresses.copy_(host, non_blocking=True)
-            self._pointed = list(addresses)
+        self._staged[key] = host  # most recent last; a pending copy only reads it
+        if len(self._staged) > 4:
+            del self._staged[next(iter(self._staged))]
+        self.addresses.copy_(host, non_blocking=True)
+        self._pointed = list(addresses)
 
 
 def reads_in_place(y: torch.Tensor) -> bool:
