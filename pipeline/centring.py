@@ -32,10 +32,20 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-BLOCK_R = 32
+# The centring pass's tiling, swept on an H100 over the six width groups of the
+# MLPerf-shaped DLRM-DCNv2 (timed in a CUDA graph; BENCHMARKS.md): 64 x 128
+# tiles, 4 warps, about 4,096 programs took 184 us a batch where 32 x 128 and 1,024
+# programs took 211 us; 8 warps or 16-row tiles were slower.
+BLOCK_R = 64
 """Rows a program loads at a time."""
 
-MIN_PROGRAMS = 1024
+MAX_BLOCK_M = 128
+"""Columns a program takes at most."""
+
+NUM_WARPS = 4
+"""Warps of a program of the centring pass."""
+
+MIN_PROGRAMS = 4096
 """Programs a launch aims for (an H100 has 132 SMs): splits over rows make up for few
 groups and narrow rows."""
 
@@ -65,13 +75,16 @@ class RowGroups:
         self.addresses = torch.empty(groups, dtype=torch.int64, device=device)
         self._pointed: list[int] = []
         self._staged: dict[tuple[int, ...], torch.Tensor] = {}  # pinned copies of recent tables
+        self._source: torch.Tensor | None = None  # the tensor of :meth:`of`
 
     @classmethod
     def of(cls, y: torch.Tensor) -> "RowGroups":
         """The groups of a (G, R, m) float32 tensor whose columns are contiguous, read in
-        place (the addresses computed on its device: no host sync, capturable)."""
+        place (the addresses computed on its device: no host sync, capturable); the
+        groups hold ``y``, so its rows outlive them."""
         groups, rows, width = y.shape
         out = cls(groups, rows, width, y.stride(1), y.device)
+        out._source = y
         step = y.stride(0) * y.element_size()
         torch.arange(groups, device=y.device, out=out.addresses).mul_(step).add_(y.data_ptr())
         return out
@@ -179,7 +192,7 @@ def _fused(y: RowGroups, mask: torch.Tensor | None,
     """:func:`centre_round_sum` as two Triton kernels (the centres, then the pass); the
     partial sums of the row splits are added in a fixed order (deterministic)."""
     groups, rows, width = y.shape
-    block_m = min(128, max(16, triton.next_power_of_2(width)))
+    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(width)))
     column_blocks = triton.cdiv(width, block_m)
     row_blocks = triton.cdiv(rows, BLOCK_R)
     splits = max(1, min(row_blocks, triton.cdiv(MIN_PROGRAMS, groups * column_blocks)))
@@ -195,7 +208,8 @@ def _fused(y: RowGroups, mask: torch.Tensor | None,
         HAS_MASK=mask is not None, BLOCK_M=pilot_m)
     _centre_round_sum_kernel[(groups, column_blocks, splits)](
         y.addresses, keep, c, yc, partial, rows, width, y.row_stride,
-        ROWS_PER_SPLIT=rows_per_split, HAS_MASK=mask is not None, BLOCK_R=BLOCK_R, BLOCK_M=block_m)
+        ROWS_PER_SPLIT=rows_per_split, HAS_MASK=mask is not None, BLOCK_R=BLOCK_R, BLOCK_M=block_m,
+        num_warps=NUM_WARPS)
     return c, yc, partial
 
 

@@ -16,7 +16,7 @@ import contextlib
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -185,18 +185,36 @@ def measure_latency(
     Returns:
         Median milliseconds per forward pass.
     """
+    return measure_latencies({"model": model}, batch, warmup=warmup, repeats=repeats, run=run)["model"]
+
+
+def measure_latencies(
+    models: Mapping[str, nn.Module],
+    batch: Batch,
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    run: Callable[[nn.Module, Batch], Any] = forward_logits,
+) -> dict[str, float]:
+    """:func:`measure_latency` of several models (on one device), by name, their passes
+    interleaved (model 1, model 2, ..., model 1, ...): a change of the machine's load
+    during the measurement weighs on all of them alike, so their ratios hold."""
     if warmup < 0 or repeats < 1:
         raise InputError(
             f"measure_latency: need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}"
         )
-    device = model_device(model)
+    device = model_device(next(iter(models.values())))
     batch = batch.to(device)
-    times_ms = []
+    times_ms: dict[str, list[float]] = {name: [] for name in models}
     # Not inference_mode: FBGEMM's fused training kernels (a sharded model) have no CPU
     # kernel outside autograd ("split_embedding_codegen_lookup_adagrad_function_pt2").
-    with eval_mode(model), torch.no_grad():
+    with contextlib.ExitStack() as stack:
+        for model in models.values():
+            stack.enter_context(eval_mode(model))
+        stack.enter_context(torch.no_grad())
         for i in range(warmup + repeats):
-            seconds = wall_seconds(lambda: run(model, batch), device)
-            if i >= warmup:
-                times_ms.append(seconds * 1e3)
-    return statistics.median(times_ms)
+            for name, model in models.items():
+                seconds = wall_seconds(lambda: run(model, batch), device)
+                if i >= warmup:
+                    times_ms[name].append(seconds * 1e3)
+    return {name: statistics.median(t) for name, t in times_ms.items()}

@@ -50,7 +50,7 @@ from .bench import passes, time_stats_vs_forward_batches
 from .blocks import find_blocks
 from .compress import CompressConfig, compress_
 from .errors import InputError
-from .evaluate import count_parameters, eval_mode, measure_latency
+from .evaluate import count_parameters, eval_mode, measure_latencies
 from .export import ServingModule, TableDtype, call, load_artifact, serving_module, write_artifact
 from .model_io import ModelRecord, skeleton
 from .ranks import RankConfig
@@ -317,7 +317,8 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
 
 def bench_cpu_latency(model: nn.Module, stats: Any, record: ModelRecord, shape: SpeedShape,
                       workdir: Path) -> dict[str, Any]:
-    """Milliseconds per call of the CPU artifact, original vs AFM 4x, at each latency batch."""
+    """Milliseconds per call of the CPU artifact, original vs AFM 4x, at each latency batch
+    (medians of 7 calls, the two models called in turn)."""
     cpu = torch.device("cpu")
     cpu_model = copy.deepcopy(model).cpu()
     variants = {"original": cpu_model,
@@ -332,10 +333,10 @@ def bench_cpu_latency(model: nn.Module, stats: Any, record: ModelRecord, shape: 
     out: dict[str, Any] = {"cpu_threads": torch.get_num_threads()}
     for b in shape.latency_batches:
         batch = make_batches(shape, b, 1, cpu, seed=2)[0]
-        for name, m in served.items():
-            # TorchScript re-profiles and re-optimises for every new batch shape: three
-            # warm-up calls each
-            out[f"cpu_ms_{name}_b{b}"] = measure_latency(m, batch, warmup=3, repeats=5, run=call)
+        # TorchScript re-profiles and re-optimises for every new batch shape: three warm-up
+        # calls each; then the two models in turn (the host's load drifts)
+        ms = measure_latencies(served, batch, warmup=3, repeats=7, run=call)
+        out.update({f"cpu_ms_{name}_b{b}": ms[name] for name in served})
         out[f"cpu_latency_afm4x_vs_original_b{b}"] = out[f"cpu_ms_original_b{b}"] / out[f"cpu_ms_afm4x_b{b}"]
     out["cpu_latency_afm4x_vs_original"] = out[f"cpu_latency_afm4x_vs_original_b{shape.latency_batches[-1]}"]
     return out

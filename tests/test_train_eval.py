@@ -221,6 +221,25 @@ def test_measure_latency_is_positive_and_restores_mode():
         measure_latency(model, batch, repeats=0)
 
 
+def test_measure_latencies_calls_the_models_in_turn():
+    """Several models are timed interleaved (a, b, a, b, ...), each in eval mode under
+    no_grad while timed and restored after."""
+    from afmrec.pipeline.evaluate import forward_logits, measure_latencies
+
+    a, b = tiny_model().train(), tiny_model().eval()
+    batch = synthetic_batches(HiddenCTR(0), 1, 32, seed=1)[0]
+    calls = []
+
+    def run(model, x):
+        calls.append(("a" if model is a else "b", model.training, torch.is_grad_enabled()))
+        return forward_logits(model, x)
+
+    ms = measure_latencies({"a": a, "b": b}, batch, warmup=1, repeats=2, run=run)
+    assert set(ms) == {"a", "b"} and all(0 < v < 1000 for v in ms.values())
+    assert calls == [("a", False, False), ("b", False, False)] * 3
+    assert a.training and not b.training
+
+
 # ----------------------------------------------------------------------------- train
 
 
