@@ -647,7 +647,10 @@ class StatsCollector:
     @staticmethod
     def _linear_hook(group: _WidthGroup, j: int):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            group.observe(j, output.detach().reshape(-1, output.shape[-1]))
+            # (B, m) as it comes: no reshape or detach where none is needed (each is a
+            # dispatched op, and the host is what limits a pass on a GPU)
+            y = output if output.dim() == 2 else output.reshape(-1, output.shape[-1])
+            group.observe(j, y.detach() if y.requires_grad else y)
 
         return hook
 
