@@ -57,13 +57,39 @@ PILOT_BLOCK_M = 32
 """Columns a program of the centre's kernel takes (all PILOT_ROWS rows at once)."""
 
 
+class AddressTable:
+    """A device table of int64 addresses, refilled from host integers by one copy (enqueued
+    on the current stream), none where they are the last ones. The caching allocator
+    hands a layer one of a few blocks in turn, so the pinned host copies of the last few
+    tables are kept."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.table = torch.empty(size, dtype=torch.int64, device=device)
+        self._pointed: tuple[int, ...] = ()
+        self._staged: dict[tuple[int, ...], torch.Tensor] = {}  # most recent last
+
+    def fill(self, addresses: Sequence[int]) -> None:
+        key = tuple(addresses)
+        if key == self._pointed:
+            return
+        host = self._staged.pop(key, None)
+        if host is None:
+            host = torch.tensor(key, dtype=torch.int64).pin_memory()
+        self._staged[key] = host  # a pending copy only reads it
+        if len(self._staged) > 4:
+            del self._staged[next(iter(self._staged))]
+        self.table.copy_(host, non_blocking=True)
+        self._pointed = key
+
+
 class RowGroups:
     """G groups of R float32 rows of width m, read where they lie: row r of group g starts
     ``r * row_stride`` elements after the address ``addresses[g]`` (columns contiguous).
 
     A kernel launched on it (also one replayed by a CUDA graph) reads the rows whose
     addresses the table holds when it runs: :meth:`point_at` moves no rows, and the
-    caller keeps them alive until the kernels that read them have run.
+    caller keeps them alive until the kernels that read them have run. Several groups can
+    share one table (:class:`SharedAddresses`): one copy then points all of them.
     """
 
     dtype = torch.float32
@@ -72,9 +98,9 @@ class RowGroups:
         self.shape = (groups, rows, width)
         self.row_stride = row_stride
         self.device = torch.device(device)
-        self.addresses = torch.empty(groups, dtype=torch.int64, device=device)
-        self._pointed: list[int] = []
-        self._staged: dict[tuple[int, ...], torch.Tensor] = {}  # pinned copies of recent tables
+        self._own: AddressTable | None = AddressTable(groups, device)  # None once shared
+        self.addresses = self._own.table
+        self.pointed: list[int] = []  # the host addresses of the last point_at
         self._source: torch.Tensor | None = None  # the tensor of :meth:`of`
 
     @classmethod
@@ -91,20 +117,31 @@ class RowGroups:
 
     def point_at(self, addresses: list[int]) -> None:
         """Points the groups at rows starting at ``addresses`` (host integers, each a
-        ``data_ptr()``): one copy to the device, enqueued on the current stream; none where
-        they are the last ones. (The caching allocator hands a layer one of a few blocks
-        in turn: the pinned tables of the last few are kept.)"""
-        if addresses == self._pointed:
-            return
-        key = tuple(addresses)
-        host = self._staged.pop(key, None)
-        if host is None:
-            host = torch.tensor(addresses, dtype=torch.int64).pin_memory()
-        self._staged[key] = host  # most recent last; a pending copy only reads it
-        if len(self._staged) > 4:
-            del self._staged[next(iter(self._staged))]
-        self.addresses.copy_(host, non_blocking=True)
-        self._pointed = list(addresses)
+        ``data_ptr()``): copied to the device now, or, for shared groups, by
+        :meth:`SharedAddresses.upload`."""
+        self.pointed = addresses
+        if self._own is not None:
+            self._own.fill(addresses)
+
+
+class SharedAddresses:
+    """The address tables of several :class:`RowGroups` as slices of one device table, so
+    that one copy a batch points all of them (a statistics update reads a few groups per
+    width of output; each copy is a launch the host pays for)."""
+
+    def __init__(self, groups: Sequence[RowGroups]):
+        self.groups = list(groups)
+        device = self.groups[0].device if self.groups else torch.device("cpu")
+        self._table = AddressTable(sum(g.shape[0] for g in self.groups), device)
+        offset = 0
+        for g in self.groups:
+            g._own, g.addresses = None, self._table.table[offset : offset + g.shape[0]]
+            offset += g.shape[0]
+
+    def upload(self) -> None:
+        """Copies what the groups were last pointed at to the device (current stream)."""
+        if self.groups:
+            self._table.fill([a for g in self.groups for a in g.pointed])
 
 
 def reads_in_place(y: torch.Tensor) -> bool:

@@ -27,7 +27,7 @@ from afmrec.sharding.env import barrier, min_over_ranks
 
 from .artifacts import atomic_file
 from .blocks import Block
-from .centring import RowGroups, add_recombined_, centre_round_sum, reads_in_place
+from .centring import RowGroups, SharedAddresses, add_recombined_, centre_round_sum, reads_in_place
 from .errors import InputError
 
 
@@ -468,9 +468,11 @@ class _TableObserver(_Observer):
 
 @dataclass
 class _CapturedUpdate:
-    """A CUDA graph of one batch's update and the input buffers it reads."""
+    """A CUDA graph of one batch's update, the input buffers it reads, and the one address
+    table of the buffers that read rows in place."""
 
-    buffers: list[list[torch.Tensor]]
+    buffers: list[list[torch.Tensor | RowGroups]]
+    addresses: SharedAddresses
     graph: Any  # torch.cuda.CUDAGraph
 
 
@@ -478,7 +480,11 @@ def _capture(work: list[tuple[_Observer, Seen]], sums: list[torch.Tensor]) -> _C
     """Captures the update of ``work`` as a CUDA graph over fresh input buffers. The sums
     are left as they were: the warm-up run that capture needs (on a side stream, as
     ``torch.cuda.graphs`` asks) is undone, and capture itself runs nothing."""
-    buffers = [o.fill(key, o.buffers(key, seen), seen) for o, (key, seen) in work]
+    buffers = [o.buffers(key, seen) for o, (key, seen) in work]
+    addresses = SharedAddresses([b for bs in buffers for b in bs if isinstance(b, RowGroups)])
+    for (o, (key, seen)), bs in zip(work, buffers):
+        o.fill(key, bs, seen)
+    addresses.upload()
 
     def run() -> None:
         for (o, (key, _)), inputs in zip(work, buffers):
@@ -495,7 +501,7 @@ def _capture(work: list[tuple[_Observer, Seen]], sums: list[torch.Tensor]) -> _C
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         run()
-    return _CapturedUpdate(buffers, graph)
+    return _CapturedUpdate(buffers, addresses, graph)
 
 
 class StatsCollector:
@@ -572,6 +578,7 @@ class StatsCollector:
         self._join()
         for (o, (key, seen)), buffers in zip(work, captured.buffers):
             o.fill(key, buffers, seen)
+        captured.addresses.upload()
         self._stream.wait_stream(current)
         with torch.cuda.stream(self._stream):
             captured.graph.replay()
