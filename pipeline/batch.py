@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -158,8 +159,13 @@ def _convert(kind: type, value: Any, base: Path) -> Any:
     return kind(value.strip() if isinstance(value, str) else value)
 
 
+@functools.cache
+def _row_hints() -> dict[str, Any]:
+    return typing.get_type_hints(BatchRow)
+
+
 def _row(record: Mapping[str, Any], base: Path, where: str) -> BatchRow:
-    hints = typing.get_type_hints(BatchRow)
+    hints = _row_hints()
     values = {}
     for column, value in record.items():
         if _is_blank(value):
