@@ -79,6 +79,7 @@ GEMM of centred rows in float32 (TF32 on CUDA where ``allow_tf32`` is on); or in
 bfloat16 (half the bytes, twice the GEMM rate) with float32 accumulation. A pass may
 also be asked for ``"auto"`` (:func:`resolve_precision`)."""
 
+
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -104,11 +105,11 @@ def batch_moments(
     layer's own forward pass for wide blocks). Otherwise each group is centred at ``c``,
     the mean of its first :data:`~afmrec.pipeline.centring.PILOT_ROWS` kept rows (0 if
     none is; any ``c`` gives the same algebra, a ``c`` near the mean gives small centred
-    values), and the
-    centred rows ``yc`` go through one batched GEMM and one sum; then, in float64,
-    ``s = n c + t`` and ``G = Gc + c t^T + t c^T + n c c^T`` with ``t`` the sum of ``yc``,
-    which is exact algebra (:func:`~afmrec.pipeline.centring.centre_round_sum` centres,
-    rounds and sums in one pass on CUDA). The roundings:
+    values), and the centred rows ``yc`` go through one batched GEMM and one sum; then,
+    in float64, ``s = n c + t`` and ``G = Gc + c t^T + t c^T + n c c^T`` with ``t`` the
+    sum of ``yc``, which is exact algebra
+    (:func:`~afmrec.pipeline.centring.centre_round_sum` centres, rounds and sums in one
+    pass on CUDA, reading the rows where they lie). The roundings:
 
     - ``"float32"``: ``yc`` in float32 (TF32 inputs to the GEMM where CUDA's
       ``allow_tf32`` is on). Each entry of ``Gc`` is within ``gamma_R * sum_r |yc_ri|
@@ -171,9 +172,9 @@ def _batch_parts(y: torch.Tensor | RowGroups, mask: torch.Tensor | None,
                  precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(n, c, t, Gc)``: the count (G,) float64, the centre (G, m), the centred rows' sums
     over S splits of them (G, S, m) and their Gram matrix (G, m, m) (see
-    :func:`batch_moments`); float32, or float64 with
-    ``c = 0`` for float64 rows or products (the recombination then adds exact zeros).
-    ``y`` is (G, R, m), a tensor or (float32, not in float64 precision) :class:`RowGroups`."""
+    :func:`batch_moments`); float32, or float64 with ``c = 0`` for float64 rows or
+    products (the recombination then adds exact zeros). ``y`` is (G, R, m): a tensor, or
+    :class:`RowGroups` (float32 rows; not for float64 products)."""
     check_precision(precision)
     groups, rows, _ = y.shape
     # (No shortcut for an all-true mask: testing for one would stall the GPU every batch.)
