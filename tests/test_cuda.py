@@ -127,3 +127,43 @@ def test_cuda_statistics_equal_float64_products_on_the_cpu(arch, precision, tol)
         torch.testing.assert_close(g.mean.cpu(), m.mean, rtol=tol, atol=tol * float(m.covariance.diagonal().sqrt().max()))
         cov = m.covariance
         torch.testing.assert_close(g.covariance.cpu(), cov, rtol=tol, atol=tol * float(cov.abs().max()))
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise"])
+def test_statistics_through_a_sharded_model_equal_float64_products_on_the_cpu(tmp_path, sharding):
+    """The sparse arch's output of a DistributedModelParallel model (one NCCL rank, tables
+    sharded table-, row- or column-wise, weights loaded from a one-process checkpoint) is
+    read in place as an unsharded one's is: the CUDA statistics (bfloat16, the default
+    there) against float64 products of the unsharded model on the CPU."""
+    from afmrec.launch.bench_speed import _one_rank_unless_launched
+    from afmrec.pipeline.stats import collect_statistics
+    from afmrec.sharding.checkpoint import load_state_, save_state
+    from afmrec.sharding.dmp import shard_model, unwrap
+    from afmrec.sharding.env import destroy_distributed, init_distributed
+    from afmrec.sharding.plan import ShardingConfig
+
+    torch.manual_seed(0)
+    config = tiny_config("dcn", embedding_dim=8)
+    model = build_model(config).eval()
+    blocks = find_blocks(model)
+    want = collect_statistics(model, blocks, [random_batch(64, 3, seed=s) for s in range(5)],
+                              precision="float64")
+    save_state(model, tmp_path / "ckpt")
+    with _one_rank_unless_launched():
+        env = init_distributed("cuda")
+        try:
+            dmp = shard_model(build_model(config, env.device, sparse_device="meta"), env,
+                              ShardingConfig({"*": sharding}))
+            load_state_(dmp, tmp_path / "ckpt")
+            batches = [random_batch(64, 3, seed=s).to(env.device) for s in range(5)]
+            got = collect_statistics(unwrap(dmp), blocks, batches, forward=dmp)
+        finally:
+            destroy_distributed()
+    tol = 4e-3
+    for name, m in want.moments.items():
+        g = got.moments[name]
+        assert torch.equal(g.n.cpu(), m.n), name
+        scale = float(m.covariance.diagonal().sqrt().max())
+        torch.testing.assert_close(g.mean.cpu(), m.mean, rtol=tol, atol=tol * scale)
+        cov = m.covariance
+        torch.testing.assert_close(g.covariance.cpu(), cov, rtol=tol, atol=tol * float(cov.abs().max()))
