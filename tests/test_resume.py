@@ -154,6 +154,34 @@ def test_reader_started_past_damaged_row_groups_never_reads_them(data, tmp_path)
     assert_same_batches(list(reader), list(ParquetBatches(data, BATCH))[4:])
 
 
+@pytest.mark.parametrize("batch, first, fewest, most", [(50, 8, 8, 8), (50, 16, 4, 4), (60, 13, 5, 11)])
+def test_shuffled_reader_reads_only_the_row_groups_its_batches_need(data, tmp_path, batch, first,
+                                                                     fewest, most):
+    """Shuffled, 12 row groups in 3 windows of 4. Each row group is damaged in turn: a pass
+    resumed at batch ``first`` fails exactly when it reads the damaged one, and otherwise
+    yields the whole pass's batches from ``first`` on. Batches of 50 fill each window (400
+    rows) exactly, so a pass resumed at batch 8 reads windows 2 and 3 (8 groups), at batch
+    16 window 3 (4 groups). Batches of 60 leave rows over from window to window: resumed
+    at batch 13 (window 3) it reads window 3 and the groups holding the 20 rows left over
+    for it (from windows 1 and 2), more than 4 groups but not all 12."""
+    def resumed(path: Path) -> list[Batch]:
+        reader = ParquetBatches(path, batch, shuffle=True, seed=5)
+        reader.set_first_batch(first)
+        return list(reader)
+
+    whole = list(ParquetBatches(data, batch, shuffle=True, seed=5))
+    read = 0
+    for part, group in itertools.product(range(ROWS // ROWS_PER_FILE), range(ROWS_PER_FILE // ROW_GROUP)):
+        damaged = damaged_copy(data, tmp_path / f"damaged-{part}-{group}", (part, group))
+        try:
+            got = resumed(damaged)
+        except InputError:
+            read += 1
+            continue
+        assert_same_batches(got, whole[first:])
+    assert fewest <= read <= most
+
+
 # --------------------------------------------------------------------- collect_statistics
 
 

@@ -111,6 +111,9 @@ class ParquetBatches:
     Resuming (:meth:`set_first_batch`): an iteration can start at batch k with the batches
     it would have yielded from k on. Unshuffled, batch k starts at row ``k * batch_size``
     of the rank's range, so the row groups wholly before it are not read at all.
+    Shuffled, the permutations depend on row counts only, so the windows before batch k's
+    are replayed on row numbers: the row groups read are those of batch k's window and
+    those holding the rows that earlier windows left over for it.
 
     Args:
         path: dataset folder.
@@ -193,8 +196,9 @@ class ParquetBatches:
 
         They yield the batches that a whole iteration yields from ``first`` on, bitwise;
         ``len()`` stays the whole pass's. Unshuffled, the rows before batch ``first``
-        are not read (nor the row groups that hold only such rows); shuffled, rows mix
-        within windows, so the windows before are read, but no skipped batch is built.
+        are not read (nor the row groups that hold only such rows); shuffled, the row
+        groups of the windows before batch ``first``'s are read only where they hold rows
+        left over for it (see the class). No skipped batch is built.
 
         Raises:
             InputError: ``first`` is not in ``[0, len(self)]``.
@@ -223,8 +227,12 @@ class ParquetBatches:
         full_batches = num_batches if self.drop_last else num_batches - 1
         emitted = unread
         leftover = self.schema.arrow_schema().empty_table()
-        for w in range(0, len(order), window):
-            pieces = [self._read(to_read[i]) for i in order[w : w + window]]
+        windows = [order[w : w + window] for w in range(0, len(order), window)]
+        if first > emitted:  # shuffled: replay the windows before batch first's on row numbers
+            start, emitted, leftover = self._skip_windows(windows, to_read, rng, first, full_batches)
+            windows = windows[start:]
+        for group in windows:
+            pieces = [self._read(to_read[i]) for i in group]
             table = pa.concat_tables([leftover, *pieces])
             if self.shuffle:
                 table = table.take(rng.permutation(table.num_rows))
@@ -236,6 +244,44 @@ class ParquetBatches:
                 return
             leftover = table.slice(full * size)
         yield make_batch(leftover, self.schema)
+
+    def _skip_windows(self, windows: list, pieces: list[_Piece], rng: np.random.Generator,
+                      first: int, full_batches: int) -> tuple[int, int, pa.Table]:
+        """Replays the shuffled windows that yield no batch from ``first`` on, on row numbers
+        (positions in the concatenation of ``pieces``) instead of rows: each draws the
+        permutation the whole iteration draws (it depends on the row count only).
+
+        Returns:
+            The first window that yields batch ``first`` or a later one (``len(windows)``
+            if only the last, partial batch is left), the batches before it, and the rows
+            the windows before it leave over, in order (read from the pieces that hold
+            them, and no other).
+        """
+        size = self.batch_size
+        bases = np.cumsum([0] + [p.num_rows for p in pieces])
+        emitted, leftover = 0, np.zeros(0, dtype=np.int64)
+        for w, group in enumerate(windows):
+            rows = leftover.size + sum(pieces[i].num_rows for i in group)
+            full = min(rows // size, full_batches - emitted)
+            if emitted + full > first:
+                break
+            ids = np.concatenate([leftover, *(np.arange(bases[i], bases[i + 1]) for i in group)])
+            leftover = ids[rng.permutation(rows)][full * size :]
+            emitted += full
+        else:
+            w = len(windows)
+        return w, emitted, self._rows(pieces, bases, leftover)
+
+    def _rows(self, pieces: list[_Piece], bases: np.ndarray, ids: np.ndarray) -> pa.Table:
+        """Rows ``ids`` (positions in the concatenation of ``pieces``, whose first rows are
+        at ``bases``) in that order, reading only the pieces that hold them."""
+        piece_of = np.searchsorted(bases, ids, side="right") - 1
+        needed = np.unique(piece_of)
+        tables = [self._read(pieces[i]) for i in needed]
+        at = np.zeros(len(pieces), dtype=np.int64)  # where each needed piece starts in `tables`
+        at[needed] = np.cumsum([0] + [t.num_rows for t in tables])[:-1]
+        rows = pa.concat_tables([self.schema.arrow_schema().empty_table(), *tables])
+        return rows.take(pa.array(at[piece_of] + ids - bases[piece_of], pa.int64()))
 
     def _read(self, piece: _Piece) -> pa.Table:
         try:
