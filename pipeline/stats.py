@@ -335,7 +335,7 @@ class _WidthGroup(_Observer):
         # stacked: every block once, same rows; else (a block skipped or run twice) each alone
         stacked = everyone_once and len({(shape, stride) for _, shape, stride, _ in layout}) == 1
         seen = [y for _, y, _ in items]
-        in_place = self.precision != "float64" and all(reads_in_place(y) for y in seen)
+        in_place = _in_place(self.precision, seen)
         return (stacked, in_place, layout), seen
 
     @staticmethod
@@ -363,6 +363,12 @@ class _WidthGroup(_Observer):
             return
         for (j, *_), y in zip(layout, inputs):
             add_batch_moments_([total[j : j + 1] for total in self.stack], y, None, self.precision)
+
+
+def _in_place(precision: str, outputs: Sequence[torch.Tensor]) -> bool:
+    """Whether an update reads ``outputs`` where they lie (:class:`RowGroups`): where the
+    Triton pass reads them all, and not for float64 products (which take tensors)."""
+    return precision != "float64" and all(reads_in_place(y) for y in outputs)
 
 
 def _rows_input(shape: tuple[int, ...], row_stride: int, like: torch.Tensor,
@@ -418,7 +424,7 @@ class _TableObserver(_Observer):
             return None
         for fields, _, _, version in items:
             _check_unmodified("the sparse arch", fields, version)
-        in_place = self.precision != "float64" and all(reads_in_place(f) for f, *_ in items)
+        in_place = _in_place(self.precision, [f for f, *_ in items])
         layout = tuple((tuple(f.shape), f.stride(), f.dtype, f.device, tuple(n.shape), n.dtype, keys)
                        for f, n, keys, _ in items)
         return (in_place, layout), [t for f, n, _, _ in items for t in (f, n)]
