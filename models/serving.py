@@ -1,7 +1,9 @@
 """Serving forms: the function of a trained model, with its memory traffic arranged for
 inference (``afmrec export``).
 
-- :class:`DCNServing`: DLRM-DCNv2's cross input assembled in one buffer.
+- :class:`DCNServing`: DLRM-DCNv2's cross input assembled in one buffer or, for an AFM
+  model on CUDA, its cross network computed from the codes
+  (:class:`~afmrec.models.fused_cross.FusedCrossNet`).
 - :class:`LinearReLU`: every ``Linear -> ReLU`` of the MLPs (TorchRec ``Perceptron``\ s,
   their Linear plain or low-rank) as one GEMM with the ReLU in its epilogue, instead of a
   GEMM and a pass that reads and writes the whole (B, out) activation again.
@@ -15,6 +17,7 @@ from torchrec.models.dlrm import DLRM_DCN
 from torchrec.modules.mlp import Perceptron
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from .fused_cross import FusedCrossNet, unfusable_reason
 from .lowrank import LowRankEmbeddingBagCollection, LowRankLinear
 
 
@@ -29,13 +32,21 @@ class DCNServing(nn.Module):
     (:meth:`LowRankEmbeddingBagCollection.fuse_projections_`) write their projections
     into it with their one batched GEMM, so an AFM model's fields are never copied.
 
+    With ``fuse_cross``, the interaction, the cross network and the over arch's first
+    factor are one :class:`~afmrec.models.fused_cross.FusedCrossNet` (AFM models whose
+    cross layers and over arch start are low-rank pairs; see
+    :func:`~afmrec.models.fused_cross.unfusable_reason`): no (B, (F + 1) D) tensor is
+    written at all.
+
     Args:
         model: a ``DLRM_DCN`` whose collection returns its F fields in the order of its
             sparse arch's ``sparse_feature_names`` (every TorchRec collection and ours
             does).
+        fuse_cross: compute the cross network from the codes (raises ValueError where
+            it cannot).
     """
 
-    def __init__(self, model: DLRM_DCN) -> None:
+    def __init__(self, model: DLRM_DCN, fuse_cross: bool = False) -> None:
         super().__init__()
         sparse = model.sparse_arch
         self.dense_arch = model.dense_arch
@@ -46,10 +57,22 @@ class DCNServing(nn.Module):
         self.dim: int = sparse.D
         ebc = self.embedding_bag_collection
         self.in_place = isinstance(ebc, LowRankEmbeddingBagCollection) and ebc.serving
+        self.fused: FusedCrossNet | None = None
+        self.use_fused = fuse_cross  # read when traced: False serves the plain network
+        if fuse_cross:
+            split = _split_head(self.over_arch)
+            if split is None:
+                raise ValueError("cannot fuse the cross network: the over arch does not start with a "
+                                 "low-rank Linear and a ReLU")
+            self.fused = FusedCrossNet(ebc, self.crossnet, split[0])
+            self.over_tail = split[1]
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Args: dense (B, N), KJT of F features. Returns: logits (B, 1)."""
         dense = self.dense_arch(dense_features)  # (B, D)
+        if self.fused is not None and self.use_fused:
+            codes, nonempty = self.embedding_bag_collection.forward_codes(sparse_features)
+            return self.over_tail(self.fused(dense, codes.values(), nonempty))
         batch = dense.shape[0]
         x0 = dense.new_empty([batch, self.num_fields + 1, self.dim])
         x0.select(1, 0).copy_(dense)
@@ -71,7 +94,7 @@ class LinearReLU(nn.Module):
             ``nn.Identity``.
     """
 
-    def __init__(self, linear: nn.Linear, pre: nn.Module) -> None:
+    def __init__(self, linear: nn.Linear | LinearReLU, pre: nn.Module) -> None:
         super().__init__()
         self.pre = pre
         self.weight = linear.weight
@@ -98,6 +121,22 @@ def _linear_relu(perceptron: Perceptron) -> LinearReLU | None:
     return LinearReLU(linear, pre) if linear.bias is not None else None
 
 
+def _split_head(over_arch: nn.Module) -> tuple[nn.Linear, nn.Module] | None:
+    """TorchRec's ``OverArch`` (after :func:`fuse_relus_`) as its first layer's first factor
+    and the rest (that layer's second factor and ReLU, the other layers), sharing their
+    parameters; None unless its first layer is a :class:`LinearReLU` after a low-rank
+    pair's first factor."""
+    model = getattr(over_arch, "model", None)
+    mlp = getattr(model[0], "_mlp", None) if isinstance(model, nn.Sequential) and len(model) else None
+    first = mlp[0] if mlp is not None and len(mlp) else None
+    if not isinstance(first, LinearReLU) or not isinstance(first.pre, nn.Sequential):
+        return None
+    head, activation = first.pre
+    if type(head) is not nn.Linear or not isinstance(activation, nn.Identity):
+        return None
+    return head, nn.Sequential(LinearReLU(first, nn.Identity()), *mlp[1:], *model[1:])
+
+
 def fuse_relus_(model: nn.Module) -> int:
     """Replaces, in place, every ``Perceptron`` of ``model`` with a ReLU by its
     :class:`LinearReLU` (same parameters, same function). Returns how many."""
@@ -110,13 +149,28 @@ def fuse_relus_(model: nn.Module) -> int:
     return fused
 
 
-def serving_form(model: nn.Module) -> nn.Module:
+def cross_fusion_blocker(model: nn.Module) -> str | None:
+    """Why :func:`serving_form` cannot compute ``model``'s cross network from its codes
+    (after :func:`fuse_relus_` and with its tables in serving form), or None if it can."""
+    if not isinstance(model, DLRM_DCN):
+        return "not a DLRM-DCNv2"
+    if _split_head(model.over_arch) is None:
+        return "the over arch does not start with a low-rank Linear and a ReLU"
+    return unfusable_reason(model.sparse_arch.embedding_bag_collection, model.inter_arch.crossnet,
+                            _split_head(model.over_arch)[0])
+
+
+def serving_form(model: nn.Module, fuse_cross: bool = False) -> nn.Module:
     """The serving form of ``model`` (same parameters, same function): its MLPs' ReLUs
     fused into their GEMMs (:func:`fuse_relus_`, in place), and DLRM-DCNv2 wrapped in
-    :class:`DCNServing` when its collection's fields come in the sparse arch's order."""
+    :class:`DCNServing` when its collection's fields come in the sparse arch's order;
+    with ``fuse_cross``, its cross network computed from the codes where
+    :func:`cross_fusion_blocker` allows."""
     fuse_relus_(model)
     if not isinstance(model, DLRM_DCN):
         return model
     sparse = model.sparse_arch
     order = [f for c in sparse.embedding_bag_collection.embedding_bag_configs() for f in c.feature_names]
-    return DCNServing(model) if order == list(sparse.sparse_feature_names) else model
+    if order != list(sparse.sparse_feature_names):
+        return model
+    return DCNServing(model, fuse_cross and cross_fusion_blocker(model) is None)

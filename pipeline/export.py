@@ -1,23 +1,33 @@
 """``afmrec export``: the serving artifact of a (compressed) model.
 
-The artifact is one TorchScript file, made the way TorchRec's inference stack makes its
-models: the tables go through ``torchrec.inference.modules.quantize_embeddings`` (FBGEMM's
-inference kernels, rows in fp32, fp16, int8 or int4), the model is traced with
-``torchrec.fx.symbolic_trace`` and compiled with ``torch.jit.script``. The file holds the
-code of every module it uses (our low-rank collection, DeepFM, the cross network), so it
-loads with ``import torchrec`` (which registers FBGEMM's operators) and ``torch.jit.load``,
-without ``afmrec`` installed.
+The tables go through ``torchrec.inference.modules.quantize_embeddings`` (FBGEMM's
+inference kernels, rows in fp32, fp16, int8 or int4), as TorchRec's inference stack makes
+its models. The artifact is one file in one of two formats:
+
+* ``torchscript`` (``.pt``, the default): traced with ``torchrec.fx.symbolic_trace`` and
+  compiled with ``torch.jit.script``; loads with ``torch.jit.load``.
+* ``aoti`` (``.pt2``): ``torch.export``, then AOTInductor's ahead-of-time compiled package
+  (generated kernels, weights in one blob); loads with
+  ``torch._inductor.aoti_load_package``. On CUDA it holds what TorchScript cannot: an AFM
+  DLRM-DCNv2's cross network computed from the codes by one Triton kernel per layer
+  (``afmrec.models.fused_cross``). FBGEMM's bounds check, which mutates a tensor that
+  export cannot lift, is replaced by the same rule in plain ops: an id outside its table
+  reads row 0 (FBGEMM's ``WARNING`` mode, without the warning count).
+
+Either file holds the code of every module it uses, so it loads with ``import torchrec``
+(which registers FBGEMM's operators) without ``afmrec`` installed.
 
 Its forward takes plain tensors, so a server needs no TorchRec type to call it::
 
     import torch, torchrec  # torchrec (or fbgemm_gpu) registers the FBGEMM operators
-    model = torch.jit.load("model.pt", map_location="cuda")
+    model = torch.jit.load("model.pt", map_location="cuda")  # or, for the aoti format:
+    model = torch._inductor.aoti_load_package("model.pt2")
     logits = model(dense, values, lengths)  # (B, N) float, (L,) int64, (F * B,) int32 -> (B,)
 
 ``lengths`` holds, feature by feature in the order of ``features`` in the metadata, the
 bag size of each of the B rows. The metadata (``afmrec.json`` inside the file,
-:func:`read_metadata`) names the features, the dense width, the table dtype, the parameter
-count and the model it came from.
+:func:`read_metadata`) names the format, the features, the dense width, the table dtype,
+the parameter count and the model it came from.
 """
 
 # No `from __future__ import annotations`: torch.fx and TorchScript read the annotations of
@@ -43,6 +53,8 @@ from .evaluate import count_parameters
 FORMAT = "afmrec.serving/1"
 METADATA = "afmrec.json"
 TableDtype = Literal["fp32", "fp16", "int8", "int4"]
+ArtifactFormat = Literal["torchscript", "aoti"]
+SUFFIX: dict[str, str] = {"torchscript": ".pt", "aoti": ".pt2"}
 TABLE_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "fp16": torch.float16,
@@ -60,14 +72,18 @@ class ExportConfig:
             quantisation, a scale and bias per row).
         check_batch: rows of the batch on which the written file is loaded back and
             compared with the module it came from (0: no check).
+        format: ``torchscript`` or ``aoti`` (module docstring).
     """
 
     tables: TableDtype = "fp32"
     check_batch: int = 256
+    format: ArtifactFormat = "torchscript"
 
     def __post_init__(self) -> None:
         if self.tables not in TABLE_DTYPES:
             raise InputError(f"tables must be one of {sorted(TABLE_DTYPES)}, got {self.tables!r}")
+        if self.format not in SUFFIX:
+            raise InputError(f"format must be one of {sorted(SUFFIX)}, got {self.format!r}")
         if self.check_batch < 0:
             raise InputError(f"check_batch must be >= 0, got {self.check_batch}")
 
@@ -82,22 +98,36 @@ class ServingModule(nn.Module):
         params: parameters of the float model it was made from (recorded).
     """
 
-    def __init__(self, model: nn.Module, features: list[str], tables: str = "fp32", params: int = 0) -> None:
+    def __init__(self, model: nn.Module, features: list[str], tables: str = "fp32", params: int = 0,
+                 rows: list[int] | None = None) -> None:
         super().__init__()
         self.model = model
         self.features = features
         self.tables = tables
         self.params = params
+        self.clamp_ids = False  # set while exporting to AOTInductor (module docstring)
+        if rows is not None:
+            self.register_buffer("id_limits", torch.tensor(rows, dtype=torch.int64,
+                                                           device=next(model.parameters()).device))
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Args: dense (B, N) float32; values (L,) int64 ids; lengths (F * B,) int32.
         Returns: logits (B,)."""
+        if self.clamp_ids:
+            values = self.clamped(values, lengths)
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.features, values=values, lengths=lengths)
         return self.model(dense, kjt).squeeze(-1)
 
+    def clamped(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``values`` with every id outside its feature's table (``id_limits``) made 0."""
+        per_feature = lengths.view(len(self.features), -1).sum(1)
+        limit = torch.repeat_interleave(self.id_limits, per_feature, output_size=values.shape[0])
+        return torch.where((values >= 0) & (values < limit), values, torch.zeros_like(values))
+
 
 def serving_module(model: nn.Module, features: list[str], tables: TableDtype = "fp32",
-                   inplace: bool = False) -> ServingModule:
+                   inplace: bool = False, fuse_cross: bool = False,
+                   rows: list[int] | None = None) -> ServingModule:
     """``model`` with its tables on FBGEMM's inference kernels, the projections of its
     low-rank tables as one batched GEMM where they all have one rank
     (``LowRankEmbeddingBagCollection.fuse_projections_``) and its serving form
@@ -110,6 +140,10 @@ def serving_module(model: nn.Module, features: list[str], tables: TableDtype = "
         tables: row format of the tables.
         inplace: convert ``model`` itself instead of a copy (saves a copy of the tables
             on the device; ``model`` is then no longer a float model).
+        fuse_cross: compute DLRM-DCNv2's cross network from the codes where the model
+            allows (``afmrec.models.fused_cross``; its Triton kernel on CUDA, for the
+            AOTInductor format, which TorchScript cannot hold).
+        rows: each feature's table rows (needed by the AOTInductor format's id check).
     """
     from torchrec.inference.modules import quantize_embeddings
 
@@ -122,7 +156,7 @@ def serving_module(model: nn.Module, features: list[str], tables: TableDtype = "
         if isinstance(m, LowRankEmbeddingBagCollection):
             m.fuse_projections_()
     served = quantize_embeddings(served, dtype=TABLE_DTYPES[tables], inplace=True)
-    return ServingModule(serving_form(served), list(features), tables, params).eval()
+    return ServingModule(serving_form(served, fuse_cross), list(features), tables, params, rows).eval()
 
 
 def script(module: ServingModule) -> torch.jit.ScriptModule:
@@ -176,9 +210,12 @@ def export_model(
     Returns:
         The metadata written into the file (plus ``check_max_abs_diff``).
     """
-    served = serving_module(model, [t.name for t in config.tables], export.tables)
+    device = next(model.parameters()).device
+    served = serving_module(model, [t.name for t in config.tables], export.tables,
+                            fuse_cross=export.format == "aoti" and device.type == "cuda",
+                            rows=[t.num_embeddings for t in config.tables])
     return write_artifact(served, config, out, check_batch=export.check_batch, source=source,
-                          overwrite=overwrite)
+                          overwrite=overwrite, format=export.format)
 
 
 def write_artifact(
@@ -189,16 +226,24 @@ def write_artifact(
     check_batch: int = 256,
     source: dict[str, Any] | None = None,
     overwrite: bool = False,
+    format: ArtifactFormat = "torchscript",
 ) -> dict[str, Any]:
-    """Scripts a serving module and writes it to ``out`` (atomically), with its metadata.
+    """Compiles a serving module (scripts it, or exports and AOT-compiles it) and writes it
+    to ``out`` (atomically), with its metadata.
 
     With ``check_batch`` rows, the written file is loaded back and its logits compared with
     ``served`` on an example batch; a mismatch beyond float rounding stops the export and
     writes nothing.
     """
     device = next(served.parameters()).device  # the dense part serves where the tables do
+    dcn = served.model if getattr(served.model, "fused", None) is not None else None
+    if dcn is not None:
+        dcn.use_fused = format == "aoti"  # TorchScript cannot hold the Triton kernel
+    fused = dcn is not None and dcn.use_fused
     metadata = {
         "format": FORMAT,
+        "artifact": format,
+        "cross": "fused" if fused else "plain",
         "features": list(served.features),
         "num_dense": config.num_dense,
         "arch": config.arch,
@@ -210,9 +255,12 @@ def write_artifact(
         "forward": "logits (B,) = model(dense (B, num_dense) float32, values (L,) int64, "
                    "lengths (len(features) * B,) int32, feature-major)",
     }
-    scripted = script(served)
+    scripted = script(served) if format == "torchscript" else None
     with atomic_file(out, overwrite=overwrite) as tmp:
-        torch.jit.save(scripted, str(tmp), _extra_files={METADATA: json.dumps(metadata, indent=1)})
+        if scripted is None:
+            aoti_package(served, config, tmp, metadata)
+        else:
+            torch.jit.save(scripted, str(tmp), _extra_files={METADATA: json.dumps(metadata, indent=1)})
         if check_batch:
             batch = example_batch(config, check_batch, device)
             loaded, _ = load_artifact(tmp, device)
@@ -229,24 +277,91 @@ def write_artifact(
     return metadata
 
 
+class _ExportableIds:
+    """While entered: ``served``'s tables skip FBGEMM's bounds check (it mutates a buffer
+    that TorchRec keeps out of the module tree, which ``torch.export`` cannot lift) and
+    ``served`` applies the same rule itself (:meth:`ServingModule.clamped`)."""
+
+    def __init__(self, served: ServingModule) -> None:
+        from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
+            IntNBitTableBatchedEmbeddingBagsCodegen,
+        )
+
+        if not hasattr(served, "id_limits"):
+            raise InputError("the aoti format needs each feature's table rows (serving_module(rows=...))")
+        self.served = served
+        self.tables: list[Any] = []
+        for m in served.modules():
+            for tbe in getattr(m, "_emb_modules", ()):
+                if isinstance(tbe, IntNBitTableBatchedEmbeddingBagsCodegen):
+                    self.tables.append((tbe, tbe.bounds_check_mode_int))
+
+    def __enter__(self) -> None:
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+        self.served.clamp_ids = True
+        for tbe, _ in self.tables:
+            tbe.bounds_check_mode_int = BoundsCheckMode.NONE.value
+
+    def __exit__(self, *exc: Any) -> None:
+        self.served.clamp_ids = False
+        for tbe, mode in self.tables:
+            tbe.bounds_check_mode_int = mode
+
+
+def aoti_package(served: ServingModule, config: ModelConfig, path: Path, metadata: dict[str, Any]) -> None:
+    """``torch.export`` of ``served`` (batch size and id count dynamic), compiled by
+    AOTInductor into the package ``path``, its weights in one blob beside the code and
+    ``metadata`` in the package's metadata."""
+    device = next(served.parameters()).device
+    batch = example_batch(config, 64, device)
+    kjt = batch.sparse_features
+    rows, ids = torch.export.Dim("batch", min=2, max=2**24), torch.export.Dim("ids", min=2, max=2**40)
+    dims = ({0: rows}, {0: ids}, {0: len(served.features) * rows})
+    with _ExportableIds(served), torch.no_grad():
+        program = torch.export.export(served, (batch.dense_features, kjt.values(), kjt.lengths().int()),
+                                      dynamic_shapes=dims, strict=False)
+    package = path.with_name(path.name + ".pt2")  # AOTInductor wants the suffix
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs={
+            "aot_inductor.metadata": {METADATA: json.dumps(metadata, indent=1)},
+            "aot_inductor.package_constants_in_so": False,
+            "aot_inductor.package_constants_on_disk_format": "binary_blob",
+        })
+        package.replace(path)
+    finally:
+        package.unlink(missing_ok=True)
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``afmrec.json`` metadata of an artifact, without loading its weights."""
+    """The ``afmrec.json`` metadata of an artifact (either format), without loading its
+    weights."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as z:
-            name = next((n for n in z.namelist() if n.endswith(f"extra/{METADATA}")), None)
-            if name is None:
-                raise InputError(f"{path}: not an afmrec serving artifact (no {METADATA})")
-            return json.loads(z.read(name))
+            for name in z.namelist():
+                if name.endswith(f"extra/{METADATA}"):  # TorchScript's extra files
+                    return json.loads(z.read(name))
+                if name.endswith("wrapper_metadata.json"):  # AOTInductor's package metadata
+                    found = json.loads(z.read(name)).get(METADATA)
+                    if found is not None:
+                        return json.loads(found)
+            raise InputError(f"{path}: not an afmrec serving artifact (no {METADATA})")
     except (zipfile.BadZipFile, FileNotFoundError, IsADirectoryError) as e:
-        raise InputError(f"{path}: not a TorchScript file ({e})") from None
+        raise InputError(f"{path}: not a TorchScript file or AOTInductor package ({e})") from None
 
 
-def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
-    """Loads an artifact the way a server would (``torch.jit.load``); returns it and its metadata."""
+def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> tuple[Any, dict]:
+    """Loads an artifact the way a server would (``torch.jit.load``, or
+    ``torch._inductor.aoti_load_package`` for the aoti format, which serves on the device
+    it was compiled for); returns it and its metadata."""
     import torchrec  # noqa: F401  (registers the FBGEMM operators the file calls)
 
+    metadata = read_metadata(path)
+    if metadata.get("artifact") == "aoti":
+        with open(path, "rb") as f:  # a file object: the name need not end in .pt2
+            return torch._inductor.aoti_load_package(f), metadata
     files = {METADATA: ""}
     module = torch.jit.load(str(path), map_location=torch.device(device), _extra_files=files)
     return module.eval(), json.loads(files[METADATA])

@@ -15,9 +15,11 @@ and CI. Every ratio is measured in the same process on the same device:
    save of the same checkpoint with ``torch.distributed.checkpoint`` (lower is better);
 4. inference samples/s of AFM at 4x and 8x fewer parameters, TorchRec int8 tables, AFM
    4x + int8, fp16 tables and AFM 4x + fp16, each over the original, each timed as the
-   serving artifact that ``afmrec export`` writes (TorchScript, FBGEMM's inference
-   kernels), loaded back with ``torch.jit.load``; the eager module it came from is timed
-   beside it. CPU latency of AFM 4x vs the original, artifacts again;
+   serving artifacts that ``afmrec export`` writes (FBGEMM's inference kernels;
+   TorchScript, and on CUDA AOTInductor, where an AFM model's cross network is computed
+   from its codes), loaded back as a server would, a variant's faster artifact against
+   the original's faster one; the eager module they came from is timed beside them. CPU
+   latency of AFM 4x vs the original, artifacts again;
 5. peak device memory of each stage.
 
 Dense math runs in TF32 on CUDA for every variant alike.
@@ -51,7 +53,7 @@ from .blocks import find_blocks
 from .compress import CompressConfig, compress_
 from .errors import InputError
 from .evaluate import count_parameters, eval_mode, measure_latencies
-from .export import ServingModule, TableDtype, call, load_artifact, serving_module, write_artifact
+from .export import SUFFIX, ServingModule, TableDtype, call, load_artifact, serving_module, write_artifact
 from .model_io import ModelRecord, skeleton
 from .ranks import RankConfig
 from .stats import StatsCollector, collect_statistics, resolve_precision
@@ -275,39 +277,68 @@ def profile_to(path: Path, fn: Callable[[], Any], device: torch.device, title: s
         f.write(prof.key_averages().table(sort_by=key, row_limit=rows) + "\n\n")
 
 
+AOTI_VARIANTS = ("original", "afm4x", "afm8x", "afm4x_int8", "afm4x_fp16")
+"""Variants also exported in the ``aoti`` format on CUDA (``afmrec export --format
+aoti``): AOTInductor's compile of each takes a minute at the production shape."""
+
+
 def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: SpeedShape,
                     device: torch.device, peak: Peak, workdir: Path,
                     profile_dir: Path | None = None) -> dict[str, Any]:
-    """Samples/s of each variant's exported artifact (and of the eager module it came
-    from), their ratios to the original's artifact, and the artifacts' sizes."""
+    """Samples/s of each variant's exported artifacts (TorchScript; on CUDA also
+    AOTInductor, with the AFM cross network from the codes) and of the eager module they
+    came from, and the artifacts' sizes.
+
+    ``infer_{name}_samples_per_s`` is the faster of a variant's artifacts (its format in
+    ``infer_format_{name}``), ``infer_{name}_vs_original`` its ratio to the original's
+    faster artifact; ``infer_{format}_{name}_samples_per_s`` each artifact's own."""
     batches = make_batches(shape, shape.infer_batch, 3, device, seed=1)
     features = [t.name for t in record.model.tables]
+    rows = [t.num_embeddings for t in record.model.tables]
     out: dict[str, Any] = {}
     variants = inference_variants(model, stats, record)
     for name, build in variants.items():
         module, tables = build()
+        formats = ["torchscript"] + (["aoti"] if device.type == "cuda" and name in AOTI_VARIANTS else [])
         # A compressed variant is a fresh copy: convert it in place (one copy of the tables
         # fewer on the device); the original is needed again.
-        eager = serving_module(module, features, tables, inplace=module is not model)
+        eager = serving_module(module, features, tables, inplace=module is not model,
+                               fuse_cross="aoti" in formats, rows=rows)
         out[f"params_{name}"] = eager.params
         del module
+        fused = getattr(eager.model, "fused", None) is not None
+        if fused:
+            eager.model.use_fused = False
         out[f"infer_eager_{name}_samples_per_s"] = samples_per_s(eager, batches, device)
         want = call(eager, batches[0])
-        path = workdir / f"{name}.pt"
-        write_artifact(eager, record.model, path, check_batch=0, overwrite=True)
+        if fused:
+            eager.model.use_fused = True
+            out[f"infer_eager_fused_{name}_samples_per_s"] = samples_per_s(eager, batches, device)
+            out[f"eager_fused_vs_plain_max_abs_diff_{name}"] = (call(eager, batches[0]) - want).abs().max().item()
+        paths = {}
+        for fmt in formats:
+            paths[fmt] = workdir / f"{name}{SUFFIX[fmt]}"
+            write_artifact(eager, record.model, paths[fmt], check_batch=0, overwrite=True, format=fmt)
         del eager
         _empty_cache(device)
-        artifact, _ = load_artifact(path, device)
-        out[f"artifact_mib_{name}"] = path.stat().st_size / 2**20
-        out[f"artifact_vs_eager_max_abs_diff_{name}"] = (call(artifact, batches[0]) - want).abs().max().item()
-        out[f"infer_{name}_samples_per_s"] = peak.measure(
-            f"infer_{name}", device, lambda: samples_per_s(artifact, batches, device))
-        if profile_dir is not None:
-            profile_to(profile_dir / "profile_infer.txt", lambda: call(artifact, batches[0]), device,
-                       f"inference, {name} artifact, batch {shape.infer_batch}")
-        del artifact
-        path.unlink()
-        _empty_cache(device)
+        for fmt, path in paths.items():
+            key = f"{fmt}_{name}"
+            artifact, meta = load_artifact(path, device)
+            out[f"artifact_mib_{key}"] = path.stat().st_size / 2**20
+            out[f"artifact_cross_{key}"] = meta["cross"]
+            out[f"artifact_vs_eager_max_abs_diff_{key}"] = (call(artifact, batches[0]) - want).abs().max().item()
+            out[f"infer_{key}_samples_per_s"] = peak.measure(
+                f"infer_{key}", device, lambda: samples_per_s(artifact, batches, device))
+            if profile_dir is not None:
+                profile_to(profile_dir / "profile_infer.txt", lambda: call(artifact, batches[0]), device,
+                           f"inference, {name} {fmt} artifact, batch {shape.infer_batch}")
+            del artifact
+            path.unlink()
+            _empty_cache(device)
+        best = max(formats, key=lambda fmt: out[f"infer_{fmt}_{name}_samples_per_s"])
+        out[f"infer_format_{name}"] = best
+        out[f"infer_{name}_samples_per_s"] = out[f"infer_{best}_{name}_samples_per_s"]
+        out[f"artifact_mib_{name}"] = out[f"artifact_mib_{best}_{name}"]
     base = out["infer_original_samples_per_s"]
     for name in variants:
         if name != "original":

@@ -1,0 +1,121 @@
+"""An AFM DLRM-DCNv2's cross network served from its codes (``afmrec.models.fused_cross``)
+and the AOTInductor artifact that carries it. On the CPU the fused network runs its
+PyTorch reference (the unrolled algebra, folded weights and all); its Triton kernel is
+tested on a GPU (tests/test_cuda.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from afmrec.models import build_model
+from afmrec.models.fused_cross import FusedCrossNet, cross_down_reference, interaction, unfusable_reason
+from afmrec.models.serving import DCNServing, cross_fusion_blocker
+from afmrec.pipeline.bases import afm_bases, spectra
+from afmrec.pipeline.blocks import find_blocks
+from afmrec.pipeline.compress import CompressConfig, compress_
+from afmrec.pipeline.export import ExportConfig, call, export_model, load_artifact, read_metadata, serving_module
+from afmrec.pipeline.errors import InputError
+from afmrec.pipeline.stats import collect_statistics
+
+from .conftest import random_batch, tiny_config
+
+BATCHES = [random_batch(64, 3, seed=s, max_bag=4) for s in range(3)]
+
+
+def afm_dcn(dim: int = 16, layers: int = 3, compressed: bool = True):
+    """A DLRM-DCNv2 whose every cross layer, over-arch layer and table AFM compresses 4x
+    (ranks k = out / 4), with bases from its own statistics."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(tiny_config("dcn", embedding_dim=dim), dense_arch=(16, dim),
+                                 over_arch=(32, 8, 1), dcn_num_layers=layers, dcn_low_rank_dim=32)
+    model = build_model(config).eval()
+    if compressed:
+        blocks = find_blocks(model)
+        ranks = {b.name: 4 if b.kind == "table" else max(1, b.out_features // 4) for b in blocks}
+        compress_(model, afm_bases(spectra(collect_statistics(model, blocks, BATCHES)), ranks), CompressConfig())
+    return model.eval(), config
+
+
+def test_the_fused_cross_network_serves_the_models_logits():
+    """Served from the codes (x_l = x_0 * (1 + y_1 + .. + y_l), x_0 never formed as the
+    model forms it), the logits are the plain serving form's and the model's to float32
+    rounding, on batches with empty bags."""
+    model, config = afm_dcn()
+    features = [t.name for t in config.tables]
+    plain, fused = serving_module(model, features), serving_module(model, features, fuse_cross=True)
+    assert isinstance(fused.model, DCNServing) and isinstance(fused.model.fused, FusedCrossNet)
+    assert plain.model.fused is None
+    # three layers: three launches with 0, k, 2k columns of w's before it, then the head's
+    assert fused.model.fused.starts == [0, 8, 16, 24] and fused.model.fused.widths == [8, 8, 8, 8]
+    for batch in BATCHES:
+        want = call(plain, batch)
+        assert (batch.sparse_features.lengths() == 0).any()
+        torch.testing.assert_close(call(fused, batch), want, rtol=2e-5, atol=2e-6)
+        with torch.no_grad():
+            model_logits = model(batch.dense_features, batch.sparse_features).squeeze(1)
+        torch.testing.assert_close(call(fused, batch), model_logits, rtol=2e-5, atol=2e-6)
+
+
+def test_a_launch_is_the_down_factor_of_the_unrolled_layer():
+    """One launch against the cross layer written out: x_0 from the codes, then
+    s = beta + w Q^T, then A (x_0 * s) + a, in float64."""
+    g = torch.Generator().manual_seed(3)
+    batch, fields, k, dim, r, width = 9, 3, 5, 16, 7, 6
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    dense, codes, ws = rand(batch, dim), rand(batch, fields * k), rand(batch, r)
+    nonempty = (torch.rand(batch, fields, generator=g) > 0.3).double()
+    code_weight = torch.cat([rand(fields, k + 1, dim), torch.zeros(fields, 2, dim, dtype=torch.float64)], 1)
+    up_t, beta, down = rand(r, (fields + 1) * dim), rand((fields + 1) * dim), rand(width, (fields + 1) * dim)
+    down_t = torch.cat([down.T, torch.zeros((fields + 1) * dim, 10, dtype=torch.float64)], 1)  # padded to 16
+    bias = torch.cat([rand(width), torch.zeros(10, dtype=torch.float64)])
+    x0 = torch.cat([dense] + [codes[:, f * k:(f + 1) * k] @ code_weight[f, :k] + nonempty[:, f:f + 1] * code_weight[f, k]
+                              for f in range(fields)], 1)
+    torch.testing.assert_close(interaction(dense, codes, nonempty, code_weight), x0)
+    want = (x0 * (beta + ws @ up_t)) @ down.T + bias[:width]
+    got = cross_down_reference(dense, codes, nonempty, code_weight, ws, up_t, beta, down_t, bias, width)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_models_the_fused_network_cannot_serve_say_why():
+    original, _ = afm_dcn(compressed=False)
+    features = [t.name for t in tiny_config("dcn").tables]
+    served = serving_module(original, features, fuse_cross=True)
+    assert served.model.fused is None  # served plain
+    assert "not low-rank tables" in unfusable_reason(served.model.embedding_bag_collection,
+                                                     served.model.crossnet, torch.nn.Linear(2, 2))
+    assert "low-rank Linear and a ReLU" in cross_fusion_blocker(original)  # before fuse_relus_
+    narrow, _ = afm_dcn(dim=8)
+    m = serving_module(narrow, features, fuse_cross=True).model
+    assert m.fused is None
+    assert "width 8" in unfusable_reason(m.embedding_bag_collection, m.crossnet, torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="cannot fuse the cross network"):
+        DCNServing(afm_dcn()[0], fuse_cross=True)  # its ReLUs not fused into LinearReLUs
+
+
+def test_aoti_artifact_reproduces_the_model_and_clamps_bad_ids(tmp_path):
+    """The AOTInductor package serves the TorchScript file's logits; an id outside its
+    table reads row 0 in both (FBGEMM's bounds check in the one, plain ops in the other)."""
+    model, config = afm_dcn()
+    meta = export_model(model, config, tmp_path / "m.pt2", ExportConfig(format="aoti", check_batch=64))
+    export_model(model, config, tmp_path / "m.pt")
+    assert meta["artifact"] == "aoti" and meta["cross"] == "plain"  # fused only on CUDA
+    assert meta["check_max_abs_diff"] <= 1e-5
+    assert read_metadata(tmp_path / "m.pt2") == {k: v for k, v in meta.items() if k != "check_max_abs_diff"}
+    aoti, _ = load_artifact(tmp_path / "m.pt2")
+    script, _ = load_artifact(tmp_path / "m.pt")
+    for batch in BATCHES:
+        torch.testing.assert_close(call(aoti, batch), call(script, batch), rtol=1e-6, atol=1e-6)
+    kjt = BATCHES[0].sparse_features
+    values, lengths = kjt.values().clone(), kjt.lengths().int()
+    values[0], values[-1] = 10**6, -5  # the first id is t0's, the last t2's
+    bad_row_zero = values.clone()
+    bad_row_zero[0] = bad_row_zero[-1] = 0
+    with torch.no_grad():
+        got = aoti(BATCHES[0].dense_features, values, lengths)
+        want = script(BATCHES[0].dense_features, bad_row_zero, lengths)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(InputError, match="format must be one of"):
+        ExportConfig(format="onnx")  # type: ignore[arg-type]
