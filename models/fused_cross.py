@@ -59,6 +59,8 @@ BLOCK_R = 32
 
 NUM_WARPS = 8
 
+NUM_STAGES = 2
+
 
 def _padded(width: int) -> int:
     return max(16, 1 << (width - 1).bit_length())
@@ -282,7 +284,7 @@ if triton is not None:
             out.stride(0),
             F=fields, D=dim, K=codes.shape[1] // fields, KP=kp, R=ws.shape[1], OUT=width, CHUNK=chunk, BLOCK_B=BLOCK_B,
             BLOCK_K=_padded(codes.shape[1] // fields), BLOCK_R=BLOCK_R, BLOCK_O=down_t.shape[1],
-            num_warps=NUM_WARPS)
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
         return out
 
 

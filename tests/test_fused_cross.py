@@ -25,17 +25,18 @@ from .conftest import random_batch, tiny_config
 BATCHES = [random_batch(64, 3, seed=s, max_bag=4) for s in range(3)]
 
 
-def afm_dcn(dim: int = 16, layers: int = 3, compressed: bool = True):
+def afm_dcn(dim: int = 16, layers: int = 3, compressed: bool = True, device: str = "cpu"):
     """A DLRM-DCNv2 whose every cross layer, over-arch layer and table AFM compresses 4x
     (ranks k = out / 4), with bases from its own statistics."""
     torch.manual_seed(0)
     config = dataclasses.replace(tiny_config("dcn", embedding_dim=dim), dense_arch=(16, dim),
                                  over_arch=(32, 8, 1), dcn_num_layers=layers, dcn_low_rank_dim=32)
-    model = build_model(config).eval()
+    model = build_model(config, torch.device(device)).eval()
     if compressed:
         blocks = find_blocks(model)
         ranks = {b.name: 4 if b.kind == "table" else max(1, b.out_features // 4) for b in blocks}
-        compress_(model, afm_bases(spectra(collect_statistics(model, blocks, BATCHES)), ranks), CompressConfig())
+        batches = [b.to(torch.device(device)) for b in BATCHES]
+        compress_(model, afm_bases(spectra(collect_statistics(model, blocks, batches)), ranks), CompressConfig())
     return model.eval(), config
 
 
