@@ -1,19 +1,27 @@
-"""Tiling sweep of the fused cross network's kernel (``afmrec.models.fused_cross``) at the
-MLPerf DLRM-DCNv2 shape of ``afmrec bench speed``'s AFM 4x model, against the plain
-serving path (the projection GEMM into x_0, per layer the two factor GEMMs and the
-element-wise update, the over arch's first factor), both TF32, timed in CUDA graphs.
+"""Tiling sweep of the fused cross network's kernel (``afmrec/models/cross_kernel.py``) at
+the MLPerf DLRM-DCNv2 shape of ``afmrec bench speed``'s AFM 4x model (26 tables of
+rank 32, cross layers of rank 112, the over arch's first factor 200 wide, batch 65,536),
+against the plain serving path (the projection GEMM into x_0, per layer the two factor
+GEMMs and the element-wise update, the head's GEMM), all TF32, timed in CUDA graphs.
 
-    python3 bench/fused_cross_sweep.py        # on a CUDA host, afmrec importable
+Needs only torch and Triton (the kernel's file is loaded on its own):
+
+    python3 bench/fused_cross_sweep.py
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import sys
+from pathlib import Path
 
 import torch
 
-import afmrec.models.fused_cross as fc
+spec = importlib.util.spec_from_file_location(
+    "cross_kernel", Path(__file__).resolve().parents[1] / "models" / "cross_kernel.py")
+ck = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ck)
 
 BATCH, FIELDS, DIM, K, KP = 65536, 26, 128, 32, 40
 LAYERS, RANK, HEAD = 3, 112, 200
@@ -54,51 +62,64 @@ def main() -> None:
     ups, up_b = [rand(n, RANK, scale=0.1) for _ in range(LAYERS)], [rand(n, scale=0.1) for _ in range(LAYERS)]
 
     def plain() -> torch.Tensor:
-        x0 = fc.interaction(dense, codes, nonempty, code_weight)
+        x0 = ck.interaction(dense, codes, nonempty, code_weight)
         x = x0
         for d, db, u, ub in zip(downs, down_b, ups, up_b):
-            x = x0 * torch.addmm(ub, torch.addmm(db, x, d.T), u.T) + x
+            x = torch.addcmul(x, x0, torch.addmm(ub, torch.addmm(db, x, d.T), u.T))
         return torch.addmm(down_b[-1], x, downs[-1].T)
 
     up_t = torch.cat([u.T for u in ups]).contiguous()
-    betas, beta = [], torch.ones(n, device=dev)
-    for ub in up_b:
-        betas.append(beta)
-        beta = beta + ub
-    betas.append(beta)
-    downs_t = [fc.FusedCrossNet._padded_t(d).data for d in downs]
-    biases = []
+    biases = [torch.ones(n, device=dev)] + up_b
+    betas = torch.stack(biases).cumsum(0)
+    downs_t, down_bp = [], []
     for d, db in zip(downs, down_b):
-        lin = torch.nn.Linear(d.shape[1], d.shape[0], device=dev)
-        lin.bias.data.copy_(db)
-        biases.append(fc.FusedCrossNet._padded_bias(lin).data)
+        wp = ck.padded(d.shape[0])
+        downs_t.append(torch.cat([d.T, torch.zeros(n, wp - d.shape[0], device=dev)], 1).contiguous())
+        down_bp.append(torch.cat([db, torch.zeros(wp - d.shape[0], device=dev)]))
 
-    def fused() -> torch.Tensor:
-        ws = codes.new_empty(BATCH, 0)
-        for i in range(LAYERS + 1):
-            z = fc.cross_down(dense, codes, nonempty, code_weight, ws, up_t[: i * RANK], betas[i],
-                              downs_t[i], biases[i], downs[i].shape[0])
-            if i < LAYERS:
-                ws = torch.cat([ws, z], 1)
+    def fused(carry_from: int) -> torch.Tensor:
+        ws, x = [], None
+        for step in range(LAYERS + 1):
+            if x is not None:
+                w, u, beta = ws[-1], up_t[(step - 1) * RANK: step * RANK], biases[step]
+            else:
+                w = torch.cat(ws, 1) if ws else codes.new_empty(BATCH, 0)
+                u, beta = up_t[: step * RANK], betas[step]
+            keep = step < LAYERS and step + 1 >= carry_from
+            z, kept = ck.cross_step(dense, codes, nonempty, code_weight, w, u, beta, x, downs_t[step],
+                                    down_bp[step], downs[step].shape[0], keep)
+            x = kept if keep else None
+            ws.append(z)
         return z
 
     with torch.no_grad():
         want = plain()
         ref_ms = graphed_ms(plain)
         print(f"plain path (TF32 GEMMs + element-wise): {ref_ms:.3f} ms per batch of {BATCH}")
-        flops = 2 * BATCH * n * (4 * KP + sum(range(0, LAYERS * RANK + 1, RANK)) + LAYERS * RANK + HEAD)
-        for block_b, chunk, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (1, 2)):
-            fc.BLOCK_B, fc.CHUNK, fc.NUM_WARPS, fc.NUM_STAGES = block_b, chunk, warps, stages
+        results = []
+
+        def trial(block_b, chunk, block_o, warps, stages, carry_from) -> None:
+            ck.BLOCK_B, ck.CHUNK, ck.MAX_BLOCK_O, ck.NUM_WARPS, ck.NUM_STAGES = block_b, chunk, block_o, warps, stages
+            name = f"BLOCK_B={block_b} CHUNK={chunk} MAX_BLOCK_O={block_o} warps={warps} stages={stages} carry_from={carry_from}"
             try:
-                got = fused()
+                got = fused(carry_from)
                 err = ((got - want).norm() / want.norm()).item()
-                ms = graphed_ms(fused)
+                ms = graphed_ms(lambda: fused(carry_from))
             except Exception as e:  # noqa: BLE001  (out of shared memory, registers)
-                print(f"BLOCK_B={block_b} CHUNK={chunk} warps={warps} stages={stages}: failed ({type(e).__name__})")
-                continue
-            print(f"BLOCK_B={block_b} CHUNK={chunk} warps={warps} stages={stages}: {ms:.3f} ms "
-                  f"({ref_ms / ms:.2f}x the plain path, {flops / ms / 1e9:.0f} TFLOP/s), rel err {err:.1e}")
+                print(f"{name}: failed ({type(e).__name__})")
+                return
+            results.append((ms, (block_b, chunk, block_o, warps, stages, carry_from)))
+            print(f"{name}: {ms:.3f} ms ({ref_ms / ms:.2f}x the plain path), rel err {err:.1e}")
             sys.stdout.flush()
+
+        for block_b, chunk, block_o, warps in itertools.product((64, 128), (32, 64), (128, 256), (4, 8)):
+            trial(block_b, chunk, block_o, warps, 2, 2)
+        for _, cfg in sorted(results)[:3]:
+            for carry_from in (1, 3, 4):
+                trial(*cfg[:5], carry_from)
+            trial(*cfg[:4], 3, cfg[5])
+        best = min(results)
+        print(f"best: {best[0]:.3f} ms {best[1]}")
 
 
 if __name__ == "__main__":

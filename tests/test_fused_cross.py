@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from afmrec.models import build_model
-from afmrec.models.fused_cross import FusedCrossNet, cross_down_reference, interaction, unfusable_reason
+from afmrec.models.cross_kernel import cross_step_reference, interaction
+from afmrec.models.fused_cross import FusedCrossNet, unfusable_reason
 from afmrec.models.serving import DCNServing, cross_fusion_blocker
 from afmrec.pipeline.bases import afm_bases, spectra
 from afmrec.pipeline.blocks import find_blocks
@@ -60,24 +61,42 @@ def test_the_fused_cross_network_serves_the_models_logits():
         torch.testing.assert_close(call(fused, batch), model_logits, rtol=2e-5, atol=2e-6)
 
 
-def test_a_launch_is_the_down_factor_of_the_unrolled_layer():
-    """One launch against the cross layer written out: x_0 from the codes, then
-    s = beta + w Q^T, then A (x_0 * s) + a, in float64."""
+@pytest.mark.parametrize("carry_from", [1, 2, 3, 4])
+def test_every_carrying_schedule_serves_the_same_logits(carry_from):
+    """Steps that recompute s from every earlier w and steps that add to the previous
+    step's x give the same network."""
+    model, config = afm_dcn()
+    features = [t.name for t in config.tables]
+    plain, fused = serving_module(model, features), serving_module(model, features, fuse_cross=True)
+    fused.model.fused.carry_from = carry_from
+    for batch in BATCHES:
+        torch.testing.assert_close(call(fused, batch), call(plain, batch), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_a_step_is_the_down_factor_of_the_unrolled_layer(carry):
+    """One step against the cross layer written out in float64: x_0 from the codes, then
+    x = x_0 * (beta + w Q^T) [+ x_prev], then z = A x + a."""
     g = torch.Generator().manual_seed(3)
     batch, fields, k, dim, r, width = 9, 3, 5, 16, 7, 6
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
-    dense, codes, ws = rand(batch, dim), rand(batch, fields * k), rand(batch, r)
+    n = (fields + 1) * dim
+    dense, codes, ws, prev = rand(batch, dim), rand(batch, fields * k), rand(batch, r), rand(batch, n)
     nonempty = (torch.rand(batch, fields, generator=g) > 0.3).double()
     code_weight = torch.cat([rand(fields, k + 1, dim), torch.zeros(fields, 2, dim, dtype=torch.float64)], 1)
-    up_t, beta, down = rand(r, (fields + 1) * dim), rand((fields + 1) * dim), rand(width, (fields + 1) * dim)
-    down_t = torch.cat([down.T, torch.zeros((fields + 1) * dim, 10, dtype=torch.float64)], 1)  # padded to 16
+    up_t, beta, down = rand(r, n), rand(n), rand(width, n)
+    down_t = torch.cat([down.T, torch.zeros(n, 10, dtype=torch.float64)], 1)  # padded to 16
     bias = torch.cat([rand(width), torch.zeros(10, dtype=torch.float64)])
     x0 = torch.cat([dense] + [codes[:, f * k:(f + 1) * k] @ code_weight[f, :k] + nonempty[:, f:f + 1] * code_weight[f, k]
                               for f in range(fields)], 1)
     torch.testing.assert_close(interaction(dense, codes, nonempty, code_weight), x0)
-    want = (x0 * (beta + ws @ up_t)) @ down.T + bias[:width]
-    got = cross_down_reference(dense, codes, nonempty, code_weight, ws, up_t, beta, down_t, bias, width)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    x = x0 * (beta + ws @ up_t) + (prev if carry else 0)
+    z, kept = cross_step_reference(dense, codes, nonempty, code_weight, ws, up_t, beta, prev if carry else None,
+                                   down_t, bias, width, keep=carry)
+    torch.testing.assert_close(z, x @ down.T + bias[:width], rtol=1e-12, atol=1e-12)
+    assert kept.shape == ((batch, n) if carry else (0,))
+    if carry:
+        torch.testing.assert_close(kept, x, rtol=1e-12, atol=1e-12)
 
 
 def test_models_the_fused_network_cannot_serve_say_why():
