@@ -1,14 +1,14 @@
-"""One step of the fused cross network (:mod:`afmrec.models.fused_cross`): the kernel and
+"""One layer of the fused cross network (:mod:`afmrec.models.fused_cross`): the kernel and
 its PyTorch reference. Needs only torch (and Triton for the kernel).
 
-A step computes, for a row of the batch,
+An update computes, for a row of the batch,
 
-    x = x_0 * (beta + w Q^T) [+ x_prev],     z = A x + a,
+    x = x_0 * (beta + w Q^T) [+ x_prev],
 
 with ``x_0`` (N = (F + 1) D wide) assembled from the dense row and the F fields' K-wide
-codes, ``w`` (R wide) the small vectors of earlier layers and ``Q^T`` (R, N) their ``up``
-factors; optionally it also writes ``x`` (the next step's ``x_prev``). The kernel walks
-the N columns :data:`CHUNK` at a time and never writes ``x_0`` or ``s``.
+codes, ``w`` (R wide) a layer's small vector and ``Q^T`` (R, N) its ``up`` factor. The
+kernel is a GEMM of depth R whose epilogue forms ``x_0``'s tile from the codes (a K-deep
+product) and applies the update: ``x_0`` is never written or read, and neither is ``y``.
 """
 
 from __future__ import annotations
@@ -27,19 +27,16 @@ except ImportError:  # CPU-only installs
 BLOCK_B = 128
 """Rows a program takes."""
 
-CHUNK = 64
-"""Columns of the interaction a program handles at a time."""
+BLOCK_N = 128
+"""Columns a program takes (at most the embedding width: a program's columns lie in one
+field)."""
 
-MAX_BLOCK_O = 128
-"""Output columns a program accumulates at most (wider outputs take several programs,
-each recomputing ``x``)."""
-
-MAX_BLOCK_R = 128
-"""Columns of ``w`` a product reads at a time."""
+BLOCK_R = 32
+"""Depth of ``w Q^T`` a product step takes."""
 
 NUM_WARPS = 8
 
-NUM_STAGES = 2
+NUM_STAGES = 3
 
 
 def padded(width: int) -> int:
@@ -60,127 +57,84 @@ def interaction(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor
     return torch.cat([dense, x.transpose(0, 1).reshape(batch, fields * dim)], dim=1)
 
 
-def cross_step_reference(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
-                         code_weight: torch.Tensor, ws: torch.Tensor, up_t: torch.Tensor,
-                         beta: torch.Tensor, prev: Optional[torch.Tensor], down_t: torch.Tensor,
-                         down_bias: torch.Tensor, width: int, keep: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step in PyTorch's ops (materialises the (B, N) tensors).
+def cross_update_reference(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
+                           code_weight: torch.Tensor, w: torch.Tensor, up_t: torch.Tensor,
+                           beta: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
+    """The update in PyTorch's ops (materialises ``x_0`` and ``s``).
 
-    Args: dense, codes, nonempty, code_weight: as :func:`interaction`; ws (B, R); up_t
-    (R, N); beta (N,); prev (B, N) or None; down_t (N, k_pad) = ``A^T`` zero-padded;
-    down_bias (k_pad,); width: k; keep: return ``x``.
-    Returns: z (B, k) and x (B, N) (an empty tensor unless ``keep``)."""
-    s = torch.addmm(beta, ws, up_t) if ws.shape[1] else beta
+    Args: dense, codes, nonempty, code_weight: as :func:`interaction`; w (B, R); up_t
+    (R, N); beta (N,); prev (B, N) or None. Returns: x (B, N)."""
+    s = torch.addmm(beta, w, up_t) if w.shape[1] else beta
     x = interaction(dense, codes, nonempty, code_weight) * s
-    if prev is not None:
-        x = x + prev
-    z = torch.addmm(down_bias[:width], x, down_t[:, :width])
-    return z, x if keep else x.new_empty(0)
+    return x + prev if prev is not None else x
 
 
 if triton is not None:
 
     @triton.jit
-    def _chunk(acc, x0, col0, rows, row_ok, ws_ptr, ws_stride, up_ptr, beta_ptr, prev_ptr, prev_stride,
-               x_ptr, x_stride, write, down_ptr, down_stride, o,
-               R: tl.constexpr, N: tl.constexpr, HAS_PREV: tl.constexpr, WRITE_X: tl.constexpr,
-               CHUNK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
-        """acc + x A^T over columns [col0, col0 + CHUNK), x = x0 * (beta + ws Q^T) [+ prev]."""
-        cols = col0 + tl.arange(0, CHUNK)
-        s = tl.zeros((BLOCK_B, CHUNK), tl.float32) + tl.load(beta_ptr + cols)[None, :]
-        for r0 in tl.static_range(0, R, BLOCK_R):
+    def _cross_update_kernel(dense_ptr, codes_ptr, nonempty_ptr, cw_ptr, w_ptr, up_ptr, beta_ptr, prev_ptr,
+                             out_ptr, B, dense_stride, codes_stride, ne_row_stride, ne_field_stride, w_stride,
+                             prev_stride, out_stride,
+                             F: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                             R: tl.constexpr, HAS_PREV: tl.constexpr, BLOCK_B: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        N: tl.constexpr = (F + 1) * D
+        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        col0 = tl.program_id(1) * BLOCK_N
+        cols = col0 + tl.arange(0, BLOCK_N)
+        s = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+        for r0 in range(0, R, BLOCK_R):  # s = w Q^T over this tile
             rr = r0 + tl.arange(0, BLOCK_R)
-            w = tl.load(ws_ptr + rows[:, None] * ws_stride + rr[None, :],
+            w = tl.load(w_ptr + rows[:, None] * w_stride + rr[None, :],
                         mask=row_ok[:, None] & (rr < R)[None, :], other=0.0)
             q = tl.load(up_ptr + rr[:, None] * N + cols[None, :], mask=(rr < R)[:, None], other=0.0)
             s = tl.dot(w, q, s)
+        s += tl.load(beta_ptr + cols)[None, :]
+        field = col0 // D - 1  # -1: the dense row
+        within = col0 % D + tl.arange(0, BLOCK_N)
+        if field < 0:
+            x0 = tl.load(dense_ptr + rows[:, None] * dense_stride + within[None, :], mask=row_ok[:, None],
+                         other=0.0)
+        else:
+            kk = tl.arange(0, BLOCK_K)
+            code = tl.load(codes_ptr + rows[:, None] * codes_stride + field * K + kk[None, :],
+                           mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
+            weight = tl.load(cw_ptr + (field * KP + kk[:, None]) * D + within[None, :],
+                             mask=(kk < K)[:, None], other=0.0)
+            present = tl.load(nonempty_ptr + rows * ne_row_stride + field * ne_field_stride, mask=row_ok,
+                              other=0.0)
+            x0 = tl.dot(code, weight) + present[:, None] * tl.load(cw_ptr + (field * KP + K) * D + within)[None, :]
         x = x0 * s
         if HAS_PREV:
             x += tl.load(prev_ptr + rows[:, None] * prev_stride + cols[None, :], mask=row_ok[:, None], other=0.0)
-        if WRITE_X:
-            tl.store(x_ptr + rows[:, None] * x_stride + cols[None, :], x, mask=row_ok[:, None] & write)
-        a = tl.load(down_ptr + cols[:, None] * down_stride + o[None, :])
-        return tl.dot(x, a, acc)
+        tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], x, mask=row_ok[:, None])
 
-    @triton.jit
-    def _cross_step_kernel(dense_ptr, codes_ptr, nonempty_ptr, cw_ptr, ws_ptr, up_ptr, beta_ptr, prev_ptr,
-                           down_ptr, bias_ptr, out_ptr, x_ptr, B,
-                           dense_stride, codes_stride, ne_row_stride, ne_field_stride, ws_stride,
-                           prev_stride, down_stride, out_stride, x_stride,
-                           F: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                           R: tl.constexpr, OUT: tl.constexpr, HAS_PREV: tl.constexpr,
-                           WRITE_X: tl.constexpr, CHUNK: tl.constexpr, BLOCK_B: tl.constexpr,
-                           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
-        N: tl.constexpr = (F + 1) * D
-        PER_FIELD: tl.constexpr = D // CHUNK
-        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        row_ok = rows < B
-        o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-        write = tl.program_id(1) == 0  # one program of a row block writes x
-        c = tl.arange(0, CHUNK)
-        acc = tl.zeros((BLOCK_B, BLOCK_O), tl.float32)
-        for h in range(PER_FIELD):  # the dense row: field 0
-            x0 = tl.load(dense_ptr + rows[:, None] * dense_stride + h * CHUNK + c[None, :],
-                         mask=row_ok[:, None], other=0.0)
-            acc = _chunk(acc, x0, h * CHUNK, rows, row_ok, ws_ptr, ws_stride, up_ptr, beta_ptr, prev_ptr,
-                         prev_stride, x_ptr, x_stride, write, down_ptr, down_stride, o,
-                         R, N, HAS_PREV, WRITE_X, CHUNK, BLOCK_B, BLOCK_R)
-        kk = tl.arange(0, BLOCK_K)
-        for j in range(F * PER_FIELD):
-            f = j // PER_FIELD
-            h = j % PER_FIELD
-            code = tl.load(codes_ptr + rows[:, None] * codes_stride + f * K + kk[None, :],
-                           mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
-            w = tl.load(cw_ptr + (f * KP + kk[:, None]) * D + h * CHUNK + c[None, :],
-                        mask=(kk < K)[:, None], other=0.0)
-            present = tl.load(nonempty_ptr + rows * ne_row_stride + f * ne_field_stride, mask=row_ok,
-                              other=0.0)
-            b2 = tl.load(cw_ptr + (f * KP + K) * D + h * CHUNK + c)
-            x0 = tl.dot(code, w) + present[:, None] * b2[None, :]
-            acc = _chunk(acc, x0, D + j * CHUNK, rows, row_ok, ws_ptr, ws_stride, up_ptr, beta_ptr, prev_ptr,
-                         prev_stride, x_ptr, x_stride, write, down_ptr, down_stride, o,
-                         R, N, HAS_PREV, WRITE_X, CHUNK, BLOCK_B, BLOCK_R)
-        acc += tl.load(bias_ptr + o)[None, :]
-        tl.store(out_ptr + rows[:, None] * out_stride + o[None, :], acc,
-                 mask=row_ok[:, None] & (o < OUT)[None, :])
-
-    @torch.library.triton_op("afmrec::cross_step", mutates_args=())
-    def _cross_step_op(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
-                       code_weight: torch.Tensor, ws: torch.Tensor, up_t: torch.Tensor,
-                       beta: torch.Tensor, prev: Optional[torch.Tensor], down_t: torch.Tensor,
-                       down_bias: torch.Tensor, width: int, keep: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.library.triton_op("afmrec::cross_update", mutates_args=())
+    def _cross_update_op(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
+                         code_weight: torch.Tensor, w: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor,
+                         prev: Optional[torch.Tensor]) -> torch.Tensor:
         batch, (fields, kp, dim) = dense.shape[0], code_weight.shape
-        out = dense.new_empty(batch, width)
-        x = dense.new_empty(batch, (fields + 1) * dim) if keep else dense.new_empty(0)
-        k, r = codes.shape[1] // fields, ws.shape[1]
-        block_o = min(MAX_BLOCK_O, down_t.shape[1])
-        grid = (triton.cdiv(batch, BLOCK_B), down_t.shape[1] // block_o)
-        torch.library.wrap_triton(_cross_step_kernel)[grid](
-            dense, codes, nonempty, code_weight, ws, up_t, beta, prev if prev is not None else dense,
-            down_t, down_bias, out, x, batch,
-            dense.stride(0), codes.stride(0), nonempty.stride(0), nonempty.stride(1), ws.stride(0),
-            prev.stride(0) if prev is not None else 0, down_t.stride(0), out.stride(0),
-            x.stride(0) if keep else 0,
-            F=fields, D=dim, K=k, KP=kp, R=r, OUT=width, HAS_PREV=prev is not None, WRITE_X=keep,
-            CHUNK=min(CHUNK, dim), BLOCK_B=BLOCK_B, BLOCK_K=padded(k),
-            BLOCK_R=min(MAX_BLOCK_R, padded(r)), BLOCK_O=block_o,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-        return out, x
+        out = dense.new_empty(batch, (fields + 1) * dim)
+        k, r, block_n = codes.shape[1] // fields, w.shape[1], min(BLOCK_N, dim)
+        grid = (triton.cdiv(batch, BLOCK_B), (fields + 1) * dim // block_n)
+        torch.library.wrap_triton(_cross_update_kernel)[grid](
+            dense, codes, nonempty, code_weight, w, up_t, beta, prev if prev is not None else dense, out, batch,
+            dense.stride(0), codes.stride(0), nonempty.stride(0), nonempty.stride(1), w.stride(0),
+            prev.stride(0) if prev is not None else 0, out.stride(0),
+            F=fields, D=dim, K=k, KP=kp, R=r, HAS_PREV=prev is not None, BLOCK_B=BLOCK_B, BLOCK_N=block_n,
+            BLOCK_K=padded(k), BLOCK_R=BLOCK_R, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        return out
 
 
-def cross_step(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
-               code_weight: torch.Tensor, ws: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor,
-               prev: Optional[torch.Tensor], down_t: torch.Tensor, down_bias: torch.Tensor,
-               width: int, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`cross_step_reference`'s function, as one Triton kernel on CUDA (elsewhere the
-    reference). A program takes :data:`BLOCK_B` rows and up to :data:`MAX_BLOCK_O` output
-    columns, walks the N columns :data:`CHUNK` at a time (``x_0``'s chunk from the codes, a
-    K-deep product; ``s``'s from ``ws``, an R-deep one) and accumulates ``x A^T`` in
-    registers. ``down_t``'s padded width must be a power of two (:func:`padded`)."""
+def cross_update(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
+                 code_weight: torch.Tensor, w: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor,
+                 prev: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`cross_update_reference`'s function, as one Triton kernel on CUDA (elsewhere the
+    reference): a program takes a :data:`BLOCK_B` x :data:`BLOCK_N` tile of ``x`` (inside one
+    field), accumulates ``w Q^T`` over R, then forms ``x_0``'s tile (the dense row's, or
+    ``[c_f; nonempty_f] W_f``) and the update in registers. Reads ``w``, the codes and
+    ``prev``; writes ``x``: one pass over (B, N) written, one read if ``prev``."""
     if triton is None or not dense.is_cuda:
-        return cross_step_reference(dense, codes, nonempty, code_weight, ws, up_t, beta, prev, down_t,
-                                    down_bias, width, keep)
-    return torch.ops.afmrec.cross_step(dense, codes, nonempty, code_weight, ws, up_t, beta, prev, down_t,
-                                       down_bias, width, keep)
+        return cross_update_reference(dense, codes, nonempty, code_weight, w, up_t, beta, prev)
+    return torch.ops.afmrec.cross_update(dense, codes, nonempty, code_weight, w, up_t, beta, prev)

@@ -32,11 +32,10 @@ class DCNServing(nn.Module):
     (:meth:`LowRankEmbeddingBagCollection.fuse_projections_`) write their projections
     into it with their one batched GEMM, so an AFM model's fields are never copied.
 
-    With ``fuse_cross``, the interaction, the cross network and the over arch's first
-    factor are one :class:`~afmrec.models.fused_cross.FusedCrossNet` (AFM models whose
-    cross layers and over arch start are low-rank pairs; see
-    :func:`~afmrec.models.fused_cross.unfusable_reason`): no (B, (F + 1) D) tensor is
-    written at all.
+    With ``fuse_cross``, the interaction and the cross network are one
+    :class:`~afmrec.models.fused_cross.FusedCrossNet` (AFM models, see
+    :func:`~afmrec.models.fused_cross.unfusable_reason`): each layer is one GEMM whose
+    epilogue forms the interaction from the codes and applies the layer's update.
 
     Args:
         model: a ``DLRM_DCN`` whose collection returns its F fields in the order of its
@@ -60,19 +59,14 @@ class DCNServing(nn.Module):
         self.fused: FusedCrossNet | None = None
         self.use_fused = fuse_cross  # read when traced: False serves the plain network
         if fuse_cross:
-            split = _split_head(self.over_arch)
-            if split is None:
-                raise ValueError("cannot fuse the cross network: the over arch does not start with a "
-                                 "low-rank Linear and a ReLU")
-            self.fused = FusedCrossNet(ebc, self.crossnet, split[0])
-            self.over_tail = split[1]
+            self.fused = FusedCrossNet(ebc, self.crossnet)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Args: dense (B, N), KJT of F features. Returns: logits (B, 1)."""
         dense = self.dense_arch(dense_features)  # (B, D)
         if self.fused is not None and self.use_fused:
             codes, nonempty = self.embedding_bag_collection.forward_codes(sparse_features)
-            return self.over_tail(self.fused(dense, codes.values(), nonempty))
+            return self.over_arch(self.fused(dense, codes.values(), nonempty))
         batch = dense.shape[0]
         x0 = dense.new_empty([batch, self.num_fields + 1, self.dim])
         x0.select(1, 0).copy_(dense)
@@ -94,7 +88,7 @@ class LinearReLU(nn.Module):
             ``nn.Identity``.
     """
 
-    def __init__(self, linear: nn.Linear | LinearReLU, pre: nn.Module) -> None:
+    def __init__(self, linear: nn.Linear, pre: nn.Module) -> None:
         super().__init__()
         self.pre = pre
         self.weight = linear.weight
@@ -121,22 +115,6 @@ def _linear_relu(perceptron: Perceptron) -> LinearReLU | None:
     return LinearReLU(linear, pre) if linear.bias is not None else None
 
 
-def _split_head(over_arch: nn.Module) -> tuple[nn.Linear, nn.Module] | None:
-    """TorchRec's ``OverArch`` (after :func:`fuse_relus_`) as its first layer's first factor
-    and the rest (that layer's second factor and ReLU, the other layers), sharing their
-    parameters; None unless its first layer is a :class:`LinearReLU` after a low-rank
-    pair's first factor."""
-    model = getattr(over_arch, "model", None)
-    mlp = getattr(model[0], "_mlp", None) if isinstance(model, nn.Sequential) and len(model) else None
-    first = mlp[0] if mlp is not None and len(mlp) else None
-    if not isinstance(first, LinearReLU) or not isinstance(first.pre, nn.Sequential):
-        return None
-    head, activation = first.pre
-    if type(head) is not nn.Linear or not isinstance(activation, nn.Identity):
-        return None
-    return head, nn.Sequential(LinearReLU(first, nn.Identity()), *mlp[1:], *model[1:])
-
-
 def fuse_relus_(model: nn.Module) -> int:
     """Replaces, in place, every ``Perceptron`` of ``model`` with a ReLU by its
     :class:`LinearReLU` (same parameters, same function). Returns how many."""
@@ -151,13 +129,10 @@ def fuse_relus_(model: nn.Module) -> int:
 
 def cross_fusion_blocker(model: nn.Module) -> str | None:
     """Why :func:`serving_form` cannot compute ``model``'s cross network from its codes
-    (after :func:`fuse_relus_` and with its tables in serving form), or None if it can."""
+    (with its tables in serving form), or None if it can."""
     if not isinstance(model, DLRM_DCN):
         return "not a DLRM-DCNv2"
-    if _split_head(model.over_arch) is None:
-        return "the over arch does not start with a low-rank Linear and a ReLU"
-    return unfusable_reason(model.sparse_arch.embedding_bag_collection, model.inter_arch.crossnet,
-                            _split_head(model.over_arch)[0])
+    return unfusable_reason(model.sparse_arch.embedding_bag_collection, model.inter_arch.crossnet)
 
 
 def serving_form(model: nn.Module, fuse_cross: bool = False) -> nn.Module:

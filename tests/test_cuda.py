@@ -169,33 +169,28 @@ def test_statistics_through_a_sharded_model_equal_float64_products_on_the_cpu(tm
         torch.testing.assert_close(g.covariance.cpu(), cov, rtol=tol, atol=tol * float(cov.abs().max()))
 
 
-@pytest.mark.parametrize("batch, fields, k, dim, r, width, carry", [
-    (70, 3, 5, 16, 0, 7, False), (300, 4, 12, 32, 45, 20, True), (1000, 26, 32, 128, 336, 200, False),
-    (129, 26, 32, 128, 112, 112, True)])
-def test_fused_cross_kernel_is_as_close_to_float64_as_tf32_gemms(batch, fields, k, dim, r, width, carry):
-    """One step of the fused cross network's Triton kernel against its function in float64
-    on the CPU: no further from it than PyTorch's TF32 GEMMs computing the same step (its
-    products are TF32 too); every row written, ``x`` kept exactly where asked."""
-    from afmrec.models.cross_kernel import cross_step, cross_step_reference, padded
+@pytest.mark.parametrize("batch, fields, k, dim, r, carry", [
+    (70, 3, 5, 16, 0, False), (300, 4, 12, 32, 45, True), (1000, 26, 32, 128, 112, True),
+    (129, 26, 32, 128, 200, False)])
+def test_fused_cross_kernel_is_as_close_to_float64_as_tf32_gemms(batch, fields, k, dim, r, carry):
+    """One update of the fused cross network's Triton kernel against its function in
+    float64 on the CPU: no further from it than PyTorch's TF32 GEMMs computing the same
+    update (its products are TF32 too); every element written."""
+    from afmrec.models.cross_kernel import cross_update, cross_update_reference
 
     torch.backends.cuda.matmul.allow_tf32 = True
     g = torch.Generator().manual_seed(batch)
     rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale  # noqa: E731
-    n, kp, wp = (fields + 1) * dim, -(-(k + 2) // 8) * 8, padded(width)
+    n, kp = (fields + 1) * dim, -(-(k + 2) // 8) * 8
     inputs = [rand(batch, dim), rand(batch, fields * k), (torch.rand(fields, batch, generator=g) > 0.2).float().T,
               torch.cat([rand(fields, k + 1, dim), torch.zeros(fields, kp - k - 1, dim)], 1), rand(batch, r),
-              rand(r, n, scale=0.1), rand(n), rand(batch, n) if carry else None,
-              torch.cat([rand(n, width, scale=n ** -0.5), torch.zeros(n, wp - width)], 1),
-              torch.cat([rand(width), torch.zeros(wp - width)])]
-    want = cross_step_reference(*[t.double() if t is not None else None for t in inputs], width, carry)
-    tf32 = cross_step_reference(*[t.cuda() if t is not None else None for t in inputs], width, carry)
-    got = cross_step(*[t.cuda() if t is not None else None for t in inputs], width, carry)
-    assert got[0].shape == (batch, width) and torch.isfinite(got[0]).all()
-    assert got[1].shape == ((batch, n) if carry else (0,))
-    for ours, theirs, exact in zip(got, tf32, want):
-        if exact.numel():
-            err = lambda t: ((t.cpu().double() - exact).norm() / exact.norm()).item()  # noqa: E731
-            assert err(ours) <= 2 * err(theirs) + 1e-6, (err(ours), err(theirs))
+              rand(r, n, scale=0.1), rand(n), rand(batch, n) if carry else None]
+    exact = cross_update_reference(*[t.double() if t is not None else None for t in inputs])
+    tf32 = cross_update_reference(*[t.cuda() if t is not None else None for t in inputs])
+    got = cross_update(*[t.cuda() if t is not None else None for t in inputs])
+    assert got.shape == (batch, n) and torch.isfinite(got).all()
+    err = lambda t: ((t.cpu().double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert err(got) <= 2 * err(tf32) + 1e-6, (err(got), err(tf32))
 
 
 def test_aoti_artifact_serves_the_fused_cross_network(tmp_path):

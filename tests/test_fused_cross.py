@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from afmrec.models import build_model
-from afmrec.models.cross_kernel import cross_step_reference, interaction
+from afmrec.models.cross_kernel import cross_update_reference, interaction
 from afmrec.models.fused_cross import FusedCrossNet, unfusable_reason
 from afmrec.models.serving import DCNServing, cross_fusion_blocker
 from afmrec.pipeline.bases import afm_bases, spectra
@@ -50,8 +50,9 @@ def test_the_fused_cross_network_serves_the_models_logits():
     plain, fused = serving_module(model, features), serving_module(model, features, fuse_cross=True)
     assert isinstance(fused.model, DCNServing) and isinstance(fused.model.fused, FusedCrossNet)
     assert plain.model.fused is None
-    # three layers: three launches with 0, k, 2k columns of w's before it, then the head's
-    assert fused.model.fused.starts == [0, 8, 16, 24] and fused.model.fused.widths == [8, 8, 8, 8]
+    # three layers, each an update of depth k = 8 after its down factor (N -> k)
+    assert [u.shape for u in fused.model.fused.ups] == [(8, 64)] * 3
+    assert [d.out_features for d in fused.model.fused.downs] == [8] * 3
     for batch in BATCHES:
         want = call(plain, batch)
         assert (batch.sparse_features.lengths() == 0).any()
@@ -61,42 +62,23 @@ def test_the_fused_cross_network_serves_the_models_logits():
         torch.testing.assert_close(call(fused, batch), model_logits, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("carry_from", [1, 2, 3, 4])
-def test_every_carrying_schedule_serves_the_same_logits(carry_from):
-    """Steps that recompute s from every earlier w and steps that add to the previous
-    step's x give the same network."""
-    model, config = afm_dcn()
-    features = [t.name for t in config.tables]
-    plain, fused = serving_module(model, features), serving_module(model, features, fuse_cross=True)
-    fused.model.fused.carry_from = carry_from
-    for batch in BATCHES:
-        torch.testing.assert_close(call(fused, batch), call(plain, batch), rtol=2e-5, atol=2e-6)
-
-
 @pytest.mark.parametrize("carry", [False, True])
-def test_a_step_is_the_down_factor_of_the_unrolled_layer(carry):
-    """One step against the cross layer written out in float64: x_0 from the codes, then
-    x = x_0 * (beta + w Q^T) [+ x_prev], then z = A x + a."""
+def test_an_update_is_the_cross_layer_written_out(carry):
+    """One update against the layer written out in float64: x_0 from the codes, then
+    x = x_0 * (beta + w Q^T) [+ x_prev]."""
     g = torch.Generator().manual_seed(3)
-    batch, fields, k, dim, r, width = 9, 3, 5, 16, 7, 6
+    batch, fields, k, dim, r = 9, 3, 5, 16, 7
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     n = (fields + 1) * dim
-    dense, codes, ws, prev = rand(batch, dim), rand(batch, fields * k), rand(batch, r), rand(batch, n)
+    dense, codes, w, prev = rand(batch, dim), rand(batch, fields * k), rand(batch, r), rand(batch, n)
     nonempty = (torch.rand(batch, fields, generator=g) > 0.3).double()
     code_weight = torch.cat([rand(fields, k + 1, dim), torch.zeros(fields, 2, dim, dtype=torch.float64)], 1)
-    up_t, beta, down = rand(r, n), rand(n), rand(width, n)
-    down_t = torch.cat([down.T, torch.zeros(n, 10, dtype=torch.float64)], 1)  # padded to 16
-    bias = torch.cat([rand(width), torch.zeros(10, dtype=torch.float64)])
+    up_t, beta = rand(r, n), rand(n)
     x0 = torch.cat([dense] + [codes[:, f * k:(f + 1) * k] @ code_weight[f, :k] + nonempty[:, f:f + 1] * code_weight[f, k]
                               for f in range(fields)], 1)
     torch.testing.assert_close(interaction(dense, codes, nonempty, code_weight), x0)
-    x = x0 * (beta + ws @ up_t) + (prev if carry else 0)
-    z, kept = cross_step_reference(dense, codes, nonempty, code_weight, ws, up_t, beta, prev if carry else None,
-                                   down_t, bias, width, keep=carry)
-    torch.testing.assert_close(z, x @ down.T + bias[:width], rtol=1e-12, atol=1e-12)
-    assert kept.shape == ((batch, n) if carry else (0,))
-    if carry:
-        torch.testing.assert_close(kept, x, rtol=1e-12, atol=1e-12)
+    got = cross_update_reference(dense, codes, nonempty, code_weight, w, up_t, beta, prev if carry else None)
+    torch.testing.assert_close(got, x0 * (beta + w @ up_t) + (prev if carry else 0), rtol=1e-12, atol=1e-12)
 
 
 def test_models_the_fused_network_cannot_serve_say_why():
@@ -104,15 +86,13 @@ def test_models_the_fused_network_cannot_serve_say_why():
     features = [t.name for t in tiny_config("dcn").tables]
     served = serving_module(original, features, fuse_cross=True)
     assert served.model.fused is None  # served plain
-    assert "not low-rank tables" in unfusable_reason(served.model.embedding_bag_collection,
-                                                     served.model.crossnet, torch.nn.Linear(2, 2))
-    assert "low-rank Linear and a ReLU" in cross_fusion_blocker(original)  # before fuse_relus_
+    assert "not low-rank tables" in cross_fusion_blocker(original)
     narrow, _ = afm_dcn(dim=8)
     m = serving_module(narrow, features, fuse_cross=True).model
     assert m.fused is None
-    assert "width 8" in unfusable_reason(m.embedding_bag_collection, m.crossnet, torch.nn.Linear(2, 2))
+    assert "width 8" in unfusable_reason(m.embedding_bag_collection, m.crossnet)
     with pytest.raises(ValueError, match="cannot fuse the cross network"):
-        DCNServing(afm_dcn()[0], fuse_cross=True)  # its ReLUs not fused into LinearReLUs
+        DCNServing(afm_dcn()[0], fuse_cross=True)  # its tables not in serving form
 
 
 def test_aoti_artifact_reproduces_the_model_and_clamps_bad_ids(tmp_path):
