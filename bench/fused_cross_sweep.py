@@ -91,9 +91,10 @@ def main() -> None:
         print(f"plain path (TF32 GEMMs + element-wise): {ref_ms:.3f} ms per batch of {BATCH}; "
               f"one down GEMM (reads x once) {gemm_ms:.3f} ms")
         results = []
-        for block_b, block_n, block_r, warps, stages in itertools.product((64, 128), (64, 128), (16, 32), (4, 8), (2, 3)):
-            ck.BLOCK_B, ck.BLOCK_N, ck.BLOCK_R, ck.NUM_WARPS, ck.NUM_STAGES = block_b, block_n, block_r, warps, stages
-            name = f"BLOCK_B={block_b} BLOCK_N={block_n} BLOCK_R={block_r} warps={warps} stages={stages}"
+        shapes = ((64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 128, 4), (256, 64, 8))
+        for (block_b, block_n, warps), block_r, stages in itertools.product(shapes, (16, 32), (2, 3, 4)):
+            ck.BLOCK_B, ck.BLOCK_N, ck.NUM_WARPS, ck.BLOCK_R, ck.NUM_STAGES = block_b, block_n, warps, block_r, stages
+            name = f"BLOCK_B={block_b} BLOCK_N={block_n} warps={warps} BLOCK_R={block_r} stages={stages}"
             try:
                 got = fused()
                 err = ((got - want).norm() / want.norm()).item()
