@@ -1,13 +1,18 @@
-"""Write the serving artifact of a model: one TorchScript file that loads without afmrec.
+"""Write the serving artifact of a model: one file that loads without afmrec.
 
 The tables go onto FBGEMM's inference kernels (TorchRec's quantize_embeddings) with rows
-in fp32, fp16, int8 or int4; the model is traced with torchrec.fx and scripted, the way
-TorchRec's inference stack builds its models. The file is loaded back and checked against
-the module it came from before it appears.
+in fp32, fp16, int8 or int4. Two formats:
+  torchscript  traced with torchrec.fx and scripted, the way TorchRec's inference stack
+               builds its models (.pt);
+  aoti         torch.export, then compiled ahead of time by AOTInductor (.pt2). On CUDA an
+               AFM DLRM-DCNv2 serves its cross network from the tables' codes (a Triton
+               kernel per layer, compiled into the file): the fastest form on a GPU.
+The file is loaded back and checked against the module it came from before it appears.
 
 A server loads it with TorchRec (for FBGEMM's operators) and nothing of afmrec:
   import torch, torchrec
-  model = torch.jit.load("afm.pt", map_location="cuda")
+  model = torch.jit.load("afm.pt", map_location="cuda")       # torchscript
+  model = torch._inductor.aoti_load_package("afm.pt2")        # aoti
   logits = model(dense, values, lengths)   # (B, N) float32, (L,) int64, (F * B,) int32 -> (B,)
 
 Export runs in one process (the whole model is loaded on --device); the artifact serves
@@ -15,6 +20,7 @@ on that kind of device.
 
 Example:
   afmrec export --model runs/demo/afm_finetuned --tables int8 --out runs/demo/afm_int8.pt
+  afmrec export --model runs/demo/afm_finetuned --format aoti --out runs/demo/afm.pt2
 """
 
 from __future__ import annotations
@@ -25,13 +31,16 @@ from pathlib import Path
 
 from .args import add_output, job
 
-HELP = "write a compressed model as a TorchScript serving artifact (fp32/fp16/int8/int4 tables)"
+HELP = "write a compressed model as a serving artifact (TorchScript or AOTInductor; fp32/fp16/int8/int4 tables)"
 log = logging.getLogger("afmrec.export")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="a model folder (compressed or not)")
-    add_output(parser, "the TorchScript file (.pt)")
+    add_output(parser, "the artifact (.pt for torchscript, .pt2 for aoti)")
+    parser.add_argument("--format", choices=("torchscript", "aoti"), default="torchscript",
+                        help="torchscript (default) or aoti: torch.export + AOTInductor, which on "
+                        "CUDA serves an AFM DLRM-DCNv2's cross network from its codes")
     parser.add_argument("--tables", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
                         help="row format of the tables in the artifact (default: fp32)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -46,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.export import ExportConfig, export_model
     from afmrec.pipeline.model_io import load_model
 
-    config = ExportConfig(tables=args.tables, check_batch=args.check_batch)
+    config = ExportConfig(tables=args.tables, check_batch=args.check_batch, format=args.format)
     with job(args) as (env, _):
         if env.is_distributed:
             raise InputError("export runs in one process: call `afmrec export` without torchrun")
@@ -57,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                             overwrite=args.overwrite)
     size = args.out.stat().st_size
     check = meta.get("check_max_abs_diff")
-    log.info("wrote %s: %s params, %s tables, %.1f MiB on disk%s", args.out, f"{meta['params']:,}",
-             meta["tables"], size / 2**20,
+    log.info("wrote %s (%s, cross network %s): %s params, %s tables, %.1f MiB on disk%s", args.out,
+             meta["artifact"], meta["cross"], f"{meta['params']:,}", meta["tables"], size / 2**20,
              f"; loaded back, max |logit diff| {check:.2g}" if check is not None else "")
     return 0

@@ -316,7 +316,7 @@ def aoti_package(served: ServingModule, config: ModelConfig, path: Path, metadat
     device = next(served.parameters()).device
     batch = example_batch(config, 64, device)
     kjt = batch.sparse_features
-    rows, ids = torch.export.Dim("batch", min=2, max=2**24), torch.export.Dim("ids", min=2, max=2**40)
+    rows, ids = torch.export.Dim("batch", min=1, max=2**24), torch.export.Dim("ids", min=0, max=2**40)
     dims = ({0: rows}, {0: ids}, {0: len(served.features) * rows})
     with _ExportableIds(served), torch.no_grad():
         program = torch.export.export(served, (batch.dense_features, kjt.values(), kjt.lengths().int()),

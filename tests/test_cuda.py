@@ -204,7 +204,7 @@ def test_aoti_artifact_serves_the_fused_cross_network(tmp_path):
 
     from .test_fused_cross import BATCHES, afm_dcn
 
-    model, config = afm_dcn(device="cuda")
+    model, config, _ = afm_dcn(device="cuda")
     features = [t.name for t in config.tables]
     plain = serving_module(model, features)
     meta = export_model(model, config, tmp_path / "m.pt2", ExportConfig(format="aoti"))

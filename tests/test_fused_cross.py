@@ -9,6 +9,8 @@ import dataclasses
 
 import pytest
 import torch
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from afmrec.models import build_model
 from afmrec.models.cross_kernel import cross_update_reference, interaction
@@ -17,7 +19,17 @@ from afmrec.models.serving import DCNServing, cross_fusion_blocker
 from afmrec.pipeline.bases import afm_bases, spectra
 from afmrec.pipeline.blocks import find_blocks
 from afmrec.pipeline.compress import CompressConfig, compress_
-from afmrec.pipeline.export import ExportConfig, call, export_model, load_artifact, read_metadata, serving_module
+from afmrec.launch.cli import main
+from afmrec.pipeline.export import (
+    ExportConfig,
+    call,
+    example_batch,
+    export_model,
+    load_artifact,
+    read_metadata,
+    serving_module,
+)
+from afmrec.pipeline.model_io import ModelRecord, save_model
 from afmrec.pipeline.errors import InputError
 from afmrec.pipeline.stats import collect_statistics
 
@@ -33,19 +45,19 @@ def afm_dcn(dim: int = 16, layers: int = 3, compressed: bool = True, device: str
     config = dataclasses.replace(tiny_config("dcn", embedding_dim=dim), dense_arch=(16, dim),
                                  over_arch=(32, 8, 1), dcn_num_layers=layers, dcn_low_rank_dim=32)
     model = build_model(config, torch.device(device)).eval()
+    blocks = find_blocks(model)
+    ranks = {b.name: 4 if b.kind == "table" else max(1, b.out_features // 4) for b in blocks}
     if compressed:
-        blocks = find_blocks(model)
-        ranks = {b.name: 4 if b.kind == "table" else max(1, b.out_features // 4) for b in blocks}
         batches = [b.to(torch.device(device)) for b in BATCHES]
         compress_(model, afm_bases(spectra(collect_statistics(model, blocks, batches)), ranks), CompressConfig())
-    return model.eval(), config
+    return model.eval(), config, ranks
 
 
 def test_the_fused_cross_network_serves_the_models_logits():
     """Served from the codes (x_l = x_0 * (1 + y_1 + .. + y_l), x_0 never formed as the
     model forms it), the logits are the plain serving form's and the model's to float32
     rounding, on batches with empty bags."""
-    model, config = afm_dcn()
+    model, config, _ = afm_dcn()
     features = [t.name for t in config.tables]
     plain, fused = serving_module(model, features), serving_module(model, features, fuse_cross=True)
     assert isinstance(fused.model, DCNServing) and isinstance(fused.model.fused, FusedCrossNet)
@@ -82,12 +94,12 @@ def test_an_update_is_the_cross_layer_written_out(carry):
 
 
 def test_models_the_fused_network_cannot_serve_say_why():
-    original, _ = afm_dcn(compressed=False)
+    original, _, _ = afm_dcn(compressed=False)
     features = [t.name for t in tiny_config("dcn").tables]
     served = serving_module(original, features, fuse_cross=True)
     assert served.model.fused is None  # served plain
     assert "not low-rank tables" in cross_fusion_blocker(original)
-    narrow, _ = afm_dcn(dim=8)
+    narrow, _, _ = afm_dcn(dim=8)
     m = serving_module(narrow, features, fuse_cross=True).model
     assert m.fused is None
     assert "width 8" in unfusable_reason(m.embedding_bag_collection, m.crossnet)
@@ -98,7 +110,8 @@ def test_models_the_fused_network_cannot_serve_say_why():
 def test_aoti_artifact_reproduces_the_model_and_clamps_bad_ids(tmp_path):
     """The AOTInductor package serves the TorchScript file's logits; an id outside its
     table reads row 0 in both (FBGEMM's bounds check in the one, plain ops in the other)."""
-    model, config = afm_dcn()
+    model, config, _ = afm_dcn()
+    features = [t.name for t in config.tables]
     meta = export_model(model, config, tmp_path / "m.pt2", ExportConfig(format="aoti", check_batch=64))
     export_model(model, config, tmp_path / "m.pt")
     assert meta["artifact"] == "aoti" and meta["cross"] == "plain"  # fused only on CUDA
@@ -117,5 +130,31 @@ def test_aoti_artifact_reproduces_the_model_and_clamps_bad_ids(tmp_path):
         got = aoti(BATCHES[0].dense_features, values, lengths)
         want = script(BATCHES[0].dense_features, bad_row_zero, lengths)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # batch sizes and id counts are dynamic down to 1 row and no id at all
+    for rows, ids in ((1, 0), (1, 1), (5, None)):
+        batch = example_batch(config, rows, seed=rows)
+        if ids is not None:
+            lengths = torch.zeros(len(config.tables), rows, dtype=torch.int32)
+            lengths[1, 0] = ids
+            batch = Batch(batch.dense_features, KeyedJaggedTensor.from_lengths_sync(
+                features, torch.zeros(ids, dtype=torch.int64), lengths.flatten()), batch.labels)
+        torch.testing.assert_close(call(aoti, batch), call(script, batch), rtol=1e-6, atol=1e-6)
     with pytest.raises(InputError, match="format must be one of"):
         ExportConfig(format="onnx")  # type: ignore[arg-type]
+
+
+def test_cli_exports_an_aoti_package(tmp_path, capsys):
+    model, config, ranks = afm_dcn()
+    save_model(model, ModelRecord(config, ranks=ranks, compress=CompressConfig(), method="afm"), tmp_path / "afm")
+    out = tmp_path / "afm.pt2"
+    assert main(["export", "--model", str(tmp_path / "afm"), "--out", str(out), "--device", "cpu",
+                 "--format", "aoti", "--tables", "int8"]) == 0
+    meta = read_metadata(out)
+    assert (meta["artifact"], meta["tables"], meta["cross"]) == ("aoti", "int8", "plain")
+    loaded, _ = load_artifact(out)
+    eager = serving_module(model, meta["features"], "int8")
+    for batch in BATCHES:
+        torch.testing.assert_close(call(loaded, batch), call(eager, batch), rtol=1e-6, atol=1e-6)
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--model", str(tmp_path / "afm"), "--out", str(out), "--format", "onnx"])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
