@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write torch.profiler tables (training step, forward vs statistics "
                         "pass, each served artifact) here")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
+    parser.add_argument("--aoti", action="store_true",
+                        help="on CUDA, also time AOTInductor artifacts (export --format aoti: an AFM "
+                        "model's cross network from its codes); each compiles for about a minute")
     parser.add_argument("--quiet", action="store_true", help="no info logs")
 
 
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
         stages = [x for x in args.stages.split(",") if x]
         record = run_speed(shape, env, stages=stages, workdir=args.workdir,
-                           profile_dir=args.profile_dir, on_stage=write)
+                           profile_dir=args.profile_dir, aoti=args.aoti, on_stage=write)
         if env.rank == 0:
             print(json.dumps(record, indent=2, default=str))
             if args.json:

@@ -16,10 +16,11 @@ and CI. Every ratio is measured in the same process on the same device:
 4. inference samples/s of AFM at 4x and 8x fewer parameters, TorchRec int8 tables, AFM
    4x + int8, fp16 tables and AFM 4x + fp16, each over the original, each timed as the
    serving artifacts that ``afmrec export`` writes (FBGEMM's inference kernels;
-   TorchScript, and on CUDA AOTInductor, where an AFM model's cross network is computed
-   from its codes), loaded back as a server would, a variant's faster artifact against
-   the original's faster one; the eager module they came from is timed beside them. CPU
-   latency of AFM 4x vs the original, artifacts again;
+   TorchScript, and with ``aoti`` on CUDA AOTInductor, where an AFM model's cross network
+   is computed from its codes), loaded back as a server would, a variant's faster
+   artifact against the original's faster one; the eager module they came from is timed
+   beside them (on CUDA an AFM one also with the fused cross network), and the device
+   time of a batch of each. CPU latency of AFM 4x vs the original, artifacts again;
 5. peak device memory of each stage.
 
 Dense math runs in TF32 on CUDA for every variant alike.
@@ -278,16 +279,30 @@ def profile_to(path: Path, fn: Callable[[], Any], device: torch.device, title: s
 
 
 AOTI_VARIANTS = ("original", "afm4x", "afm8x", "afm4x_int8", "afm4x_fp16")
-"""Variants also exported in the ``aoti`` format on CUDA (``afmrec export --format
-aoti``): AOTInductor's compile of each takes a minute at the production shape."""
+"""Variants also exported in the ``aoti`` format when asked (``--aoti``): AOTInductor's
+compile of each takes a minute at the production shape."""
+
+
+def gpu_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds of device work (the kernels' and copies' own time, torch.profiler) of
+    one call of ``fn``, after a warm-up call: what the call costs without the host's gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        synchronize(device)
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
 
 
 def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: SpeedShape,
                     device: torch.device, peak: Peak, workdir: Path,
-                    profile_dir: Path | None = None) -> dict[str, Any]:
-    """Samples/s of each variant's exported artifacts (TorchScript; on CUDA also
-    AOTInductor, with the AFM cross network from the codes) and of the eager module they
-    came from, and the artifacts' sizes.
+                    profile_dir: Path | None = None, aoti: bool = False) -> dict[str, Any]:
+    """Samples/s of each variant's exported artifacts (TorchScript; with ``aoti`` on CUDA
+    also AOTInductor, which computes the AFM cross network from the codes) and of the
+    eager module they came from, plain and (AFM, CUDA) with the fused cross network; the
+    device time of a batch of each; the artifacts' sizes.
 
     ``infer_{name}_samples_per_s`` is the faster of a variant's artifacts (its format in
     ``infer_format_{name}``), ``infer_{name}_vs_original`` its ratio to the original's
@@ -297,24 +312,30 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
     rows = [t.num_embeddings for t in record.model.tables]
     out: dict[str, Any] = {}
     variants = inference_variants(model, stats, record)
+    cuda = device.type == "cuda"
     for name, build in variants.items():
         module, tables = build()
-        formats = ["torchscript"] + (["aoti"] if device.type == "cuda" and name in AOTI_VARIANTS else [])
+        formats = ["torchscript"] + (["aoti"] if aoti and cuda and name in AOTI_VARIANTS else [])
         # A compressed variant is a fresh copy: convert it in place (one copy of the tables
         # fewer on the device); the original is needed again.
-        eager = serving_module(module, features, tables, inplace=module is not model,
-                               fuse_cross="aoti" in formats, rows=rows)
+        eager = serving_module(module, features, tables, inplace=module is not model, fuse_cross=cuda, rows=rows)
         out[f"params_{name}"] = eager.params
         del module
         fused = getattr(eager.model, "fused", None) is not None
-        if fused:
-            eager.model.use_fused = False
-        out[f"infer_eager_{name}_samples_per_s"] = samples_per_s(eager, batches, device)
-        want = call(eager, batches[0])
-        if fused:
-            eager.model.use_fused = True
-            out[f"infer_eager_fused_{name}_samples_per_s"] = samples_per_s(eager, batches, device)
-            out[f"eager_fused_vs_plain_max_abs_diff_{name}"] = (call(eager, batches[0]) - want).abs().max().item()
+        forms = {"eager": False, "eager_fused": True} if fused else {"eager": False}
+        for form, use_fused in forms.items():
+            if fused:
+                eager.model.use_fused = use_fused
+            out[f"infer_{form}_{name}_samples_per_s"] = samples_per_s(eager, batches, device)
+            if cuda:
+                out[f"gpu_ms_{form}_{name}"] = gpu_ms(lambda: call(eager, batches[0]), device)
+            if use_fused:
+                out[f"eager_fused_vs_plain_max_abs_diff_{name}"] = (call(eager, batches[0]) - want).abs().max().item()
+                if profile_dir is not None:
+                    profile_to(profile_dir / "profile_infer.txt", lambda: call(eager, batches[0]), device,
+                               f"inference, {name} eager module with the fused cross network, batch {shape.infer_batch}")
+            else:
+                want = call(eager, batches[0])
         paths = {}
         for fmt in formats:
             paths[fmt] = workdir / f"{name}{SUFFIX[fmt]}"
@@ -329,6 +350,8 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
             out[f"artifact_vs_eager_max_abs_diff_{key}"] = (call(artifact, batches[0]) - want).abs().max().item()
             out[f"infer_{key}_samples_per_s"] = peak.measure(
                 f"infer_{key}", device, lambda: samples_per_s(artifact, batches, device))
+            if cuda:
+                out[f"gpu_ms_{key}"] = gpu_ms(lambda: call(artifact, batches[0]), device)
             if profile_dir is not None:
                 profile_to(profile_dir / "profile_infer.txt", lambda: call(artifact, batches[0]), device,
                            f"inference, {name} {fmt} artifact, batch {shape.infer_batch}")
@@ -339,10 +362,15 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
         out[f"infer_format_{name}"] = best
         out[f"infer_{name}_samples_per_s"] = out[f"infer_{best}_{name}_samples_per_s"]
         out[f"artifact_mib_{name}"] = out[f"artifact_mib_{best}_{name}"]
+        out[f"artifact_vs_eager_max_abs_diff_{name}"] = out[f"artifact_vs_eager_max_abs_diff_{best}_{name}"]
     base = out["infer_original_samples_per_s"]
     for name in variants:
         if name != "original":
             out[f"infer_{name}_vs_original"] = out[f"infer_{name}_samples_per_s"] / base
+        if f"infer_eager_fused_{name}_samples_per_s" in out:
+            out[f"infer_eager_fused_{name}_vs_original"] = out[f"infer_eager_fused_{name}_samples_per_s"] / base
+            out[f"gpu_time_eager_fused_{name}_vs_original"] = (
+                out[f"gpu_ms_{out['infer_format_original']}_original"] / out[f"gpu_ms_eager_fused_{name}"])
     return out
 
 
@@ -380,7 +408,7 @@ STATS_PRECISIONS = ("float32", "bfloat16")
 
 
 def run_speed(shape: SpeedShape, env: DistEnv, *, stages: Sequence[str] = STAGES,
-              workdir: Path | None = None, profile_dir: Path | None = None,
+              workdir: Path | None = None, profile_dir: Path | None = None, aoti: bool = False,
               on_stage: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Any]:
     """Runs the measurements of ``stages`` (a subset of :data:`STAGES`); returns the record
     that ``--json`` writes.
@@ -419,7 +447,7 @@ def run_speed(shape: SpeedShape, env: DistEnv, *, stages: Sequence[str] = STAGES
             stats = collect_statistics(model, blocks, train_batches)
             if "inference" in stages:
                 result.update(bench_inference(model, stats, record, shape, device, peak, Path(tmp),
-                                              profile_dir))
+                                              profile_dir, aoti))
                 result["peak_memory_gib"] = peak.gib
                 on_stage(result)
             if "cpu" in stages:

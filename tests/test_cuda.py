@@ -175,7 +175,8 @@ def test_statistics_through_a_sharded_model_equal_float64_products_on_the_cpu(tm
 def test_fused_cross_kernel_is_as_close_to_float64_as_tf32_gemms(batch, fields, k, dim, r, carry):
     """One update of the fused cross network's Triton kernel against its function in
     float64 on the CPU: no further from it than PyTorch's TF32 GEMMs computing the same
-    update (its products are TF32 too); every element written."""
+    update (its products are TF32 too) or than TF32's rounding (3e-3: cuBLAS takes some of
+    these small products in float32); every element written."""
     from afmrec.models.cross_kernel import cross_update, cross_update_reference
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -190,7 +191,7 @@ def test_fused_cross_kernel_is_as_close_to_float64_as_tf32_gemms(batch, fields, 
     got = cross_update(*[t.cuda() if t is not None else None for t in inputs])
     assert got.shape == (batch, n) and torch.isfinite(got).all()
     err = lambda t: ((t.cpu().double() - exact).norm() / exact.norm()).item()  # noqa: E731
-    assert err(got) <= 2 * err(tf32) + 1e-6, (err(got), err(tf32))
+    assert err(got) <= max(2 * err(tf32), 3e-3), (err(got), err(tf32))
 
 
 def test_aoti_artifact_serves_the_fused_cross_network(tmp_path):
