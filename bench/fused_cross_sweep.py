@@ -91,10 +91,10 @@ def main() -> None:
         print(f"plain path (TF32 GEMMs + element-wise): {ref_ms:.3f} ms per batch of {BATCH}; "
               f"one down GEMM (reads x once) {gemm_ms:.3f} ms")
         results = []
-        shapes = ((64, 64, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 128, 4), (256, 64, 8))
-        for (block_b, block_n, warps), block_r, stages in itertools.product(shapes, (16, 32), (2, 3, 4)):
-            ck.BLOCK_B, ck.BLOCK_N, ck.NUM_WARPS, ck.BLOCK_R, ck.NUM_STAGES = block_b, block_n, warps, block_r, stages
-            name = f"BLOCK_B={block_b} BLOCK_N={block_n} warps={warps} BLOCK_R={block_r} stages={stages}"
+        shapes = ((64, 64, 4), (128, 64, 4), (128, 64, 8), (256, 64, 8), (64, 32, 4), (128, 32, 4))
+        for (block_b, block_n, warps), early, stages in itertools.product(shapes, (True, False), (2, 3)):
+            ck.BLOCK_B, ck.BLOCK_N, ck.NUM_WARPS, ck.EARLY, ck.NUM_STAGES = block_b, block_n, warps, early, stages
+            name = f"BLOCK_B={block_b} BLOCK_N={block_n} warps={warps} EARLY={early} stages={stages}"
             try:
                 got = fused()
                 err = ((got - want).norm() / want.norm()).item()
