@@ -11,6 +11,34 @@ from afmrec.models import ModelConfig, TableSpec, build_model
 
 TABLES = (TableSpec("t0", 10), TableSpec("t1", 40), TableSpec("t2", 25))
 
+WITHOUT_AFMREC = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "afmrec" or name.startswith("afmrec."):
+            raise ImportError("afmrec is not installed here")
+sys.meta_path.insert(0, Block())
+import torch, torchrec
+try:
+    import afmrec
+    sys.exit("afmrec was importable")
+except ImportError:
+    pass
+"""
+
+
+def run_without_afmrec(code: str, folder) -> list[str]:
+    """Runs ``code`` in a fresh Python where ``import afmrec`` fails (a server with torch
+    and TorchRec only), in ``folder`` (also its ``sys.argv[1]``); returns its output lines."""
+    import subprocess
+    import sys
+    import textwrap
+
+    out = subprocess.run([sys.executable, "-c", WITHOUT_AFMREC + textwrap.dedent(code), str(folder)],
+                         capture_output=True, text=True, cwd=folder, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()
+
 
 def tiny_config(arch: str, num_dense: int = 3, embedding_dim: int = 4) -> ModelConfig:
     return ModelConfig(

@@ -13,7 +13,7 @@ from afmrec.models import build_model
 from afmrec.pipeline.blocks import find_blocks
 from afmrec.pipeline.stats import StatsCollector
 
-from .conftest import random_batch, tiny_config
+from .conftest import random_batch, run_without_afmrec, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -218,9 +218,6 @@ def test_aoti_artifact_serves_the_fused_cross_network(tmp_path):
     """On CUDA an AFM DLRM-DCNv2's AOTInductor artifact computes the cross network from the
     codes (its Triton kernel compiled into the package), loads where afmrec cannot be
     imported, and serves the plain network's logits to TF32 rounding."""
-    import subprocess
-    import sys
-
     if not _aoti_loads_here(tmp_path):
         pytest.skip("this host's torch cannot load any CUDA AOTInductor package (a two-layer MLP's crashes)")
 
@@ -242,19 +239,10 @@ def test_aoti_artifact_serves_the_fused_cross_network(tmp_path):
     kjt = b.sparse_features
     torch.save({"dense": b.dense_features, "values": kjt.values(), "lengths": kjt.lengths().int(),
                 "want": call(loaded, b)}, tmp_path / "batch.pt")
-    script = (
-        "import importlib.abc, sys\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path, target=None):\n"
-        "        if name == 'afmrec' or name.startswith('afmrec.'):\n"
-        "            raise ImportError('afmrec is not installed here')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import torch, torchrec\n"
-        "d = torch.load(sys.argv[1] + '/batch.pt')\n"
-        "m = torch._inductor.aoti_load_package(sys.argv[1] + '/m.pt2')\n"
-        "with torch.no_grad():\n"
-        "    print((m(d['dense'], d['values'], d['lengths']) - d['want']).abs().max().item())\n")
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.strip().splitlines()[-1]) == 0.0
+    lines = run_without_afmrec("""
+        d = torch.load(sys.argv[1] + "/batch.pt")
+        m = torch._inductor.aoti_load_package(sys.argv[1] + "/m.pt2")
+        with torch.no_grad():
+            print((m(d["dense"], d["values"], d["lengths"]) - d["want"]).abs().max().item())
+    """, tmp_path)
+    assert float(lines[-1]) == 0.0

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -31,7 +28,7 @@ from afmrec.pipeline.export import (
 from afmrec.pipeline.model_io import ModelRecord, save_model
 from afmrec.pipeline.stats import collect_statistics
 
-from .conftest import TABLES, random_batch, tiny_config
+from .conftest import TABLES, random_batch, run_without_afmrec, tiny_config
 
 D = 8  # FBGEMM's inference kernels want rows of a multiple of 4 bytes (int4: 8 values)
 BATCHES = [random_batch(64, 3, seed=s) for s in range(3)]
@@ -102,19 +99,7 @@ def test_artifact_loads_without_afmrec(tmp_path):
     kjt = batch.sparse_features
     torch.save({"dense": batch.dense_features, "values": kjt.values(), "lengths": kjt.lengths().int()},
                tmp_path / "batch.pt")
-    script = textwrap.dedent("""
-        import importlib.abc, sys
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "afmrec" or name.startswith("afmrec."):
-                    raise ImportError("afmrec is not installed here")
-        sys.meta_path.insert(0, Block())
-        import torch, torchrec
-        try:
-            import afmrec
-            sys.exit("afmrec was importable")
-        except ImportError:
-            pass
+    lines = run_without_afmrec("""
         d = sys.argv[1]
         b = torch.load(d + "/batch.pt")
         for arch in ("dlrm", "dcn", "deepfm"):
@@ -123,11 +108,8 @@ def test_artifact_loads_without_afmrec(tmp_path):
                 got = m(b["dense"], b["values"], b["lengths"])
             want = torch.load(f"{d}/{arch}.want")
             print(arch, (got - want).abs().max().item())
-    """)
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    diffs = dict(line.split() for line in out.stdout.strip().splitlines())
+    """, tmp_path)
+    diffs = dict(line.split() for line in lines)
     assert sorted(diffs) == ["dcn", "deepfm", "dlrm"]
     assert all(float(v) == 0.0 for v in diffs.values()), diffs
 

@@ -33,7 +33,7 @@ from afmrec.pipeline.model_io import ModelRecord, save_model
 from afmrec.pipeline.errors import InputError
 from afmrec.pipeline.stats import collect_statistics
 
-from .conftest import random_batch, tiny_config
+from .conftest import random_batch, run_without_afmrec, tiny_config
 
 BATCHES = [random_batch(64, 3, seed=s, max_bag=4) for s in range(3)]
 
@@ -155,6 +155,20 @@ def test_cli_exports_an_aoti_package(tmp_path, capsys):
     eager = serving_module(model, meta["features"], "int8")
     for batch in BATCHES:
         torch.testing.assert_close(call(loaded, batch), call(eager, batch), rtol=1e-6, atol=1e-6)
+    # a server with torch and TorchRec, not afmrec, loads and calls it (by a name without .pt2)
+    batch = BATCHES[0]
+    kjt = batch.sparse_features
+    torch.save({"dense": batch.dense_features, "values": kjt.values(), "lengths": kjt.lengths().int(),
+                "want": call(eager, batch)}, tmp_path / "batch.pt")
+    out.rename(tmp_path / "served.bin")
+    lines = run_without_afmrec("""
+        d = torch.load(sys.argv[1] + "/batch.pt")
+        with open(sys.argv[1] + "/served.bin", "rb") as f:
+            m = torch._inductor.aoti_load_package(f)
+        with torch.no_grad():
+            print((m(d["dense"], d["values"], d["lengths"]) - d["want"]).abs().max().item())
+    """, tmp_path)
+    assert float(lines[-1]) <= 1e-6
     with pytest.raises(SystemExit) as exit_:
         main(["export", "--model", str(tmp_path / "afm"), "--out", str(out), "--format", "onnx"])
     assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
