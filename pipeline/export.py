@@ -233,7 +233,8 @@ def write_artifact(
 
     With ``check_batch`` rows, the written file is loaded back and its logits compared with
     ``served`` on an example batch; a mismatch beyond float rounding stops the export and
-    writes nothing.
+    writes nothing. A DLRM-DCNv2 built with a fused cross network is left serving the form
+    the file holds (fused for ``aoti``, plain for ``torchscript``).
     """
     device = next(served.parameters()).device  # the dense part serves where the tables do
     dcn = served.model if getattr(served.model, "fused", None) is not None else None
