@@ -53,17 +53,32 @@ def padded(width: int) -> int:
     return max(16, 1 << (width - 1).bit_length())
 
 
+def project_codes(codes: torch.Tensor, nonempty: torch.Tensor, code_weight: torch.Tensor,
+                  out: torch.Tensor, k: int, pad: int) -> None:
+    """Writes each field's ``[c_f; nonempty_f; 0] W_f`` into ``out`` with one batched GEMM.
+
+    Args: codes (B, F K); nonempty (B, F); code_weight (F, K + 1 + pad, D) (row K the bias
+    of a non-empty bag, the ``pad`` rows after it zeros); out (B, F, D), may be a view of a
+    larger buffer; k, pad: Python ints (shapes are not read, so torch.fx can trace it)."""
+    fields = code_weight.shape[0]
+    z = codes.view(-1, fields, k)  # (B, F, K)
+    parts = [z, nonempty.to(z.dtype).unsqueeze(2)] + ([z.new_zeros(z.shape[0], fields, pad)] if pad else [])
+    # (F, B, K + 1 + pad) @ (F, K + 1 + pad, D) -> (F, B, D), i.e. ``out`` transposed
+    torch.bmm(torch.cat(parts, dim=2).transpose(0, 1), code_weight, out=out.transpose(0, 1))
+
+
 def interaction(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
                 code_weight: torch.Tensor) -> torch.Tensor:
-    """``x_0`` (B, (F + 1) D): the dense row, then each field's ``W_f^T [c_f; nonempty_f]``.
+    """``x_0`` (B, (F + 1) D): the dense row, then each field's projection
+    (:func:`project_codes`, as the plain serving form writes them).
 
-    Args: dense (B, D); codes (B, F K); nonempty (B, F); code_weight (F, KP, D), KP > K
-    (row K is the bias of a non-empty bag, rows past it zeros)."""
-    batch, (fields, _, dim) = dense.shape[0], code_weight.shape
+    Args: dense (B, D); codes (B, F K); nonempty (B, F); code_weight (F, KP, D), KP > K."""
+    batch, (fields, kp, dim) = dense.shape[0], code_weight.shape
     k = codes.shape[1] // fields
-    z = codes.view(batch, fields, k).transpose(0, 1)  # (F, B, K)
-    x = torch.bmm(z, code_weight[:, :k]) + nonempty.T.unsqueeze(2) * code_weight[:, k].unsqueeze(1)
-    return torch.cat([dense, x.transpose(0, 1).reshape(batch, fields * dim)], dim=1)
+    x0 = dense.new_empty(batch, fields + 1, dim)
+    x0.select(1, 0).copy_(dense)
+    project_codes(codes, nonempty, code_weight, x0.narrow(1, 1, fields), k, kp - k - 1)
+    return x0.view(batch, -1)
 
 
 def cross_update_reference(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,

@@ -21,6 +21,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from .cross_kernel import project_codes
+
 
 def residual_bias(components: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
     """``(I - U U^T) c``: the part of the centre the kept directions do not carry.
@@ -228,12 +230,8 @@ class LowRankEmbeddingBagCollection(nn.Module):
         self._project_codes_into(codes, mask, out)
 
     def _project_codes_into(self, codes: KeyedTensor, mask: torch.Tensor, out: torch.Tensor) -> None:
-        k, pad = self._serving
-        f = len(self._feature_tables)
-        z = codes.values().view(-1, f, k)  # (B, F, K): the codes come in feature order (tested)
-        parts = [z, mask.to(z.dtype).unsqueeze(2)] + ([z.new_zeros(z.shape[0], f, pad)] if pad else [])
-        # (F, B, K + 1 + pad) @ (F, K + 1 + pad, D) -> (F, B, D), i.e. ``out`` transposed
-        torch.bmm(torch.cat(parts, dim=2).transpose(0, 1), self.serving_weight, out=out.transpose(0, 1))
+        k, pad = self._serving  # the codes come in feature order (tested)
+        project_codes(codes.values(), mask, self.serving_weight, out, k, pad)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Args: features: KJT of F features. Returns: KeyedTensor, (B, F * D)."""
