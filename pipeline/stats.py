@@ -523,7 +523,11 @@ class StatsCollector:
     a CUDA graph: the held outputs are copied into its input buffers and the graph is
     replayed (one launch) on a side stream, where it runs beside the next batch's forward
     pass; its counts equal the eager update's and its sums match them (tested). At most
-    :attr:`max_graphs` shapes are captured; others run eagerly.
+    :attr:`max_graphs` shapes are captured; others run eagerly. While the collector is
+    open, the caller's work on that device runs on a high-priority stream: the GPU's
+    scheduler then gives the forward pass's kernels the SMs first and the update fills
+    what they leave, so the forward pass's host syncs (which gate a pass) wait only for
+    its own kernels.
 
     Example::
 
@@ -556,6 +560,7 @@ class StatsCollector:
         self._graphs: dict[Hashable, _CapturedUpdate] = {}
         self._stream: Any = None  # torch.cuda.Stream of the replays
         self._held: list[list[torch.Tensor]] = []  # the outputs the last replay reads
+        self._streams: tuple[Any, Any] | None = None  # (the caller's stream, the high-priority one)
 
     @property
     def moments(self) -> dict[str, Moments]:
@@ -648,11 +653,23 @@ class StatsCollector:
             self._handles.append(arch.register_forward_hook(observer.hook, with_kwargs=True))
         if self._observers:
             self._handles.append(self.model.register_forward_hook(lambda *_: self.flush()))
+        device = torch.device(self.device) if self.device is not None else None
+        if self.cuda_graphs and device is not None and device.type == "cuda":
+            outer = torch.cuda.current_stream(device)
+            fast = torch.cuda.Stream(device, priority=-1)  # lower is sooner
+            fast.wait_stream(outer)
+            torch.cuda.set_stream(fast)
+            self._streams = (outer, fast)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.flush()
         self._join()
+        if self._streams is not None:
+            outer, fast = self._streams
+            outer.wait_stream(fast)
+            torch.cuda.set_stream(outer)
+            self._streams = None
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -29,12 +29,17 @@ def _collect(model, blocks, batches, cuda_graphs: bool, precision: str, read_aft
         modules = dict(model.named_modules())
         owners = {b.module if b.kind == "linear" else b.module.rpartition(".")[0] for b in blocks}
         hooks = [modules[m].register_forward_hook(lambda _m, _i, out: kept.append(out)) for m in owners]
+    outer = torch.cuda.current_stream()
     with torch.no_grad(), StatsCollector(model, blocks, torch.device("cuda"), precision,
                                            cuda_graphs=cuda_graphs) as c:
+        # the graphed pass runs the caller's work on a high-priority stream
+        assert (torch.cuda.current_stream() != outer) == cuda_graphs
+        assert torch.cuda.current_stream().priority < outer.priority or not cuda_graphs
         for i, b in enumerate(batches, start=1):
             model(b.dense_features, b.sparse_features)
             if i == read_after:
                 partial = {k: m.n.clone() for k, m in c.moments.items()}
+    assert torch.cuda.current_stream() == outer
     for h in hooks:
         h.remove()
     return c.result(), c.replays, partial
