@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aoti", action="store_true",
                         help="on CUDA, also time AOTInductor artifacts (export --format aoti: an AFM "
                         "model's cross network from its codes); each compiles for about a minute")
+    parser.add_argument("--variants",
+                        help="comma-separated served variants the inference stage times (of original, "
+                        "afm4x, afm8x, int8, afm4x_int8, fp16, afm4x_fp16; the original always); default: all")
     parser.add_argument("--quiet", action="store_true", help="no info logs")
 
 
@@ -92,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
         stages = [x for x in args.stages.split(",") if x]
         record = run_speed(shape, env, stages=stages, workdir=args.workdir,
-                           profile_dir=args.profile_dir, aoti=args.aoti, on_stage=write)
+                           profile_dir=args.profile_dir, aoti=args.aoti,
+                           variants=args.variants.split(",") if args.variants else None, on_stage=write)
         if env.rank == 0:
             print(json.dumps(record, indent=2, default=str))
             if args.json:

@@ -21,6 +21,8 @@ Its forward takes plain tensors, so a server needs no TorchRec type to call it::
 
     import torch, torchrec  # torchrec (or fbgemm_gpu) registers the FBGEMM operators
     model = torch.jit.load("model.pt", map_location="cuda")  # or, for the aoti format:
+    import ctypes, os  # first, on Linux (see :func:`share_libstdcxx`):
+    ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
     model = torch._inductor.aoti_load_package("model.pt2")
     logits = model(dense, values, lengths)  # (B, N) float, (L,) int64, (F * B,) int32 -> (B,)
 
@@ -353,6 +355,31 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{path}: not a TorchScript file or AOTInductor package ({e})") from None
 
 
+def share_libstdcxx() -> None:
+    """Puts the process's libstdc++ in the global symbol scope (``dlopen`` with
+    ``RTLD_NOLOAD | RTLD_GLOBAL``; the same as ``LD_PRELOAD=libstdc++.so.6``), as a process
+    must before it loads a CUDA AOTInductor package on some hosts.
+
+    Why: the package's model library defines its own copies of some libstdc++ functions
+    (``std::locale``'s) but binds their GNU-unique data (the locale facets' ids) to the
+    process's libstdc++, which Python loaded with torch in a local scope. ``std::regex``,
+    which the library's set-up uses to parse the device name, then looks a facet up in one
+    copy's locale by the other copy's id and calls the wrong facet: SIGSEGV in
+    ``AOTIModelPackageLoader``'s constructor (seen on the benchmark host: torch
+    2.11 + CUDA 13, g++ 13, every CUDA package, a two-layer MLP's too). With libstdc++
+    global, the library's calls bind to the process's copy, as its data already do. Does
+    nothing off Linux or where no libstdc++ is loaded."""
+    import ctypes
+    import os
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+        except OSError:  # not loaded: nothing to share
+            pass
+
+
 def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> tuple[Any, dict]:
     """Loads an artifact the way a server would (``torch.jit.load``, or
     ``torch._inductor.aoti_load_package`` for the aoti format, which serves on the device
@@ -361,6 +388,7 @@ def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> tuple
 
     metadata = read_metadata(path)
     if metadata.get("artifact") == "aoti":
+        share_libstdcxx()
         with open(path, "rb") as f:  # a file object: the name need not end in .pt2
             return torch._inductor.aoti_load_package(f), metadata
     files = {METADATA: ""}

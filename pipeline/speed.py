@@ -220,6 +220,10 @@ def _bases(model: nn.Module, stats: Any, record: ModelRecord, ratio: float, mode
         per_block *= 1.02
 
 
+VARIANTS = ("original", "afm4x", "afm8x", "int8", "afm4x_int8", "fp16", "afm4x_fp16")
+"""The served variants' names (:func:`inference_variants`)."""
+
+
 def inference_variants(
     model: nn.Module, stats: Any, record: ModelRecord
 ) -> dict[str, Callable[[], tuple[nn.Module, TableDtype]]]:
@@ -298,7 +302,8 @@ def gpu_ms(fn: Callable[[], Any], device: torch.device) -> float:
 
 def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: SpeedShape,
                     device: torch.device, peak: Peak, workdir: Path,
-                    profile_dir: Path | None = None, aoti: bool = False) -> dict[str, Any]:
+                    profile_dir: Path | None = None, aoti: bool = False,
+                    only: Sequence[str] | None = None) -> dict[str, Any]:
     """Samples/s of each variant's exported artifacts (TorchScript; with ``aoti`` on CUDA
     also AOTInductor, which computes the AFM cross network from the codes) and of the
     eager module they came from, plain and (AFM, CUDA) with the fused cross network; the
@@ -306,12 +311,16 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
 
     ``infer_{name}_samples_per_s`` is the faster of a variant's artifacts (its format in
     ``infer_format_{name}``), ``infer_{name}_vs_original`` its ratio to the original's
-    faster artifact; ``infer_{format}_{name}_samples_per_s`` each artifact's own."""
+    faster artifact; ``infer_{format}_{name}_samples_per_s`` each artifact's own. ``only``:
+    the variants to time (:func:`inference_variants`' names; the original is always
+    timed, as every ratio's base)."""
     batches = make_batches(shape, shape.infer_batch, 3, device, seed=1)
     features = [t.name for t in record.model.tables]
     rows = [t.num_embeddings for t in record.model.tables]
     out: dict[str, Any] = {}
     variants = inference_variants(model, stats, record)
+    if only is not None:
+        variants = {k: v for k, v in variants.items() if k == "original" or k in only}
     cuda = device.type == "cuda"
     for name, build in variants.items():
         module, tables = build()
@@ -409,18 +418,21 @@ STATS_PRECISIONS = ("float32", "bfloat16")
 
 def run_speed(shape: SpeedShape, env: DistEnv, *, stages: Sequence[str] = STAGES,
               workdir: Path | None = None, profile_dir: Path | None = None, aoti: bool = False,
-              on_stage: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Any]:
+              variants: Sequence[str] | None = None, on_stage: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Any]:
     """Runs the measurements of ``stages`` (a subset of :data:`STAGES`); returns the record
     that ``--json`` writes.
 
     ``train``, ``stats`` and ``compress`` run on the sharded model; ``inference`` (the GPU
     artifacts) and ``cpu`` (CPU latency) on one unsharded model, compressed with AFM bases
-    from its own statistics. ``on_stage`` receives the record so far after each stage (a
+    from its own statistics (``variants``: :func:`bench_inference`'s ``only``). ``on_stage`` receives the record so far after each stage (a
     run cut short keeps what it measured).
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise InputError(f"unknown speed stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    unknown = set(variants or ()) - set(VARIANTS)
+    if unknown:
+        raise InputError(f"unknown inference variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     device = env.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -447,7 +459,7 @@ def run_speed(shape: SpeedShape, env: DistEnv, *, stages: Sequence[str] = STAGES
             stats = collect_statistics(model, blocks, train_batches)
             if "inference" in stages:
                 result.update(bench_inference(model, stats, record, shape, device, peak, Path(tmp),
-                                              profile_dir, aoti))
+                                              profile_dir, aoti, variants))
                 result["peak_memory_gib"] = peak.gib
                 on_stage(result)
             if "cpu" in stages:

@@ -49,3 +49,15 @@ def test_bench_speed_stages_run_alone(tmp_path, capsys):
                                          "infer_afm4x_vs_original"))
     assert main(["bench", "speed", "--small", "--device", "cpu", "--stages", "cpu,warp"]) == 2
     assert "unknown speed stages ['warp']" in capsys.readouterr().err
+
+
+def test_bench_speed_times_the_variants_asked_for(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert main(["bench", "speed", "--small", "--device", "cpu", "--table-cap", "2000", "--stages", "inference",
+                 "--variants", "afm8x", "--json", str(out), "--quiet"]) == 0
+    record = json.loads(out.read_text())
+    assert record["infer_afm8x_vs_original"] > 0 and record["infer_original_samples_per_s"] > 0
+    assert not any(k.startswith(("infer_afm4x", "infer_int8", "infer_fp16")) for k in record)
+    assert main(["bench", "speed", "--small", "--device", "cpu", "--stages", "inference",
+                 "--variants", "afm4x,afm3x"]) == 2
+    assert "unknown inference variants ['afm3x']" in capsys.readouterr().err
