@@ -177,14 +177,15 @@ def test_statistics_through_a_sharded_model_equal_float64_products_on_the_cpu(tm
 @pytest.mark.parametrize("batch, fields, k, dim, r, carry", [
     (70, 3, 5, 16, 0, False), (300, 4, 12, 32, 45, True), (1000, 26, 32, 128, 112, True),
     (129, 26, 32, 128, 200, False)])
-def test_fused_cross_kernel_is_as_close_to_float64_as_tf32_gemms(batch, fields, k, dim, r, carry):
+def test_fused_cross_kernel_is_as_close_to_float64_as_tf32_gemms(batch, fields, k, dim, r, carry, monkeypatch):
     """One update of the fused cross network's Triton kernel against its function in
     float64 on the CPU: no further from it than PyTorch's TF32 GEMMs computing the same
     update (its products are TF32 too) or than TF32's rounding (3e-3: cuBLAS takes some of
     these small products in float32); every element written."""
     from afmrec.models.cross_kernel import cross_update, cross_update_reference
 
-    torch.backends.cuda.matmul.allow_tf32 = True
+    # TF32 for this test only: later tests compare a fresh process's GEMMs with this one's
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     g = torch.Generator().manual_seed(batch)
     rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale  # noqa: E731
     n, kp = (fields + 1) * dim, -(-(k + 2) // 8) * 8
