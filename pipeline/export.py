@@ -122,8 +122,12 @@ class ServingModule(nn.Module):
 
     def clamped(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``values`` with every id outside its feature's table (``id_limits``) made 0."""
-        per_feature = lengths.view(len(self.features), -1).sum(1)
-        limit = torch.repeat_interleave(self.id_limits, per_feature, output_size=values.shape[0])
+        ends = lengths.view(len(self.features), -1).sum(1).cumsum(0)  # (F,) where each feature's ids end
+        # each id's feature by a search of its position among the F ends: one element-wise
+        # pass that AOTInductor fuses (repeat_interleave of the limits over F segments
+        # took 1.4 ms a batch of 65,536 on an H200, longer than the lookup)
+        feature = torch.bucketize(torch.arange(values.shape[0], device=values.device), ends, right=True)
+        limit = self.id_limits[feature]
         return torch.where((values >= 0) & (values < limit), values, torch.zeros_like(values))
 
 

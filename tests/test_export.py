@@ -18,6 +18,7 @@ from afmrec.pipeline.compress import CompressConfig, compress_
 from afmrec.pipeline.errors import InputError
 from afmrec.pipeline.export import (
     ExportConfig,
+    ServingModule,
     call,
     example_batch,
     export_model,
@@ -262,3 +263,15 @@ def test_serving_form_fuses_every_relu_into_its_gemm(arch, afm, tmp_path):
     torch.testing.assert_close(call(served, batch), want, rtol=1e-6, atol=1e-6)
     export_model(model, record.model, tmp_path / "m.pt")
     torch.testing.assert_close(call(load_artifact(tmp_path / "m.pt")[0], batch), want, rtol=1e-5, atol=1e-5)
+
+
+def test_clamped_ids_read_row_zero_of_their_own_feature():
+    """The AOTInductor format's id check: an id outside its own feature's table (each
+    feature's ids found by position, features without ids in between) becomes 0."""
+    from afmrec.pipeline.export import ServingModule
+
+    served = ServingModule(torch.nn.Linear(2, 1), ["a", "b", "c"], rows=[5, 3, 10])
+    lengths = torch.tensor([2, 1, 0, 0, 3, 1], dtype=torch.int32)  # a: 3 ids, b: none, c: 4
+    values = torch.tensor([4, 5, -1, 9, 10, 3, 0])
+    assert served.clamped(values, lengths).tolist() == [4, 0, 0, 9, 0, 3, 0]
+    assert served.clamped(values[:0], torch.zeros(6, dtype=torch.int32)).numel() == 0
