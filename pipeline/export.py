@@ -122,16 +122,12 @@ class ServingModule(nn.Module):
 
     def clamped(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``values`` with every id outside its feature's table (``id_limits``) made 0."""
-        ends = lengths.view(len(self.features), -1).sum(1).cumsum(0)  # (F,) where each feature's ids end
-        # each id's feature: how many features end at or before its position, an (L, F)
-        # comparison that AOTInductor reduces in one pass (repeat_interleave of the limits
-        # over the F segments took 1.4 ms a batch of 65,536 on an H200, longer than the
-        # lookup). Clamped to the last feature: it is when lengths sum to L, and otherwise
-        # AOTInductor checks the gather's index on the device, a check that fired while it
-        # compiled the package (on example ids of its own)
-        positions = torch.arange(values.shape[0], device=values.device)
-        feature = (positions.unsqueeze(1) >= ends).sum(1).clamp(max=len(self.features) - 1)
-        limit = self.id_limits[feature]
+        # each bag's limit (lengths run feature by feature), repeated over the bag's ids:
+        # one short segment per bag, which the kernel spreads over threads (repeated over
+        # the F features' long segments instead, it took 1.4 ms a batch of 65,536 on an
+        # H200, longer than the lookup)
+        per_bag = self.id_limits.unsqueeze(1).expand(-1, lengths.shape[0] // len(self.features)).reshape(-1)
+        limit = torch.repeat_interleave(per_bag, lengths, output_size=values.shape[0])
         return torch.where((values >= 0) & (values < limit), values, torch.zeros_like(values))
 
 
