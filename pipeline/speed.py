@@ -418,14 +418,16 @@ STATS_PRECISIONS = ("float32", "bfloat16")
 
 def run_speed(shape: SpeedShape, env: DistEnv, *, stages: Sequence[str] = STAGES,
               workdir: Path | None = None, profile_dir: Path | None = None, aoti: bool = False,
-              variants: Sequence[str] | None = None, on_stage: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Any]:
+              variants: Sequence[str] | None = None,
+              on_stage: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Any]:
     """Runs the measurements of ``stages`` (a subset of :data:`STAGES`); returns the record
     that ``--json`` writes.
 
     ``train``, ``stats`` and ``compress`` run on the sharded model; ``inference`` (the GPU
     artifacts) and ``cpu`` (CPU latency) on one unsharded model, compressed with AFM bases
-    from its own statistics (``variants``: :func:`bench_inference`'s ``only``). ``on_stage`` receives the record so far after each stage (a
-    run cut short keeps what it measured).
+    from its own statistics. ``variants``: the inference stage's variants (of
+    :data:`VARIANTS`; all if None; the original always). ``on_stage`` receives the record
+    so far after each stage (a run cut short keeps what it measured).
     """
     unknown = set(stages) - set(STAGES)
     if unknown:
