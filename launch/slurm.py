@@ -141,7 +141,7 @@ def _check_type(name: str, value: Any, where: str) -> Any:
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
         raise InputError(f"{where}: {name} must be {kind.__name__}, got {value!r}")
-    return value
+    return float(value) if kind is float else value  # TOML writes 240.0 as 240 too
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:

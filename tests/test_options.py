@@ -73,15 +73,16 @@ def test_every_slurm_flag_parses_to_its_field(command, rest):
 
 def test_slurm_flags_win_over_the_file_and_the_file_over_the_defaults(tmp_path):
     config_file = tmp_path / "cluster.toml"
-    config_file.write_text('partition = "gpu"\nnodes = 2\ngpus-per-node = 8\ntime_min = 240.0\n'
+    config_file.write_text('partition = "gpu"\nnodes = 2\ngpus-per-node = 8\ntime_min = 240.0\nmem_gb = 64\n'
                            'setup = ["source .venv/bin/activate"]\n')
     argv = ["submit", "--slurm-config", str(config_file), "--time-min", "120", "--nodes", "1",
             "--", "stats"]
     args = build_parser(argv).parse_args(argv)
     # a flag not given sets no attribute: it cannot hide the file's value with its default
     assert not hasattr(args, "slurm_partition") and not hasattr(args, "slurm_gpus_per_node")
+    # a float field written as a TOML integer (mem_gb = 64) is the float 64.0
     want = {**_fields(SlurmConfig()), "partition": "gpu", "nodes": 1, "gpus_per_node": 8,
-            "time_min": 120.0, "setup": ("source .venv/bin/activate",)}
+            "time_min": 120.0, "mem_gb": 64.0, "setup": ("source .venv/bin/activate",)}
     _assert_exact(_fields(slurm_config_from_args(args)), want)
 
     argv = ["submit", "--", "stats"]
