@@ -395,7 +395,6 @@ def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> tuple
         share_libstdcxx()
         with open(path, "rb") as f:  # a file object: the name need not end in .pt2
             return torch._inductor.aoti_load_package(f), metadata
-    files = {METADATA: ""}
-    module = torch.jit.load(str(path), map_location=torch.device(device), _extra_files=files)
-    return module.eval(), json.loads(files[METADATA])
+    module = torch.jit.load(str(path), map_location=torch.device(device))
+    return module.eval(), metadata
 

@@ -268,8 +268,6 @@ def test_serving_form_fuses_every_relu_into_its_gemm(arch, afm, tmp_path):
 def test_clamped_ids_read_row_zero_of_their_own_feature():
     """The AOTInductor format's id check: an id outside its own feature's table (each
     feature's ids found by position, features without ids in between) becomes 0."""
-    from afmrec.pipeline.export import ServingModule
-
     served = ServingModule(torch.nn.Linear(2, 1), ["a", "b", "c"], rows=[5, 3, 10])
     lengths = torch.tensor([2, 1, 0, 0, 3, 1], dtype=torch.int32)  # a: 3 ids, b: none, c: 4
     values = torch.tensor([4, 5, -1, 9, 10, 3, 0])
