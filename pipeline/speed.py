@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import gc
 import tempfile
 from dataclasses import dataclass, field
@@ -220,32 +221,37 @@ def _bases(model: nn.Module, stats: Any, record: ModelRecord, ratio: float, mode
         per_block *= 1.02
 
 
-VARIANTS = ("original", "afm4x", "afm8x", "int8", "afm4x_int8", "fp16", "afm4x_fp16")
-"""The served variants' names (:func:`inference_variants`)."""
+VARIANTS: dict[str, tuple[float | None, TableDtype]] = {
+    "original": (None, "fp32"),
+    "afm4x": (4.0, "fp32"),
+    "afm8x": (8.0, "fp32"),
+    "int8": (None, "int8"),
+    "afm4x_int8": (4.0, "int8"),
+    "fp16": (None, "fp16"),
+    "afm4x_fp16": (4.0, "fp16"),
+}
+"""The served variants: each one's AFM ratio (None: the original model) and the row
+format of its tables (:func:`inference_variants`)."""
 
 
 def inference_variants(
     model: nn.Module, stats: Any, record: ModelRecord
 ) -> dict[str, Callable[[], tuple[nn.Module, TableDtype]]]:
-    """Builders of the served variants: the float module and the row format of its tables.
+    """Builders of the served :data:`VARIANTS`: the float module and the row format of its
+    tables.
 
     AFM variants make every block (tables, MLP layers, cross layers) ``ratio`` times
     smaller (``RankConfig(mode="uniform")``): the whole model is then 4x (8x) smaller and
     the dense work shrinks with it. Built one at a time, since each holds its own tables.
     """
 
-    def afm(ratio: float) -> nn.Module:
-        return compress_(copy.deepcopy(model), _bases(model, stats, record, ratio, "uniform"), CompressConfig())
+    def build(ratio: float | None, tables: TableDtype) -> tuple[nn.Module, TableDtype]:
+        if ratio is None:
+            return model, tables
+        bases = _bases(model, stats, record, ratio, "uniform")
+        return compress_(copy.deepcopy(model), bases, CompressConfig()), tables
 
-    return {
-        "original": lambda: (model, "fp32"),
-        "afm4x": lambda: (afm(4.0), "fp32"),
-        "afm8x": lambda: (afm(8.0), "fp32"),
-        "int8": lambda: (model, "int8"),
-        "afm4x_int8": lambda: (afm(4.0), "int8"),
-        "fp16": lambda: (model, "fp16"),
-        "afm4x_fp16": lambda: (afm(4.0), "fp16"),
-    }
+    return {name: functools.partial(build, *spec) for name, spec in VARIANTS.items()}
 
 
 def exported(served: ServingModule, config: ModelConfig, path: Path,
