@@ -13,9 +13,12 @@ the next ``down`` GEMM; the plain serving form makes six (the ``down`` GEMM's re
 ``up`` GEMM's write, the element-wise update's three reads and one write), plus the
 projection that writes ``x_0``.
 
-The small maps between a layer's ``down`` input and ``w_l`` (the rest of ``down``, the
-first factor of ``up``) are one merged (k -> k') GEMM, folded in float64. The function
-is the model's up to floating-point order.
+``x_0`` is linear in ``u = [dense; codes; nonempty]`` (D + F K + F wide, against N =
+(F + 1) D), so the first layer's ``w_1`` is one GEMM over ``u``: ``x_0`` is never
+written, nor read by a ``down`` GEMM. The small maps between a layer's ``down`` input and
+``w_l`` (the rest of ``down``, the first factor of ``up``; for the first layer also the
+interaction and all of ``down``) are one merged GEMM, folded in float64. The function is
+the model's up to floating-point order.
 
 On CUDA the update is a Triton kernel (a ``torch.library`` op that ``torch.export`` and
 AOTInductor compile into the artifact); elsewhere the same function in PyTorch's ops.
@@ -62,6 +65,62 @@ def unfusable_reason(collection: nn.Module, crossnet: nn.Module) -> str | None:
     return None
 
 
+class CodeLinear(nn.Module):
+    """A Linear map of ``u = [dense; codes; nonempty]`` applied to the three parts where
+    they lie (three GEMMs into one output, no concatenated copy of ``u``).
+
+    Args:
+        weight: (out, D + F K + F); bias: (out,); widths: (D, F K, F).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, widths: tuple[int, int, int]) -> None:
+        super().__init__()
+        parts = weight.detach().T.split(widths)  # (D, out), (F K, out), (F, out)
+        self.dense_t, self.codes_t, self.nonempty_t = (nn.Parameter(p.contiguous(), requires_grad=False)
+                                                       for p in parts)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor) -> torch.Tensor:
+        """Args: dense (B, D); codes (B, F K); nonempty (B, F). Returns: (B, out)."""
+        out = torch.addmm(self.bias, dense, self.dense_t)
+        out = torch.addmm(out, codes, self.codes_t)
+        return torch.addmm(out, nonempty, self.nonempty_t)
+
+
+Affine = tuple[torch.Tensor, torch.Tensor]
+"""A map ``x -> W x + b`` as (W, b) in float64."""
+
+
+def _affine(linear: nn.Linear) -> Affine:
+    w = linear.weight.detach().double()
+    return w, linear.bias.detach().double() if linear.bias is not None else w.new_zeros(w.shape[0])
+
+
+def _compose(*maps: Affine | None) -> Affine | None:
+    """The given maps applied in turn (None entries skipped), as one; None if there are none."""
+    out = None
+    for m in maps:
+        if m is not None:
+            out = m if out is None else (m[0] @ out[0], m[0] @ out[1] + m[1])
+    return out
+
+
+def interaction_map(code_weight: torch.Tensor, k: int) -> Affine:
+    """``x_0`` as an affine map of ``u = [dense; codes; nonempty]`` (float64).
+
+    Args: code_weight (F, KP, D): field f's rows ``[0, k)`` its projection, row ``k`` its
+    non-empty bias. Returns: W (N, D + F k + F), b (N,) = 0, N = (F + 1) D."""
+    fields, _, dim = code_weight.shape
+    cw = code_weight.detach().double()
+    w = cw.new_zeros((fields + 1) * dim, dim + fields * k + fields)
+    w[:dim, :dim] = torch.eye(dim, dtype=w.dtype, device=w.device)
+    for f in range(fields):
+        rows = slice((f + 1) * dim, (f + 2) * dim)
+        w[rows, dim + f * k:dim + (f + 1) * k] = cw[f, :k].T
+        w[rows, dim + fields * k + f] = cw[f, k]
+    return w, w.new_zeros(w.shape[0])
+
+
 class FusedCrossNet(nn.Module):
     """The interaction and the cross network of an AFM-compressed DLRM-DCNv2, from the
     dense arch's output and the tables' codes (module docstring).
@@ -72,7 +131,7 @@ class FusedCrossNet(nn.Module):
             ``serving_weight`` is shared, not copied.
         crossnet: the cross network; every ``up`` a Linear or low-rank pair whose last
             factor has at most :data:`MAX_RANK` inputs (AFM leaves ``down`` N -> k and
-            ``up`` k -> N). Its ``down`` factors are shared.
+            ``up`` k -> N). Its ``down`` factors after the first layer's are shared.
     """
 
     def __init__(self, collection: LowRankEmbeddingBagCollection, crossnet: CrossNet) -> None:
@@ -81,33 +140,34 @@ class FusedCrossNet(nn.Module):
         if reason is not None:
             raise ValueError(f"cannot fuse the cross network: {reason}")
         self.code_weight = collection.serving_weight  # (F, KP, D), shared
-        n = (len(collection._dims) + 1) * collection._dims[0]
-        downs, mids, ups = [], [], []
-        betas = [torch.ones(n, dtype=torch.float64, device=self.code_weight.device)]  # x_0's step
+        fields, _, dim = self.code_weight.shape
+        k, dtype = collection.code_width, self.code_weight.dtype
+        downs, mids, ups, betas = [], [], [], []
         for i, layer in enumerate(crossnet.layers):
             (down_first, down_last), (up_first, up_last) = _factors(layer.down), _factors(layer.up)
-            downs.append(down_first or down_last)
-            mids.append(self._merged(down_last if down_first is not None else None, up_first))
+            small = (_affine(down_last) if down_first is not None else None,
+                     _affine(up_first) if up_first is not None else None)
+            if i == 0:  # w_1 straight from u: x_0 is neither written nor read
+                w, b = _compose(interaction_map(self.code_weight, k), _affine(down_first or down_last), *small)
+                self.first = CodeLinear(w.to(dtype), b.to(dtype), (dim, fields * k, fields))
+            else:
+                downs.append(down_first or down_last)
+                mids.append(self._linear(_compose(*small), dtype))
             ups.append(up_last.weight.detach().T.contiguous())
-            q = up_last.bias.double() if up_last.bias is not None else torch.zeros_like(betas[0])
+            q = _affine(up_last)[1]
             betas.append(q + 1 if i == 0 else q)  # x_1 = x_0 * (y_1 + 1): x_0 is not read back
         self.downs = nn.ModuleList(downs)
         self.mids = nn.ModuleList(mids)
         self.ups = nn.ParameterList([nn.Parameter(u, requires_grad=False) for u in ups])  # (k', N): Q_l^T
-        self.register_buffer("betas", torch.stack(betas).to(self.code_weight.dtype))  # (L + 1, N)
+        self.register_buffer("betas", torch.stack(betas).to(dtype))  # (L, N)
 
     @staticmethod
-    def _merged(*linears: nn.Linear | None) -> nn.Module:
-        """The given Linears applied in turn, as one Linear (folded in float64), or the
-        identity if there are none."""
-        linears = tuple(m for m in linears if m is not None)
-        if not linears:
+    def _linear(affine: Affine | None, dtype: torch.dtype) -> nn.Module:
+        """``affine`` as a Linear of ``dtype``, or the identity for None."""
+        if affine is None:
             return nn.Identity()
-        w = b = None
-        for m in linears:
-            mb = m.bias.double() if m.bias is not None else torch.zeros_like(m.weight[:, 0], dtype=torch.float64)
-            w, b = (m.weight.double(), mb) if w is None else (m.weight.double() @ w, m.weight.double() @ b + mb)
-        out = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=linears[0].weight.dtype)
+        w, b = affine
+        out = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=dtype)
         with torch.no_grad():
             out.weight.copy_(w)
             out.bias.copy_(b)
@@ -117,9 +177,9 @@ class FusedCrossNet(nn.Module):
         """Args: dense (B, D) the dense arch's output; codes (B, F K) the tables' pooled
         codes in feature order; nonempty (B, F) 1.0 where a bag has ids.
         Returns: (B, N), the cross network's output."""
-        x = cross_update(dense, codes, nonempty, self.code_weight, codes.new_empty(codes.shape[0], 0),
-                         self.ups[0][:0], self.betas[0], None)  # x_0
-        for i, (down, mid, up) in enumerate(zip(self.downs, self.mids, self.ups)):
-            x = cross_update(dense, codes, nonempty, self.code_weight, mid(down(x)), up, self.betas[i + 1],
-                             x if i else None)
+        w = self.first(dense, codes, nonempty)  # (B, k'): the first layer's, from u
+        x = cross_update(dense, codes, nonempty, self.code_weight, w, self.ups[0], self.betas[0], None)
+        for i, (down, mid) in enumerate(zip(self.downs, self.mids)):
+            x = cross_update(dense, codes, nonempty, self.code_weight, mid(down(x)), self.ups[i + 1],
+                             self.betas[i + 1], x)
         return x

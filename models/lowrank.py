@@ -222,6 +222,13 @@ class LowRankEmbeddingBagCollection(nn.Module):
         """Whether the projections are in serving form (:meth:`fuse_projections_`)."""
         return self._serving is not None
 
+    @property
+    def code_width(self) -> int:
+        """K, the width of every code table in serving form (:meth:`fuse_projections_`)."""
+        if self._serving is None:
+            raise ValueError("the projections are not in serving form (fuse_projections_)")
+        return self._serving[0]
+
     def project_into(self, features: KeyedJaggedTensor, out: torch.Tensor) -> None:
         """Serving form (after :meth:`fuse_projections_`): writes the F projected fields
         into ``out``, shape (B, F, D), which may be a view of a larger buffer (such as the

@@ -7,6 +7,9 @@ inference (``afmrec export``).
 - :class:`LinearReLU`: every ``Linear -> ReLU`` of the MLPs (TorchRec ``Perceptron``\ s,
   their Linear plain or low-rank) as one GEMM with the ReLU in its epilogue, instead of a
   GEMM and a pass that reads and writes the whole (B, out) activation again.
+- :class:`FlatLookup`: a quantised collection of one table group, its kernel called on
+  the input's ids without TorchRec's split (which reads every feature's id count back to
+  the host).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 from torch import nn
 from torchrec.models.dlrm import DLRM_DCN
 from torchrec.modules.mlp import Perceptron
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from .fused_cross import FusedCrossNet, unfusable_reason
 from .lowrank import LowRankEmbeddingBagCollection, LowRankLinear
@@ -125,6 +129,69 @@ def fuse_relus_(model: nn.Module) -> int:
                 setattr(parent, name, replacement)
                 fused += 1
     return fused
+
+
+def kernel_inputs(features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids and bag offsets of ``features`` as FBGEMM's inference kernels take them:
+    int32 on CUDA, both of the ids' dtype elsewhere. A leaf of ``torch.fx`` tracing."""
+    indices, offsets = features.values(), features.offsets()
+    if indices.is_cuda:
+        return indices.int(), offsets.int()
+    return indices, offsets.to(indices.dtype)
+
+
+torch.fx.wrap("kernel_inputs")
+
+
+class FlatLookup(nn.Module):
+    """A quantised ``EmbeddingBagCollection`` whose tables are one FBGEMM kernel (one row
+    format) and whose features come in the input's key order: that kernel called on the
+    input's ids and offsets as they are (``forward`` called, not the module: torch.fx
+    traces into it, as TorchRec's collections call theirs).
+
+    TorchRec's forward splits the input into table groups first, and the split reads every
+    feature's id count back to the host even when there is one group: a device sync per
+    batch, which ``torch.export`` turns into one sync per feature (26 a batch at the MLPerf
+    shape, about 0.5 ms of host time on an H200).
+
+    Args:
+        collection: the quantised collection (:func:`flatten_lookups_` says which qualify);
+            its kernel (with the tables) is shared.
+    """
+
+    def __init__(self, collection: QuantEmbeddingBagCollection) -> None:
+        super().__init__()
+        # kept out of the module tree, as TorchRec keeps it (export cannot trace FBGEMM's
+        # script objects of a registered kernel)
+        self._emb_modules: list[nn.Module] = list(collection._emb_modules)
+        self.keys: list[str] = list(collection._embedding_names)
+        self.length_per_key: list[int] = list(collection._length_per_key)
+        self._configs = collection.embedding_bag_configs()
+
+    def embedding_bag_configs(self) -> list:
+        """The collection's table configs."""
+        return self._configs
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Args: features: KJT whose keys are the collection's features, in its order.
+        Returns: KeyedTensor (B, sum of the tables' widths)."""
+        indices, offsets = kernel_inputs(features)
+        return KeyedTensor(keys=self.keys, length_per_key=self.length_per_key,
+                           values=self._emb_modules[0].forward(indices=indices, offsets=offsets))
+
+
+def flatten_lookups_(model: nn.Module, features: list[str]) -> int:
+    """Replaces, in place, every quantised collection of ``model`` that is one kernel,
+    unweighted, with ``features`` as its feature order, by its :class:`FlatLookup`.
+    Returns how many."""
+    flattened = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (isinstance(child, QuantEmbeddingBagCollection) and len(child._emb_modules) == 1
+                    and not child.is_weighted() and list(child._feature_names) == list(features)):
+                setattr(parent, name, FlatLookup(child))
+                flattened += 1
+    return flattened
 
 
 def cross_fusion_blocker(model: nn.Module) -> str | None:

@@ -117,7 +117,8 @@ class ServingModule(nn.Module):
         Returns: logits (B,)."""
         if self.clamp_ids:
             values = self.clamped(values, lengths)
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.features, values=values, lengths=lengths)
+        # not from_lengths_sync: nothing here needs the per-feature id counts on the host
+        kjt = KeyedJaggedTensor(keys=self.features, values=values, lengths=lengths)
         return self.model(dense, kjt).squeeze(-1)
 
     def clamped(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -154,15 +155,16 @@ def serving_module(model: nn.Module, features: list[str], tables: TableDtype = "
     from torchrec.inference.modules import quantize_embeddings
 
     from afmrec.models import LowRankEmbeddingBagCollection
-    from afmrec.models.serving import serving_form
+    from afmrec.models.serving import flatten_lookups_, serving_form
 
     params = count_parameters(model)
     served = model if inplace else copy.deepcopy(model)
     for m in served.modules():
         if isinstance(m, LowRankEmbeddingBagCollection):
             m.fuse_projections_()
-    served = quantize_embeddings(served, dtype=TABLE_DTYPES[tables], inplace=True)
-    return ServingModule(serving_form(served, fuse_cross), list(features), tables, params, rows).eval()
+    served = serving_form(quantize_embeddings(served, dtype=TABLE_DTYPES[tables], inplace=True), fuse_cross)
+    flatten_lookups_(served, list(features))
+    return ServingModule(served, list(features), tables, params, rows).eval()
 
 
 def script(module: ServingModule) -> torch.jit.ScriptModule:
@@ -316,18 +318,24 @@ class _ExportableIds:
             tbe.bounds_check_mode_int = mode
 
 
-def aoti_package(served: ServingModule, config: ModelConfig, path: Path, metadata: dict[str, Any]) -> None:
-    """``torch.export`` of ``served`` (batch size and id count dynamic), compiled by
-    AOTInductor into the package ``path``, its weights in one blob beside the code and
-    ``metadata`` in the package's metadata."""
+def exported_program(served: ServingModule, config: ModelConfig) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``served``, batch size and id count dynamic, with the id check
+    of :class:`_ExportableIds`."""
     device = next(served.parameters()).device
     batch = example_batch(config, 64, device)
     kjt = batch.sparse_features
     rows, ids = torch.export.Dim("batch", min=1, max=2**24), torch.export.Dim("ids", min=0, max=2**40)
     dims = ({0: rows}, {0: ids}, {0: len(served.features) * rows})
     with _ExportableIds(served), torch.no_grad():
-        program = torch.export.export(served, (batch.dense_features, kjt.values(), kjt.lengths().int()),
-                                      dynamic_shapes=dims, strict=False)
+        return torch.export.export(served, (batch.dense_features, kjt.values(), kjt.lengths().int()),
+                                   dynamic_shapes=dims, strict=False)
+
+
+def aoti_package(served: ServingModule, config: ModelConfig, path: Path, metadata: dict[str, Any]) -> None:
+    """:func:`exported_program` of ``served``, compiled by AOTInductor into the package
+    ``path``, its weights in one blob beside the code and ``metadata`` in the package's
+    metadata."""
+    program = exported_program(served, config)
     package = path.with_name(path.name + ".pt2")  # AOTInductor wants the suffix
     try:
         torch._inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs={

@@ -3,6 +3,7 @@ imported, and the CLI writes it safely."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -273,3 +274,37 @@ def test_clamped_ids_read_row_zero_of_their_own_feature():
     values = torch.tensor([4, 5, -1, 9, 10, 3, 0])
     assert served.clamped(values, lengths).tolist() == [4, 0, 0, 9, 0, 3, 0]
     assert served.clamped(values[:0], torch.zeros(6, dtype=torch.int32)).numel() == 0
+
+
+@pytest.mark.parametrize("arch", ["dlrm", "dcn", "deepfm"])
+@pytest.mark.parametrize("afm", [False, True], ids=["original", "afm"])
+def test_exported_forward_reads_nothing_back_to_the_host(arch, afm):
+    """Each collection of one kernel serves as a FlatLookup: the exported forward has no
+    host read (TorchRec's split reads every feature's id count, one sync per feature in an
+    exported graph), and the logits are the model's."""
+    from torchrec.inference.modules import quantize_embeddings
+
+    from afmrec.models.serving import FlatLookup, serving_form
+    from afmrec.pipeline.export import exported_program
+
+    if afm:
+        model, record = compressed(arch)
+    else:
+        torch.manual_seed(0)
+        config = tiny_config(arch, embedding_dim=D)
+        model, record = build_model(config).eval(), ModelRecord(config)
+    features, rows = [t.name for t in record.model.tables], [t.num_embeddings for t in record.model.tables]
+    batch = random_batch(96, 3, seed=11, max_bag=4)
+    want = eager_logits(model, batch)
+    served = serving_module(model, features, rows=rows)
+    assert sum(isinstance(m, FlatLookup) for m in served.modules()) == 1
+    torch.testing.assert_close(call(served, batch), want, rtol=1e-6, atol=1e-6)
+
+    def host_reads(module: ServingModule) -> int:
+        graph = exported_program(module, record.model).graph
+        return sum(n.target in (torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default)
+                   for n in graph.nodes)
+
+    assert host_reads(served) == 0
+    split = quantize_embeddings(copy.deepcopy(model), dtype=torch.float32, inplace=True)  # TorchRec's forward
+    assert host_reads(ServingModule(serving_form(split), features, rows=rows).eval()) == len(features)

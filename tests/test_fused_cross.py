@@ -14,7 +14,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from afmrec.models import build_model
 from afmrec.models.cross_kernel import cross_update_reference, interaction
-from afmrec.models.fused_cross import FusedCrossNet, unfusable_reason
+from afmrec.models.fused_cross import FusedCrossNet, interaction_map, unfusable_reason
 from afmrec.models.serving import DCNServing, cross_fusion_blocker
 from afmrec.pipeline.bases import afm_bases, spectra
 from afmrec.pipeline.blocks import find_blocks
@@ -62,9 +62,12 @@ def test_the_fused_cross_network_serves_the_models_logits():
     plain, fused = serving_module(model, features), serving_module(model, features, fuse_cross=True)
     assert isinstance(fused.model, DCNServing) and isinstance(fused.model.fused, FusedCrossNet)
     assert plain.model.fused is None
-    # three layers, each an update of depth k = 8 after its down factor (N -> k)
-    assert [u.shape for u in fused.model.fused.ups] == [(8, 64)] * 3
-    assert [d.out_features for d in fused.model.fused.downs] == [8] * 3
+    # three layers, each an update of depth k = 8; the first's w straight from the
+    # 16 + 3 * 4 + 3 = 31 wide [dense; codes; nonempty], the others' after a down (N -> k)
+    net = fused.model.fused
+    assert [u.shape for u in net.ups] == [(8, 64)] * 3
+    assert [d.out_features for d in net.downs] == [8] * 2
+    assert [p.shape for p in (net.first.dense_t, net.first.codes_t, net.first.nonempty_t)] == [(16, 8), (12, 8), (3, 8)]
     for batch in BATCHES:
         want = call(plain, batch)
         assert (batch.sparse_features.lengths() == 0).any()
@@ -91,6 +94,21 @@ def test_an_update_is_the_cross_layer_written_out(carry):
     torch.testing.assert_close(interaction(dense, codes, nonempty, code_weight), x0)
     got = cross_update_reference(dense, codes, nonempty, code_weight, w, up_t, beta, prev if carry else None)
     torch.testing.assert_close(got, x0 * (beta + w @ up_t) + (prev if carry else 0), rtol=1e-12, atol=1e-12)
+
+
+def test_the_interaction_is_an_affine_map_of_dense_codes_and_nonempty():
+    """x_0 = W u with u = [dense; codes; nonempty], exactly (float64), so the first
+    layer's down factor folds into one map of u."""
+    g = torch.Generator().manual_seed(5)
+    batch, fields, k, dim = 6, 3, 5, 16
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    dense, codes = rand(batch, dim), rand(batch, fields * k)
+    nonempty = torch.tensor([[1.0, 0.0, 1.0]] * 3 + [[0.0, 1.0, 1.0]] * 3, dtype=torch.float64)
+    code_weight = torch.cat([rand(fields, k + 1, dim), torch.zeros(fields, 2, dim, dtype=torch.float64)], 1)
+    w, b = interaction_map(code_weight, k)
+    assert w.shape == ((fields + 1) * dim, dim + fields * k + fields) and not b.any()
+    u = torch.cat([dense, codes, nonempty], 1)
+    torch.testing.assert_close(u @ w.T, interaction(dense, codes, nonempty, code_weight), rtol=1e-12, atol=1e-12)
 
 
 def test_models_the_fused_network_cannot_serve_say_why():
