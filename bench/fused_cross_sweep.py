@@ -1,30 +1,50 @@
 """Tiling sweep of the fused cross network's update kernel (``afmrec/models/cross_kernel.py``)
 at the MLPerf DLRM-DCNv2 shape of ``afmrec bench speed``'s AFM 4x model (26 tables of
 rank 32, cross layers of rank 112, batch 65,536), against the plain serving path (the
-projection GEMM into x_0, per layer the two factor GEMMs and the element-wise update),
-all TF32, timed in CUDA graphs.
+projection GEMM into x_0, per layer the two factor GEMMs and the element-wise update)
+and, with ``--baseline``, against another version of the kernel's file at its own
+tiling, all TF32, timed in CUDA graphs.
 
-Needs only torch and Triton (the kernel's file is loaded on its own):
+Needs only torch and Triton (the kernel's files are loaded on their own):
 
-    python3 bench/fused_cross_sweep.py
+    python3 bench/fused_cross_sweep.py [--baseline OLD_cross_kernel.py] [--best best.json]
+    TRITON_INTERPRET=1 python3 bench/fused_cross_sweep.py --selfcheck   # anywhere
+
+``--best`` writes the fastest tiling's constants as JSON. ``--selfcheck`` runs the kernel
+(Triton's interpreter on a CPU) against the float64 reference at small ragged shapes, in
+both of its forms (w kept in registers, or read in chunks).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import itertools
+import json
 import sys
+import time
+import types
 from pathlib import Path
 
 import torch
 
-spec = importlib.util.spec_from_file_location(
-    "cross_kernel", Path(__file__).resolve().parents[1] / "models" / "cross_kernel.py")
-ck = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ck)
-
 BATCH, FIELDS, DIM, K, KP = 65536, 26, 128, 32, 40
 LAYERS, RANK = 3, 112
+# (BLOCK_B, BLOCK_N, NUM_WARPS, TILES, NUM_STAGES)
+TILINGS = [(64, 64, 4, t, st) for t in (1, 3, 6, 9) for st in (2, 3)] + [
+    (b, n, wp, t, st) for b, n, wp, ts in ((128, 64, 8, (3, 6)), (64, 128, 4, (3, 6)), (64, 32, 4, (6, 12)),
+                                          (32, 64, 4, (6, 9)))
+    for t in ts for st in (2, 3)]
+
+
+def load(path: Path, name: str):
+    """The kernel file ``path`` as a module, its op registered as ``name::cross_update``
+    (two versions side by side)."""
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    sys.modules[name] = module  # Triton's and the dataclass machinery's lookups
+    source = path.read_text().replace("afmrec::cross_update", f"{name}::cross_update")
+    exec(compile(source.replace("torch.ops.afmrec.", f"torch.ops.{name}."), str(path), "exec"), module.__dict__)
+    return module
 
 
 def graphed_ms(fn, reps: int = 20) -> float:
@@ -48,7 +68,39 @@ def graphed_ms(fn, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def selfcheck() -> None:
+    ck = load(Path(__file__).resolve().parents[1] / "models" / "cross_kernel.py", "sweep_kernel")
+    worst, device = 0.0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = [(70, 3, 5, 16, 0, False), (130, 4, 12, 32, 45, True), (100, 5, 32, 64, 112, True),
+              (65, 2, 8, 32, 200, False), (33, 3, 8, 16, 150, True)]
+    for (batch, fields, k, dim, r, carry), (bb, bn, tiles, resident) in itertools.product(
+            shapes, [(64, 64, 6, 128), (32, 16, 3, 32), (16, 32, 2, 64)]):
+        ck.BLOCK_B, ck.BLOCK_N, ck.TILES, ck.MAX_RESIDENT_R = bb, bn, tiles, resident
+        g = torch.Generator().manual_seed(batch)
+        rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale  # noqa: E731
+        n, kp = (fields + 1) * dim, -(-(k + 2) // 8) * 8
+        inputs = [rand(batch, dim), rand(batch, fields * k), (torch.rand(fields, batch, generator=g) > 0.2).float().T,
+                  torch.cat([rand(fields, k + 1, dim), torch.zeros(fields, kp - k - 1, dim)], 1), rand(batch, r),
+                  rand(r, n, scale=0.1), rand(n), rand(batch, n) if carry else None]
+        exact = ck.cross_update_reference(*[t.double() if t is not None else None for t in inputs])
+        got = ck.launch(*[t.to(device) if t is not None else None for t in inputs]).cpu()
+        err = ((got.double() - exact).norm() / exact.norm()).item()
+        worst = max(worst, err)
+        print(f"B={batch} F={fields} K={k} D={dim} R={r} prev={carry} BLOCK_B={bb} BLOCK_N={bn} TILES={tiles} "
+              f"MAX_RESIDENT_R={resident}: rel err {err:.1e}")
+    tolerance = 3e-3 if device.type == "cuda" else 1e-5  # the interpreter's products are fp32, not TF32
+    print(f"selfcheck {'passed' if worst < tolerance else 'FAILED'}: worst {worst:.1e} (tolerance {tolerance:.0e})")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", type=Path, help="another version of cross_kernel.py, timed at its tiling")
+    parser.add_argument("--best", type=Path, help="write the fastest tiling's constants here (JSON)")
+    parser.add_argument("--selfcheck", action="store_true", help="check the kernel against float64 and stop")
+    args = parser.parse_args()
+    if args.selfcheck:
+        return selfcheck()
+    ck = load(Path(__file__).resolve().parents[1] / "models" / "cross_kernel.py", "sweep_kernel")
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -61,7 +113,8 @@ def main() -> None:
     down_b = [rand(RANK, scale=0.1) for _ in range(LAYERS)]
     ups, up_b = [rand(n, RANK, scale=0.1) for _ in range(LAYERS)], [rand(n, scale=0.1) for _ in range(LAYERS)]
     ups_t = [u.T.contiguous() for u in ups]
-    betas = [torch.ones(n, device=dev), up_b[0] + 1] + up_b[1:]
+    betas = [up_b[0] + 1] + up_b[1:]
+    w1 = torch.addmm(down_b[0], ck.interaction(dense, codes, nonempty, code_weight), downs[0].T)
 
     def plain() -> torch.Tensor:
         x0 = ck.interaction(dense, codes, nonempty, code_weight)
@@ -70,46 +123,47 @@ def main() -> None:
             x = torch.addcmul(x, x0, torch.addmm(ub, torch.addmm(db, x, d.T), u.T))
         return x
 
-    def fused() -> torch.Tensor:
-        x = ck.cross_update(dense, codes, nonempty, code_weight, codes.new_empty(BATCH, 0), ups_t[0][:0],
-                            betas[0], None)
-        for i in range(LAYERS):
-            x = ck.cross_update(dense, codes, nonempty, code_weight, torch.addmm(down_b[i], x, downs[i].T),
-                                ups_t[i], betas[i + 1], x if i else None)
+    def fused(kernel) -> torch.Tensor:  # as FusedCrossNet: w_1 from the codes (given here)
+        x = kernel.cross_update(dense, codes, nonempty, code_weight, w1, ups_t[0], betas[0], None)
+        for i in range(1, LAYERS):
+            x = kernel.cross_update(dense, codes, nonempty, code_weight, torch.addmm(down_b[i], x, downs[i].T),
+                                    ups_t[i], betas[i], x)
         return x
 
-    w = rand(BATCH, RANK)
-    prev = rand(BATCH, n)
+    w, prev = rand(BATCH, RANK), rand(BATCH, n)
+    moved = 2 * BATCH * n * 4 / 1e9  # GB: x_prev read, x written
+    start = time.time()
 
-    def one_update() -> torch.Tensor:
-        return ck.cross_update(dense, codes, nonempty, code_weight, w, ups_t[1], betas[2], prev)
+    def measure(kernel, name: str) -> float:
+        got = fused(kernel)
+        err = ((got - want).norm() / want.norm()).item()
+        ms = graphed_ms(lambda: fused(kernel))
+        upd = graphed_ms(lambda: kernel.cross_update(dense, codes, nonempty, code_weight, w, ups_t[1], betas[1], prev))
+        print(f"{name}: {ms:.3f} ms ({ref_ms / ms:.2f}x the plain path), rel err {err:.1e}; one update "
+              f"{upd:.3f} ms ({moved / upd:.2f} TB/s over x_prev and x)")
+        sys.stdout.flush()
+        return ms
 
     with torch.no_grad():
         want = plain()
         ref_ms = graphed_ms(plain)
-        gemm_ms = graphed_ms(lambda: torch.addmm(down_b[0], prev, downs[0].T))
-        print(f"plain path (TF32 GEMMs + element-wise): {ref_ms:.3f} ms per batch of {BATCH}; "
-              f"one down GEMM (reads x once) {gemm_ms:.3f} ms")
+        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; plain path (TF32 GEMMs + "
+              f"element-wise): {ref_ms:.3f} ms per batch of {BATCH}")
+        if args.baseline:
+            measure(load(args.baseline, "baseline_kernel"), f"baseline {args.baseline.name}")
         results = []
-        shapes = ((64, 64, 4), (128, 64, 4), (128, 64, 8), (256, 64, 8), (64, 32, 4), (128, 32, 4))
-        for (block_b, block_n, warps), early, stages in itertools.product(shapes, (True, False), (2, 3)):
-            ck.BLOCK_B, ck.BLOCK_N, ck.NUM_WARPS, ck.EARLY, ck.NUM_STAGES = block_b, block_n, warps, early, stages
-            name = f"BLOCK_B={block_b} BLOCK_N={block_n} warps={warps} EARLY={early} stages={stages}"
+        for tiling in TILINGS:
+            ck.BLOCK_B, ck.BLOCK_N, ck.NUM_WARPS, ck.TILES, ck.NUM_STAGES = tiling
+            name = "BLOCK_B={} BLOCK_N={} warps={} TILES={} stages={}".format(*tiling)
             try:
-                got = fused()
-                err = ((got - want).norm() / want.norm()).item()
-                ms = graphed_ms(fused)
-                upd = graphed_ms(one_update)
+                results.append((measure(ck, name), tiling))
             except Exception as e:  # noqa: BLE001  (out of shared memory, registers)
-                print(f"{name}: failed ({type(e).__name__})")
-                continue
-            results.append((ms, name))
-            moved = 2 * BATCH * n * 4 / 1e9  # GB: x_prev read, x written
-            print(f"{name}: {ms:.3f} ms ({ref_ms / ms:.2f}x the plain path), rel err {err:.1e}; "
-                  f"one update {upd:.3f} ms ({moved / upd:.2f} TB/s over x_prev and x)")
-            sys.stdout.flush()
-        best = min(results)
-        print(f"best: {best[0]:.3f} ms ({ref_ms / best[0]:.2f}x the plain path) {best[1]}")
+                print(f"{name}: failed ({type(e).__name__}: {str(e)[:120]})")
+        best_ms, best = min(results)
+        print("best: {:.3f} ms ({:.2f}x the plain path) BLOCK_B={} BLOCK_N={} warps={} TILES={} stages={}; "
+              "the sweep took {:.0f} s".format(best_ms, ref_ms / best_ms, *best, time.time() - start))
+        if args.best:
+            args.best.write_text(json.dumps(dict(zip(("BLOCK_B", "BLOCK_N", "NUM_WARPS", "TILES", "NUM_STAGES"), best))))
 
 
 if __name__ == "__main__":

@@ -24,26 +24,26 @@ except ImportError:  # CPU-only installs
     triton = None
 
 
-# Tiling swept on an H100 at the MLPerf shape (bench/fused_cross_sweep.py, its output in
-# bench/fused_cross_sweep_h100.txt): 128 x 64 tiles, steps of 16, 4 warps, 3 stages, tiles
-# loaded after the product took 4.92 ms for the interaction and three layers where the
-# eager plain path took 8.42; one update (reads x_prev, writes x) 1.27 ms, moving 2.09 GB
-# of DRAM (ncu): 1.65 TB/s, bound by latency at 255 registers a thread (12.5% occupancy).
-BLOCK_B = 128
+# Tiling: see bench/fused_cross_sweep.py and its outputs (bench/fused_cross_sweep_*.txt).
+# Before, a program took one 128 x 64 tile (4.92 ms for the interaction and three layers
+# on an H100, one update 1.27 ms: 1.65 TB/s, bound by latency at 255 registers a thread);
+# now a program keeps its rows' w in registers and walks TILES column tiles, so the loads
+# of one tile (Q^T's, x_prev's, the codes') are in flight while the previous one computes,
+# as FlashAttention's forward walks its key blocks.
+BLOCK_B = 64
 """Rows a program takes."""
 
 BLOCK_N = 64
-"""Columns a program takes (at most the embedding width: a program's columns lie in one
-field)."""
+"""Columns of a tile (at most the embedding width: a tile's columns lie in one field)."""
 
-BLOCK_R = 16
-"""Depth of ``w Q^T`` a product step takes."""
+MAX_RESIDENT_R = 128
+"""Widest (padded) w a program keeps in registers over its tiles; a wider one is read in
+chunks of this width for every tile."""
+
+TILES = 6
+"""Most column tiles a program walks (the largest divisor of the tile count up to this)."""
 
 NUM_WARPS = 4
-
-EARLY = False
-"""Load x_0's and x_prev's tiles before the product (in flight during it), else after it
-(fewer registers live during the product: faster on an H100)."""
 
 NUM_STAGES = 3
 
@@ -124,62 +124,74 @@ if triton is not None:
                              F: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                              R: tl.constexpr, HAS_PREV: tl.constexpr, BLOCK_B: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                             EARLY: tl.constexpr):
+                             TILES: tl.constexpr, NUM_STAGES: tl.constexpr):
         N: tl.constexpr = (F + 1) * D
-        # column tiles vary fastest: the programs of one row block run together and share
-        # its w and codes in L2 (row blocks first re-read them from DRAM for every tile)
+        RESIDENT: tl.constexpr = BLOCK_R >= R  # w fits one chunk: loaded once, kept in registers
         rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        col0 = tl.program_id(0) * BLOCK_N
-        cols = col0 + tl.arange(0, BLOCK_N)
-        if EARLY:  # x_0's tile and x_prev's first: their loads are in flight during the product
+        rr = tl.arange(0, BLOCK_R)
+        if RESIDENT:
+            w = tl.load(w_ptr + rows[:, None] * w_stride + rr[None, :], mask=row_ok[:, None] & (rr < R)[None, :],
+                        other=0.0)
+        # column tiles vary fastest between programs too: the programs of one row block run
+        # together and share its codes in L2
+        for t in tl.range(0, TILES, num_stages=NUM_STAGES):
+            col0 = (tl.program_id(0) * TILES + t) * BLOCK_N
+            cols = col0 + tl.arange(0, BLOCK_N)
+            s = tl.zeros((BLOCK_B, BLOCK_N), tl.float32) + tl.load(beta_ptr + cols)[None, :]
+            if RESIDENT:
+                q = tl.load(up_ptr + rr[:, None] * N + cols[None, :], mask=(rr < R)[:, None], other=0.0)
+                s = tl.dot(w, q, s)
+            else:
+                for r0 in range(0, R, BLOCK_R):  # s = beta + w Q^T, chunk by chunk
+                    rc = r0 + rr
+                    wc = tl.load(w_ptr + rows[:, None] * w_stride + rc[None, :],
+                                 mask=row_ok[:, None] & (rc < R)[None, :], other=0.0)
+                    q = tl.load(up_ptr + rc[:, None] * N + cols[None, :], mask=(rc < R)[:, None], other=0.0)
+                    s = tl.dot(wc, q, s)
             x0 = _x0_tile(dense_ptr, codes_ptr, nonempty_ptr, cw_ptr, rows, row_ok, col0, dense_stride,
                           codes_stride, ne_row_stride, ne_field_stride, D, K, KP, BLOCK_N, BLOCK_K)
             if HAS_PREV:
                 x = tl.load(prev_ptr + rows[:, None] * prev_stride + cols[None, :], mask=row_ok[:, None],
                             other=0.0)
-        s = tl.zeros((BLOCK_B, BLOCK_N), tl.float32) + tl.load(beta_ptr + cols)[None, :]
-        for r0 in range(0, R, BLOCK_R):  # s = beta + w Q^T over this tile
-            rr = r0 + tl.arange(0, BLOCK_R)
-            w = tl.load(w_ptr + rows[:, None] * w_stride + rr[None, :],
-                        mask=row_ok[:, None] & (rr < R)[None, :], other=0.0)
-            q = tl.load(up_ptr + rr[:, None] * N + cols[None, :], mask=(rr < R)[:, None], other=0.0)
-            s = tl.dot(w, q, s)
-        if not EARLY:  # fewer registers live during the product
-            x0 = _x0_tile(dense_ptr, codes_ptr, nonempty_ptr, cw_ptr, rows, row_ok, col0, dense_stride,
-                          codes_stride, ne_row_stride, ne_field_stride, D, K, KP, BLOCK_N, BLOCK_K)
-            if HAS_PREV:
-                x = tl.load(prev_ptr + rows[:, None] * prev_stride + cols[None, :], mask=row_ok[:, None],
-                            other=0.0)
-        if HAS_PREV:
-            x += x0 * s
-        else:
-            x = x0 * s
-        tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], x, mask=row_ok[:, None])
+                x += x0 * s
+            else:
+                x = x0 * s
+            tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], x, mask=row_ok[:, None])
 
-    @torch.library.triton_op("afmrec::cross_update", mutates_args=())
-    def _cross_update_op(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
-                         code_weight: torch.Tensor, w: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor,
-                         prev: Optional[torch.Tensor]) -> torch.Tensor:
+    def launch(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor, code_weight: torch.Tensor,
+               w: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
+        """Runs :func:`_cross_update_kernel` on :func:`cross_update`'s arguments (on CUDA, or
+        on the CPU under Triton's interpreter, ``TRITON_INTERPRET=1``); returns x."""
         batch, (fields, kp, dim) = dense.shape[0], code_weight.shape
         out = dense.new_empty(batch, (fields + 1) * dim)
         k, r, block_n = codes.shape[1] // fields, w.shape[1], min(BLOCK_N, dim)
-        grid = ((fields + 1) * dim // block_n, triton.cdiv(batch, BLOCK_B))
+        ntiles = (fields + 1) * dim // block_n
+        tiles = max(t for t in range(1, TILES + 1) if ntiles % t == 0)
+        grid = (ntiles // tiles, triton.cdiv(batch, BLOCK_B))
         torch.library.wrap_triton(_cross_update_kernel)[grid](
             dense, codes, nonempty, code_weight, w, up_t, beta, prev if prev is not None else dense, out, batch,
             dense.stride(0), codes.stride(0), nonempty.stride(0), nonempty.stride(1), w.stride(0),
             prev.stride(0) if prev is not None else 0, out.stride(0),
             F=fields, D=dim, K=k, KP=kp, R=r, HAS_PREV=prev is not None, BLOCK_B=BLOCK_B, BLOCK_N=block_n,
-            BLOCK_K=padded(k), BLOCK_R=BLOCK_R, EARLY=EARLY, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+            BLOCK_K=padded(k), BLOCK_R=min(padded(r), MAX_RESIDENT_R), TILES=tiles, NUM_STAGES=NUM_STAGES,
+            num_warps=NUM_WARPS)
         return out
+
+    @torch.library.triton_op("afmrec::cross_update", mutates_args=())
+    def _cross_update_op(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
+                         code_weight: torch.Tensor, w: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor,
+                         prev: Optional[torch.Tensor]) -> torch.Tensor:
+        return launch(dense, codes, nonempty, code_weight, w, up_t, beta, prev)
 
 
 def cross_update(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
                  code_weight: torch.Tensor, w: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor,
                  prev: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`cross_update_reference`'s function, as one Triton kernel on CUDA (elsewhere the
-    reference): a program takes a :data:`BLOCK_B` x :data:`BLOCK_N` tile of ``x`` (inside one
-    field), accumulates ``w Q^T`` over R, then forms ``x_0``'s tile (the dense row's, or
+    reference): a program takes :data:`BLOCK_B` rows, keeps their ``w`` in registers and
+    walks up to :data:`TILES` column tiles of :data:`BLOCK_N` (each inside one field): per
+    tile it accumulates ``w Q^T`` over R, then forms ``x_0``'s tile (the dense row's, or
     ``[c_f; nonempty_f] W_f``) and the update in registers. Reads ``w``, the codes and
     ``prev``; writes ``x``: one pass over (B, N) written, one read if ``prev``."""
     if triton is None or not dense.is_cuda:
