@@ -24,28 +24,30 @@ except ImportError:  # CPU-only installs
     triton = None
 
 
-# Tiling: see bench/fused_cross_sweep.py and its outputs (bench/fused_cross_sweep_*.txt).
-# Before, a program took one 128 x 64 tile (4.92 ms for the interaction and three layers
-# on an H100, one update 1.27 ms: 1.65 TB/s, bound by latency at 255 registers a thread);
-# now a program keeps its rows' w in registers and walks TILES column tiles, so the loads
-# of one tile (Q^T's, x_prev's, the codes') are in flight while the previous one computes,
-# as FlashAttention's forward walks its key blocks.
+# Tiling swept on an H200 at the MLPerf shape (bench/fused_cross_sweep.py, its output in
+# bench/fused_cross_sweep_h200.txt). Before, a program took one 128 x 64 tile with 4 warps
+# (255 registers a thread, bound by latency): one update (reads x_prev, writes x) took
+# 1.23 ms, 1.48 TB/s. Now a program keeps its rows' w in registers and walks TILES column
+# tiles, so one tile's loads (Q^T's, x_prev's, the codes') are in flight while the last one
+# computes, as FlashAttention's forward walks its key blocks; small programs of 2 warps
+# (64 x 32 tiles) fill the SMs best: 0.95 ms, 1.91 TB/s, and the three-layer chain 3.27 ms
+# against 3.92.
 BLOCK_B = 64
 """Rows a program takes."""
 
-BLOCK_N = 64
+BLOCK_N = 32
 """Columns of a tile (at most the embedding width: a tile's columns lie in one field)."""
 
 MAX_RESIDENT_R = 128
 """Widest (padded) w a program keeps in registers over its tiles; a wider one is read in
 chunks of this width for every tile."""
 
-TILES = 6
+TILES = 12
 """Most column tiles a program walks (the largest divisor of the tile count up to this)."""
 
-NUM_WARPS = 4
+NUM_WARPS = 2
 
-NUM_STAGES = 3
+NUM_STAGES = 2
 
 
 def padded(width: int) -> int:
