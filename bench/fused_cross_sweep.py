@@ -83,12 +83,7 @@ def selfcheck() -> None:
     for (batch, fields, k, dim, r, carry), (bb, bn, tiles, resident) in itertools.product(
             shapes, [(64, 64, 6, 128), (32, 16, 3, 32), (16, 32, 2, 64)]):
         ck.BLOCK_B, ck.BLOCK_N, ck.TILES, ck.MAX_RESIDENT_R = bb, bn, tiles, resident
-        g = torch.Generator().manual_seed(batch)
-        rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale  # noqa: E731
-        n, kp = (fields + 1) * dim, -(-(k + 2) // 8) * 8
-        inputs = [rand(batch, dim), rand(batch, fields * k), (torch.rand(fields, batch, generator=g) > 0.2).float().T,
-                  torch.cat([rand(fields, k + 1, dim), torch.zeros(fields, kp - k - 1, dim)], 1), rand(batch, r),
-                  rand(r, n, scale=0.1), rand(n), rand(batch, n) if carry else None]
+        inputs = ck.random_update_inputs(batch, fields, k, dim, r, carry, seed=batch)
         exact = ck.cross_update_reference(*[t.double() if t is not None else None for t in inputs])
         got = ck.launch(*[t.to(device) if t is not None else None for t in inputs]).cpu()
         err = ((got.double() - exact).norm() / exact.norm()).item()

@@ -182,16 +182,12 @@ def test_fused_cross_kernel_is_as_close_to_float64_as_tf32_gemms(batch, fields, 
     float64 on the CPU: no further from it than PyTorch's TF32 GEMMs computing the same
     update (its products are TF32 too) or than TF32's rounding (3e-3: cuBLAS takes some of
     these small products in float32); every element written."""
-    from afmrec.models.cross_kernel import cross_update, cross_update_reference
+    from afmrec.models.cross_kernel import cross_update, cross_update_reference, random_update_inputs
 
     # TF32 for this test only: later tests compare a fresh process's GEMMs with this one's
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    g = torch.Generator().manual_seed(batch)
-    rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale  # noqa: E731
-    n, kp = (fields + 1) * dim, -(-(k + 2) // 8) * 8
-    inputs = [rand(batch, dim), rand(batch, fields * k), (torch.rand(fields, batch, generator=g) > 0.2).float().T,
-              torch.cat([rand(fields, k + 1, dim), torch.zeros(fields, kp - k - 1, dim)], 1), rand(batch, r),
-              rand(r, n, scale=0.1), rand(n), rand(batch, n) if carry else None]
+    n = (fields + 1) * dim
+    inputs = random_update_inputs(batch, fields, k, dim, r, carry, seed=batch)
     exact = cross_update_reference(*[t.double() if t is not None else None for t in inputs])
     tf32 = cross_update_reference(*[t.cuda() if t is not None else None for t in inputs])
     got = cross_update(*[t.cuda() if t is not None else None for t in inputs])

@@ -48,6 +48,15 @@ def compressed(arch: str, tables=TABLES, dim: int = D, table_rank: int = 4) -> t
     return model.eval(), ModelRecord(config, ranks=ranks, compress=CompressConfig(), method="afm")
 
 
+def model_and_record(arch: str, afm: bool) -> tuple[torch.nn.Module, ModelRecord]:
+    """A tiny model of ``arch``: :func:`compressed`, or the original (seed 0)."""
+    if afm:
+        return compressed(arch)
+    torch.manual_seed(0)
+    config = tiny_config(arch, embedding_dim=D)
+    return build_model(config).eval(), ModelRecord(config)
+
+
 def eager_logits(model, batch) -> torch.Tensor:
     with torch.no_grad():
         return model(batch.dense_features, batch.sparse_features).squeeze(1)
@@ -222,12 +231,7 @@ def test_dcn_serving_form_assembles_the_cross_input_in_place(afm, tmp_path):
     model's, eager and exported."""
     from afmrec.models.serving import DCNServing
 
-    if afm:
-        model, record = compressed("dcn")
-    else:
-        torch.manual_seed(0)
-        config = tiny_config("dcn", embedding_dim=D)
-        model, record = build_model(config).eval(), ModelRecord(config)
+    model, record = model_and_record("dcn", afm)
     batch = random_batch(96, 3, seed=11, max_bag=4)
     want = eager_logits(model, batch)
     served = serving_module(model, [t.name for t in record.model.tables])
@@ -246,12 +250,7 @@ def test_serving_form_fuses_every_relu_into_its_gemm(arch, afm, tmp_path):
 
     from afmrec.models.serving import LinearReLU
 
-    if afm:
-        model, record = compressed(arch)
-    else:
-        torch.manual_seed(0)
-        config = tiny_config(arch, embedding_dim=D)
-        model, record = build_model(config).eval(), ModelRecord(config)
+    model, record = model_and_record(arch, afm)
     relus = sum(isinstance(m, Perceptron) and m._activation_fn is torch.relu for m in model.modules())
     assert relus >= 3
     batch = random_batch(96, 3, seed=11, max_bag=4)
@@ -287,12 +286,7 @@ def test_exported_forward_reads_nothing_back_to_the_host(arch, afm):
     from afmrec.models.serving import FlatLookup, serving_form
     from afmrec.pipeline.export import exported_program
 
-    if afm:
-        model, record = compressed(arch)
-    else:
-        torch.manual_seed(0)
-        config = tiny_config(arch, embedding_dim=D)
-        model, record = build_model(config).eval(), ModelRecord(config)
+    model, record = model_and_record(arch, afm)
     features, rows = [t.name for t in record.model.tables], [t.num_embeddings for t in record.model.tables]
     batch = random_batch(96, 3, seed=11, max_bag=4)
     want = eager_logits(model, batch)
