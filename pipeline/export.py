@@ -138,8 +138,9 @@ def serving_module(model: nn.Module, features: list[str], tables: TableDtype = "
     """``model`` with its tables on FBGEMM's inference kernels, the projections of its
     low-rank tables as one batched GEMM where they all have one rank
     (``LowRankEmbeddingBagCollection.fuse_projections_``) and its serving form
-    (``afmrec.models.serving``: DLRM-DCNv2 assembles its cross input in one buffer), in
-    eval mode.
+    (``afmrec.models.serving``: DLRM-DCNv2 assembles its cross input in one buffer, and a
+    collection of one FBGEMM kernel is called on the input's ids directly, ``FlatLookup``,
+    so that serving reads nothing back to the host), in eval mode.
 
     Args:
         model: an unsharded model (``afmrec.models.build_model``, compressed or not).
