@@ -166,11 +166,6 @@ class FlatLookup(nn.Module):
         self._emb_modules: list[nn.Module] = list(collection._emb_modules)
         self.keys: list[str] = list(collection._embedding_names)
         self.length_per_key: list[int] = list(collection._length_per_key)
-        self._configs = collection.embedding_bag_configs()
-
-    def embedding_bag_configs(self) -> list:
-        """The collection's table configs."""
-        return self._configs
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Args: features: KJT whose keys are the collection's features, in its order.
