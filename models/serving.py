@@ -9,7 +9,11 @@ inference (``afmrec export``).
   GEMM and a pass that reads and writes the whole (B, out) activation again.
 - :class:`FlatLookup`: a quantised collection of one table group, its kernel called on
   the input's ids without TorchRec's split (which reads every feature's id count back to
-  the host).
+  the host); in the AOTInductor artifact on CUDA, its rows pooled by our Triton kernel
+  (:mod:`afmrec.models.lookup_kernel`) instead of FBGEMM's.
+
+:func:`use_kernels_` switches a serving form between the two kernel sets: FBGEMM's and
+PyTorch's (which TorchScript can hold), or with our Triton kernels (which AOTInductor can).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from .fused_cross import FusedCrossNet, unfusable_reason
+from .lookup_kernel import ROW_KINDS, TABLE_FIELDS, pooled_lookup
 from .lowrank import LowRankEmbeddingBagCollection, LowRankLinear
 
 
@@ -143,6 +148,41 @@ def kernel_inputs(features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tens
 torch.fx.wrap("kernel_inputs")
 
 
+def packed_rows(kernel: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """The packed rows of an FBGEMM inference kernel as :func:`~afmrec.models.lookup_kernel.
+    pooled_lookup` reads them: the byte buffer (shared, not copied), the (5, F) table of
+    each feature's row0, stride, rows, dim and output column, and the row format; None
+    where the kernel has other rows (several formats, int4, UVM, reversed qparams) or
+    output."""
+    from fbgemm_gpu.split_embedding_configs import SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+
+    formats = {spec[3].value for spec in kernel.embedding_specs}
+    placements = set(kernel.weights_physical_placements)
+    if (len(formats) != 1 or not formats <= set(ROW_KINDS) or kernel.output_dtype != SparseType.FP32.as_int()
+            or getattr(kernel, "reverse_qparam", False) or len(placements) != 1):
+        return None
+    placement = placements.pop()
+    if placement == EmbeddingLocation.DEVICE.value:
+        weights = kernel.weights_dev
+    elif placement == EmbeddingLocation.HOST.value:
+        weights = kernel.weights_host
+    else:
+        return None
+    views = [w for w, _ in kernel.split_embedding_weights(split_scale_shifts=False)]
+    if any(v.untyped_storage().data_ptr() != weights.untyped_storage().data_ptr() for v in views):
+        return None
+    dims = [spec[2] for spec in kernel.embedding_specs]
+    columns, tables = [0], []
+    for f, t in enumerate(kernel.feature_table_map):
+        view = views[t]
+        tables.append([view.data_ptr() - weights.data_ptr(), view.stride(0), view.shape[0], dims[t], columns[f]])
+        columns.append(columns[f] + dims[t])
+    table = torch.tensor(tables, dtype=torch.int64, device=weights.device).t().contiguous()
+    assert table.shape[0] == TABLE_FIELDS
+    return weights, table, formats.pop()
+
+
 class FlatLookup(nn.Module):
     """A quantised ``EmbeddingBagCollection`` whose tables are one FBGEMM kernel (one row
     format) and whose features come in the input's key order: that kernel called on the
@@ -153,6 +193,11 @@ class FlatLookup(nn.Module):
     feature's id count back to the host even when there is one group: a device sync per
     batch, which ``torch.export`` turns into one sync per feature (26 a batch at the MLPerf
     shape, about 0.5 ms of host time on an H200).
+
+    With ``use_kernel`` (set by :func:`use_kernels_`; where :func:`packed_rows` reads the
+    kernel's rows), the same rows are pooled by
+    :func:`~afmrec.models.lookup_kernel.pooled_lookup` instead, which also applies the id
+    check.
 
     Args:
         collection: the quantised collection (:func:`flatten_lookups_` says which qualify);
@@ -166,13 +211,30 @@ class FlatLookup(nn.Module):
         self._emb_modules: list[nn.Module] = list(collection._emb_modules)
         self.keys: list[str] = list(collection._embedding_names)
         self.length_per_key: list[int] = list(collection._length_per_key)
+        self.use_kernel = False
+        self.row_kind = -1  # no kernel form
+        packed = packed_rows(self._emb_modules[0])
+        if packed is not None:
+            weights, tables, row_format = packed
+            self.row_kind = ROW_KINDS[row_format]
+            self.register_buffer("kernel_rows", weights, persistent=False)
+            self.register_buffer("kernel_tables", tables, persistent=False)
+
+    @property
+    def has_kernel(self) -> bool:
+        """Whether our kernel can pool these rows (:func:`packed_rows`)."""
+        return self.row_kind >= 0
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Args: features: KJT whose keys are the collection's features, in its order.
         Returns: KeyedTensor (B, sum of the tables' widths)."""
         indices, offsets = kernel_inputs(features)
-        return KeyedTensor(keys=self.keys, length_per_key=self.length_per_key,
-                           values=self._emb_modules[0].forward(indices=indices, offsets=offsets))
+        if self.use_kernel:
+            values = pooled_lookup(self.kernel_rows, self.kernel_tables, indices, offsets, self.row_kind,
+                                   sum(self.length_per_key), max(self.length_per_key))
+        else:
+            values = self._emb_modules[0].forward(indices=indices, offsets=offsets)
+        return KeyedTensor(keys=self.keys, length_per_key=self.length_per_key, values=values)
 
 
 def flatten_lookups_(model: nn.Module, features: list[str]) -> int:
@@ -187,6 +249,17 @@ def flatten_lookups_(model: nn.Module, features: list[str]) -> int:
                 setattr(parent, name, FlatLookup(child))
                 flattened += 1
     return flattened
+
+
+def use_kernels_(model: nn.Module, on: bool) -> None:
+    """Serves ``model``'s serving form with our kernels (``on``: the fused cross network
+    and, on CUDA, the Triton lookups, as the AOTInductor artifact holds them) or without
+    (FBGEMM's lookups and the plain cross network, which TorchScript can hold)."""
+    for m in model.modules():
+        if isinstance(m, DCNServing) and m.fused is not None:
+            m.use_fused = on
+        elif isinstance(m, FlatLookup) and m.has_kernel:
+            m.use_kernel = on and m.kernel_rows.is_cuda
 
 
 def cross_fusion_blocker(model: nn.Module) -> str | None:

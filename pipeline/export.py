@@ -242,18 +242,21 @@ def write_artifact(
 
     With ``check_batch`` rows, the written file is loaded back and its logits compared with
     ``served`` on an example batch; a mismatch beyond float rounding stops the export and
-    writes nothing. A DLRM-DCNv2 built with a fused cross network is left serving the form
-    the file holds (fused for ``aoti``, plain for ``torchscript``).
+    writes nothing. ``served`` is left serving the form the file holds: with our kernels
+    for ``aoti`` (a fused cross network, Triton lookups on CUDA), without for
+    ``torchscript`` (:func:`afmrec.models.serving.use_kernels_`).
     """
+    from afmrec.models.serving import FlatLookup, use_kernels_
+
     device = next(served.parameters()).device  # the dense part serves where the tables do
-    dcn = served.model if getattr(served.model, "fused", None) is not None else None
-    if dcn is not None:
-        dcn.use_fused = format == "aoti"  # TorchScript cannot hold the Triton kernel
-    fused = dcn is not None and dcn.use_fused
+    use_kernels_(served, format == "aoti")  # TorchScript cannot hold the Triton kernels
+    fused = getattr(served.model, "fused", None) is not None and served.model.use_fused
+    triton_lookup = any(isinstance(m, FlatLookup) and m.use_kernel for m in served.modules())
     metadata = {
         "format": FORMAT,
         "artifact": format,
         "cross": "fused" if fused else "plain",
+        "lookup": "triton" if triton_lookup else "fbgemm",
         "features": list(served.features),
         "num_dense": config.num_dense,
         "arch": config.arch,
@@ -288,9 +291,10 @@ def write_artifact(
 
 
 class _ExportableIds:
-    """While entered: ``served``'s tables skip FBGEMM's bounds check (it mutates a buffer
-    that TorchRec keeps out of the module tree, which ``torch.export`` cannot lift) and
-    ``served`` applies the same rule itself (:meth:`ServingModule.clamped`)."""
+    """While entered: ``served``'s FBGEMM lookups skip FBGEMM's bounds check (it mutates a
+    buffer that TorchRec keeps out of the module tree, which ``torch.export`` cannot lift)
+    and, if it has any, ``served`` applies the same rule itself
+    (:meth:`ServingModule.clamped`); our lookup kernel applies it inline."""
 
     def __init__(self, served: ServingModule) -> None:
         from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
@@ -302,6 +306,8 @@ class _ExportableIds:
         self.served = served
         self.tables: list[Any] = []
         for m in served.modules():
+            if getattr(m, "use_kernel", False):  # a FlatLookup served by our kernel
+                continue
             for tbe in getattr(m, "_emb_modules", ()):
                 if isinstance(tbe, IntNBitTableBatchedEmbeddingBagsCodegen):
                     self.tables.append((tbe, tbe.bounds_check_mode_int))
@@ -309,7 +315,7 @@ class _ExportableIds:
     def __enter__(self) -> None:
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 
-        self.served.clamp_ids = True
+        self.served.clamp_ids = bool(self.tables)
         for tbe, _ in self.tables:
             tbe.bounds_check_mode_int = BoundsCheckMode.NONE.value
 

@@ -44,6 +44,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from afmrec.models import ModelConfig, TableSpec, build_model
+from afmrec.models.serving import use_kernels_
 from afmrec.sharding.checkpoint import load_state_, save_state
 from afmrec.sharding.dmp import shard_model, unwrap
 from afmrec.sharding.env import DistEnv
@@ -340,7 +341,7 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
         forms = {"eager": False, "eager_fused": True} if fused else {"eager": False}
         for form, use_fused in forms.items():
             if fused:
-                eager.model.use_fused = use_fused
+                use_kernels_(eager, use_fused)
             out[f"infer_{form}_{name}_samples_per_s"] = samples_per_s(eager, batches, device)
             if cuda:
                 out[f"gpu_ms_{form}_{name}"] = gpu_ms(lambda: call(eager, batches[0]), device)

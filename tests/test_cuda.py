@@ -196,19 +196,37 @@ def test_fused_cross_kernel_is_as_close_to_float64_as_tf32_gemms(batch, fields, 
     assert err(got) <= max(2 * err(tf32), 3e-3), (err(got), err(tf32))
 
 
-def test_aoti_artifact_serves_the_fused_cross_network(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.qint8])
+def test_lookup_kernel_pools_what_fbgemms_cuda_kernel_pools(dtype):
+    """Our Triton lookup on FBGEMM's CUDA rows (aligned to 16 bytes there) against FBGEMM's
+    own CUDA kernel: shared tables, two widths, empty bags and out-of-table ids."""
+    from afmrec.models.serving import FlatLookup, use_kernels_
+
+    from .test_export import lookup_input, mixed_quantised_collection
+
+    lookup = FlatLookup(mixed_quantised_collection(dtype, "cuda"))
+    kjt = lookup_input("cuda")
+    want = lookup(kjt).values()
+    use_kernels_(lookup, True)
+    assert lookup.use_kernel
+    torch.testing.assert_close(lookup(kjt).values(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tables", ["fp32", "int8"])
+def test_aoti_artifact_serves_the_fused_cross_network(tmp_path, tables):
     """On CUDA an AFM DLRM-DCNv2's AOTInductor artifact computes the cross network from the
-    codes (its Triton kernel compiled into the package), loads where afmrec cannot be
-    imported, and serves the plain network's logits to TF32 rounding."""
+    codes and pools its rows with our lookup (both Triton kernels compiled into the
+    package), loads where afmrec cannot be imported, and serves the plain network's logits
+    (FBGEMM's lookups) to TF32 rounding."""
     from afmrec.pipeline.export import ExportConfig, call, export_model, load_artifact, serving_module
 
     from .test_fused_cross import BATCHES, afm_dcn
 
     model, config, _ = afm_dcn(device="cuda")
     features = [t.name for t in config.tables]
-    plain = serving_module(model, features)
-    meta = export_model(model, config, tmp_path / "m.pt2", ExportConfig(format="aoti"))
-    assert meta["cross"] == "fused" and meta["check_max_abs_diff"] <= 1e-5
+    plain = serving_module(model, features, tables)
+    meta = export_model(model, config, tmp_path / "m.pt2", ExportConfig(tables=tables, format="aoti"))
+    assert meta["cross"] == "fused" and meta["lookup"] == "triton" and meta["check_max_abs_diff"] <= 1e-5
     loaded, _ = load_artifact(tmp_path / "m.pt2", "cuda")
     for b in BATCHES:
         b = b.to(torch.device("cuda"))

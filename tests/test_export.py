@@ -302,3 +302,62 @@ def test_exported_forward_reads_nothing_back_to_the_host(arch, afm):
     assert host_reads(served) == 0
     split = quantize_embeddings(copy.deepcopy(model), dtype=torch.float32, inplace=True)  # TorchRec's forward
     assert host_reads(ServingModule(serving_form(split), features, rows=rows).eval()) == len(features)
+
+
+def mixed_quantised_collection(dtype: torch.dtype, device: str = "cpu") -> nn.Module:
+    """A quantised collection of three tables of two widths, one shared by two features
+    (FBGEMM's feature-to-table map), as ``serving_module`` makes them."""
+    from torchrec.inference.modules import quantize_embeddings
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection(device=torch.device(device), tables=[
+        EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=50, feature_names=["fa"]),
+        EmbeddingBagConfig(name="b", embedding_dim=16, num_embeddings=7, feature_names=["fb", "fc"]),
+        EmbeddingBagConfig(name="c", embedding_dim=8, num_embeddings=300, feature_names=["fd"])])
+    for p in ebc.parameters():
+        nn.init.normal_(p)
+    return quantize_embeddings(nn.Sequential(ebc), dtype=dtype, inplace=True)[0]
+
+
+def lookup_input(device: str = "cpu"):
+    """A KJT of :func:`mixed_quantised_collection`'s features with empty bags and ids
+    outside their tables."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(0, 4, (4 * 9,), generator=g)
+    kjt = KeyedJaggedTensor(keys=["fa", "fb", "fc", "fd"], lengths=lengths,
+                            values=torch.randint(0, 60, (int(lengths.sum()),), generator=g))
+    assert (kjt.values() >= 50).any() and (lengths == 0).any()
+    return kjt.to(torch.device(device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.qint8, torch.quint4x2])
+def test_lookup_kernels_function_pools_fbgemms_own_rows(dtype):
+    """FlatLookup's kernel form reads FBGEMM's packed rows where they lie (fp32, fp16, int8:
+    a float16 scale and bias, then bytes; int4 has none) and pools exactly what FBGEMM's
+    kernel pools: shared tables, two widths, empty bags, and ids outside their table (row
+    0, as FBGEMM's bounds check makes them) included. On the CPU the kernel's function is
+    its PyTorch reference; tests/test_cuda.py runs the kernel."""
+    from afmrec.models.lookup_kernel import ROW_KINDS
+    from afmrec.models.serving import FlatLookup, use_kernels_
+
+    lookup = FlatLookup(mixed_quantised_collection(dtype))
+    kjt = lookup_input()
+    if dtype == torch.quint4x2:
+        assert not lookup.has_kernel
+        return
+    assert lookup.row_kind == ROW_KINDS[{torch.float32: "fp32", torch.float16: "fp16", torch.qint8: "int8"}[dtype]]
+    # feature by feature: row0 (bytes), stride (bytes), rows, dim, output column
+    stride8, stride16 = (32, 64) if dtype == torch.float32 else (16, 32)
+    assert lookup.kernel_tables[1:].tolist() == [
+        [stride8, stride16, stride16, stride8], [50, 7, 7, 300], [8, 16, 16, 8], [0, 8, 24, 40]]
+    rows = lookup.kernel_tables[0].tolist()
+    assert rows[1] == rows[2] and rows[0] + 50 * stride8 <= rows[1] and rows[1] + 7 * stride16 <= rows[3]
+    want = lookup(kjt).values()
+    use_kernels_(lookup, True)
+    assert not lookup.use_kernel  # Triton's kernel serves on CUDA only
+    lookup.use_kernel = True
+    torch.testing.assert_close(lookup(kjt).values(), want, rtol=0, atol=0)

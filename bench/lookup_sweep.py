@@ -1,0 +1,162 @@
+"""Tiling sweep of our pooled-lookup kernel (``afmrec/models/lookup_kernel.py``) against
+FBGEMM's inference kernel on the same packed rows, at ``afmrec bench speed``'s MLPerf
+DLRM-DCNv2 shape: 26 tables (Criteo 1TB rows capped at 4M), MLPerf's multi-hot bag sizes,
+power-law ids, batch 65,536; rows 128-wide fp32 (the original) and 32-wide fp32, fp16 and
+int8 (AFM 4x), each timed in CUDA graphs.
+
+    python3 bench/lookup_sweep.py [--best best.json] [--cases int8_32,fp32_32]
+    TRITON_INTERPRET=1 python3 bench/lookup_sweep.py --selfcheck   # anywhere
+
+FBGEMM runs without its bounds check (as the AOTInductor artifact calls it, with the id
+check as separate ops); our kernel checks ids inline. ``--best`` writes the fastest
+tiling over the cases (the sum of their times) as JSON. ``--selfcheck`` compares the kernel
+with FBGEMM's forward (and the reference) on small tables, every row format and tiling
+form, out-of-range ids and empty bags included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fused_cross_sweep import graphed_ms  # noqa: E402
+
+CASES = {"fp32_128": ("fp32", 128), "fp32_32": ("fp32", 32), "fp16_32": ("fp16", 32), "int8_32": ("int8", 32)}
+# (BLOCK_B, BLOCK_J, NUM_WARPS, NUM_STAGES)
+TILINGS = [(b, j, w, st) for b, j in ((16, 4), (32, 1), (32, 2), (32, 4), (64, 1), (64, 2), (64, 4), (128, 1),
+                                      (128, 2)) for w in (4, 8) for st in (1, 3)]
+
+
+def _patch_interpreter() -> None:
+    """Triton 3.6's interpreter takes int() of a 1-element array for a loop bound, which
+    numpy 2.4 refuses: read its element instead."""
+    import triton.runtime.interpreter as interp
+
+    patch = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+def kernel_of(row_format: str, rows: list[int], dims: list[int], device: torch.device, seed: int = 0):
+    """An FBGEMM inference kernel with these tables (no bounds check), its rows filled with
+    valid random values (scales and biases finite)."""
+    from fbgemm_gpu.split_embedding_configs import SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode, EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+
+    location = EmbeddingLocation.DEVICE if device.type == "cuda" else EmbeddingLocation.HOST
+    kernel = IntNBitTableBatchedEmbeddingBagsCodegen(
+        embedding_specs=[(f"t{i}", n, d, SparseType(row_format), location) for i, (n, d) in enumerate(zip(rows, dims))],
+        device=device, bounds_check_mode=BoundsCheckMode.NONE, output_dtype=SparseType.FP32)
+    kernel.initialize_weights()
+    g = torch.Generator(device=device).manual_seed(seed)
+    for (w, _), d in zip(kernel.split_embedding_weights(split_scale_shifts=False), dims):
+        if row_format == "int8":
+            w[:, :4].view(torch.float16).uniform_(0.001, 0.01, generator=g)
+            w[:, 4:4 + d].random_(0, 256, generator=g)
+        else:
+            dtype = torch.float32 if row_format == "fp32" else torch.float16
+            w[:, :d * dtype.itemsize].view(dtype).normal_(generator=g)
+    return kernel
+
+
+def selfcheck() -> None:
+    from afmrec.models import lookup_kernel as lk
+    from afmrec.models.serving import packed_rows
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _patch_interpreter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(0)
+    rows, dims, batch = [50, 7, 300, 1], [8, 16, 8, 4], 37
+    lengths = torch.randint(0, 6, (len(rows) * batch,), generator=g)
+    ids = torch.randint(-2, 320, (int(lengths.sum()),), generator=g)  # some out of their tables
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    worst = 0.0
+    for row_format, (bb, bj) in itertools.product(lk.ROW_KINDS, [(64, 1), (16, 4), (8, 2)]):
+        kernel = kernel_of(row_format, rows, dims, device)
+        weights, tables, _ = packed_rows(kernel)
+        args = (ids.int().to(device), offsets.int().to(device))
+        valid = torch.where((ids >= 0) & (ids < torch.tensor(rows).repeat_interleave(batch).repeat_interleave(
+            lengths)), ids, 0)  # FBGEMM without its bounds check gets checked ids
+        want = kernel.forward(indices=valid.int().to(device), offsets=args[1]).cpu()
+        ref = lk.pooled_lookup_reference(weights, tables, *args, lk.ROW_KINDS[row_format], sum(dims)).cpu()
+        lk.BLOCK_B, lk.BLOCK_J = bb, bj
+        got = lk.launch(weights, tables, *args, lk.ROW_KINDS[row_format], sum(dims), max(dims)).cpu()
+        err = max((got - want).abs().max().item(), (ref - want).abs().max().item()) / want.abs().max().item()
+        worst = max(worst, err)
+        print(f"{row_format} BLOCK_B={bb} BLOCK_J={bj}: max |diff| / max |value| {err:.1e}")
+    print(f"selfcheck {'passed' if worst < 1e-6 else 'FAILED'}: worst {worst:.1e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--best", type=Path, help="write the fastest tiling's constants here (JSON)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--selfcheck", action="store_true", help="check the kernel against FBGEMM and stop")
+    args = parser.parse_args()
+    if args.selfcheck:
+        return selfcheck()
+    from afmrec.models import lookup_kernel as lk
+    from afmrec.models.serving import packed_rows
+    from afmrec.pipeline.speed import SpeedShape, make_batches
+
+    dev, shape, start = torch.device("cuda"), SpeedShape(), time.time()
+    kjt = make_batches(shape, shape.infer_batch, 1, dev, seed=1)[0].sparse_features
+    ids, offsets = kjt.values().int(), kjt.offsets().int()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {len(shape.table_rows)} tables, "
+          f"{sum(shape.table_rows):,} rows, batch {shape.infer_batch}, {ids.numel():,} ids")
+    totals: dict[tuple, list[float]] = {}
+    for case in args.cases.split(","):
+        row_format, dim = CASES[case]
+        dims = [dim] * len(shape.table_rows)
+        kernel = kernel_of(row_format, list(shape.table_rows), dims, dev)
+        weights, tables, _ = packed_rows(kernel)
+        kind, total = lk.ROW_KINDS[row_format], sum(dims)
+        want = kernel.forward(indices=ids, offsets=offsets)
+        fbgemm = graphed_ms(lambda: kernel.forward(indices=ids, offsets=offsets))
+        row_bytes = tables[1, 0].item()
+        print(f"## {case}: rows of {row_bytes} bytes; FBGEMM {fbgemm:.3f} ms "
+              f"({ids.numel() * row_bytes / fbgemm / 1e6:.2f} TB/s of rows)")
+        results = []
+        for tiling in TILINGS:
+            lk.BLOCK_B, lk.BLOCK_J, lk.NUM_WARPS, lk.NUM_STAGES = tiling
+            name = "BLOCK_B={} BLOCK_J={} warps={} stages={}".format(*tiling)
+            try:
+                got = lk.launch(weights, tables, ids, offsets, kind, total, dim)
+                err = ((got - want).abs().max() / want.abs().max()).item()
+                ms = graphed_ms(lambda: lk.launch(weights, tables, ids, offsets, kind, total, dim))
+            except Exception as e:  # noqa: BLE001  (out of registers or shared memory)
+                print(f"{name}: failed ({type(e).__name__}: {str(e)[:120]})")
+                continue
+            results.append((ms, tiling))
+            totals.setdefault(tiling, []).append(ms)
+            print(f"{name}: {ms:.3f} ms ({fbgemm / ms:.2f}x FBGEMM), max rel diff {err:.1e}")
+            sys.stdout.flush()
+        ms, tiling = min(results)
+        print("{} best: {:.3f} ms ({:.2f}x FBGEMM) BLOCK_B={} BLOCK_J={} warps={} stages={}".format(
+            case, ms, fbgemm / ms, *tiling))
+        del kernel, weights, want
+        torch.cuda.empty_cache()
+    cases = len(args.cases.split(","))
+    best = min((sum(ms), t) for t, ms in totals.items() if len(ms) == cases)[1]
+    print("best over the cases: BLOCK_B={} BLOCK_J={} warps={} stages={}; the sweep took {:.0f} s".format(
+        *best, time.time() - start))
+    if args.best:
+        args.best.write_text(json.dumps(dict(zip(("BLOCK_B", "BLOCK_J", "NUM_WARPS", "NUM_STAGES"), best))))
+
+
+if __name__ == "__main__":
+    main()
