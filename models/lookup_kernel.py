@@ -3,18 +3,23 @@ inline (:class:`afmrec.models.serving.FlatLookup` serves with it in the AOTInduc
 artifact on CUDA). Needs only torch (and Triton for the kernel).
 
 The rows are those of FBGEMM's ``IntNBitTableBatchedEmbeddingBagsCodegen``, unchanged: one
-byte buffer, table ``t``'s row ``i`` at byte ``row0_t + i * stride_t``, a row holding
-``dim_t`` values of one :data:`ROW_KINDS` format (``int8``: a float16 scale and bias in
-its first 4 bytes, then ``dim_t`` unsigned bytes, value = scale * q + bias). A bag's pooled
-value is the sum of its rows; an id outside its table reads row 0 (FBGEMM's bounds check in
-its ``WARNING`` mode, without the count).
+buffer, table ``t``'s row ``i`` at byte ``row0_t + i * stride_t``, a row holding ``dim_t``
+values of one :data:`ROW_KINDS` format (``int8``: a float16 scale and bias in its first 4
+bytes, then ``dim_t`` unsigned bytes, value = scale * q + bias). A bag's pooled value is the
+sum of its rows; an id outside its table reads row 0 (FBGEMM's bounds check in its
+``WARNING`` mode, without the count).
 
-Why a kernel of our own: FBGEMM's INT8 kernel is slower on 32-wide rows than its FP32 one
-(1.20 against 1.10 ms a batch of 65,536 at the MLPerf shape on an H200), though it reads
-half the bytes; and its bounds check, which export cannot hold, costs a separate pass.
+Why a kernel of our own: at the MLPerf shape on an H200 (``bench/lookup_sweep.py``),
+FBGEMM's kernels pool 32-wide rows more slowly than 128-wide ones per byte (its INT8 one
+even more slowly than its FP32 one, though it reads half the bytes), and its bounds check,
+which export cannot hold, costs a separate pass. Rows of more than :data:`MAX_ROW_BYTES`
+stay with FBGEMM, which pools them faster.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -27,18 +32,75 @@ except ImportError:  # CPU-only installs
 ROW_KINDS: dict[str, int] = {"fp32": 0, "fp16": 1, "int8": 2}
 """The row formats the kernel reads, by FBGEMM's ``SparseType`` name."""
 
-QPARAM_BYTES = 4
-"""An int8 row's leading scale and bias (two float16)."""
+ELEMENT: dict[int, torch.dtype] = {0: torch.float32, 1: torch.float16, 2: torch.int32}
+"""The element the kernel reads each format in: an int8 row as 32-bit words (its scale and
+bias one word, four values a word), so that a row takes a few wide loads, not one a byte."""
 
-TABLE_FIELDS = 5
-"""Rows of the ``tables`` argument: row0 (bytes), stride (bytes), rows, dim, output column."""
+MAX_ROW_BYTES = 128
+"""The widest rows served by our kernel (one cache line). Measured on an H200 at the MLPerf
+shape: 128-byte rows (32 fp32) 2.5x faster than FBGEMM's kernel, 512-byte rows (128 fp32)
+0.54x."""
 
 # Tiling: a program pools BLOCK_B bags of one table, BLOCK_J ids of each a step, all of a
 # row's values at once.
 BLOCK_B = 64
-BLOCK_J = 1
+BLOCK_J = 2
 NUM_WARPS = 4
-NUM_STAGES = 2
+NUM_STAGES = 1
+
+
+@dataclass
+class KernelRows:
+    """Packed rows as the kernel reads them.
+
+    Attributes:
+        weights: (W,) the buffer, viewed as :data:`ELEMENT` of ``kind`` (shared, not copied).
+        tables: (5, F) int64, per feature: its table's first row and row stride in elements,
+            its rows, its dim (values) and its first output column.
+        kind: a :data:`ROW_KINDS` value.
+        align: elements by which every row start is aligned (the loads' width, <= 16 bytes).
+        full: every table has the widest dim, a power of two (no column masks).
+        total_dim: the output's width.
+        max_dim: the widest table's dim.
+    """
+
+    weights: torch.Tensor
+    tables: torch.Tensor
+    kind: int
+    align: int
+    full: bool
+    total_dim: int
+    max_dim: int
+
+
+def kernel_rows(weights: torch.Tensor, tables: list[list[int]], row_format: str) -> KernelRows | None:
+    """The kernel's view of packed rows, or None where the kernel cannot read them (another
+    format, rows wider than :data:`MAX_ROW_BYTES`, rows or int8 values not aligned to its
+    element).
+
+    Args:
+        weights: (W,) uint8, the packed rows.
+        tables: per feature, [first row's byte, row stride in bytes, rows, dim, output
+            column].
+        row_format: FBGEMM's ``SparseType`` name of every row.
+    """
+    kind = ROW_KINDS.get(row_format)
+    if kind is None or not tables:
+        return None
+    size = ELEMENT[kind].itemsize
+    dims = [t[3] for t in tables]
+    row_bytes = max(d * size if kind != ROW_KINDS["int8"] else d + size for d in dims)
+    starts = [v for t in tables for v in t[:2]] + [weights.numel(), weights.data_ptr()]
+    if (row_bytes > MAX_ROW_BYTES or any(v % size for v in starts)
+            or (kind == ROW_KINDS["int8"] and any(d % size for d in dims))):
+        return None
+    align = math.gcd(16, *starts) // size
+    in_elements = [[row0 // size, stride // size, rows, dim, col] for row0, stride, rows, dim, col in tables]
+    max_dim = max(dims)
+    return KernelRows(weights.view(ELEMENT[kind]), torch.tensor(in_elements, dtype=torch.int64,
+                                                                  device=weights.device).t().contiguous(),
+                      kind, align, all(d == max_dim for d in dims) and padded(max_dim) == max_dim,
+                      max(t[4] + t[3] for t in tables), max_dim)
 
 
 def padded(width: int) -> int:
@@ -46,14 +108,14 @@ def padded(width: int) -> int:
     return max(16, 1 << (width - 1).bit_length())
 
 
-def decode_rows(raw: torch.Tensor, kind: int, dim: int) -> torch.Tensor:
-    """Values of packed rows. Args: raw (n, stride) uint8. Returns: (n, dim) float32."""
+def decode_rows(rows: torch.Tensor, kind: int, dim: int) -> torch.Tensor:
+    """Values of packed rows. Args: rows (n, stride) of the kind's element. Returns: (n, dim)
+    float32."""
     if kind == ROW_KINDS["int8"]:
-        qparams = raw[:, :QPARAM_BYTES].contiguous().view(torch.float16).float()  # (n, 2)
-        q = raw[:, QPARAM_BYTES:QPARAM_BYTES + dim].float()
-        return q * qparams[:, :1] + qparams[:, 1:]
-    width = 4 if kind == ROW_KINDS["fp32"] else 2
-    return raw[:, :width * dim].contiguous().view(torch.float32 if width == 4 else torch.float16).float()
+        raw = rows.view(torch.uint8)
+        qparams = raw[:, :4].contiguous().view(torch.float16).float()  # (n, 2): scale, bias
+        return raw[:, 4:4 + dim].float() * qparams[:, :1] + qparams[:, 1:]
+    return rows[:, :dim].float()
 
 
 def pooled_lookup_reference(weights: torch.Tensor, tables: torch.Tensor, indices: torch.Tensor,
@@ -61,14 +123,11 @@ def pooled_lookup_reference(weights: torch.Tensor, tables: torch.Tensor, indices
     """The lookup in PyTorch's ops, table by table.
 
     Args:
-        weights: (W,) uint8, the packed rows.
-        tables: (5, T) int64 (:data:`TABLE_FIELDS`).
-        indices: (L,) ids, table by table, bag by bag.
-        offsets: (T * B + 1,) each bag's first id in ``indices`` (bags table-major).
-        kind: a :data:`ROW_KINDS` value.
-        total_dim: the output's width.
+        weights, tables, kind, total_dim: a :class:`KernelRows`' fields.
+        indices: (L,) ids, feature by feature, bag by bag.
+        offsets: (F * B + 1,) each bag's first id in ``indices`` (bags feature-major).
 
-    Returns: (B, total_dim) float32, table t's pooled rows in its columns.
+    Returns: (B, total_dim) float32, feature f's pooled rows in its columns.
     """
     num_tables = tables.shape[1]
     batch = (offsets.numel() - 1) // num_tables
@@ -78,79 +137,125 @@ def pooled_lookup_reference(weights: torch.Tensor, tables: torch.Tensor, indices
         bounds = offsets[t * batch:(t + 1) * batch + 1]
         ids = indices[bounds[0]:bounds[-1]].long()
         ids = torch.where((ids >= 0) & (ids < rows), ids, torch.zeros_like(ids))
-        raw = weights[row0:row0 + rows * stride].view(rows, stride)[ids]
+        picked = weights[row0:row0 + rows * stride].view(rows, stride)[ids]
         bag = torch.repeat_interleave(torch.arange(batch, device=weights.device), bounds.diff())
-        out[:, col:col + dim].index_add_(0, bag, decode_rows(raw, kind, dim))
+        out[:, col:col + dim].index_add_(0, bag, decode_rows(picked, kind, dim))
     return out
 
 
 if triton is not None:
 
     @triton.jit
+    def _step(ids_ptr, first, count, bag_ok, j, jj, row0, stride, rows, ALIGN: tl.constexpr):
+        """Step j's ids of each bag: (BLOCK_B, BLOCK_J) whether live, and each row's first
+        element (an id outside its table reads row 0)."""
+        live = bag_ok[:, None] & (j + jj < count[:, None])
+        idx = tl.load(ids_ptr + first[:, None] + j + jj, mask=live, other=0).to(tl.int64)
+        idx = tl.where((idx >= 0) & (idx < rows), idx, 0)
+        return live, tl.multiple_of(row0 + idx * stride, [ALIGN, ALIGN])
+
+    @triton.jit
     def _pooled_lookup_kernel(w_ptr, ids_ptr, offsets_ptr, tables_ptr, out_ptr, B, T, out_stride,
-                              KIND: tl.constexpr, QPARAM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
-                              BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
+                              KIND: tl.constexpr, ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK_B: tl.constexpr,
+                              BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
         t = tl.program_id(1)
         bags = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         bag_ok = bags < B
         first = tl.load(offsets_ptr + t * B + bags, mask=bag_ok, other=0)
         count = tl.load(offsets_ptr + t * B + bags + 1, mask=bag_ok, other=0) - first
-        row0 = tl.load(tables_ptr + t)
+        row0 = tl.load(tables_ptr + t)  # elements, as the stride
         stride = tl.load(tables_ptr + T + t)
         rows = tl.load(tables_ptr + 2 * T + t)
         dim = tl.load(tables_ptr + 3 * T + t)
         col = tl.load(tables_ptr + 4 * T + t)
-        cols = tl.arange(0, BLOCK_D)[None, None, :]
-        col_ok = cols < dim
         jj = tl.arange(0, BLOCK_J)[None, :]
-        acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
-        # BLOCK_J ids of each of the BLOCK_B bags a step: (BLOCK_B, BLOCK_J, BLOCK_D) tiles
-        for j in tl.range(0, tl.max(count, axis=0), BLOCK_J, num_stages=NUM_STAGES):
-            live = bag_ok[:, None] & (j + jj < count[:, None])
-            idx = tl.load(ids_ptr + first[:, None] + j + jj, mask=live, other=0).to(tl.int64)
-            idx = tl.where((idx >= 0) & (idx < rows), idx, 0)
-            row = w_ptr + row0 + idx * stride  # (BLOCK_B, BLOCK_J) uint8 pointers
-            m = live[:, :, None] & col_ok
-            if KIND == 2:
-                qp = row.to(tl.pointer_type(tl.float16), bitcast=True)
-                scale = tl.load(qp, mask=live, other=0.0).to(tl.float32)[:, :, None]
-                bias = tl.load(qp + 1, mask=live, other=0.0).to(tl.float32)[:, :, None]
-                q = tl.load(row[:, :, None] + QPARAM + cols, mask=m, other=0).to(tl.float32)
-                acc += tl.sum(q * scale + bias, axis=1)
-            elif KIND == 1:
-                vals = row.to(tl.pointer_type(tl.float16), bitcast=True)
-                acc += tl.sum(tl.load(vals[:, :, None] + cols, mask=m, other=0.0).to(tl.float32), axis=1)
+        steps = tl.max(count, axis=0)
+        out = out_ptr + bags[:, None] * out_stride + col
+        if KIND == 2:
+            # A row's scale and bias are word 0, its value 4w + k byte k of word w + 1: four
+            # accumulators, one per byte. Full rows are read as their aligned first W words
+            # (wide loads) and word W, which takes word 0's slot: slot s holds word s - 1.
+            W: tl.constexpr = BLOCK_D // 4
+            words = tl.arange(0, W)
+            if FULL:
+                value_word = (words + W - 1) % W
             else:
-                vals = row.to(tl.pointer_type(tl.float32), bitcast=True)
-                acc += tl.sum(tl.load(vals[:, :, None] + cols, mask=m, other=0.0), axis=1)
-        out = out_ptr + bags[:, None] * out_stride + col + tl.arange(0, BLOCK_D)[None, :]
-        tl.store(out, acc, mask=bag_ok[:, None] & (tl.arange(0, BLOCK_D) < dim)[None, :])
+                value_word = words
+            acc0 = tl.zeros((BLOCK_B, W), tl.float32)
+            acc1 = tl.zeros((BLOCK_B, W), tl.float32)
+            acc2 = tl.zeros((BLOCK_B, W), tl.float32)
+            acc3 = tl.zeros((BLOCK_B, W), tl.float32)
+            for j in tl.range(0, steps, BLOCK_J, num_stages=NUM_STAGES):
+                live, row = _step(ids_ptr, first, count, bag_ok, j, jj, row0, stride, rows, ALIGN)
+                qparams = tl.load(w_ptr + row, mask=live, other=0)
+                scale = (qparams & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)[:, :, None]
+                bias = (qparams >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)[:, :, None]
+                if FULL:
+                    head = tl.load(w_ptr + row[:, :, None] + words[None, None, :], mask=live[:, :, None], other=0)
+                    tail = tl.load(w_ptr + row + W, mask=live, other=0)
+                    q = tl.where(words[None, None, :] == 0, tail[:, :, None], head)
+                else:
+                    q = tl.load(w_ptr + row[:, :, None] + 1 + words[None, None, :],
+                                mask=live[:, :, None] & (words < dim // 4)[None, None, :], other=0)
+                acc0 += tl.sum((q & 255).to(tl.float32) * scale + bias, axis=1)
+                acc1 += tl.sum(((q >> 8) & 255).to(tl.float32) * scale + bias, axis=1)
+                acc2 += tl.sum(((q >> 16) & 255).to(tl.float32) * scale + bias, axis=1)
+                acc3 += tl.sum(((q >> 24) & 255).to(tl.float32) * scale + bias, axis=1)
+            if FULL:
+                keep = bag_ok[:, None]
+            else:
+                keep = bag_ok[:, None] & (words < dim // 4)[None, :]
+            at = out + 4 * value_word[None, :]
+            tl.store(at, acc0, mask=keep)
+            tl.store(at + 1, acc1, mask=keep)
+            tl.store(at + 2, acc2, mask=keep)
+            tl.store(at + 3, acc3, mask=keep)
+        else:
+            cols = tl.arange(0, BLOCK_D)
+            acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
+            for j in tl.range(0, steps, BLOCK_J, num_stages=NUM_STAGES):
+                live, row = _step(ids_ptr, first, count, bag_ok, j, jj, row0, stride, rows, ALIGN)
+                if FULL:
+                    m = live[:, :, None]
+                else:
+                    m = live[:, :, None] & (cols < dim)[None, None, :]
+                vals = tl.load(w_ptr + row[:, :, None] + cols[None, None, :], mask=m, other=0.0)
+                acc += tl.sum(vals.to(tl.float32), axis=1)
+            if FULL:
+                keep = bag_ok[:, None]
+            else:
+                keep = bag_ok[:, None] & (cols < dim)[None, :]
+            tl.store(out + cols[None, :], acc, mask=keep)
 
-    def launch(weights: torch.Tensor, tables: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
-               kind: int, total_dim: int, max_dim: int) -> torch.Tensor:
+    def launch(rows: KernelRows, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Runs :func:`_pooled_lookup_kernel` on :func:`pooled_lookup`'s arguments (on CUDA,
         or on the CPU under Triton's interpreter, ``TRITON_INTERPRET=1``)."""
-        num_tables = tables.shape[1]
+        num_tables = rows.tables.shape[1]
         batch = (offsets.shape[0] - 1) // num_tables
-        out = weights.new_empty(batch, total_dim, dtype=torch.float32)
+        out = torch.empty(batch, rows.total_dim, dtype=torch.float32, device=rows.weights.device)
         grid = (triton.cdiv(batch, BLOCK_B), num_tables)
         torch.library.wrap_triton(_pooled_lookup_kernel)[grid](
-            weights, indices, offsets, tables, out, batch, num_tables, out.stride(0),
-            KIND=kind, QPARAM=QPARAM_BYTES, BLOCK_B=BLOCK_B, BLOCK_J=BLOCK_J, BLOCK_D=padded(max_dim), NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
+            rows.weights, indices, offsets, rows.tables, out, batch, num_tables, out.stride(0),
+            KIND=rows.kind, ALIGN=rows.align, FULL=rows.full, BLOCK_B=BLOCK_B, BLOCK_J=BLOCK_J,
+            BLOCK_D=padded(rows.max_dim), NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
         return out
 
     @torch.library.triton_op("afmrec::pooled_lookup", mutates_args=())
     def _pooled_lookup_op(weights: torch.Tensor, tables: torch.Tensor, indices: torch.Tensor,
-                          offsets: torch.Tensor, kind: int, total_dim: int, max_dim: int) -> torch.Tensor:
-        return launch(weights, tables, indices, offsets, kind, total_dim, max_dim)
+                          offsets: torch.Tensor, kind: int, align: int, full: bool, total_dim: int,
+                          max_dim: int) -> torch.Tensor:
+        return launch(KernelRows(weights, tables, kind, align, full, total_dim, max_dim), indices, offsets)
 
 
-def pooled_lookup(weights: torch.Tensor, tables: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
-                  kind: int, total_dim: int, max_dim: int) -> torch.Tensor:
-    """:func:`pooled_lookup_reference`'s function (``max_dim``: the widest table's dim), as
-    one Triton kernel on CUDA (elsewhere the reference): a program pools :data:`BLOCK_B`
-    bags of one table, a row's values at once, the next rows' loads in flight while it
-    adds (``NUM_STAGES``). Reads each id and its row once; writes (B, total_dim)."""
-    if triton is None or not weights.is_cuda:
-        return pooled_lookup_reference(weights, tables, indices, offsets, kind, total_dim)
-    return torch.ops.afmrec.pooled_lookup(weights, tables, indices, offsets, kind, total_dim, max_dim)
+def pooled_lookup(rows: KernelRows, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """:func:`pooled_lookup_reference`'s function, as one Triton kernel on CUDA (elsewhere
+    the reference): a program pools :data:`BLOCK_B` bags of one table, :data:`BLOCK_J` ids
+    of each a step, a row's values at once (in loads as wide as the rows' alignment).
+    Reads each id and its row once; writes (B, total_dim).
+
+    Args: rows: the packed rows; indices (L,), offsets (F * B + 1,): as FBGEMM takes them.
+    Returns: (B, total_dim) float32."""
+    if triton is None or not rows.weights.is_cuda:
+        return pooled_lookup_reference(rows.weights, rows.tables, indices, offsets, rows.kind, rows.total_dim)
+    return torch.ops.afmrec.pooled_lookup(rows.weights, rows.tables, indices, offsets, rows.kind, rows.align,
+                                          rows.full, rows.total_dim, rows.max_dim)

@@ -18,6 +18,9 @@ PyTorch's (which TorchScript can hold), or with our Triton kernels (which AOTInd
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from torch import nn
 from torchrec.models.dlrm import DLRM_DCN
@@ -26,7 +29,7 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from .fused_cross import FusedCrossNet, unfusable_reason
-from .lookup_kernel import ROW_KINDS, TABLE_FIELDS, pooled_lookup
+from .lookup_kernel import KernelRows, kernel_rows, pooled_lookup
 from .lowrank import LowRankEmbeddingBagCollection, LowRankLinear
 
 
@@ -148,18 +151,17 @@ def kernel_inputs(features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tens
 torch.fx.wrap("kernel_inputs")
 
 
-def packed_rows(kernel: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str] | None:
-    """The packed rows of an FBGEMM inference kernel as :func:`~afmrec.models.lookup_kernel.
-    pooled_lookup` reads them: the byte buffer (shared, not copied), the (5, F) table of
-    each feature's row0, stride, rows, dim and output column, and the row format; None
-    where the kernel has other rows (several formats, int4, UVM, reversed qparams) or
-    output."""
+def packed_rows(kernel: nn.Module) -> KernelRows | None:
+    """The rows of an FBGEMM inference kernel as :func:`~afmrec.models.lookup_kernel.
+    pooled_lookup` reads them (:func:`~afmrec.models.lookup_kernel.kernel_rows`: shared,
+    not copied); None where the kernel has rows it cannot read (several formats, int4,
+    UVM, reversed qparams, rows too wide) or another output."""
     from fbgemm_gpu.split_embedding_configs import SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
 
     formats = {spec[3].value for spec in kernel.embedding_specs}
     placements = set(kernel.weights_physical_placements)
-    if (len(formats) != 1 or not formats <= set(ROW_KINDS) or kernel.output_dtype != SparseType.FP32.as_int()
+    if (len(formats) != 1 or kernel.output_dtype != SparseType.FP32.as_int()
             or getattr(kernel, "reverse_qparam", False) or len(placements) != 1):
         return None
     placement = placements.pop()
@@ -173,14 +175,12 @@ def packed_rows(kernel: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str] | N
     if any(v.untyped_storage().data_ptr() != weights.untyped_storage().data_ptr() for v in views):
         return None
     dims = [spec[2] for spec in kernel.embedding_specs]
-    columns, tables = [0], []
-    for f, t in enumerate(kernel.feature_table_map):
+    column, tables = 0, []
+    for t in kernel.feature_table_map:  # feature by feature: [row0 byte, stride, rows, dim, column]
         view = views[t]
-        tables.append([view.data_ptr() - weights.data_ptr(), view.stride(0), view.shape[0], dims[t], columns[f]])
-        columns.append(columns[f] + dims[t])
-    table = torch.tensor(tables, dtype=torch.int64, device=weights.device).t().contiguous()
-    assert table.shape[0] == TABLE_FIELDS
-    return weights, table, formats.pop()
+        tables.append([view.data_ptr() - weights.data_ptr(), view.stride(0), view.shape[0], dims[t], column])
+        column += dims[t]
+    return kernel_rows(weights, tables, formats.pop())
 
 
 class FlatLookup(nn.Module):
@@ -212,26 +212,27 @@ class FlatLookup(nn.Module):
         self.keys: list[str] = list(collection._embedding_names)
         self.length_per_key: list[int] = list(collection._length_per_key)
         self.use_kernel = False
-        self.row_kind = -1  # no kernel form
+        # KernelRows' fields but its tensors, which are buffers (they move with the module)
+        self.kernel_spec: dict[str, Any] | None = None
         packed = packed_rows(self._emb_modules[0])
         if packed is not None:
-            weights, tables, row_format = packed
-            self.row_kind = ROW_KINDS[row_format]
-            self.register_buffer("kernel_rows", weights, persistent=False)
-            self.register_buffer("kernel_tables", tables, persistent=False)
+            self.register_buffer("kernel_weights", packed.weights, persistent=False)
+            self.register_buffer("kernel_tables", packed.tables, persistent=False)
+            self.kernel_spec = {f.name: getattr(packed, f.name) for f in dataclasses.fields(packed)
+                                if f.name not in ("weights", "tables")}
 
     @property
     def has_kernel(self) -> bool:
         """Whether our kernel can pool these rows (:func:`packed_rows`)."""
-        return self.row_kind >= 0
+        return self.kernel_spec is not None
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Args: features: KJT whose keys are the collection's features, in its order.
         Returns: KeyedTensor (B, sum of the tables' widths)."""
         indices, offsets = kernel_inputs(features)
         if self.use_kernel:
-            values = pooled_lookup(self.kernel_rows, self.kernel_tables, indices, offsets, self.row_kind,
-                                   sum(self.length_per_key), max(self.length_per_key))
+            rows = KernelRows(self.kernel_weights, self.kernel_tables, **self.kernel_spec)
+            values = pooled_lookup(rows, indices, offsets)
         else:
             values = self._emb_modules[0].forward(indices=indices, offsets=offsets)
         return KeyedTensor(keys=self.keys, length_per_key=self.length_per_key, values=values)
@@ -259,7 +260,7 @@ def use_kernels_(model: nn.Module, on: bool) -> None:
         if isinstance(m, DCNServing) and m.fused is not None:
             m.use_fused = on
         elif isinstance(m, FlatLookup) and m.has_kernel:
-            m.use_kernel = on and m.kernel_rows.is_cuda
+            m.use_kernel = on and m.kernel_weights.is_cuda
 
 
 def cross_fusion_blocker(model: nn.Module) -> str | None:
