@@ -12,8 +12,7 @@ sum of its rows; an id outside its table reads row 0 (FBGEMM's bounds check in i
 Why a kernel of our own: at the MLPerf shape on an H200 (``bench/lookup_sweep.py``),
 FBGEMM's kernels pool 32-wide rows more slowly than 128-wide ones per byte (its INT8 one
 even more slowly than its FP32 one, though it reads half the bytes), and its bounds check,
-which export cannot hold, costs a separate pass. Rows of more than :data:`MAX_ROW_BYTES`
-stay with FBGEMM, which pools them faster.
+which export cannot hold, costs a separate pass.
 """
 
 from __future__ import annotations
@@ -32,18 +31,21 @@ except ImportError:  # CPU-only installs
 ROW_KINDS: dict[str, int] = {"fp32": 0, "fp16": 1, "int8": 2}
 """The row formats the kernel reads, by FBGEMM's ``SparseType`` name."""
 
-ELEMENT: dict[int, torch.dtype] = {0: torch.float32, 1: torch.float16, 2: torch.int32}
-"""The element the kernel reads each format in: an int8 row as 32-bit words (its scale and
-bias one word, four values a word), so that a row takes a few wide loads, not one a byte."""
+ELEMENT: dict[int, torch.dtype] = {0: torch.float32, 1: torch.float16, 2: torch.uint8}
+"""The element the kernel reads each format in (an int8 row: bytes, its scale and bias read
+as one 32-bit word)."""
 
 MAX_ROW_BYTES = 128
-"""The widest rows served by our kernel (one cache line). Measured on an H200 at the MLPerf
-shape: 128-byte rows (32 fp32) 2.5x faster than FBGEMM's kernel, 512-byte rows (128 fp32)
-0.54x."""
+"""The widest rows served by our kernel; wider ones stay with FBGEMM's. On an H200 at the
+MLPerf shape, our kernel pools 128-byte rows (32 fp32) 4.3x as fast as FBGEMM's kernel
+(``bench/lookup_sweep.py``), but 512-byte rows (128 fp32, the original's) took 1.51 ms
+inside the original's artifact at the tiling below, against FBGEMM's 1.28 ms."""
 
 # Tiling: a program pools BLOCK_B bags of one table, BLOCK_J ids of each a step, all of a
-# row's values at once.
-BLOCK_B = 64
+# row's values at once. Swept on an H200 at the MLPerf shape (bench/lookup_sweep_h200.txt):
+# the fastest over 32-wide fp32, fp16 and int8 rows (0.250, 0.212 and 0.271 ms a batch of
+# 65,536, against FBGEMM's 1.071, 0.823 and 1.241 ms).
+BLOCK_B = 32
 BLOCK_J = 2
 NUM_WARPS = 4
 NUM_STAGES = 1
@@ -88,11 +90,11 @@ def kernel_rows(weights: torch.Tensor, tables: list[list[int]], row_format: str)
     if kind is None or not tables:
         return None
     size = ELEMENT[kind].itemsize
+    int8 = kind == ROW_KINDS["int8"]
     dims = [t[3] for t in tables]
-    row_bytes = max(d * size if kind != ROW_KINDS["int8"] else d + size for d in dims)
+    row_bytes = max(d + 4 if int8 else d * size for d in dims)
     starts = [v for t in tables for v in t[:2]] + [weights.numel(), weights.data_ptr()]
-    if (row_bytes > MAX_ROW_BYTES or any(v % size for v in starts)
-            or (kind == ROW_KINDS["int8"] and any(d % size for d in dims))):
+    if row_bytes > MAX_ROW_BYTES or any(v % (4 if int8 else size) for v in starts):  # int8: word-aligned
         return None
     align = math.gcd(16, *starts) // size
     in_elements = [[row0 // size, stride // size, rows, dim, col] for row0, stride, rows, dim, col in tables]
@@ -170,62 +172,28 @@ if triton is not None:
         col = tl.load(tables_ptr + 4 * T + t)
         jj = tl.arange(0, BLOCK_J)[None, :]
         steps = tl.max(count, axis=0)
-        out = out_ptr + bags[:, None] * out_stride + col
-        if KIND == 2:
-            # A row's scale and bias are word 0, its value 4w + k byte k of word w + 1: four
-            # accumulators, one per byte. Full rows are read as their aligned first W words
-            # (wide loads) and word W, which takes word 0's slot: slot s holds word s - 1.
-            W: tl.constexpr = BLOCK_D // 4
-            words = tl.arange(0, W)
+        cols = tl.arange(0, BLOCK_D)
+        acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
+        for j in tl.range(0, steps, BLOCK_J, num_stages=NUM_STAGES):
+            live, row = _step(ids_ptr, first, count, bag_ok, j, jj, row0, stride, rows, ALIGN)
             if FULL:
-                value_word = (words + W - 1) % W
+                m = live[:, :, None]
             else:
-                value_word = words
-            acc0 = tl.zeros((BLOCK_B, W), tl.float32)
-            acc1 = tl.zeros((BLOCK_B, W), tl.float32)
-            acc2 = tl.zeros((BLOCK_B, W), tl.float32)
-            acc3 = tl.zeros((BLOCK_B, W), tl.float32)
-            for j in tl.range(0, steps, BLOCK_J, num_stages=NUM_STAGES):
-                live, row = _step(ids_ptr, first, count, bag_ok, j, jj, row0, stride, rows, ALIGN)
-                qparams = tl.load(w_ptr + row, mask=live, other=0)
+                m = live[:, :, None] & (cols < dim)[None, None, :]
+            if KIND == 2:  # bytes: a row's scale and bias (one word), then its values
+                qparams = tl.load((w_ptr + row).to(tl.pointer_type(tl.int32), bitcast=True), mask=live, other=0)
                 scale = (qparams & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)[:, :, None]
                 bias = (qparams >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)[:, :, None]
-                if FULL:
-                    head = tl.load(w_ptr + row[:, :, None] + words[None, None, :], mask=live[:, :, None], other=0)
-                    tail = tl.load(w_ptr + row + W, mask=live, other=0)
-                    q = tl.where(words[None, None, :] == 0, tail[:, :, None], head)
-                else:
-                    q = tl.load(w_ptr + row[:, :, None] + 1 + words[None, None, :],
-                                mask=live[:, :, None] & (words < dim // 4)[None, None, :], other=0)
-                acc0 += tl.sum((q & 255).to(tl.float32) * scale + bias, axis=1)
-                acc1 += tl.sum(((q >> 8) & 255).to(tl.float32) * scale + bias, axis=1)
-                acc2 += tl.sum(((q >> 16) & 255).to(tl.float32) * scale + bias, axis=1)
-                acc3 += tl.sum(((q >> 24) & 255).to(tl.float32) * scale + bias, axis=1)
-            if FULL:
-                keep = bag_ok[:, None]
+                q = tl.load(w_ptr + row[:, :, None] + 4 + cols[None, None, :], mask=m, other=0)
+                vals = q.to(tl.float32) * scale + bias
             else:
-                keep = bag_ok[:, None] & (words < dim // 4)[None, :]
-            at = out + 4 * value_word[None, :]
-            tl.store(at, acc0, mask=keep)
-            tl.store(at + 1, acc1, mask=keep)
-            tl.store(at + 2, acc2, mask=keep)
-            tl.store(at + 3, acc3, mask=keep)
+                vals = tl.load(w_ptr + row[:, :, None] + cols[None, None, :], mask=m, other=0.0).to(tl.float32)
+            acc += tl.sum(vals, axis=1)
+        if FULL:
+            keep = bag_ok[:, None]
         else:
-            cols = tl.arange(0, BLOCK_D)
-            acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
-            for j in tl.range(0, steps, BLOCK_J, num_stages=NUM_STAGES):
-                live, row = _step(ids_ptr, first, count, bag_ok, j, jj, row0, stride, rows, ALIGN)
-                if FULL:
-                    m = live[:, :, None]
-                else:
-                    m = live[:, :, None] & (cols < dim)[None, None, :]
-                vals = tl.load(w_ptr + row[:, :, None] + cols[None, None, :], mask=m, other=0.0)
-                acc += tl.sum(vals.to(tl.float32), axis=1)
-            if FULL:
-                keep = bag_ok[:, None]
-            else:
-                keep = bag_ok[:, None] & (cols < dim)[None, :]
-            tl.store(out + cols[None, :], acc, mask=keep)
+            keep = bag_ok[:, None] & (cols < dim)[None, :]
+        tl.store(out_ptr + bags[:, None] * out_stride + col + cols[None, :], acc, mask=keep)
 
     def launch(rows: KernelRows, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Runs :func:`_pooled_lookup_kernel` on :func:`pooled_lookup`'s arguments (on CUDA,
