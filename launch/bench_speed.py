@@ -40,7 +40,10 @@ HELP = "training / statistics / compression / inference speed vs their baselines
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--small", action="store_true", help="the CPU-sized shape")
     parser.add_argument("--table-cap", type=int, help="cap on rows per table (default: 4M; small: 20k)")
-    parser.add_argument("--steps", type=int, help="timed training steps")
+    parser.add_argument("--steps", type=int, help="timed training steps (default: 50; small: 6)")
+    parser.add_argument("--stats-batches", type=int,
+                        help="batches of the timed statistics pass and its forward-only baseline "
+                        "(default: 200; small: 6)")
     parser.add_argument("--stages", default="train,stats,compress,inference,cpu",
                         help="comma-separated subset of train, stats, compress, inference (the "
                         "served artifacts), cpu (CPU latency); default: all")
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.speed import SpeedShape, run_speed
 
     shape = SpeedShape.small() if args.small else SpeedShape()
-    changes = {k: v for k, v in (("table_cap", args.table_cap), ("steps", args.steps)) if v}
+    changes = {k: v for k, v in (("table_cap", args.table_cap), ("steps", args.steps),
+                                 ("stats_batches", args.stats_batches)) if v}
     if changes:
         import dataclasses
 

@@ -87,12 +87,18 @@ class SpeedShape:
     latency_batches: tuple[int, ...] = (1, 64, 2048)
     zipf_exponent: float = 1.1
     steps: int = 50
+    stats_batches: int = 200
+    """Batches of the timed statistics pass (and of its forward-only baseline). A pass over
+    a dataset runs thousands; its set-up (the first batch runs eagerly, the second captures
+    the update's CUDA graph) costs a few batches' time once, which over 50 batches still
+    showed: 0.84 on an H200, against 0.98 over 200 (bench/speed_h200_r_stats50.json and
+    stats200.json)."""
 
     @classmethod
     def small(cls) -> "SpeedShape":
         """The same structure at a size a 2-core CPU runs in about a minute."""
         return cls(table_cap=20_000, embedding_dim=64, dense_arch=(128, 64), over_arch=(128, 64, 1),
-                   dcn_low_rank_dim=32, train_batch=1024, infer_batch=4096, steps=6)
+                   dcn_low_rank_dim=32, train_batch=1024, infer_batch=4096, steps=6, stats_batches=6)
 
     @property
     def table_rows(self) -> tuple[int, ...]:
@@ -493,9 +499,8 @@ def _sharded_stages(shape: SpeedShape, env: DistEnv, record: ModelRecord, blocks
                        lambda: plain_torchrec_loop(dmp, train_batches, 1), device,
                        f"one training step, batch {shape.train_batch}")
     if "stats" in stages:
-        # as many batches as the timed training steps: a pass's set-up (allocating the
-        # sums) is not what a pass over a dataset costs per batch
-        stats_batches = [train_batches[i % len(train_batches)] for i in range(shape.steps)]
+        # enough batches that the pass's set-up is not what it costs per batch (stats_batches)
+        stats_batches = [train_batches[i % len(train_batches)] for i in range(shape.stats_batches)]
         for precision in STATS_PRECISIONS:
             timing = peak.measure("stats", device, lambda: time_stats_vs_forward_batches(
                 dmp, blocks, stats_batches, env, repeats=3, precision=precision))

@@ -350,10 +350,10 @@ def test_lookup_kernels_function_pools_fbgemms_own_rows(dtype):
         assert not lookup.has_kernel
         return
     row_format = {torch.float32: "fp32", torch.float16: "fp16", torch.qint8: "int8"}[dtype]
-    assert lookup.kernel_spec == {"kind": ROW_KINDS[row_format], "align": 8 if row_format == "fp16" else 4,  # 16 bytes
+    assert lookup.kernel_spec == {"kind": ROW_KINDS[row_format], "align": {"fp32": 4, "fp16": 8, "int8": 16}[row_format],  # 16 bytes
                                   "full": False, "total_dim": 48, "max_dim": 16}
-    # feature by feature: row0 and stride in elements (int8: 32-bit words), rows, dim, column
-    stride8, stride16 = {"fp32": (8, 16), "fp16": (8, 16), "int8": (4, 8)}[row_format]
+    # feature by feature: row0 and stride in elements (int8: bytes), rows, dim, column
+    stride8, stride16 = {"fp32": (8, 16), "fp16": (8, 16), "int8": (16, 32)}[row_format]
     assert lookup.kernel_tables[1:].tolist() == [
         [stride8, stride16, stride16, stride8], [50, 7, 7, 300], [8, 16, 16, 8], [0, 8, 24, 40]]
     rows = lookup.kernel_tables[0].tolist()
