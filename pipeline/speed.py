@@ -17,9 +17,10 @@ and CI. Every ratio is measured in the same process on the same device:
    4x + int8, fp16 tables and AFM 4x + fp16, each over the original, each timed as the
    serving artifacts that ``afmrec export`` writes (FBGEMM's inference kernels;
    TorchScript, and with ``aoti`` on CUDA AOTInductor, where an AFM model's cross network
-   is computed from its codes), loaded back as a server would, a variant's faster
-   artifact against the original's faster one; the eager module they came from is timed
-   beside them (on CUDA an AFM one also with the fused cross network), and the device
+   is computed from its codes and rows of up to 128 bytes are pooled by our lookup
+   kernel), loaded back as a server would, a variant's faster artifact against the
+   original's faster one; the eager module they came from is timed beside them (on CUDA
+   an AFM one also with our kernels, ``eager_fused``), and the device
    time of a batch of each. CPU latency of AFM 4x vs the original, artifacts again;
 5. peak device memory of each stage.
 
@@ -318,9 +319,10 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
                     profile_dir: Path | None = None, aoti: bool = False,
                     only: Sequence[str] | None = None) -> dict[str, Any]:
     """Samples/s of each variant's exported artifacts (TorchScript; with ``aoti`` on CUDA
-    also AOTInductor, which computes the AFM cross network from the codes) and of the
-    eager module they came from, plain and (AFM, CUDA) with the fused cross network; the
-    device time of a batch of each; the artifacts' sizes.
+    also AOTInductor, which computes the AFM cross network from the codes and pools narrow
+    rows with our lookup kernel) and of the eager module they came from, plain and (AFM,
+    CUDA) with our kernels (``eager_fused``: :func:`afmrec.models.serving.use_kernels_`);
+    the device time of a batch of each; the artifacts' sizes.
 
     ``infer_{name}_samples_per_s`` is the faster of a variant's artifacts (its format in
     ``infer_format_{name}``), ``infer_{name}_vs_original`` its ratio to the original's
@@ -355,7 +357,7 @@ def bench_inference(model: nn.Module, stats: Any, record: ModelRecord, shape: Sp
                 out[f"eager_fused_vs_plain_max_abs_diff_{name}"] = (call(eager, batches[0]) - want).abs().max().item()
                 if profile_dir is not None:
                     profile_to(profile_dir / "profile_infer.txt", lambda: call(eager, batches[0]), device,
-                               f"inference, {name} eager module with the fused cross network, batch {shape.infer_batch}")
+                               f"inference, {name} eager module with our kernels, batch {shape.infer_batch}")
             else:
                 want = call(eager, batches[0])
         paths = {}
