@@ -119,11 +119,14 @@ class TrainRecord:
     val_logloss: float | None = None
 
     def summary(self) -> str:
-        """One log line: ``epoch 0 step 30: loss 0.6702, 60,512 samples/s, val ...``."""
-        text = (
-            f"epoch {self.epoch} step {self.step}: loss {self.train_loss:.4f}, "
-            f"{self.samples_per_s:,.0f} samples/s"
-        )
+        """One log line: ``epoch 0 step 30: loss 0.6702, 60,512 samples/s, val ...``; a
+        record with no training behind it (the one before the first step) says so instead
+        of a NaN loss."""
+        text = f"epoch {self.epoch} step {self.step}: "
+        if math.isnan(self.train_loss):
+            text += "before training"
+        else:
+            text += f"loss {self.train_loss:.4f}, {self.samples_per_s:,.0f} samples/s"
         if self.val_logloss is not None:
             text += f", val auc {self.val_auc:.4f} logloss {self.val_logloss:.4f}"
         return text

@@ -457,3 +457,16 @@ def test_format_report_numbers_and_alignment():
     # numbers are right-aligned: every column ends at the same offset on every line
     assert len({len(line) for line in lines}) == 1
     assert header.index("params") + len("params") == second.index("299,653") + len("299,653")
+
+
+def test_record_before_training_says_so_instead_of_a_nan_loss():
+    """The record taken before the first step has no training loss: its log line says so
+    (a fine-tune's first line read ``loss nan, 0 samples/s``)."""
+    from afmrec.pipeline.train import TrainRecord
+
+    before = TrainRecord(epoch=0, step=0, train_loss=float("nan"), samples_per_s=0.0, val_auc=0.6629,
+                         val_logloss=0.5275)
+    assert before.summary() == "epoch 0 step 0: before training, val auc 0.6629 logloss 0.5275"
+    after = TrainRecord(epoch=0, step=25, train_loss=0.538, samples_per_s=28505.2, val_auc=0.6631,
+                        val_logloss=0.5276)
+    assert after.summary() == "epoch 0 step 25: loss 0.5380, 28,505 samples/s, val auc 0.6631 logloss 0.5276"
