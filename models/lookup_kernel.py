@@ -77,8 +77,8 @@ class KernelRows:
 
 def kernel_rows(weights: torch.Tensor, tables: list[list[int]], row_format: str) -> KernelRows | None:
     """The kernel's view of packed rows, or None where the kernel cannot read them (another
-    format, rows wider than :data:`MAX_ROW_BYTES`, rows or int8 values not aligned to its
-    element).
+    format, rows wider than :data:`MAX_ROW_BYTES`, rows not aligned to the format's element,
+    for int8 rows to a 32-bit word).
 
     Args:
         weights: (W,) uint8, the packed rows.
