@@ -6,7 +6,10 @@ in fp32, fp16, int8 or int4. Two formats:
                builds its models (.pt);
   aoti         torch.export, then compiled ahead of time by AOTInductor (.pt2). On CUDA an
                AFM DLRM-DCNv2 serves its cross network from the tables' codes (a Triton
-               kernel per layer, compiled into the file): the fastest form on a GPU.
+               kernel per layer, compiled into the file), and tables whose rows take at
+               most 128 bytes (fp32, fp16 or int8; the low-rank ones) are pooled by our
+               Triton lookup kernel, 4x as fast as FBGEMM's on them: the fastest form on
+               a GPU.
 The file is loaded back and checked against the module it came from before it appears.
 
 A server loads it with TorchRec (for FBGEMM's operators) and nothing of afmrec:
@@ -40,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output(parser, "the artifact (.pt for torchscript, .pt2 for aoti)")
     parser.add_argument("--format", choices=("torchscript", "aoti"), default="torchscript",
                         help="torchscript (default) or aoti: torch.export + AOTInductor, which on "
-                        "CUDA serves an AFM DLRM-DCNv2's cross network from its codes")
+                        "CUDA serves an AFM DLRM-DCNv2's cross network from its codes and narrow "
+                        "rows with our lookup kernel")
     parser.add_argument("--tables", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
                         help="row format of the tables in the artifact (default: fp32)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                             overwrite=args.overwrite)
     size = args.out.stat().st_size
     check = meta.get("check_max_abs_diff")
-    log.info("wrote %s (%s, cross network %s): %s params, %s tables, %.1f MiB on disk%s", args.out,
-             meta["artifact"], meta["cross"], f"{meta['params']:,}", meta["tables"], size / 2**20,
+    log.info("wrote %s (%s, cross network %s, %s lookup): %s params, %s tables, %.1f MiB on disk%s", args.out,
+             meta["artifact"], meta["cross"], meta["lookup"], f"{meta['params']:,}", meta["tables"], size / 2**20,
              f"; loaded back, max |logit diff| {check:.2g}" if check is not None else "")
     return 0
