@@ -139,11 +139,16 @@ def fuse_relus_(model: nn.Module) -> int:
     return fused
 
 
-def kernel_inputs(features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+def kernel_inputs(features: KeyedJaggedTensor, saturate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The ids and bag offsets of ``features`` as FBGEMM's inference kernels take them:
-    int32 on CUDA, both of the ids' dtype elsewhere. A leaf of ``torch.fx`` tracing."""
+    int32 on CUDA, both of the ids' dtype elsewhere. With ``saturate``, ids beyond int32
+    become -1 or int32's largest, which no table has (so a kernel that checks ids reads
+    row 0 for them, as for any id outside its table), instead of wrapping into a table.
+    A leaf of ``torch.fx`` tracing."""
     indices, offsets = features.values(), features.offsets()
     if indices.is_cuda:
+        if saturate:  # one fused pass with the cast in a compiled graph
+            indices = indices.clamp(-1, 2147483647)
         return indices.int(), offsets.int()
     return indices, offsets.to(indices.dtype)
 
@@ -229,7 +234,7 @@ class FlatLookup(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Args: features: KJT whose keys are the collection's features, in its order.
         Returns: KeyedTensor (B, sum of the tables' widths)."""
-        indices, offsets = kernel_inputs(features)
+        indices, offsets = kernel_inputs(features, saturate=self.use_kernel)
         if self.use_kernel:
             rows = KernelRows(self.kernel_weights, self.kernel_tables, **self.kernel_spec)
             values = pooled_lookup(rows, indices, offsets)

@@ -202,6 +202,8 @@ def test_lookup_kernel_pools_what_fbgemms_cuda_kernel_pools(dtype):
     PyTorch reference and FBGEMM's own CUDA kernel: shared tables, two widths, empty bags
     and out-of-table ids. FBGEMM's CUDA kernel dequantises int8 rows in float16 (its CPU
     kernel, as ours, in float32): there the two differ by float16's rounding."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
     from afmrec.models.lookup_kernel import KernelRows, pooled_lookup_reference
     from afmrec.models.serving import FlatLookup, kernel_inputs, use_kernels_
 
@@ -218,6 +220,14 @@ def test_lookup_kernel_pools_what_fbgemms_cuda_kernel_pools(dtype):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     tol = 2e-3 * fbgemm.abs().max().item() if dtype == torch.qint8 else 1e-6
     torch.testing.assert_close(got, fbgemm, rtol=0, atol=tol)
+    # ids beyond int32 read row 0, as ids outside their table do (not a row their int32
+    # wrap-around lands on)
+    values = kjt.values().clone()
+    values[:3] = torch.tensor([2**32 + 3, -(2**33), 2**31 + 1])
+    huge = KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=kjt.lengths())
+    zeroed = KeyedJaggedTensor(keys=kjt.keys(), values=torch.where(values == kjt.values(), values, 0),
+                               lengths=kjt.lengths())
+    torch.testing.assert_close(lookup(huge).values(), lookup(zeroed).values(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("tables", ["fp32", "int8"])
