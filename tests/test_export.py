@@ -70,6 +70,7 @@ def test_fp32_artifact_reproduces_the_model(arch, tmp_path):
     assert read == {k: v for k, v in meta.items() if k != "check_max_abs_diff"}
     assert read["features"] == ["t0", "t1", "t2"] and read["num_dense"] == 3
     assert read["params"] == sum(p.numel() for p in model.parameters())
+    assert (read["cross"], read["lookup"]) == ("plain", "fbgemm")  # TorchScript holds no Triton kernel
     batch = random_batch(128, 3, seed=7, max_bag=4)
     torch.testing.assert_close(call(loaded, batch), eager_logits(model, batch), rtol=1e-5, atol=1e-5)
     assert meta["check_max_abs_diff"] <= 1e-5
