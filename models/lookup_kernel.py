@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .cross_kernel import padded
+
 try:
     import triton
     import triton.language as tl
@@ -103,11 +105,6 @@ def kernel_rows(weights: torch.Tensor, tables: list[list[int]], row_format: str)
                                                                   device=weights.device).t().contiguous(),
                       kind, align, all(d == max_dim for d in dims) and padded(max_dim) == max_dim,
                       max(t[4] + t[3] for t in tables), max_dim)
-
-
-def padded(width: int) -> int:
-    """The power of two >= ``width`` (at least 16)."""
-    return max(16, 1 << (width - 1).bit_length())
 
 
 def decode_rows(rows: torch.Tensor, kind: int, dim: int) -> torch.Tensor:

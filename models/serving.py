@@ -257,15 +257,20 @@ def flatten_lookups_(model: nn.Module, features: list[str]) -> int:
     return flattened
 
 
-def use_kernels_(model: nn.Module, on: bool) -> None:
+def use_kernels_(model: nn.Module, on: bool) -> dict[str, str]:
     """Serves ``model``'s serving form with our kernels (``on``: the fused cross network
     and, on CUDA, the Triton lookups, as the AOTInductor artifact holds them) or without
-    (FBGEMM's lookups and the plain cross network, which TorchScript can hold)."""
+    (FBGEMM's lookups and the plain cross network, which TorchScript can hold). Returns
+    what it now serves with: ``{"cross": "fused" | "plain", "lookup": "triton" | "fbgemm"}``."""
+    fused = triton = False
     for m in model.modules():
         if isinstance(m, DCNServing) and m.fused is not None:
             m.use_fused = on
+            fused = fused or on
         elif isinstance(m, FlatLookup) and m.has_kernel:
             m.use_kernel = on and m.kernel_weights.is_cuda
+            triton = triton or m.use_kernel
+    return {"cross": "fused" if fused else "plain", "lookup": "triton" if triton else "fbgemm"}
 
 
 def cross_fusion_blocker(model: nn.Module) -> str | None:

@@ -246,17 +246,15 @@ def write_artifact(
     for ``aoti`` (a fused cross network, Triton lookups on CUDA), without for
     ``torchscript`` (:func:`afmrec.models.serving.use_kernels_`).
     """
-    from afmrec.models.serving import FlatLookup, use_kernels_
+    from afmrec.models.serving import use_kernels_
 
     device = next(served.parameters()).device  # the dense part serves where the tables do
-    use_kernels_(served, format == "aoti")  # TorchScript cannot hold the Triton kernels
-    fused = getattr(served.model, "fused", None) is not None and served.model.use_fused
-    triton_lookup = any(isinstance(m, FlatLookup) and m.use_kernel for m in served.modules())
+    kernels = use_kernels_(served, format == "aoti")  # TorchScript cannot hold the Triton kernels
     metadata = {
         "format": FORMAT,
         "artifact": format,
-        "cross": "fused" if fused else "plain",
-        "lookup": "triton" if triton_lookup else "fbgemm",
+        "cross": kernels["cross"],
+        "lookup": kernels["lookup"],
         "features": list(served.features),
         "num_dense": config.num_dense,
         "arch": config.arch,

@@ -212,7 +212,7 @@ def test_lookup_kernel_pools_what_fbgemms_cuda_kernel_pools(dtype):
     lookup = FlatLookup(mixed_quantised_collection(dtype, "cuda"))
     kjt = lookup_input("cuda")
     fbgemm = lookup(kjt).values()
-    use_kernels_(lookup, True)
+    assert use_kernels_(lookup, True) == {"cross": "plain", "lookup": "triton"}
     assert lookup.use_kernel
     got = lookup(kjt).values()
     rows = KernelRows(lookup.kernel_weights, lookup.kernel_tables, **lookup.kernel_spec)

@@ -360,7 +360,7 @@ def test_lookup_kernels_function_pools_fbgemms_own_rows(dtype):
     rows = lookup.kernel_tables[0].tolist()
     assert rows[1] == rows[2] and rows[0] + 50 * stride8 <= rows[1] and rows[1] + 7 * stride16 <= rows[3]
     want = lookup(kjt).values()
-    use_kernels_(lookup, True)
+    assert use_kernels_(lookup, True) == {"cross": "plain", "lookup": "fbgemm"}
     assert not lookup.use_kernel  # Triton's kernel serves on CUDA only
     lookup.use_kernel = True
     torch.testing.assert_close(lookup(kjt).values(), want, rtol=0, atol=0)
