@@ -3,15 +3,27 @@
 From the statistics of `afmrec stats`, computes the principal components of every
 block's outputs, chooses a rank per block, and replaces each block y = W x + b by two
 factors: tables become K-wide tables plus a projection back to D; Linear layers become
-n -> K -> m pairs. Rank policies:
-  --ratio R      the whole model R times smaller (greedy: ranks go where a parameter buys
-                 the most retained variance)
-  --energy P     per block, the smallest rank keeping fraction P of the output variance
-  --rank K       the same rank everywhere
+n -> K -> m pairs.
+
+A ratio counts bytes: the original's fp32 checkpoint against the compressed model with
+its tables in the row format they will be served in (--table-format; auto: fp32 where
+that reaches the ratio, else fp16, else int8), rows padded as the serving kernels pad
+them (--serve-device cuda: FBGEMM rounds rows up to 16 bytes; cpu: unpadded). The plan
+lands within 10% of the ratio, or the command says which ratios each format reaches.
+
+Rank policies (--policy):
+  loss      (default with --ratio) the whole model R times smaller; ranks go where a byte
+            saves the most estimated calibration loss: retained variance weighted by each
+            block's measured loss sensitivity (the probes `afmrec stats` runs)
+  variance  the same budget, greedy on retained variance alone
+  uniform   every block the same ratio smaller, the whole model R times smaller
+  energy    (--energy P) per block, the smallest rank keeping fraction P of the variance
+  rank      (--rank K) the same rank everywhere
   --rank-pattern GLOB=K  per-block overrides (e.g. '*.embedding_bag_collection.*=8')
 
-Writes OUT/model.json + OUT/checkpoint (the compressed model), OUT/bases.pt and
-OUT/ranks.parquet (per block: rank, variance kept, parameters before and after).
+Writes OUT/model.json + OUT/checkpoint (the compressed model; model.json's "plan" holds
+the policy, table format, bytes and ratio), OUT/bases.pt and OUT/ranks.parquet (per
+block: rank, variance kept, loss weight, parameters and bytes before and after).
 
 Example:
   afmrec compress --model runs/demo/original --stats runs/demo/stats.pt --ratio 5 --out runs/demo/afm
@@ -24,6 +36,8 @@ from pathlib import Path
 
 from afmrec.pipeline.errors import InputError
 
+from afmrec.pipeline.budget import POLICIES, SERVE_DEVICES, TABLE_FORMATS
+
 from .args import add_distributed, add_output, job, print_throughput
 
 HELP = "compute PCA bases, pick ranks and write the low-rank model"
@@ -33,12 +47,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="the original model folder")
     parser.add_argument("--stats", type=Path, required=True, help="statistics of that model (`afmrec stats`)")
     add_output(parser, "the compressed model folder")
+    parser.add_argument("--policy", choices=POLICIES,
+                        help="rank policy (default: loss with --ratio, energy with --energy, "
+                        "rank with --rank)")
     policy = parser.add_mutually_exclusive_group(required=True)
-    policy.add_argument("--ratio", type=float, help="target whole-model compression ratio (> 1)")
+    policy.add_argument("--ratio", type=float, help="target whole-model compression ratio in bytes (> 1)")
     policy.add_argument("--energy", type=float, help="variance fraction to keep per block (0-1]")
     policy.add_argument("--rank", type=int, help="one rank for every block")
     parser.add_argument("--rank-pattern", nargs="+", default=[], metavar="GLOB=K",
                         help="per-block rank overrides by block-name glob")
+    parser.add_argument("--table-format", choices=TABLE_FORMATS, default="auto",
+                        help="row format the tables will be served in, which the ratio counts "
+                        "(default: auto, the widest of fp32, fp16, int8 that reaches the ratio); "
+                        "`afmrec export` uses it unless told otherwise")
+    parser.add_argument("--serve-device", choices=SERVE_DEVICES, default="cuda",
+                        help="where the model will be served: cuda pads every table row to 16 "
+                        "bytes (FBGEMM's inference kernels), cpu does not (default: %(default)s)")
     parser.add_argument("--table-multiple", type=int, default=4,
                         help="round table ranks up to a multiple of this (default: 4, what "
                         "FBGEMM's fused kernels need to shard the compressed tables; 1 for "
@@ -68,30 +92,40 @@ def _rank_pattern(items: list[str]) -> dict[str, int]:
     return out
 
 
+def summary_line(plan: dict, rows: list[dict]) -> str:
+    """What the plan made of the model: blocks, parameters, checkpoint and served bytes."""
+    n = sum(r["compressed"] for r in rows)
+    mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
+    before, ckpt, served = plan["checkpoint_bytes_before"], plan["checkpoint_bytes_after"], plan["served_bytes_after"]
+    return (f"{n} of {len(rows)} blocks compressed ({plan['policy']} policy): "
+            f"{plan['params_before']:,} -> {plan['params_after']:,} parameters "
+            f"({plan['params_before'] / plan['params_after']:.2f}x); checkpoint {mib(before)} -> "
+            f"{mib(ckpt)} ({before / ckpt:.2f}x); served with {plan['table_format']} tables on "
+            f"{plan['serve_device']}: {mib(served)} ({before / served:.2f}x)")
+
+
 def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.compress import CompressConfig
     from afmrec.pipeline.ranks import RankConfig
     from afmrec.pipeline.stages import compress_stage
 
     rank_config = RankConfig.from_policy(
-        ratio=args.ratio, energy=args.energy, rank=args.rank,
+        args.policy, ratio=args.ratio, energy=args.energy, rank=args.rank,
+        table_format=args.table_format, serve_device=args.serve_device,
         rank_pattern=_rank_pattern(args.rank_pattern), table_multiple=args.table_multiple,
         linear_multiple=args.linear_multiple,
         table_rounding=args.table_rank_rounding,
     )
     with job(args) as (env, sharding):
-        _, rows = compress_stage(
+        record, rows = compress_stage(
             args.model, args.stats, args.out, rank_config,
             CompressConfig(activation=args.activation, fuse=not args.no_fuse),
             env=env, sharding=sharding, method=args.method, overwrite=args.overwrite,
         )
         if env.rank != 0:
             return 0
-    before = sum(r["params_before"] for r in rows)
-    after = sum(r["params_after"] for r in rows)
-    n = sum(r["compressed"] for r in rows)
-    print(f"{n} of {len(rows)} blocks compressed: {before:,} -> {after:,} parameters "
-          f"({before / after:.2f}x); model written to {args.out}")
+    print(summary_line(record.plan, rows))
+    print(f"model written to {args.out}")
     if not args.quiet:
         print_throughput(args.out)
     return 0

@@ -103,10 +103,11 @@ def run(args: argparse.Namespace) -> int:
                         batch_size=batch, overwrite=ow, progress=progress, **common)
         stats = out / "stats.pt"
         if _stage("stats", stats, ow, env.rank):
-            stats_stage(original, train, stats, overwrite=ow, progress=progress, **common)
+            stats_stage(original, train, stats, probe_data=val, overwrite=ow, progress=progress,
+                        **common)
         if _stage("compress", afm, ow, env.rank):
             compress_stage(original, stats, afm,
-                           RankConfig(mode="ratio", ratio=d.ratio, table_multiple=4),
+                           RankConfig(ratio=d.ratio),
                            CompressConfig(), overwrite=ow, **common)
         if _stage("finetune", tuned, ow, env.rank):
             # Frequent validation, and the starting model is kept if nothing beats it.

@@ -5,8 +5,14 @@ embedding table (its pooled outputs, empty bags excluded) and every Linear layer
 outputs), n, sum y and sum y y^T in float64. The statistics of disjoint data shards add
 up, so large calibration sets can be split across jobs.
 
-Writes OUT (a .pt file): moments by block name, plus the model's and the data's
-fingerprints, so `afmrec compress` refuses statistics of another model.
+Then, over labelled rows (--probe-data; default: the last tenth of --data), every block
+is truncated alone at a few ranks and the loss increase measured: the input of the
+default rank policy of `afmrec compress` (loss). Give held-out rows (a validation split)
+when --data is the model's training data: the probes should see rows the model was not
+fitted to. Costs one forward pass over the probe rows per probe (about 4 per block).
+
+Writes OUT (a .pt file): moments by block name, the probes, and the model's and the
+data's fingerprints, so `afmrec compress` refuses statistics of another model.
 
 Example:
   afmrec stats --model runs/demo/original --data runs/demo/data/train --out runs/demo/stats.pt
@@ -38,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "a CPU), error relative to each batch's spread (bfloat16: the moments "
                         "of rows each within 2^-8 |y - centre| of the true ones). Sums over "
                         "batches are float64")
+    parser.add_argument("--probe-data", metavar="DIR[@START:STOP]",
+                        help="labelled rows for the loss probes (default: the last tenth of --data)")
+    parser.add_argument("--probe-rows", type=int, default=16384,
+                        help="at most this many probe rows (default: %(default)s)")
+    parser.add_argument("--no-probes", action="store_true",
+                        help="skip the loss probes (compress then needs --policy other than loss)")
     parser.add_argument("--checkpoint-every", type=int, metavar="N",
                         help="save the running moments every N batches; a rerun after a kill or "
                         "a requeue resumes from the last save (same result as one pass)")
@@ -48,9 +60,14 @@ def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.runinfo import RunInfo
     from afmrec.pipeline.stages import DataRef, stats_stage
 
+    data = DataRef.parse(args.data)
+    probe_data = None
+    if not args.no_probes:
+        probe_data = DataRef.parse(args.probe_data) if args.probe_data else data.split(0.1)[1]
     with job(args) as (env, sharding):
         stats = stats_stage(
-            args.model, DataRef.parse(args.data), args.out, env=env, sharding=sharding,
+            args.model, data, args.out, env=env, sharding=sharding,
+            probe_data=probe_data, probe_rows=args.probe_rows,
             batch_size=args.batch_size, target=tuple(args.target), exclude=tuple(args.exclude),
             precision=args.precision, checkpoint_every=args.checkpoint_every,
             overwrite=args.overwrite, progress=not args.quiet,
@@ -58,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         if env.rank == 0:
             n = max(int(m.n) for m in stats.moments.values())
             print(f"statistics of {len(stats.moments)} blocks over {n:,} rows written to {args.out}")
+            probes = stats.meta["sensitivity"]
+            if probes:
+                print(f"{len(probes['probes'])} loss probes over {probes['rows']:,} rows of {probes['data']}")
             if not args.quiet:
                 print(RunInfo.from_dict(stats.meta["throughput"]).summary())
     return 0

@@ -71,9 +71,11 @@ class BatchRow:
         name: the row's name in the results (default: the name of ``out``).
         model_config: a JSON file of the architecture (a ``ModelConfig``, or a
             ``model.json``), for a checkpoint without ``model.json``.
-        ratio, energy, rank: the rank policy, exactly one of them (as ``afmrec
+        ratio, energy, rank: the rank policy's value, exactly one of them (as ``afmrec
             compress --ratio/--energy/--rank``).
-        table_multiple, method, activation: as ``afmrec compress``.
+        policy, table_format, serve_device, table_multiple, method, activation: as
+            ``afmrec compress`` (``policy`` none: its default for the value given).
+        probe: labelled rows of the loss probes (default: the last tenth of ``calibration``).
         finetune: fine-tuning data (its last tenth validates); none: no fine-tuning.
         finetune_epochs, finetune_batch_size: fine-tuning passes and rows per step.
         eval: test data for AUC before and after; none: no evaluation.
@@ -88,6 +90,10 @@ class BatchRow:
     ratio: float | None = None
     energy: float | None = None
     rank: int | None = None
+    policy: str | None = None
+    table_format: str = "auto"
+    serve_device: str = "cuda"
+    probe: DataRef | None = None
     table_multiple: int = 4
     method: str = "afm"
     activation: str | None = None
@@ -102,7 +108,7 @@ class BatchRow:
         for attr in ("checkpoint", "out", "model_config"):
             if isinstance(getattr(self, attr), str):
                 object.__setattr__(self, attr, Path(getattr(self, attr)))
-        for attr in ("calibration", "finetune", "eval"):
+        for attr in ("calibration", "finetune", "eval", "probe"):
             if isinstance(getattr(self, attr), str):
                 object.__setattr__(self, attr, DataRef.parse(getattr(self, attr)))
         if not self.name:
@@ -115,7 +121,8 @@ class BatchRow:
         self.rank_config(), self.compress_config()
 
     def rank_config(self) -> RankConfig:
-        return RankConfig.from_policy(ratio=self.ratio, energy=self.energy, rank=self.rank,
+        return RankConfig.from_policy(self.policy, ratio=self.ratio, energy=self.energy, rank=self.rank,
+                                      table_format=self.table_format, serve_device=self.serve_device,
                                       table_multiple=self.table_multiple)
 
     def compress_config(self) -> CompressConfig:
@@ -240,7 +247,7 @@ def _data_key(ref: DataRef | None) -> Any:
 def stage_keys(row: BatchRow) -> dict[str, str]:
     """The key of each of the row's stages, in order (see the module docstring)."""
     keys = {"stats": fingerprint(["stats", _files_key(row.checkpoint), _files_key(row.model_config),
-                                  _data_key(row.calibration), row.batch_size])}
+                                  _data_key(row.calibration), _data_key(row.probe), row.batch_size])}
     keys["compress"] = fingerprint(["compress", keys["stats"], repr(row.rank_config()),
                                     row.compress_config().to_dict(), row.method])
     if row.finetune is not None:
@@ -350,7 +357,9 @@ def _run_stages(
     common: dict[str, Any] = {"env": env, "sharding": sharding}
     # Outputs in the row's own folder are ours: a stale one (another key) is replaced.
     if ledger.todo("stats", keys["stats"], stats):
+        probe = row.probe if row.probe is not None else row.calibration.split(0.1)[1]
         stats_stage(original, row.calibration, stats, batch_size=row.batch_size, overwrite=True,
+                    probe_data=probe,
                     progress=progress, checkpoint_every=checkpoint_every, **common)
         ledger.mark("stats", keys["stats"])
     if ledger.todo("compress", keys["compress"], compressed):
@@ -366,6 +375,9 @@ def _run_stages(
     measures: dict[str, Any] = {"model_dir": str(final), "params_before": _params(original),
                                 "params_after": _params(final)}
     measures["ratio"] = measures["params_before"] / measures["params_after"]
+    plan = load_record(compressed).plan or {}
+    measures.update(bytes_ratio=plan.get("ratio"), policy=plan.get("policy"),
+                    table_format=plan.get("table_format"))
     if row.eval is not None:
         report = row.out / REPORT
         if ledger.todo("evaluate", keys["evaluate"], report):
@@ -454,6 +466,9 @@ RESULT_SCHEMA = pa.schema([
     ("name", pa.string()),
     ("status", pa.string()),
     ("ratio", pa.float64()),
+    ("bytes_ratio", pa.float64()),
+    ("policy", pa.string()),
+    ("table_format", pa.string()),
     ("params_before", pa.int64()),
     ("params_after", pa.int64()),
     ("auc_before", pa.float64()),

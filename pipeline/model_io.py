@@ -40,6 +40,7 @@ class ModelRecord:
     compress: CompressConfig | None = None
     method: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None  # the rank plan's policy, table format and bytes
 
     @property
     def compressed(self) -> bool:
@@ -57,6 +58,7 @@ class ModelRecord:
             "ranks": self.ranks,
             "compress": self.compress.to_dict() if self.compress else None,
             "method": self.method,
+            "plan": self.plan,
             "provenance": {"versions": versions(), **self.provenance},
         }
 
@@ -71,6 +73,7 @@ class ModelRecord:
                 compress=CompressConfig(**d["compress"]) if d.get("compress") else None,
                 method=d.get("method"),
                 provenance=d.get("provenance", {}),
+                plan=d.get("plan"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{source}: invalid model record ({e})") from None

@@ -1,9 +1,23 @@
-"""Rank selection: a fixed rank, an energy threshold, a whole-model compression ratio, or
-the same ratio for every block.
+"""Rank selection: which rank each block keeps.
 
-All four give, for every selected block, the rank ``K`` to keep; a block left out of the
-result stays as it is (compression would not make it smaller, or the budget preferred it
-whole). Tables can be rounded up to a multiple (4 for FBGEMM on CUDA).
+Five named policies, one vocabulary for the CLI, the Python API and the benchmarks:
+
+    loss      whole-model byte budget (``ratio``), spent greedily where a byte saves the
+              most *estimated calibration loss*: each block's retained variance weighted
+              by its measured loss sensitivity (:mod:`afmrec.pipeline.sensitivity`).
+              The default.
+    variance  the same budget and greedy on retained variance alone.
+    uniform   every block the same ratio smaller, that ratio set so the whole model
+              reaches ``ratio``.
+    energy    per block the smallest rank keeping ``energy`` of its output variance.
+    rank      ``rank`` everywhere.
+
+A ratio counts bytes (:mod:`afmrec.pipeline.budget`): the original's fp32 checkpoint
+against the compressed model with its tables in ``table_format`` (``auto``: fp32 where
+that reaches the target, else fp16, else int8), padded as the serving kernels pad rows.
+A plan lands within :data:`TOLERANCE` of the target or the planner says why it cannot
+and what would reach it. A block left out of the plan stays whole. Table ranks are
+multiples of ``table_multiple`` (4: FBGEMM's fused kernels, on CPU as on CUDA).
 """
 
 from __future__ import annotations
@@ -12,15 +26,17 @@ import heapq
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .bases import Spectrum
 from .blocks import Block, resolve_pattern_map
+from .budget import (DTYPES, POLICIES, RATIO_POLICIES, SERVE_DEVICES, TABLE_FORMATS, TableFormat,
+                     original_bytes, served_bytes)
 from .errors import InputError
 
 log = logging.getLogger(__name__)
 
-MODES = ("fixed", "energy", "ratio", "uniform")
+TOLERANCE = 0.10  # an achieved ratio may exceed its target by this fraction
 
 
 @dataclass(frozen=True)
@@ -28,63 +44,108 @@ class RankConfig:
     """How to choose ranks.
 
     Args:
-        mode: ``"fixed"`` (``rank`` everywhere), ``"energy"`` (smallest K keeping
-            ``energy`` of the variance) or ``"ratio"`` (whole model ``ratio`` times smaller,
-            greedy on retained variance per parameter) or ``"uniform"`` (every block
-            ``ratio`` times smaller: the baseline the global budget is compared with).
-        rank / energy / ratio: the value for the chosen mode (``ratio`` for both ratio modes).
-        rank_pattern: ``{glob: K}`` per-block overrides, applied in every mode.
-        table_multiple: round table ranks up to a multiple of this (4 for FBGEMM on CUDA).
-        linear_multiple: round Linear ranks up to a multiple of this (8: the GEMMs of the
-            factors keep 32-byte aligned rows, which tensor-core kernels need; an odd rank
-            such as 111 sends them to slow unaligned kernels on an H100).
+        policy: one of :data:`POLICIES` (module docstring).
+        ratio: the whole-model byte ratio of ``loss``, ``variance`` and ``uniform``.
+        energy: the variance fraction of ``energy``.
+        rank: the rank of ``rank``.
+        rank_pattern: ``{glob: K}`` per-block overrides, applied under every policy.
+        table_format: the tables' served row format, one of :data:`TABLE_FORMATS`.
+        serve_device: ``cuda`` or ``cpu``: the row padding of the serving kernels.
+        table_multiple: table ranks are multiples of this (4: FBGEMM's fused kernels).
+        linear_multiple: Linear ranks are multiples of this (8 keeps the factors' GEMMs
+            on aligned tensor-core kernels on a GPU).
         table_rounding: what an explicit table rank (``rank``, ``rank_pattern``) that is
             not a multiple of ``table_multiple`` gets: ``"round"`` up, with a logged
-            warning, or ``"error"``. Ranks the policy picks itself are always rounded.
-        weights: optional per-block multipliers of the variance gains (e.g. measured
-            sensitivity of the loss to the block); 1.0 when absent.
+            warning, or ``"error"``. Ranks the policy picks itself are always multiples.
+        weights: the ``loss`` policy's per-block multipliers of the variance gains
+            (:func:`afmrec.pipeline.sensitivity.sensitivity_weights`); required by it.
     """
 
-    mode: str = "ratio"
-    rank: int | None = None
-    energy: float | None = None
+    policy: str = "loss"
     ratio: float | None = None
+    energy: float | None = None
+    rank: int | None = None
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
-    table_multiple: int = 1
+    table_format: str = "auto"
+    serve_device: str = "cuda"
+    table_multiple: int = 4
     linear_multiple: int = 1
     table_rounding: str = "round"
-    weights: Mapping[str, float] = field(default_factory=dict)
+    weights: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise InputError(f"rank mode must be one of {MODES}, got {self.mode!r}")
-        need = {"fixed": "rank", "energy": "energy", "ratio": "ratio", "uniform": "ratio"}[self.mode]
+        if self.policy not in POLICIES:
+            raise InputError(f"rank policy must be one of {POLICIES}, got {self.policy!r}")
+        need = "ratio" if self.policy in RATIO_POLICIES else self.policy
         value = getattr(self, need)
         if value is None:
-            raise InputError(f"rank mode {self.mode!r} needs --{need}")
-        if self.mode == "fixed" and value < 1:
+            raise InputError(f"rank policy {self.policy!r} needs --{need}")
+        if self.policy == "rank" and value < 1:
             raise InputError(f"rank must be >= 1, got {value}")
-        if self.mode == "energy" and not 0 < value <= 1:
+        if self.policy == "energy" and not 0 < value <= 1:
             raise InputError(f"energy must be in (0, 1], got {value}")
-        if self.mode in ("ratio", "uniform") and value <= 1:
+        if self.policy in RATIO_POLICIES and not value > 1:
             raise InputError(f"ratio must be > 1, got {value}")
+        if self.table_format not in TABLE_FORMATS:
+            raise InputError(f"table format must be one of {TABLE_FORMATS}, got {self.table_format!r}")
+        if self.serve_device not in SERVE_DEVICES:
+            raise InputError(f"serve device must be one of {SERVE_DEVICES}, got {self.serve_device!r}")
         if self.table_multiple < 1 or self.linear_multiple < 1:
             raise InputError("table_multiple and linear_multiple must be >= 1")
         if self.table_rounding not in ("round", "error"):
             raise InputError(f"table_rounding must be 'round' or 'error', got {self.table_rounding!r}")
 
+    @property
+    def formats(self) -> list[TableFormat]:
+        """The formats to try, in order of preference (widest rows first)."""
+        dtypes = DTYPES if self.table_format == "auto" else (self.table_format,)
+        if self.policy not in RATIO_POLICIES:
+            dtypes = dtypes[:1]
+        return [TableFormat(d, self.serve_device) for d in dtypes]
+
     @classmethod
-    def from_policy(cls, *, ratio: float | None = None, energy: float | None = None,
-                    rank: int | None = None, **options: Any) -> "RankConfig":
-        """The config of whichever one of ``ratio`` (mode ``"ratio"``), ``energy`` or
-        ``rank`` (``"fixed"``) is given, as the CLI and batch manifests state a policy;
-        ``options``: the other fields."""
+    def from_policy(cls, policy: str | None = None, *, ratio: float | None = None,
+                    energy: float | None = None, rank: int | None = None, **options: Any) -> "RankConfig":
+        """The config of whichever one of ``ratio``, ``energy`` or ``rank`` is given (as the
+        CLI and batch manifests state a policy); ``policy`` defaults to ``loss`` for a
+        ratio and to the value's own name otherwise; ``options``: the other fields."""
         given = [name for name, value in (("ratio", ratio), ("energy", energy), ("rank", rank))
                  if value is not None]
         if len(given) != 1:
             raise InputError(f"give exactly one of ratio, energy, rank (got {given or 'none'})")
-        mode = {"ratio": "ratio", "energy": "energy", "rank": "fixed"}[given[0]]
-        return cls(mode=mode, rank=rank, energy=energy, ratio=ratio, **options)
+        policy = policy or ("loss" if given[0] == "ratio" else given[0])
+        want = "ratio" if policy in RATIO_POLICIES else policy
+        if want != given[0]:
+            raise InputError(f"rank policy {policy!r} takes --{want}, not --{given[0]}")
+        return cls(policy=policy, rank=rank, energy=energy, ratio=ratio, **options)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """The chosen ranks and what they cost.
+
+    Attributes:
+        ranks: ``{block name: K}`` of the blocks to compress (others stay whole).
+        table_format: the format the bytes are counted in.
+        original_bytes: the original model's fp32 bytes.
+        bytes: the compressed model's bytes, tables in ``table_format``.
+    """
+
+    ranks: dict[str, int]
+    table_format: TableFormat
+    original_bytes: int
+    bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.original_bytes / self.bytes
+
+    @classmethod
+    def of(cls, blocks: Sequence[Block], ranks: Mapping[str, int], fmt: TableFormat,
+           other_params: int = 0) -> "RankPlan":
+        """The plan of given ``ranks`` (blocks not in it whole), its bytes counted in ``fmt``."""
+        cost = _Cost(blocks, fmt, other_params)
+        return cls(dict(ranks), fmt, cost.original, cost.total(blocks, ranks))
 
 
 def _unit(block: Block, config: RankConfig) -> int:
@@ -117,52 +178,65 @@ def _uniform_rank(block: Block, ratio: float) -> int:
     return max(1, k)
 
 
-def _cap(block: Block, config: RankConfig) -> int:
+def _cap(block: Block, config: RankConfig, fmt: TableFormat) -> int:
     """Largest rank (a multiple of the block's unit) at which the factors are smaller."""
     u = _unit(block, config)
-    return block.max_useful_rank() // u * u
+    whole = served_bytes(block, None, fmt)
+    k = min(block.in_features, block.out_features) // u * u
+    while k > 0 and served_bytes(block, k, fmt) >= whole:
+        k -= u
+    return k
 
 
-def _greedy_ratio(
-    blocks: list[Block],
-    spectra: Mapping[str, Spectrum],
-    config: RankConfig,
-    budget: int,
-) -> dict[str, int]:
-    """Spends ``budget`` parameters on the blocks, one rank unit at a time, always where a
-    parameter buys the most normalised (and weighted) retained variance.
+class _Cost:
+    """Bytes of every block at its planned rank (``None``: whole)."""
 
-    Every compressible block starts at one unit. Past its largest useful rank a block's
-    next step is to stay whole (gain: the variance still missing; cost: the rest of its
-    size). Blocks that no rank makes smaller stay whole and count as fixed.
+    def __init__(self, blocks: Sequence[Block], fmt: TableFormat, other_params: int) -> None:
+        self.fmt = fmt
+        self.fixed = 4 * other_params
+        self.original = self.fixed + sum(original_bytes(b) for b in blocks)
+
+    def total(self, blocks: Sequence[Block], ranks: Mapping[str, int]) -> int:
+        return self.fixed + sum(served_bytes(b, ranks.get(b.name), self.fmt) for b in blocks)
+
+
+def _greedy(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankConfig,
+            fmt: TableFormat, budget: int, pinned: Mapping[str, int]) -> dict[str, int]:
+    """Spends ``budget`` bytes (of the blocks) on the free blocks, one rank unit at a time, always where
+    a byte buys the most normalised (and weighted) retained variance.
+
+    Every block starts at one unit (``pinned`` blocks at their rank). Past its largest
+    useful rank a block's next step is to stay whole (gain: the variance still missing;
+    cost: the rest of its size). Blocks that no rank makes smaller stay whole.
     """
-    ranks: dict[str, int] = {}
+    weights = config.weights or {}
+    ranks: dict[str, int] = dict(pinned)
     heap: list[tuple[float, str, int, bool]] = []
 
     def push(b: Block, k: int) -> None:
         ev = spectra[b.name].eigenvalues
         total = float(ev.sum()) or 1.0
         u = _unit(b, config)
-        whole = k + u > _cap(b, config)
-        gain = float(ev[k:].sum() if whole else ev[k : k + u].sum()) / total
-        cost = b.params - b.compressed_params(k) if whole else u * b.params_per_rank
-        score = config.weights.get(b.name, 1.0) * gain / cost
+        whole = k + u > _cap(b, config, fmt)
+        gain = float(ev[k:].sum() if whole else ev[k: k + u].sum()) / total
+        now = served_bytes(b, k, fmt)
+        cost = served_bytes(b, None if whole else k + u, fmt) - now
+        score = weights.get(b.name, 1.0) * gain / max(cost, 1)
         heapq.heappush(heap, (-score, b.name, cost, whole))
 
+    by_name = {b.name: b for b in blocks}
     spent = 0
     for b in blocks:
-        if _cap(b, config) == 0:
-            spent += b.params
-            continue
-        ranks[b.name] = _unit(b, config)
-        spent += b.compressed_params(ranks[b.name])
-        push(b, ranks[b.name])
+        if b.name in pinned:
+            spent += served_bytes(b, pinned[b.name], fmt)
+        elif _cap(b, config, fmt) == 0:
+            spent += served_bytes(b, None, fmt)
+        else:
+            ranks[b.name] = _unit(b, config)
+            spent += served_bytes(b, ranks[b.name], fmt)
+            push(b, ranks[b.name])
     if spent > budget:
-        raise InputError(
-            f"target ratio {config.ratio} is unreachable: the smallest ranks already need "
-            f"{spent:,} parameters of a budget of {budget:,}"
-        )
-    by_name = {b.name: b for b in blocks}
+        raise _Unreachable()
     while heap:
         _, name, cost, whole = heapq.heappop(heap)
         if spent + cost > budget:
@@ -176,76 +250,157 @@ def _greedy_ratio(
     return ranks
 
 
+class _Unreachable(Exception):
+    """The smallest ranks already exceed the budget."""
+
+
+def _uniform(blocks: list[Block], config: RankConfig, cost: _Cost, budget: int,
+             pinned: Mapping[str, int]) -> dict[str, int]:
+    """One per-block ratio for every free block, bisected so that the whole model fits
+    ``budget`` (blocks that cannot shrink and the other parameters stay whole, so the
+    per-block ratio has to exceed the target)."""
+
+    def ranks(r: float) -> dict[str, int]:
+        out = dict(pinned)
+        for b in blocks:
+            if b.name in pinned:
+                continue
+            cap = _cap(b, config, cost.fmt)
+            k = _round(b, _uniform_rank(b, r), config)
+            if cap and k <= cap:
+                out[b.name] = k
+        return out
+
+    lo, hi = 1.0, config.ratio
+    while cost.total(blocks, ranks(hi)) > budget:
+        if hi > 1e6:
+            raise _Unreachable()
+        lo, hi = hi, hi * 2
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if cost.total(blocks, ranks(mid)) <= budget else (mid, hi)
+    return ranks(hi)
+
+
+def max_ratio(blocks: Sequence[Block], config: RankConfig, fmt: TableFormat, other_params: int = 0) -> float:
+    """The largest byte ratio any plan reaches in ``fmt``: every block at its smallest
+    rank, or whole where that is smaller."""
+    cost = _Cost(blocks, fmt, other_params)
+    smallest = {b.name: _unit(b, config) for b in blocks if _cap(b, config, fmt) > 0}
+    return cost.original / cost.total(blocks, smallest)
+
+
+def _unreachable_message(blocks: Sequence[Block], config: RankConfig, other_params: int) -> str:
+    lines = []
+    for device in SERVE_DEVICES:
+        for dtype in DTYPES:
+            fmt = TableFormat(dtype, device)
+            lines.append(f"{dtype} on {device} {max_ratio(blocks, config, fmt, other_params):.2f}x")
+    tried = ", ".join(f.dtype for f in config.formats)
+    return (f"target ratio {config.ratio:g} is unreachable with {tried} tables served on "
+            f"{config.serve_device} (table ranks are multiples of {config.table_multiple}); the "
+            f"largest ratios by table format and serving device are: {'; '.join(lines)}. Ask for "
+            "one of those (--ratio, --table-format, --serve-device)")
+
+
 def select_ranks(
     blocks: list[Block],
     spectra: Mapping[str, Spectrum],
     config: RankConfig,
     *,
     other_params: int = 0,
-) -> dict[str, int]:
+) -> RankPlan:
     """Chooses a rank per block.
 
     Args:
         blocks: the blocks that may be compressed.
         spectra: their output spectra (see :func:`afmrec.pipeline.bases.spectra`).
         config: the rank policy.
-        other_params: parameters of the model outside ``blocks`` (counted in the ratio).
+        other_params: parameters of the model outside ``blocks`` (fp32, counted in the ratio).
 
     Returns:
-        ``{block name: K}`` for the blocks to compress (those that get smaller).
+        The plan: ranks of the blocks to compress (those that get smaller) and bytes.
+
+    Raises:
+        InputError: the target ratio cannot be met within :data:`TOLERANCE` (the message
+            says which ratios can), or an explicit rank does not fit its block.
     """
     missing = [b.name for b in blocks if b.name not in spectra]
     if missing:
         raise InputError(f"no statistics for blocks {missing}: rerun the stats stage")
+    if config.policy == "loss" and config.weights is None:
+        raise InputError("rank policy 'loss' needs the blocks' loss sensitivity (the probes "
+                         "`afmrec stats` measures); or choose --policy variance")
     overrides = resolve_pattern_map(dict(config.rank_pattern), [b.name for b in blocks])
     for b in blocks:
         if overrides.get(b.name, 0) > b.out_features:
             raise InputError(f"block {b.name}: rank {overrides[b.name]} is larger than its "
                              f"width {b.out_features}")
     free = [b for b in blocks if b.name not in overrides]
-    if config.mode == "fixed" and free and all(config.rank > b.out_features for b in free):
+    if config.policy == "rank" and free and all(config.rank > b.out_features for b in free):
         raise InputError(f"rank {config.rank} is larger than the width of every block (the "
                          f"widest is {max(b.out_features for b in free)})")
-    if config.mode == "ratio":
-        total = other_params + sum(b.params for b in blocks)
-        pinned = 0
-        for b in blocks:
-            if b.name in overrides:
-                pinned += b.compressed_params(_round(b, overrides[b.name], config))
-        budget = int(total / config.ratio) - other_params - pinned
-        ranks = _greedy_ratio(free, spectra, config, budget)
-    else:
-        ranks = {}
-        for b in free:
-            if config.mode == "fixed":
-                ranks[b.name] = config.rank
-            elif config.mode == "uniform":
-                ranks[b.name] = _uniform_rank(b, config.ratio)
+    pinned = {b.name: _round(b, overrides[b.name], config) for b in blocks if b.name in overrides}
+    if config.policy not in RATIO_POLICIES:
+        fmt = config.formats[0]
+        ranks = _fixed_ranks(free, spectra, config)
+        ranks.update(overrides)
+        return _finish(blocks, ranks, config, fmt, other_params)
+    nearest: RankPlan | None = None
+    for fmt in config.formats:
+        cost = _Cost(blocks, fmt, other_params)
+        budget = int(cost.original / config.ratio)
+        try:
+            if config.policy == "uniform":
+                ranks = _uniform(blocks, config, cost, budget, pinned)
             else:
-                ranks[b.name] = energy_rank(spectra[b.name], config.energy)
-    for b in blocks:
-        if b.name in overrides:
-            ranks[b.name] = overrides[b.name]
+                ranks = _greedy(blocks, spectra, config, fmt, budget - cost.fixed, pinned)
+        except _Unreachable:
+            continue
+        plan = _finish(blocks, ranks, config, fmt, other_params)
+        if plan.ratio <= config.ratio * (1 + TOLERANCE):
+            return plan
+        nearest = nearest or plan
+    if nearest is None:
+        raise InputError(_unreachable_message(blocks, config, other_params))
+    raise InputError(
+        f"target ratio {config.ratio:g} cannot be met within {TOLERANCE:.0%}: with "
+        f"{nearest.table_format} the ranks step past it (the nearest plan is "
+        f"{nearest.ratio:.2f}x, the next rank unit of any block costs more than the rest of the "
+        f"budget). Ask for --ratio {nearest.ratio:.2f}, or a lower ratio")
+
+
+def _fixed_ranks(free: list[Block], spectra: Mapping[str, Spectrum], config: RankConfig) -> dict[str, int]:
+    if config.policy == "rank":
+        return {b.name: config.rank for b in free}
+    return {b.name: energy_rank(spectra[b.name], config.energy) for b in free}
+
+
+def _finish(blocks: list[Block], wanted: Mapping[str, int], config: RankConfig, fmt: TableFormat,
+            other_params: int) -> RankPlan:
+    """Rounds the wanted ranks to the blocks' units and drops those that would not make
+    their block smaller."""
+    overrides = resolve_pattern_map(dict(config.rank_pattern), [b.name for b in blocks])
     out = {}
     for b in blocks:
-        if b.name not in ranks:
+        if b.name not in wanted:
             continue
-        want = ranks[b.name]
+        want = wanted[b.name]
         if want >= b.out_features:  # a --rank above a narrow block's width
             log.info("block %s: rank %d is not below its width %d; kept whole", b.name, want,
                      b.out_features)
             continue
         k = _round(b, want, config)
-        explicit = config.mode == "fixed" or b.name in overrides
+        explicit = config.policy == "rank" or b.name in overrides
         if k != want and explicit and b.kind == "table" and config.table_rounding == "error":
             raise InputError(
                 f"block {b.name}: table rank {want} is not a multiple of --table-multiple "
                 f"{config.table_multiple} (what FBGEMM's fused kernels need)"
             )
-        if k != want and config.mode in ("fixed", "energy"):
+        if k != want and (explicit or config.policy == "energy"):
             log.warning("block %s: rank %d rounded up to %d", b.name, want, k)
-        if b.compressed_params(k) >= b.params:
+        if served_bytes(b, k, fmt) >= served_bytes(b, None, fmt):
             log.info("block %s: rank %d would not make it smaller; kept whole", b.name, k)
             continue
         out[b.name] = k
-    return out
+    return RankPlan.of(blocks, out, fmt, other_params)

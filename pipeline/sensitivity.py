@@ -1,40 +1,42 @@
-"""How much each block's truncation costs in loss: weights for the global rank budget.
+"""How much each block's truncation costs in loss: the weights of the ``loss`` rank policy.
 
-Retained variance alone misjudges blocks (DESIGN.md section 2): a hidden layer can keep 99%
-of its output variance and still cost more AUC than a table cut to a quarter of its
-variance. So each block is truncated *alone* to a few ranks (its AFM factors at rank ``k``,
-every other block whole), the calibration loss is measured, and the increase per unit of
+Retained variance alone misjudges blocks: a hidden layer can keep 99% of its output
+variance and still cost more AUC than a table cut to a quarter of its variance. So each
+block is truncated *alone* to a few ranks (its output replaced by the rank-``k``
+reconstruction ``mu + U_k U_k^T (y - mu)`` that its AFM factors compute, every other block
+whole), the loss on labelled calibration rows is measured, and the increase per unit of
 dropped (normalised) variance becomes the block's weight:
 
     w_b = sum_k d_bk * dL_bk / sum_k d_bk^2       (least squares through the origin)
 
 with ``d_bk = 1 - energy_b(k)`` and ``dL_bk`` the loss increase at rank ``k``. The greedy of
-:func:`afmrec.pipeline.ranks.select_ranks` multiplies variance gains by ``w_b``
-(``RankConfig.weights``), so it spends the budget where a parameter saves the most
-estimated loss rather than the most variance.
+:func:`afmrec.pipeline.ranks.select_ranks` multiplies variance gains by ``w_b``, so it
+spends the budget where a byte saves the most estimated loss rather than the most variance.
+
+The truncation is a forward hook on the block's output, where the statistics pass observes
+it (a Linear's output; a table's pooled field where the dense part reads it, empty bags
+left at 0 as the compressed table leaves them), so it runs on a sharded model as on a
+plain one, and equals compressing the block alone (tested).
 
 Example::
 
-    probes = measure_sensitivity(model, blocks, spec, calibration_batches)
-    ranks = select_ranks(blocks, spec, RankConfig(mode="ratio", ratio=16,
-                                                  weights=sensitivity_weights(probes)))
+    probes = measure_sensitivity(model, blocks, spec, labelled_batches)
+    plan = select_ranks(blocks, spec, RankConfig(ratio=8, weights=sensitivity_weights(probes)))
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Mapping, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import nn
-from torchrec.datasets.utils import Batch
 
-from .bases import Spectrum, afm_bases
+from .bases import Spectrum
 from .blocks import Block
-from .compress import CompressConfig, compress_
 from .errors import InputError
-from .evaluate import evaluate
 from .ranks import energy_rank
 
 log = logging.getLogger(__name__)
@@ -85,34 +87,148 @@ def probe_ranks(spectrum: Spectrum, energies: Iterable[float], max_rank: int) ->
     return sorted(k for k in ranks if k <= max_rank and spectrum.energy(k) < 1.0)
 
 
+class Truncation:
+    """Forward hooks that replace one block's output at a time by its rank-``k``
+    reconstruction; :meth:`set` picks the block (``None``: none, the model as it is).
+
+    Args:
+        model: the unwrapped model (block names are its module paths).
+        blocks: the blocks that may be truncated.
+        spectra: their output spectra (mean and principal directions).
+    """
+
+    def __init__(self, model: nn.Module, blocks: Sequence[Block], spectra: Mapping[str, Spectrum]) -> None:
+        self.model = model
+        self.blocks = {b.name: b for b in blocks}
+        self.spectra = spectra
+        self.active: tuple[Block, torch.Tensor, torch.Tensor] | None = None
+        self._handles: list[Any] = []
+
+    def set(self, name: str | None, rank: int = 0) -> None:
+        """Truncates block ``name`` to ``rank`` from the next forward pass on."""
+        if name is None:
+            self.active = None
+            return
+        spectrum = self.spectra[name]
+        u = spectrum.eigenvectors[:, :rank].float()
+        self.active = (self.blocks[name], u, spectrum.mean.float())
+
+    def _project(self, y: torch.Tensor) -> torch.Tensor:
+        _, u, mu = self.active
+        u, mu = u.to(y.device), mu.to(y.device)
+        return mu + ((y - mu) @ u) @ u.T
+
+    def __enter__(self) -> "Truncation":
+        modules = dict(self.model.named_modules())
+        owners = {}
+        for b in self.blocks.values():
+            if b.kind == "linear":
+                self._handles.append(modules[b.module].register_forward_hook(self._linear_hook(b.name)))
+            else:
+                owners.setdefault(b.module.rpartition(".")[0], []).append(b.name)
+        for owner, names in owners.items():
+            arch = modules[owner]
+            hook = self._fields_hook(set(names), list(arch.sparse_feature_names))
+            self._handles.append(arch.register_forward_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.active = None
+
+    def _linear_hook(self, name: str):
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+            if self.active is None or self.active[0].name != name:
+                return None
+            return self._project(output)
+
+        return hook
+
+    def _fields_hook(self, names: set[str], feature_names: list[str]):
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+            if self.active is None or self.active[0].name not in names:
+                return None
+            kjt = args[0] if args else next(iter(kwargs.values()))
+            fields = output[0] if isinstance(output, tuple) else output  # (B, F, D)
+            keys = kjt.keys()
+            lengths = kjt.lengths().view(len(keys), -1)
+            fields = fields.clone()
+            for feature in self.active[0].features:
+                f = feature_names.index(feature)
+                nonempty = (lengths[keys.index(feature)] > 0).unsqueeze(1)
+                fields[:, f] = torch.where(nonempty, self._project(fields[:, f]), fields[:, f])
+            if isinstance(output, tuple):
+                # DeepFM's sparse arch: (fields, the deep tower's input = fields.flatten(1))
+                if output[1].shape != fields.flatten(1).shape:
+                    raise InputError(f"{type(module).__name__}: cannot truncate a table whose "
+                                     "arch returns more than its fields")
+                return (fields, fields.flatten(1))
+            return fields
+
+        return hook
+
+
 def measure_sensitivity(
     model: nn.Module,
     blocks: Sequence[Block],
     spectra: Mapping[str, Spectrum],
-    batches: Sequence[Batch],
+    batches: Iterable[Any],
     config: SensitivityConfig = SensitivityConfig(),
+    *,
+    forward: nn.Module | None = None,
+    progress: bool = False,
 ) -> list[Probe]:
-    """Truncates each block alone at the probed ranks and measures the calibration loss.
+    """Truncates each block alone at the probed ranks and measures the logloss.
+
+    One pass over ``batches``: each batch runs once as it is and once per probe. Under
+    ``torch.distributed`` the loss sums are all-reduced (every rank must get as many
+    batches, as :class:`~afmrec.pipeline.data.ParquetBatches` gives them).
 
     Args:
-        model: the trained, uncompressed model (left unchanged: each probe compresses a copy).
+        model: the trained, uncompressed model (its block names are module paths);
+            left unchanged.
         blocks: the blocks to probe.
-        spectra: their output spectra.
-        batches: labelled calibration batches (kept in memory: each probe runs over them).
+        spectra: their output spectra (the same on every rank).
+        batches: labelled calibration batches.
         config: the probed energies.
+        forward: the module to run, if not ``model`` (a ``DistributedModelParallel``).
+        progress: show a progress bar.
     Returns:
         One :class:`Probe` per block and probed rank.
     """
-    base = evaluate(model, batches).logloss
-    probes = []
-    for block in blocks:
-        spectrum = spectra[block.name]
-        for k in probe_ranks(spectrum, config.energies, min(block.in_features, block.out_features)):
-            truncated = compress_(copy.deepcopy(model), afm_bases(spectra, {block.name: k}),
-                                  CompressConfig())
-            loss = evaluate(truncated, batches).logloss
-            probes.append(Probe(block.name, k, 1.0 - spectrum.energy(k), loss - base))
-    return probes
+    from tqdm import tqdm
+
+    from .evaluate import eval_mode, forward_logits, model_device
+
+    runner = forward if forward is not None else model
+    plan = [(b, k) for b in blocks
+            for k in probe_ranks(spectra[b.name], config.energies, min(b.in_features, b.out_features))]
+    device = model_device(model)
+    sums = torch.zeros(len(plan) + 2, dtype=torch.float64, device=device)  # base, probes, rows
+
+    def loss(batch: Any) -> torch.Tensor:
+        logits = forward_logits(runner, batch).double()
+        labels = batch.labels.to(logits.device).view(-1).double()
+        return F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+
+    with eval_mode(runner), torch.no_grad(), Truncation(model, blocks, spectra) as cut:
+        for batch in tqdm(batches, desc="probes", disable=not progress, unit="batch"):
+            cut.set(None)
+            sums[0] += loss(batch)
+            for j, (block, k) in enumerate(plan):
+                cut.set(block.name, k)
+                sums[1 + j] += loss(batch)
+            sums[-1] += batch.labels.numel()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    totals = sums.tolist()
+    n = totals[-1]
+    if n == 0:
+        raise InputError("sensitivity probes: the calibration batches hold no sample")
+    return [Probe(b.name, k, 1.0 - spectra[b.name].energy(k), (totals[1 + j] - totals[0]) / n)
+            for j, (b, k) in enumerate(plan)]
 
 
 def sensitivity_weights(probes: Iterable[Probe], floor: float = SensitivityConfig.floor) -> dict[str, float]:
@@ -134,3 +250,16 @@ def sensitivity_weights(probes: Iterable[Probe], floor: float = SensitivityConfi
     if low <= 0:
         return {}  # no measurable effect anywhere: fall back to variance alone
     return {name: max(w, low) for name, w in raw.items()}
+
+
+def probes_to_records(probes: Iterable[Probe]) -> list[dict[str, Any]]:
+    """Plain dicts (what the statistics file stores)."""
+    return [asdict(p) for p in probes]
+
+
+def probes_from_records(records: Iterable[Mapping[str, Any]]) -> list[Probe]:
+    try:
+        return [Probe(str(r["block"]), int(r["rank"]), float(r["dropped"]), float(r["delta_loss"]))
+                for r in records]
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"statistics: malformed sensitivity probes ({e})") from None

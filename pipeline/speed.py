@@ -211,22 +211,16 @@ def bench_compress(model: nn.Module, record: ModelRecord, stats: Any, workdir: P
     return {"io_s": t_io, "compress_s": t_compress, "compress_vs_io": t_compress / t_io}
 
 
-def _bases(model: nn.Module, stats: Any, record: ModelRecord, ratio: float, mode: str = "ratio"):
-    """AFM bases at ``ratio``: the global budget (``mode="ratio"``) or every block ``ratio``
-    times smaller (``"uniform"``), in which case the per-block ratio is raised in 2% steps
-    until the whole model (fused, projections and rounding of table ranks to 4 included)
-    is at least ``ratio`` times smaller."""
-    from .stages import plan_ranks
+def _bases(model: nn.Module, stats: Any, record: ModelRecord, ratio: float, policy: str = "variance"):
+    """AFM bases of the whole model ``ratio`` times smaller in fp32 bytes, ranks by
+    ``policy`` (:mod:`afmrec.pipeline.ranks`; ``loss`` needs statistics with probes),
+    Linear ranks multiples of 8 (aligned tensor-core GEMMs)."""
+    from .stages import plan_ranks, with_weights
 
     spec = spectra(stats)
-    whole, per_block = count_parameters(skeleton(record)), ratio
-    while True:
-        _, ranks = plan_ranks(record, spec, RankConfig(mode=mode, ratio=per_block, table_multiple=4,
-                                                           linear_multiple=8))
-        small = skeleton(ModelRecord(record.model, ranks=ranks, compress=CompressConfig()))
-        if mode != "uniform" or whole / count_parameters(small) >= ratio:
-            return afm_bases(spec, ranks)
-        per_block *= 1.02
+    config = with_weights(RankConfig(policy=policy, ratio=ratio, table_format="fp32", linear_multiple=8), stats)
+    _, plan = plan_ranks(record, spec, config)
+    return afm_bases(spec, plan.ranks)
 
 
 VARIANTS: dict[str, tuple[float | None, TableDtype]] = {
@@ -249,7 +243,7 @@ def inference_variants(
     tables.
 
     AFM variants make every block (tables, MLP layers, cross layers) ``ratio`` times
-    smaller (``RankConfig(mode="uniform")``): the whole model is then 4x (8x) smaller and
+    smaller (the ``uniform`` rank policy): the whole model is then 4x (8x) smaller and
     the dense work shrinks with it. Built one at a time, since each holds its own tables.
     """
 

@@ -42,13 +42,16 @@ from .artifacts import (_broadcast, atomic_file, check_not_input, check_replacea
                         fingerprint, versions)
 from .bases import Bases, Spectrum, afm_bases, spectra, weight_svd_bases
 from .blocks import Block, find_blocks, select_blocks
+from .budget import DENSE_BYTES, original_bytes, served_bytes
 from .compress import CompressConfig, compress_
 from .data import DataSchema, ParquetBatches, read_schema
 from .errors import InputError
 from .evaluate import count_parameters, evaluate, measure_latency, model_bytes
 from .model_io import (ModelRecord, build_sharded, load_model, load_record, save_model,
                        skeleton)
-from .ranks import RankConfig, select_ranks
+from .ranks import RankConfig, RankPlan, select_ranks
+from .sensitivity import (SensitivityConfig, measure_sensitivity, probes_from_records,
+                          probes_to_records, sensitivity_weights)
 from .report import write_report
 from .runinfo import StageMeter
 from .stats import Statistics, StatsCheckpoint, collect_statistics, resolve_precision
@@ -146,8 +149,8 @@ def _model_fingerprint(model_dir: Path) -> str:
 def plan_ranks(
     record: ModelRecord, spectra_by_block: Mapping[str, Spectrum], rank_config: RankConfig,
     fuse: bool = True,
-) -> tuple[list[Block], dict[str, int]]:
-    """The blocks that have statistics, and the rank of each one to compress.
+) -> tuple[list[Block], RankPlan]:
+    """The blocks that have statistics, and the plan of ranks to compress them to.
 
     The parameters outside those blocks count toward the whole-model ratio; ``fuse`` as
     the compression's (:class:`CompressConfig`): whether a cross layer's second factor
@@ -157,6 +160,22 @@ def plan_ranks(
     blocks = [b for b in find_blocks(whole, fuse=fuse) if b.name in spectra_by_block]
     other = count_parameters(whole) - sum(b.params for b in blocks)
     return blocks, select_ranks(blocks, spectra_by_block, rank_config, other_params=other)
+
+
+def with_weights(rank_config: RankConfig, stats: Statistics, source: object = "statistics") -> RankConfig:
+    """``rank_config`` with the loss weights of the probes ``stats`` carries (the ``loss``
+    policy's input; other policies are returned as they are)."""
+    if rank_config.policy != "loss":
+        return rank_config
+    recorded = stats.meta.get("sensitivity")
+    if not recorded:
+        raise InputError(
+            f"{source}: these statistics carry no loss probes (collected with --no-probes or "
+            "by an older version), which the default rank policy 'loss' needs: rerun "
+            "`afmrec stats`, or choose --policy variance")
+    probes = probes_from_records(recorded.get("probes", []))
+    weights = sensitivity_weights(probes, recorded.get("floor", SensitivityConfig.floor))
+    return dataclasses.replace(rank_config, weights=weights)
 
 
 def fit(
@@ -267,11 +286,20 @@ def stats_stage(
     overwrite: bool = False,
     progress: bool = True,
     checkpoint_every: int | None = None,
+    probe_data: DataRef | None = None,
+    probe_rows: int | None = None,
+    sensitivity: SensitivityConfig = SensitivityConfig(),
 ) -> Statistics:
-    """One forward pass over ``data`` with observers on the selected blocks.
+    """One forward pass over ``data`` with observers on the selected blocks, then the
+    loss probes over ``probe_data``.
 
     Each rank observes its own rows; the moments are summed over ranks (one all-reduce
     per block) and rank 0 writes them.
+
+    With ``probe_data`` (labelled rows, at most ``probe_rows`` of them) every block is
+    then truncated alone at a few ranks and the loss increase measured
+    (:func:`~afmrec.pipeline.sensitivity.measure_sensitivity`): the input of the default
+    rank policy, ``loss``, stored as ``meta["sensitivity"]`` with the rows it ran on.
 
     With ``checkpoint_every`` each rank saves its moments every that many batches in a
     hidden folder beside ``out`` (``.NAME.partial``), and a rerun after a kill resumes
@@ -291,6 +319,8 @@ def stats_stage(
     if record.compressed:
         raise InputError(f"{model_dir}: statistics are collected on an uncompressed model")
     _check_matching_schema(record, data)
+    if probe_data is not None:
+        _check_matching_schema(record, probe_data)
     blocks = select_blocks(find_blocks(skeleton(record)), target, exclude)
     model_fingerprint, data_fingerprint = _model_fingerprint(model_dir), data.fingerprint()
     checkpoint = None
@@ -310,6 +340,10 @@ def stats_stage(
     if env.is_distributed:
         stats.all_reduce_()
     stats.check_finite()
+    probes = None
+    if probe_data is not None:
+        probes = _probe_sensitivity(model, blocks, stats, probe_data, probe_rows, sensitivity,
+                                    env=env, batch_size=batch_size, progress=progress)
     stats.meta = {
         "format": "afmrec.stats/1",
         "model": model_fingerprint,
@@ -321,6 +355,7 @@ def stats_stage(
         "seconds": time.perf_counter() - start,
         "resumed_from_batch": stats.meta["resumed_from_batch"],
         "throughput": meter.gather().to_dict(),
+        "sensitivity": probes,
     }
     if env.rank == 0:
         save_statistics(stats, out, overwrite=overwrite)
@@ -328,6 +363,29 @@ def stats_stage(
     if checkpoint is not None:
         checkpoint.clear()
     return stats
+
+
+def _probe_sensitivity(
+    model: torch.nn.Module, blocks: list[Block], stats: Statistics, data: DataRef,
+    rows: int | None, config: SensitivityConfig, *, env: DistEnv, batch_size: int, progress: bool,
+) -> dict[str, Any]:
+    """The loss probes of :func:`stats_stage`, as the statistics file records them.
+
+    The spectra come from rank 0 (every rank then truncates along the same directions)."""
+    spec = spectra(stats) if env.rank == 0 else None
+    if env.is_distributed:
+        spec = _broadcast(spec)
+    batches = data.batches(batch_size, env, limit_rows=rows)
+    probes = measure_sensitivity(unwrap(model), blocks, spec, batches, config, forward=model,
+                                 progress=progress and env.rank == 0)
+    return {
+        "data": str(data),
+        "fingerprint": data.fingerprint(),
+        "rows": batches.total_rows,
+        "energies": list(config.energies),
+        "floor": config.floor,
+        "probes": probes_to_records(probes),
+    }
 
 
 def save_statistics(stats: Statistics, out: Path, *, overwrite: bool = False) -> None:
@@ -398,8 +456,9 @@ def compress_stage(
     folding (not of writing the checkpoint, which follows it).
 
     Returns:
-        the new record and one row per block (rank, energy kept, parameters before/after),
-        also written to ``out/ranks.parquet``.
+        the new record (``record.plan``: the policy, table format, bytes and ratios of the
+        whole model) and one row per block (rank, energy kept, parameters and bytes
+        before and after, loss weight, policy), also written to ``out/ranks.parquet``.
     """
     if method not in ("afm", "svd"):
         raise InputError(f"method must be 'afm' or 'svd', got {method!r}")
@@ -417,7 +476,7 @@ def compress_stage(
                                      compress_config.fuse, None if env.is_distributed else model)
         if env.is_distributed:
             plan = _broadcast(plan)
-        bases, rows = plan
+        bases, rows, summary = plan
         if env.is_distributed:
             state: Any = _compress_sharded(model, record, bases, compress_config)
         else:
@@ -427,6 +486,7 @@ def compress_stage(
         provenance={"stage": "compress", "world_size": env.world_size,
                     "inputs": {"model": bases.meta["stats"]["model"], "stats": str(stats_path)},
                     "throughput": meter.gather().to_dict()},
+        plan=summary,
     )
     # The bases and the ranks go into the folder before it appears: a kill never leaves
     # a compressed model without them.
@@ -444,8 +504,9 @@ def _plan_compression(
     method: str,
     fuse: bool,
     model: torch.nn.Module | None,
-) -> tuple[Bases, list[dict[str, Any]]]:
-    """Spectra, ranks and bases (rank 0's part of :func:`compress_stage`)."""
+) -> tuple[Bases, list[dict[str, Any]], dict[str, Any]]:
+    """Spectra, ranks and bases, the per-block rows and the whole model's summary (rank
+    0's part of :func:`compress_stage`)."""
     stats = load_statistics(stats_path)
     if stats.meta.get("model") != _model_fingerprint(model_dir):
         raise InputError(
@@ -453,7 +514,9 @@ def _plan_compression(
             f"({stats.meta.get('model_dir')}), not {model_dir}"
         )
     spec = spectra(stats)
-    blocks, ranks = plan_ranks(record, spec, rank_config, fuse)
+    rank_config = with_weights(rank_config, stats, stats_path)
+    blocks, plan = plan_ranks(record, spec, rank_config, fuse)
+    ranks = plan.ranks
     if method == "afm":
         bases = afm_bases(spec, ranks)
     elif model is None:
@@ -461,6 +524,8 @@ def _plan_compression(
     else:
         bases = weight_svd_bases(model, blocks, ranks)
     bases.meta = {"stats": stats.meta, "rank_config": repr(rank_config)}
+    fmt = plan.table_format
+    weights = rank_config.weights or {}
     rows = [
         {
             "block": b.name,
@@ -472,10 +537,32 @@ def _plan_compression(
             "energy": spec[b.name].energy(ranks.get(b.name, b.out_features)),
             "params_before": b.params,
             "params_after": b.compressed_params(ranks[b.name]) if b.name in ranks else b.params,
+            "bytes_before": original_bytes(b),
+            "bytes_after": served_bytes(b, ranks.get(b.name), fmt),
+            "loss_weight": weights.get(b.name),
+            "policy": rank_config.policy,
+            "table_format": fmt.dtype,
+            "serve_device": fmt.serve_device,
         }
         for b in blocks
     ]
-    return bases, rows
+    other = plan.original_bytes // DENSE_BYTES - sum(b.params for b in blocks)
+    params_after = other + sum(r["params_after"] for r in rows)
+    summary = {
+        "policy": rank_config.policy,
+        "method": method,
+        "target_ratio": rank_config.ratio,
+        "table_format": fmt.dtype,
+        "serve_device": fmt.serve_device,
+        "params_before": plan.original_bytes // DENSE_BYTES,
+        "params_after": params_after,
+        "checkpoint_bytes_before": plan.original_bytes,
+        "checkpoint_bytes_after": DENSE_BYTES * params_after,
+        "served_bytes_after": plan.bytes,
+        "ratio": plan.ratio,
+        "sensitivity_data": (stats.meta.get("sensitivity") or {}).get("data"),
+    }
+    return bases, rows, summary
 
 
 def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:

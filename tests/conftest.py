@@ -11,6 +11,10 @@ from afmrec.models import ModelConfig, TableSpec, build_model
 
 TABLES = (TableSpec("t0", 10), TableSpec("t1", 40), TableSpec("t2", 25))
 
+# A rank plan that counts parameters: fp32 tables served unpadded (4 bytes a parameter),
+# table ranks of any size.
+PARAMS = dict(table_format="fp32", serve_device="cpu", table_multiple=1)
+
 WITHOUT_AFMREC = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):

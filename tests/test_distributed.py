@@ -26,7 +26,7 @@ from .dist_utils import run_distributed
 pytestmark = pytest.mark.multiproc
 
 TABLES = {"C1": 60, "C2": 300, "C3": 20, "C4": 500}
-RANK = RankConfig(mode="ratio", ratio=2.0, table_multiple=4)
+RANK = RankConfig(policy="variance", ratio=2.0)
 # after compression, reload and train under another plan (4-wide codes: no column_wise)
 RELOAD = {"table_wise": "row_wise", "row_wise": "table_row_wise", "column_wise": "table_wise",
           "table_row_wise": "data_parallel", "data_parallel": "row_wise"}

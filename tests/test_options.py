@@ -220,6 +220,7 @@ def test_manifest_cells_parse_to_their_field_types(tmp_path):
     columns = [f.name for f in dataclasses.fields(BatchRow)]
     csv_row = {"checkpoint": " ck ", "calibration": "data@0:0.5", "out": "out/a", "name": "first",
                "model_config": "cfg.json", "ratio": "", "energy": "", "rank": "8",
+               "policy": "", "table_format": "fp16", "serve_device": "cpu", "probe": "val@0:0.5",
                "table_multiple": "2", "method": "svd", "activation": "relu",
                "finetune": "data@0.5:0.9", "finetune_epochs": "3", "finetune_batch_size": "256",
                "eval": "test", "batch_size": "512"}
@@ -234,7 +235,8 @@ def test_manifest_cells_parse_to_their_field_types(tmp_path):
     _assert_exact(_fields(first), {
         "checkpoint": base / "ck", "calibration": DataRef(base / "data", 0.0, 0.5),
         "out": base / "out/a", "name": "first", "model_config": base / "cfg.json",
-        "ratio": None, "energy": None, "rank": 8, "table_multiple": 2, "method": "svd",
+        "ratio": None, "energy": None, "rank": 8, "policy": None, "table_format": "fp16",
+        "serve_device": "cpu", "probe": DataRef(base / "val", 0.0, 0.5), "table_multiple": 2, "method": "svd",
         "activation": "relu", "finetune": DataRef(base / "data", 0.5, 0.9), "finetune_epochs": 3,
         "finetune_batch_size": 256, "eval": DataRef(base / "test"), "batch_size": 512})
     _assert_exact(_fields(row2), {

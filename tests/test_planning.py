@@ -24,7 +24,7 @@ from afmrec.pipeline.ranks import RankConfig, _uniform_rank, select_ranks
 from afmrec.pipeline.stages import plan_ranks
 from afmrec.pipeline.stats import collect_statistics
 
-from .conftest import random_batch, tiny_config
+from .conftest import PARAMS, random_batch, tiny_config
 
 BATCHES = [random_batch(50, 3, seed=s) for s in range(4)]
 DOWN = "inter_arch.crossnet.layers.0.down"
@@ -79,8 +79,6 @@ def test_uniform_rank_of_a_fused_down_has_no_b2():
     # b2 of 3 (the old copy of the formula) gave rank 1.
     assert [_uniform_rank(fused, r) for r in RATIOS] == [2, 2, 2, 1, 1, 1]
     assert [_uniform_rank(unfused, r) for r in (1.1, 1.25, 1.5, 2.0)] == [2, 2, 1, 1]
-    ranks = select_ranks([fused], {DOWN: None}, RankConfig(mode="uniform", ratio=1.9))
-    assert ranks == {DOWN: 2}
 
 
 # --- fusion on or off: the plan counts the built model ------------------------------------
@@ -107,7 +105,7 @@ def test_planned_parameters_are_the_built_models_at_fixed_ranks(arch, fuse):
     torch.manual_seed(0)
     model = build_model(tiny_config(arch))
     blocks = find_blocks(model, fuse=fuse)
-    ranks = select_ranks(blocks, {b.name: None for b in blocks}, RankConfig(mode="fixed", rank=2))
+    ranks = select_ranks(blocks, {b.name: None for b in blocks}, RankConfig(policy="rank", rank=2, **PARAMS)).ranks
     assert ranks == {b.name: 2 for b in blocks if b.out_features > 2 and b.max_useful_rank() >= 2}
     assert planned_params(model, blocks, ranks) == FIXED_RANK_2[arch, fuse]
     assert built_params(model, ranks, fuse) == FIXED_RANK_2[arch, fuse]
@@ -124,7 +122,8 @@ def test_ratio_budget_holds_in_the_built_model(arch, fuse, ratio):
     spec = spectra(collect_statistics(model, blocks, BATCHES))
     whole = count_parameters(model)
     other = whole - sum(b.params for b in blocks)
-    ranks = select_ranks(blocks, spec, RankConfig(mode="ratio", ratio=ratio), other_params=other)
+    ranks = select_ranks(blocks, spec, RankConfig(policy="variance", ratio=ratio, **PARAMS),
+                         other_params=other).ranks
     planned = planned_params(model, blocks, ranks)
     assert built_params(model, ranks, fuse) == planned
     assert planned <= int(whole / ratio)
@@ -138,7 +137,8 @@ def test_plan_ranks_counts_the_dcn_as_built(fuse):
     config = tiny_config("dcn", embedding_dim=12)
     model = build_model(config).eval()
     spec = spectra(collect_statistics(model, find_blocks(model), BATCHES))
-    blocks, ranks = plan_ranks(ModelRecord(config), spec, RankConfig(mode="ratio", ratio=1.6), fuse)
+    blocks, plan = plan_ranks(ModelRecord(config), spec, RankConfig(policy="variance", ratio=1.6, **PARAMS), fuse)
+    ranks = plan.ranks
     assert {b.name: b.fused_into for b in blocks if b.fused_into} == (
         {f"inter_arch.crossnet.layers.{l}.down": 48 for l in range(2)} if fuse else {})
     # fused, a down's factor costs (D + 48) a rank and pays; unfused (up kept whole) it does not
@@ -157,6 +157,6 @@ def test_deepfm_deep_tower_fold_is_outside_the_plan():
     torch.manual_seed(0)
     model = build_model(tiny_config("deepfm"))
     blocks = find_blocks(model)
-    ranks = select_ranks(blocks, {b.name: None for b in blocks}, RankConfig(mode="fixed", rank=2))
+    ranks = select_ranks(blocks, {b.name: None for b in blocks}, RankConfig(policy="rank", rank=2, **PARAMS)).ranks
     assert planned_params(model, blocks, ranks) == built_params(model, ranks, fuse=False) == 397
     assert built_params(model, ranks, fuse=True) == 397 - 6

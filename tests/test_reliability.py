@@ -491,7 +491,7 @@ def test_4_table_rank_not_a_multiple_of_4_is_an_error_by_config(run, tmp_path, c
 
 
 @pytest.mark.parametrize("policy, fragment", [
-    (["--ratio", "500"], "target ratio 500.0 is unreachable"),
+    (["--ratio", "500"], "target ratio 500 is unreachable"),
     (["--rank", "0"], "rank must be >= 1"),
     (["--energy", "1.5"], "energy must be in (0, 1]"),
     (["--ratio", "2", "--rank-pattern", "nope*=2"], "pattern 'nope*' matches no block"),

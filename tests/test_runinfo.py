@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ROWS, TEST_ROWS = 1000, 400
 TRAIN_BATCH, STEPS, STATS_BATCH, EVAL_BATCH = 100, 3, 128, 128
 MODEL = ["--embedding-dim", "8", "--over-arch", "16,1"]
-RANK = RankConfig(mode="ratio", ratio=2.0, table_multiple=4)
+RANK = RankConfig(policy="variance", ratio=2.0)
 RECORD_KEYS = {"stage", "world_size", "device", "per_rank", "total_samples", "seconds",
                "total_samples_per_s"}
 RANK_KEYS = {"rank", "samples", "seconds", "samples_per_s", "peak_memory_gib", "peak_rss_gib"}

@@ -12,7 +12,7 @@ from afmrec.pipeline.errors import InputError
 from afmrec.pipeline.ranks import RankConfig, select_ranks
 from afmrec.pipeline.stats import StatsCollector, Statistics, collect_statistics
 
-from .conftest import random_batch, tiny_config
+from .conftest import PARAMS, random_batch, tiny_config
 
 BATCHES = [random_batch(50, 3, seed=s) for s in range(6)]
 
@@ -93,8 +93,8 @@ def test_ratio_lands_within_one_rank_unit(ratio):
     total = sum(p.numel() for p in model.parameters())
     other = total - sum(b.params for b in blocks)
     for multiple in (1, 4):
-        cfg = RankConfig(mode="ratio", ratio=ratio, table_multiple=multiple)
-        ranks = select_ranks(blocks, spec, cfg, other_params=other)
+        cfg = RankConfig(policy="variance", ratio=ratio, **{**PARAMS, "table_multiple": multiple})
+        ranks = select_ranks(blocks, spec, cfg, other_params=other).ranks
         spent = other + sum(
             b.compressed_params(ranks[b.name]) if b.name in ranks else b.params for b in blocks
         )
@@ -110,19 +110,19 @@ def test_ratio_lands_within_one_rank_unit(ratio):
 def test_ratio_prefers_variance_per_parameter():
     """A block whose outputs live in one direction gets rank 1; nothing wastes budget."""
     model, blocks, spec = _setup()
-    ranks = select_ranks(blocks, spec, RankConfig(mode="ratio", ratio=1.5))
+    ranks = select_ranks(blocks, spec, RankConfig(policy="variance", ratio=1.5, **PARAMS)).ranks
     for name, k in ranks.items():
         ev = spec[name].eigenvalues
         # never keep a direction with no variance while dropping one with variance elsewhere
         assert k <= int((ev > 1e-12 * ev.sum()).sum()) or k == 1
 
 
-def test_fixed_and_energy_modes():
+def test_rank_and_energy_policies():
     _, blocks, spec = _setup()
     tables = select_blocks(blocks, ["*.t?"])
-    ranks = select_ranks(tables, spec, RankConfig(mode="fixed", rank=3, table_multiple=4))
+    ranks = select_ranks(tables, spec, RankConfig(policy="rank", rank=3, table_multiple=4)).ranks
     assert set(ranks.values()) == set() or all(k == 4 for k in ranks.values())
-    ranks = select_ranks(tables, spec, RankConfig(mode="energy", energy=0.9))
+    ranks = select_ranks(tables, spec, RankConfig(policy="energy", energy=0.9, **PARAMS)).ranks
     for name, k in ranks.items():
         assert spec[name].energy(k) >= 0.9 - 1e-12
         assert k == 1 or spec[name].energy(k - 1) < 0.9
@@ -131,11 +131,11 @@ def test_fixed_and_energy_modes():
 def test_unreachable_ratio_and_bad_patterns():
     model, blocks, spec = _setup()
     with pytest.raises(InputError, match="unreachable"):
-        select_ranks(blocks, spec, RankConfig(mode="ratio", ratio=1000))
+        select_ranks(blocks, spec, RankConfig(policy="variance", ratio=1000))
     with pytest.raises(InputError, match="matches no block"):
         select_blocks(blocks, ["nope.*"])
     with pytest.raises(InputError, match="needs --rank"):
-        RankConfig(mode="fixed")
+        RankConfig(policy="rank")
 
 
 def _pilot_centre(y, mask):
