@@ -45,8 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torchscript (default) or aoti: torch.export + AOTInductor, which on "
                         "CUDA serves an AFM DLRM-DCNv2's cross network from its codes and narrow "
                         "rows with our lookup kernel")
-    parser.add_argument("--tables", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
-                        help="row format of the tables in the artifact (default: fp32)")
+    parser.add_argument("--tables", choices=("fp32", "fp16", "int8", "int4"),
+                        help="row format of the tables in the artifact (default: the format the "
+                        "compressed model's ratio was planned in, `afmrec compress --table-format`; "
+                        "fp32 for an uncompressed model)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="the device the artifact serves on (default: CUDA if available)")
     parser.add_argument("--check-batch", type=int, default=256,
@@ -54,23 +56,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "against the model (0: no check; default: 256)")
 
 
+def _against_original(size: int, plan: dict, uncompressed_bytes: int | None) -> str:
+    """The artifact's size against the original's fp32 checkpoint (and against the rank
+    plan's count of served bytes, for a compressed model)."""
+    if plan:
+        original = plan["checkpoint_bytes_before"]
+        return (f", {original / size:.2f}x smaller than the original's fp32 checkpoint "
+                f"(planned {original / plan['served_bytes_after']:.2f}x)")
+    if uncompressed_bytes:
+        return f", {uncompressed_bytes / size:.2f}x smaller than its fp32 checkpoint"
+    return ""
+
+
 def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.errors import InputError
     from afmrec.pipeline.export import ExportConfig, export_model
     from afmrec.pipeline.model_io import load_model
 
-    config = ExportConfig(tables=args.tables, check_batch=args.check_batch, format=args.format)
+    from afmrec.pipeline.model_io import load_record
+
+    plan = load_record(args.model).plan or {}
+    tables = args.tables or plan.get("table_format", "fp32")
+    config = ExportConfig(tables=tables, check_batch=args.check_batch, format=args.format)
     with job(args) as (env, _):
         if env.is_distributed:
             raise InputError("export runs in one process: call `afmrec export` without torchrun")
         model, record = load_model(args.model, env.device)
+        if plan and env.device.type != plan["serve_device"]:
+            log.warning("the ratio was planned for serving on %s; this artifact serves on %s",
+                        plan["serve_device"], env.device.type)
         source = {"model_dir": str(args.model), "ranks": record.ranks, "method": record.method,
                   "fingerprint": record.fingerprint}
         meta = export_model(model.eval(), record.model, args.out, config, source=source,
                             overwrite=args.overwrite)
     size = args.out.stat().st_size
     check = meta.get("check_max_abs_diff")
-    log.info("wrote %s (%s, cross network %s, %s lookup): %s params, %s tables, %.1f MiB on disk%s", args.out,
-             meta["artifact"], meta["cross"], meta["lookup"], f"{meta['params']:,}", meta["tables"], size / 2**20,
+    log.info("wrote %s (%s, cross network %s, %s lookup): %s params, %s tables, %.1f MiB on disk%s%s",
+             args.out, meta["artifact"], meta["cross"], meta["lookup"], f"{meta['params']:,}", meta["tables"],
+             size / 2**20, _against_original(size, plan, None if record.compressed else 4 * meta["params"]),
              f"; loaded back, max |logit diff| {check:.2g}" if check is not None else "")
     return 0

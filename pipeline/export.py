@@ -49,6 +49,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from afmrec.models import ModelConfig
 
 from .artifacts import atomic_file, versions
+from .budget import ROW_ALIGNMENT
 from .errors import InputError
 from .evaluate import count_parameters
 
@@ -158,11 +159,18 @@ def serving_module(model: nn.Module, features: list[str], tables: TableDtype = "
     from afmrec.models import LowRankEmbeddingBagCollection
     from afmrec.models.serving import flatten_lookups_, serving_form
 
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
+
     params = count_parameters(model)
     served = model if inplace else copy.deepcopy(model)
     for m in served.modules():
         if isinstance(m, LowRankEmbeddingBagCollection):
             m.fuse_projections_()
+    # rows as the serving device's kernels take them and a rank plan counts them (TorchRec
+    # pads to 16 bytes everywhere unless told otherwise; FBGEMM's CPU kernels need no padding)
+    alignment = ROW_ALIGNMENT[next(model.parameters()).device.type]
+    quant_prep_customize_row_alignment(served, [EmbeddingBagCollection], alignment)
     served = serving_form(quantize_embeddings(served, dtype=TABLE_DTYPES[tables], inplace=True), fuse_cross)
     flatten_lookups_(served, list(features))
     return ServingModule(served, list(features), tables, params, rows).eval()

@@ -15,8 +15,8 @@ Five named policies, one vocabulary for the CLI, the Python API and the benchmar
 A ratio counts bytes (:mod:`afmrec.pipeline.budget`): the original's fp32 checkpoint
 against the compressed model with its tables in ``table_format`` (``auto``: fp32 where
 that reaches the target, else fp16, else int8), padded as the serving kernels pad rows.
-A plan lands within :data:`TOLERANCE` of the target or the planner says why it cannot
-and what would reach it. A block left out of the plan stays whole. Table ranks are
+A plan lands within :data:`TOLERANCE` of the target (above it where a plan can, else
+just below) or the planner says why it cannot and what would reach it. A block left out of the plan stays whole. Table ranks are
 multiples of ``table_multiple`` (4: FBGEMM's fused kernels, on CPU as on CUDA).
 """
 
@@ -349,24 +349,26 @@ def select_ranks(
     nearest: RankPlan | None = None
     for fmt in config.formats:
         cost = _Cost(blocks, fmt, other_params)
-        budget = int(cost.original / config.ratio)
-        try:
-            if config.policy == "uniform":
-                ranks = _uniform(blocks, config, cost, budget, pinned)
-            else:
-                ranks = _greedy(blocks, spectra, config, fmt, budget - cost.fixed, pinned)
-        except _Unreachable:
-            continue
-        plan = _finish(blocks, ranks, config, fmt, other_params)
-        if plan.ratio <= config.ratio * (1 + TOLERANCE):
-            return plan
-        nearest = nearest or plan
+        # the budget of the target, then (where the ranks step far past it) the budget of a
+        # ratio just inside the tolerance below it
+        for budget in (int(cost.original / config.ratio), int(cost.original * (1 + TOLERANCE) / config.ratio)):
+            try:
+                if config.policy == "uniform":
+                    ranks = _uniform(blocks, config, cost, budget, pinned)
+                else:
+                    ranks = _greedy(blocks, spectra, config, fmt, budget - cost.fixed, pinned)
+            except _Unreachable:
+                continue
+            plan = _finish(blocks, ranks, config, fmt, other_params)
+            if config.ratio / (1 + TOLERANCE) <= plan.ratio <= config.ratio * (1 + TOLERANCE):
+                return plan
+            nearest = nearest or plan
     if nearest is None:
         raise InputError(_unreachable_message(blocks, config, other_params))
     raise InputError(
         f"target ratio {config.ratio:g} cannot be met within {TOLERANCE:.0%}: with "
         f"{nearest.table_format} the ranks step past it (the nearest plan is "
-        f"{nearest.ratio:.2f}x, the next rank unit of any block costs more than the rest of the "
+        f"{nearest.ratio:.2f}x: the next rank unit of any block costs more than the rest of the "
         f"budget). Ask for --ratio {nearest.ratio:.2f}, or a lower ratio")
 
 
