@@ -1,4 +1,4 @@
-"""Convert raw Criteo TSV or libFM/libSVM text to afmrec's Parquet dataset layout.
+"""Convert raw Criteo TSV, libFM/libSVM text or MovieLens-1M to afmrec's Parquet dataset layout.
 
 Writes OUT as a folder of Parquet parts whose metadata declares the schema (label, dense
 and sparse columns, each table's size), plus a _dataset.json summary. OUT appears only
@@ -14,10 +14,18 @@ libfm: lines of "label id:1 id:1 ...", labels -1/1 or 0/1. One global id space i
 into fields by --fields (or a --preset): field NAME:FIRST-LAST gets a table of
 LAST-FIRST+1 rows, and id i of the range becomes row i-FIRST.
 
+movielens: the MovieLens-1M folder (ratings.dat[.gz], users.dat, movies.dat). Ratings of 3
+are dropped, 1-2 give label 0 and 4-5 label 1; the fields are user_id, movie_id, gender,
+age, occupation, zip and the movie's genres (multi-hot). Rows are split by time (the last
+--test-fraction test, the --val-fraction before it validation) into OUT/train, OUT/val and
+OUT/test; every field's vocabulary is built from OUT/train only (row 0: out of vocabulary)
+and saved as OUT/vocab.parquet.
+
 Examples:
   afmrec convert criteo --out data/criteo --table-size 1000000 day_0.gz day_1.gz
   afmrec convert libfm --out data/frappe_train --preset frappe frappe.train.libfm
   afmrec convert libfm --out data/mine --fields user:0-99,item:100-599 mine.libfm
+  afmrec convert movielens --out data/ml1m ../shared/data/movielens1m
 """
 
 from __future__ import annotations
@@ -31,11 +39,14 @@ from ..pipeline.data import (
     convert_criteo,
     convert_libfm,
     describe_dataset,
+    SplitConfig,
+    VocabConfig,
+    convert_movielens,
     parse_fields,
 )
 from .args import add_output, setup_logging
 
-HELP = "convert raw Criteo TSV or libFM/libSVM text to the Parquet layout"
+HELP = "convert raw Criteo TSV, libFM/libSVM text or MovieLens to the Parquet layout"
 
 PRESETS = {"frappe": FRAPPE_FIELDS}
 
@@ -63,10 +74,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "inputs", nargs="+", type=Path, metavar="INPUT", help="text files, read in order"
         )
 
+    movielens = formats.add_parser("movielens", help="MovieLens-1M: ratings + users + movies")
+    add_output(movielens, "the folder of train/, val/, test/ and vocab.parquet")
+    add_split_options(movielens)
+    add_vocab_options(movielens)
+    movielens.add_argument("src", type=Path, metavar="SRC_DIR", help="the MovieLens-1M folder")
+
+
+def add_split_options(parser: argparse.ArgumentParser) -> None:
+    """--val-fraction / --test-fraction: the split into train/, val/ and test/."""
+    g = parser.add_argument_group("split (the last rows in time order)")
+    g.add_argument("--val-fraction", type=float, default=SplitConfig.val_fraction,
+                   help="validation rows, just before the test rows (default: %(default)s)")
+    g.add_argument("--test-fraction", type=float, default=SplitConfig.test_fraction,
+                   help="test rows, the last ones (default: %(default)s)")
+
+
+def add_vocab_options(parser: argparse.ArgumentParser) -> None:
+    """--min-count / --max-table-size: how every field's vocabulary is built."""
+    g = parser.add_argument_group("vocabularies (built from the training rows only)")
+    g.add_argument("--min-count", type=int, default=VocabConfig.min_count,
+                   help="values seen fewer times go to the out-of-vocabulary row 0 "
+                   "(default: %(default)s)")
+    g.add_argument("--max-table-size", type=int, metavar="N",
+                   help="at most N rows per table, the OOV row included: the N-1 most frequent "
+                   "values keep a row (default: no cap)")
+
+
+def split_config(args: argparse.Namespace) -> SplitConfig:
+    return SplitConfig(val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+
+
+def vocab_config(args: argparse.Namespace) -> VocabConfig:
+    return VocabConfig(min_count=args.min_count, max_size=args.max_table_size)
+
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.quiet)
     common = dict(overwrite=args.overwrite, progress=not args.quiet)
+    if args.format == "movielens":
+        parts = convert_movielens(args.src, args.out, split=split_config(args),
+                                  vocab=vocab_config(args), **common)
+        for path in parts.values():
+            print(describe_dataset(path))
+        return 0
     if args.format == "criteo":
         out = convert_criteo(
             args.inputs, args.out, table_size=args.table_size, max_rows=args.max_rows, **common

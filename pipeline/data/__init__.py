@@ -3,6 +3,10 @@
 * :mod:`.schema`: the on-disk layout, its validation and writing.
 * :mod:`.reader`: :class:`ParquetBatches`, a rank's share of a dataset as ``Batch`` es.
 * :mod:`.convert`: raw Criteo TSV and libFM text to the layout.
+* :mod:`.movielens`: MovieLens-1M (ratings, users, movies) to train/val/test datasets.
+* :mod:`.vocab`: per-field vocabularies (strings to table rows, with an OOV row).
+* :mod:`.splits`: train/validation/test splits and the folder that holds them.
+* :mod:`.textio`: reading raw text: line blocks, gzip, encodings.
 * :mod:`.synth`: production-shaped synthetic data labelled by a hidden model.
 
 Shapes: B = batch size, F = sparse fields, N = dense features.
@@ -18,6 +22,7 @@ from .convert import (
     criteo_schema,
     parse_fields,
 )
+from .movielens import convert_movielens
 from .reader import ParquetBatches, make_batch
 from .schema import (
     SCHEMA_KEY,
@@ -34,7 +39,9 @@ from .schema import (
     validate_table,
     write_dataset,
 )
+from .splits import SplitConfig
 from .synth import CRITEO_KAGGLE_TABLE_SIZES, DEFAULT_TABLE_SIZES, SynthConfig, synthesize
+from .vocab import VOCAB_FILE, VocabConfig, Vocabulary, load_vocabularies, save_vocabularies
 
 __all__ = [
     "CRITEO_DENSE",
@@ -48,18 +55,25 @@ __all__ = [
     "DatasetWriter",
     "ParquetBatches",
     "SparseField",
+    "SplitConfig",
     "SynthConfig",
+    "VOCAB_FILE",
+    "VocabConfig",
+    "Vocabulary",
     "conform_table",
     "convert_criteo",
     "convert_libfm",
+    "convert_movielens",
     "create_dataset",
     "criteo_schema",
     "describe_dataset",
     "list_parts",
+    "load_vocabularies",
     "make_batch",
     "parse_fields",
     "read_info",
     "read_schema",
+    "save_vocabularies",
     "sparse_column",
     "synthesize",
     "validate_table",

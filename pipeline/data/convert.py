@@ -9,84 +9,26 @@ only when complete). A malformed line is an :class:`InputError` naming the file 
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
-from tqdm import tqdm
-
 from ..errors import InputError
 from .schema import DataSchema, SparseField, create_dataset, sparse_column
-
-DEFAULT_BLOCK_BYTES = 1 << 25
-
-# --- shared text handling ---------------------------------------------------------------
-
-
-def _check_paths(inputs: Sequence[str | os.PathLike[str]], out_dir: Path) -> list[Path]:
-    """The inputs as paths; refuses missing inputs and an output that would clobber one."""
-    if not inputs:
-        raise InputError("no input files given")
-    paths = [Path(p) for p in inputs]
-    out = out_dir.resolve()
-    for path in paths:
-        if not path.is_file():
-            raise InputError(f"{path}: input file not found")
-        if out == path.resolve() or out in path.resolve().parents:
-            raise InputError(f"{out_dir}: the output folder would contain the input {path}")
-    return paths
-
-
-def _line_blocks(path: Path, block_bytes: int, bar: tqdm) -> Iterator[tuple[int, bytes]]:
-    """Yields ``(number of the first line, block)``: whole lines, each ending with ``\\n``.
-
-    A ``.gz`` file is decompressed on the fly. ``bar`` advances by bytes read of ``path``.
-    """
-    line, carry, done = 1, b"", 0
-    with open(path, "rb") as raw:
-        stream = gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw
-        while data := stream.read(block_bytes):
-            bar.update(raw.tell() - done)
-            done = raw.tell()
-            data = carry + data
-            cut = data.rfind(b"\n") + 1
-            block, carry = data[:cut], data[cut:]
-            if block:
-                yield line, block
-                line += block.count(b"\n")
-    if carry:  # a last line without its newline
-        yield line, carry + b"\n"
-
-
-def _progress(paths: Sequence[Path], desc: str, show: bool) -> tqdm:
-    # disable=None: a bar on a terminal only, not in logs.
-    total = sum(p.stat().st_size for p in paths)
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=None if show else True)
-
-
-def _cast(strings: pa.Array, to_type: pa.DataType, fail: Callable[[int], InputError]) -> pa.Array:
-    """``strings`` cast to ``to_type``; else ``fail(index of the first bad string)``."""
-    try:
-        return pc.cast(strings, to_type)
-    except pa.ArrowInvalid:
-        pass
-    # Arrow does not say which string failed: bisect for the first one.
-    lo, hi = 0, len(strings)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        try:
-            pc.cast(strings.slice(lo, mid - lo), to_type)
-            lo = mid
-        except pa.ArrowInvalid:
-            hi = mid
-    raise fail(lo)
-
+from .textio import (
+    DEFAULT_BLOCK_BYTES,
+    Where,
+    cast_or_fail,
+    check_field_counts,
+    check_inputs,
+    line_blocks,
+    progress_bar,
+)
 
 # --- Criteo -----------------------------------------------------------------------------
 
@@ -170,17 +112,17 @@ def convert_criteo(
         convert_criteo(["day_0.gz"], "data/criteo_day0", table_size=1_000_000)
     """
     out_dir = Path(out_dir)
-    paths = _check_paths(inputs, out_dir)
+    paths = check_inputs(inputs, out_dir)
     schema = criteo_schema(table_size)
     if max_rows is not None and max_rows <= 0:
         raise InputError(f"max_rows must be positive, got {max_rows}")
     with (
         create_dataset(schema, out_dir, overwrite=overwrite) as writer,
-        _progress(paths, "criteo", progress) as bar,
+        progress_bar(paths, "criteo", progress) as bar,
     ):
         for path in paths:
-            for first_line, block in _line_blocks(path, block_bytes, bar):
-                table = _parse_criteo_block(block, _Where(path, first_line), schema)
+            for first_line, block in line_blocks(path, bar, block_bytes=block_bytes):
+                table = _parse_criteo_block(block, Where(path, first_line), schema)
                 if max_rows is not None:
                     table = table.slice(0, max_rows - writer.num_rows)
                 writer.write(table, source=str(path))
@@ -191,18 +133,8 @@ def convert_criteo(
     return out_dir
 
 
-class _Where:
-    """Makes :class:`InputError` s that name a file and the line of a block's row."""
-
-    def __init__(self, path: Path, first_line: int) -> None:
-        self.path, self.first_line = path, first_line
-
-    def error(self, row: int, problem: str) -> InputError:
-        return InputError(f"{self.path}:{self.first_line + int(row)}: {problem}")
-
-
-def _parse_criteo_block(block: bytes, where: _Where, schema: DataSchema) -> pa.Table:
-    _check_field_counts(block, len(_CRITEO_COLUMNS), where)
+def _parse_criteo_block(block: bytes, where: Where, schema: DataSchema) -> pa.Table:
+    check_field_counts(block, len(_CRITEO_COLUMNS), where)
     raw = pa_csv.read_csv(
         pa.py_buffer(block),
         read_options=pa_csv.ReadOptions(column_names=_CRITEO_COLUMNS),
@@ -225,7 +157,7 @@ def _parse_criteo_block(block: bytes, where: _Where, schema: DataSchema) -> pa.T
     return pa.table(columns)
 
 
-def _criteo_labels(strings: pa.Array, where: _Where) -> pa.Array:
+def _criteo_labels(strings: pa.Array, where: Where) -> pa.Array:
     valid = pc.fill_null(pc.is_in(strings, value_set=pa.array(["0", "1"])), False)
     if not pc.all(valid).as_py():
         row = pc.index(valid, False).as_py()
@@ -233,26 +165,14 @@ def _criteo_labels(strings: pa.Array, where: _Where) -> pa.Array:
     return pc.cast(strings, pa.int8())
 
 
-def _log_counts(strings: pa.Array, name: str, where: _Where) -> np.ndarray:
+def _log_counts(strings: pa.Array, name: str, where: Where) -> np.ndarray:
     """``log(1 + max(x, 0))`` of integer strings ``x``, 0 for a missing one."""
 
     def bad(row: int) -> InputError:
         return where.error(row, f"{name} must be an integer, got {strings[row].as_py()!r}")
 
-    counts = pc.fill_null(_cast(strings, pa.int64(), bad), 0).to_numpy()
+    counts = pc.fill_null(cast_or_fail(strings, pa.int64(), bad), 0).to_numpy()
     return np.log1p(np.maximum(counts, 0)).astype(np.float32)
-
-
-def _check_field_counts(block: bytes, expected: int, where: _Where) -> None:
-    """Vectorised check that every line of ``block`` has ``expected`` tab-separated fields."""
-    text = np.frombuffer(block, dtype=np.uint8)
-    tabs = np.flatnonzero(text == ord("\t"))
-    tabs_before_eol = np.searchsorted(tabs, np.flatnonzero(text == ord("\n")))
-    fields = np.diff(tabs_before_eol, prepend=0) + 1
-    bad = np.flatnonzero(fields != expected)
-    if bad.size:
-        row = bad[0]
-        raise where.error(row, f"expected {expected} tab-separated fields, got {fields[row]}")
 
 
 def _hash_categorical(values: pa.StringArray) -> np.ndarray:
@@ -368,7 +288,7 @@ def convert_libfm(
         convert_libfm(["frappe.train.libfm"], "data/frappe_train", fields=FRAPPE_FIELDS)
     """
     out_dir = Path(out_dir)
-    paths = _check_paths(inputs, out_dir)
+    paths = check_inputs(inputs, out_dir)
     _check_fields(fields)
     multi_hot = dict.fromkeys((name for name, _, _ in fields), False)
     blocks = functools.partial(_libfm_blocks, paths, fields, block_bytes, progress)
@@ -402,14 +322,14 @@ def _libfm_blocks(
     desc: str,
 ) -> Iterable[tuple[np.ndarray, _Bags]]:
     """Parses every block of ``paths``: (labels (B,) int8, {field: (ids, lengths (B,))})."""
-    with _progress(paths, desc, progress) as bar:
+    with progress_bar(paths, desc, progress) as bar:
         for path in paths:
-            for first_line, block in _line_blocks(path, block_bytes, bar):
-                yield _parse_libfm_block(block, _Where(path, first_line), fields)
+            for first_line, block in line_blocks(path, bar, block_bytes=block_bytes):
+                yield _parse_libfm_block(block, Where(path, first_line), fields)
 
 
 def _parse_libfm_block(
-    block: bytes, where: _Where, fields: Sequence[tuple[str, int, int]]
+    block: bytes, where: Where, fields: Sequence[tuple[str, int, int]]
 ) -> tuple[np.ndarray, _Bags]:
     lines = pa.array(block.split(b"\n")[:-1], type=pa.binary()).cast(pa.string())
     lines = pc.utf8_trim_whitespace(lines)  # also drops the \r of CRLF line ends
@@ -422,7 +342,7 @@ def _parse_libfm_block(
     return labels, _split_fields(ids, rows, len(lines), fields, where)
 
 
-def _libfm_ids(tokens: pa.ListArray, where: _Where) -> tuple[np.ndarray, np.ndarray]:
+def _libfm_ids(tokens: pa.ListArray, where: Where) -> tuple[np.ndarray, np.ndarray]:
     """The ids of the ``id:1`` tokens after each line's label, and the row of each."""
     num_features = pc.list_value_length(tokens).to_numpy() - 1
     rows = np.repeat(np.arange(len(tokens)), num_features)
@@ -435,8 +355,8 @@ def _libfm_ids(tokens: pa.ListArray, where: _Where) -> tuple[np.ndarray, np.ndar
     not_pairs = np.flatnonzero(pc.list_value_length(pairs).to_numpy() != 2)
     if not_pairs.size:
         raise bad(not_pairs[0], "not id:value")
-    ids = _cast(pc.list_element(pairs, 0), pa.int64(), lambda i: bad(i, "id not an integer"))
-    values = _cast(pc.list_element(pairs, 1), pa.float64(), lambda i: bad(i, "value not a number"))
+    ids = cast_or_fail(pc.list_element(pairs, 0), pa.int64(), lambda i: bad(i, "id not an integer"))
+    values = cast_or_fail(pc.list_element(pairs, 1), pa.float64(), lambda i: bad(i, "value not a number"))
     not_one = np.flatnonzero(values.to_numpy() != 1)
     if not_one.size:
         raise bad(not_one[0], "only binary features (value 1) are supported")
@@ -448,7 +368,7 @@ def _split_fields(
     rows: np.ndarray,
     num_rows: int,
     fields: Sequence[tuple[str, int, int]],
-    where: _Where,
+    where: Where,
 ) -> _Bags:
     """Per field: its ids, made relative to its range, in row order, and its bag sizes."""
     firsts = np.array([first for _, first, _ in fields])
@@ -467,7 +387,7 @@ def _split_fields(
     return bags
 
 
-def _libfm_labels(strings: pa.Array, where: _Where) -> np.ndarray:
+def _libfm_labels(strings: pa.Array, where: Where) -> np.ndarray:
     positive = pc.is_in(strings, value_set=pa.array(["1", "+1"])).to_numpy(zero_copy_only=False)
     negative = pc.is_in(strings, value_set=pa.array(["0", "-1"])).to_numpy(zero_copy_only=False)
     if not np.all(positive | negative):
