@@ -130,6 +130,8 @@ def test_movielens_gzip_ratings_and_cli(tmp_path: Path, capsys):
         f"{out / 'train'}: 8 rows (75.0% positive), 0 dense, 7 sparse fields (tables of 3 to 5 rows)",
         f"{out / 'val'}: 1 rows (0.0% positive), 0 dense, 7 sparse fields (tables of 3 to 5 rows)",
         f"{out / 'test'}: 1 rows (100.0% positive), 0 dense, 7 sparse fields (tables of 3 to 5 rows)",
+        f"{out / 'vocab.parquet'}: 7 vocabularies from the training rows, 21 of 21 distinct "
+        "values kept (min count 1), 0 training occurrences mapped to the OOV row",
     ]
     reference = convert_movielens(FIXTURE, tmp_path / "plain", progress=False)
     for name, path in reference.items():

@@ -26,10 +26,10 @@ import pyarrow.csv as pa_csv
 
 from ..artifacts import check_not_input
 from ..errors import InputError
-from .schema import DataSchema, SparseField
-from .splits import PARTS, SplitConfig, create_split_datasets
+from .encode import Fields, RawBlock, convert_with_vocabularies
+from .splits import SplitConfig
 from .textio import Where, cast_or_fail, check_field_counts, progress_bar, read_bytes, split_bags
-from .vocab import VOCAB_FILE, VocabConfig, build_vocabularies, save_vocabularies
+from .vocab import VocabConfig
 
 USER_FIELDS = ("gender", "age", "occupation", "zip")
 SPARSE_FIELDS = ("user_id", "movie_id", *USER_FIELDS, "genres")
@@ -88,35 +88,20 @@ def convert_movielens(
             bar.update(path.stat().st_size)
     rows = _join(paths, tables)
     rows = rows.take(pc.sort_indices(rows, [("timestamp", "ascending")]))  # stable
-    sizes = split.sizes(rows.num_rows)
-    part_of = split.part_of_rows(rows.num_rows)  # already in time order
-    multi_hot = {name: name == "genres" for name in SPARSE_FIELDS}
-    train_rows = rows.filter(pa.array(part_of == 0))
-    vocabularies = build_vocabularies(train_rows, multi_hot, dict.fromkeys(SPARSE_FIELDS, vocab))
-    schema = DataSchema(
-        dense=(),
-        sparse=tuple(SparseField(n, vocabularies[n].num_embeddings, multi_hot[n]) for n in SPARSE_FIELDS),
+    block = RawBlock(
+        source=str(paths["ratings"]),
+        label=rows.column("label").to_numpy(),
+        dense={},
+        categorical={name: rows.column(name).combine_chunks() for name in SPARSE_FIELDS},
     )
-    info = {
-        "source": {"format": "movielens-1m", "files": {k: str(p) for k, p in paths.items()},
-                   "label_rule": LABEL_RULE},
-        "vocabulary": f"../{VOCAB_FILE}",
-    }
-    with create_split_datasets(schema, out, list(sizes), overwrite=overwrite) as output:
-        for index, name in enumerate(PARTS):
-            if name not in sizes:
-                continue
-            part = rows.filter(pa.array(part_of == index))
-            columns = {"label": part.column("label")}
-            columns |= {f: vocabularies[f].encode(part.column(f)) for f in SPARSE_FIELDS}
-            writer = output.writers[name]
-            writer.write(pa.table(columns), source=str(paths["ratings"]))
-            writer.info.update(info, part=name, split=split.describe("timestamp"))
-        recipe = {"format": "movielens-1m", "label_rule": LABEL_RULE,
-                  "split": split.describe("timestamp")}
-        save_vocabularies(output.folder / VOCAB_FILE, (vocabularies[f] for f in SPARSE_FIELDS),
-                          recipe=recipe)
-    return {name: out / name for name in PARTS if name in sizes}
+    fields = Fields(label="label", dense=(), multi_hot={n: n == "genres" for n in SPARSE_FIELDS})
+    info = {"source": {"format": "movielens-1m", "files": {k: str(p) for k, p in paths.items()},
+                       "label_rule": LABEL_RULE}}
+    recipe = {"format": "movielens-1m", "label_rule": LABEL_RULE}
+    # The rows are in time order: the engine's split in row order is the split by time.
+    return convert_with_vocabularies(lambda desc: iter([block]), out, fields, split=split,
+                                     vocab=vocab, order_name="timestamp", info=info,
+                                     recipe=recipe, overwrite=overwrite)
 
 
 def _find(src: Path, name: str) -> Path:

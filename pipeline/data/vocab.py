@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -47,19 +47,33 @@ class VocabConfig:
             out-of-vocabulary row.
         max_size: at most this many table rows, the out-of-vocabulary row included (the
             ``max_size - 1`` most frequent values keep a row); ``None``: no cap.
+        field_max_sizes: ``(field, cap)`` pairs: a cap of its own for a field.
     """
 
     min_count: int = 1
     max_size: int | None = None
+    field_max_sizes: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not _is_int(self.min_count) or self.min_count < 1:
             raise InputError(f"min_count must be an integer >= 1, got {self.min_count!r}")
-        if self.max_size is not None and (not _is_int(self.max_size) or self.max_size < 2):
-            raise InputError(
-                f"the table cap must be an integer >= 2 (the OOV row and one value), "
-                f"got {self.max_size!r}"
-            )
+        object.__setattr__(self, "field_max_sizes", tuple((f, n) for f, n in self.field_max_sizes))
+        for cap in (self.max_size, *(n for _, n in self.field_max_sizes)):
+            if cap is not None and (not _is_int(cap) or cap < 2):
+                raise InputError(
+                    f"a table cap must be an integer >= 2 (the OOV row and one value), got {cap!r}"
+                )
+
+    def for_field(self, name: str) -> "VocabConfig":
+        """The settings of field ``name``: its own cap, if it has one."""
+        caps = dict(self.field_max_sizes)
+        return VocabConfig(self.min_count, caps.get(name, self.max_size))
+
+    def check_fields(self, names: Iterable[str]) -> None:
+        """Refuses a field cap for a field that is not among ``names``."""
+        unknown = sorted(set(dict(self.field_max_sizes)) - set(names))
+        if unknown:
+            raise InputError(f"table cap for {unknown}, which are not categorical fields")
 
 
 def _is_int(x: Any) -> bool:
@@ -115,7 +129,8 @@ class Vocabulary:
             "multi_hot": self.multi_hot,
             "num_values": self.num_values,
             "oov_count": self.oov_count,
-            **asdict(self.config),
+            "min_count": self.config.min_count,
+            "max_size": self.config.max_size,
         }
 
 
@@ -177,18 +192,6 @@ class VocabCounter:
             num_values=table.num_rows,
             oov_count=int(counts[keep:].sum()),
         )
-
-
-def build_vocabularies(
-    table: pa.Table, multi_hot: Mapping[str, bool], configs: Mapping[str, VocabConfig]
-) -> dict[str, Vocabulary]:
-    """The vocabulary of each field of ``configs`` from the (training) rows of ``table``."""
-    out = {}
-    for name, config in configs.items():
-        counter = VocabCounter(name, multi_hot[name])
-        counter.add(table.column(name))
-        out[name] = counter.build(config)
-    return out
 
 
 def save_vocabularies(
@@ -268,3 +271,16 @@ def load_vocabularies(path: str | os.PathLike[str]) -> tuple[dict[str, Vocabular
             oov_count=s["oov_count"],
         )
     return out, recipe
+
+
+def describe_vocabularies(path: str | os.PathLike[str]) -> str:
+    """A one-line human summary of a vocabulary file."""
+    vocabularies, _ = load_vocabularies(path)
+    v = list(vocabularies.values())
+    kept, seen = sum(len(x.values) for x in v), sum(x.num_values for x in v)
+    oov = sum(x.oov_count for x in v)
+    caps = sorted({x.config.max_size for x in v if x.config.max_size is not None})
+    cap = f", caps {', '.join(f'{c:,}' for c in caps)}" if caps else ""
+    return (f"{path}: {len(v)} vocabularies from the training rows, {kept:,} of {seen:,} distinct "
+            f"values kept (min count {v[0].config.min_count if v else 1}{cap}), {oov:,} training "
+            "occurrences mapped to the OOV row")

@@ -1,23 +1,23 @@
-"""Converters from raw text formats to the dataset layout of :mod:`.schema`.
+"""libFM / libSVM text with binary features to the dataset layout.
 
-Both stream their inputs in blocks of whole lines (memory is bounded by ``block_bytes``,
-whatever the file sizes), parse each block with vectorised ``pyarrow.compute`` / numpy
-operations, and write through :func:`~.schema.create_dataset` (atomic: the output appears
-only when complete). A malformed line is an :class:`InputError` naming the file and line.
+Each line is ``label id:value id:value ...``; one global id space is split into fields by
+declared id ranges (:func:`parse_fields`), by a ``field:value<TAB>id`` index file
+(:func:`read_feature_index`), or by a preset (:data:`FRAPPE_FIELDS`). Inputs are streamed
+in blocks of whole lines; a malformed line is an :class:`InputError` naming file and line.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
+
 from ..errors import InputError
 from .schema import DataSchema, SparseField, create_dataset, sparse_column
 from .textio import (
@@ -28,179 +28,8 @@ from .textio import (
     check_inputs,
     line_blocks,
     progress_bar,
+    read_bytes,
 )
-
-# --- Criteo -----------------------------------------------------------------------------
-
-CRITEO_DENSE = tuple(f"I{i}" for i in range(1, 14))
-CRITEO_SPARSE = tuple(f"C{i}" for i in range(1, 27))
-_CRITEO_COLUMNS = ("label", *CRITEO_DENSE, *CRITEO_SPARSE)
-
-# TorchRec's DLRM example hashes every Criteo feature into 100k rows by default; pass
-# larger sizes (e.g. 40M, as for Criteo 1TB in MLPerf) for fewer collisions.
-DEFAULT_CRITEO_TABLE_SIZE = 100_000
-
-# ASCII byte -> hex digit value, 255 for a non-hex byte.
-_HEX_DIGITS = np.full(256, 255, dtype=np.uint8)
-_HEX_DIGITS[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16)
-_HEX_DIGITS[np.frombuffer(b"ABCDEF", dtype=np.uint8)] = np.arange(10, 16)
-
-
-def criteo_schema(table_size: int | Mapping[str, int] = DEFAULT_CRITEO_TABLE_SIZE) -> DataSchema:
-    """The schema of converted Criteo data: 13 dense, 26 multi-hot sparse fields C1..C26.
-
-    Args:
-        table_size: one size for every table, or the size of each of C1..C26 by name.
-    """
-    if isinstance(table_size, Mapping):
-        missing = sorted(set(CRITEO_SPARSE) - set(table_size), key=CRITEO_SPARSE.index)
-        unknown = sorted(set(table_size) - set(CRITEO_SPARSE))
-        if missing or unknown:
-            raise InputError(
-                f"Criteo table sizes must name exactly C1..C26 (missing {missing}, "
-                f"unknown {unknown})"
-            )
-        sizes = dict(table_size)
-    else:
-        sizes = dict.fromkeys(CRITEO_SPARSE, table_size)
-    return DataSchema(
-        dense=CRITEO_DENSE,
-        sparse=tuple(SparseField(name, sizes[name], multi_hot=True) for name in CRITEO_SPARSE),
-    )
-
-
-def convert_criteo(
-    inputs: Sequence[str | os.PathLike[str]],
-    out_dir: str | os.PathLike[str],
-    *,
-    table_size: int | Mapping[str, int] = DEFAULT_CRITEO_TABLE_SIZE,
-    max_rows: int | None = None,
-    overwrite: bool = False,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
-    progress: bool = True,
-) -> Path:
-    """Converts raw Criteo TSV (Kaggle / Terabyte layout, optionally ``.gz``) to a dataset.
-
-    Each line is ``label \\t I1..I13 \\t C1..C26``: a 0/1 label, 13 integer counts and 26
-    categorical values (hex strings); any field but the label may be empty.
-
-    * Dense: empty -> 0, value ``x`` -> ``log(1 + max(x, 0))`` (counts are heavy-tailed; the
-      few negative values in Criteo are clipped).
-    * Sparse: a hex value ``h`` -> ``int(h, 16) % table_size`` (the reference DLRM
-      preprocessing); a value that is not 1 to 16 hex digits -> its 64-bit BLAKE2b hash
-      modulo the table size. An empty value is an empty bag, so the sparse columns are
-      multi-hot with bags of 0 or 1 id.
-
-    Args:
-        inputs: the TSV files, concatenated in this order.
-        out_dir: the dataset folder to create.
-        table_size: rows of every table, or of each of C1..C26 by name.
-        max_rows: stop after this many rows.
-        overwrite: replace an existing ``out_dir``.
-        block_bytes: bytes of text parsed at a time (bounds memory).
-        progress: show a progress bar (on a terminal).
-
-    Returns:
-        ``out_dir``.
-
-    Raises:
-        InputError: a malformed line (wrong number of fields, non-integer dense value, label
-            not 0/1), naming the file and line; ``out_dir`` exists or holds an input.
-
-    Example::
-
-        convert_criteo(["day_0.gz"], "data/criteo_day0", table_size=1_000_000)
-    """
-    out_dir = Path(out_dir)
-    paths = check_inputs(inputs, out_dir)
-    schema = criteo_schema(table_size)
-    if max_rows is not None and max_rows <= 0:
-        raise InputError(f"max_rows must be positive, got {max_rows}")
-    with (
-        create_dataset(schema, out_dir, overwrite=overwrite) as writer,
-        progress_bar(paths, "criteo", progress) as bar,
-    ):
-        for path in paths:
-            for first_line, block in line_blocks(path, bar, block_bytes=block_bytes):
-                table = _parse_criteo_block(block, Where(path, first_line), schema)
-                if max_rows is not None:
-                    table = table.slice(0, max_rows - writer.num_rows)
-                writer.write(table, source=str(path))
-                if writer.num_rows == max_rows:
-                    return out_dir
-        if writer.num_rows == 0:
-            raise InputError(f"{', '.join(map(str, paths))}: no data lines")
-    return out_dir
-
-
-def _parse_criteo_block(block: bytes, where: Where, schema: DataSchema) -> pa.Table:
-    check_field_counts(block, len(_CRITEO_COLUMNS), where)
-    raw = pa_csv.read_csv(
-        pa.py_buffer(block),
-        read_options=pa_csv.ReadOptions(column_names=_CRITEO_COLUMNS),
-        parse_options=pa_csv.ParseOptions(delimiter="\t", quote_char=False),
-        convert_options=pa_csv.ConvertOptions(
-            column_types=dict.fromkeys(_CRITEO_COLUMNS, pa.string()),
-            # only an empty field is missing: "NA" or "null" are values like any other
-            strings_can_be_null=True,
-            null_values=[""],
-        ),
-    )
-    columns = {"label": _criteo_labels(raw.column("label").combine_chunks(), where)}
-    for name in CRITEO_DENSE:
-        columns[name] = _log_counts(raw.column(name).combine_chunks(), name, where)
-    for field in schema.sparse:
-        values = raw.column(field.name).combine_chunks()
-        ids = _hash_categorical(pc.drop_null(values)) % np.uint64(field.num_embeddings)
-        present = values.is_valid().to_numpy(zero_copy_only=False)
-        columns[field.name] = sparse_column(ids.astype(np.int64), present, multi_hot=True)
-    return pa.table(columns)
-
-
-def _criteo_labels(strings: pa.Array, where: Where) -> pa.Array:
-    valid = pc.fill_null(pc.is_in(strings, value_set=pa.array(["0", "1"])), False)
-    if not pc.all(valid).as_py():
-        row = pc.index(valid, False).as_py()
-        raise where.error(row, f"label must be 0 or 1, got {strings[row].as_py()!r}")
-    return pc.cast(strings, pa.int8())
-
-
-def _log_counts(strings: pa.Array, name: str, where: Where) -> np.ndarray:
-    """``log(1 + max(x, 0))`` of integer strings ``x``, 0 for a missing one."""
-
-    def bad(row: int) -> InputError:
-        return where.error(row, f"{name} must be an integer, got {strings[row].as_py()!r}")
-
-    counts = pc.fill_null(cast_or_fail(strings, pa.int64(), bad), 0).to_numpy()
-    return np.log1p(np.maximum(counts, 0)).astype(np.float32)
-
-
-def _hash_categorical(values: pa.StringArray) -> np.ndarray:
-    """Stable uint64 hash of each string: its value if hex (1-16 digits), else BLAKE2b."""
-    n = len(values)
-    if n == 0:
-        return np.zeros(0, dtype=np.uint64)
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)[values.offset :][: n + 1]
-    text = np.frombuffer(values.buffers()[2] or b"", dtype=np.uint8)
-    lengths = np.diff(offsets)
-    hashed = np.zeros(n, dtype=np.uint64)
-    is_hex = (lengths >= 1) & (lengths <= 16)
-    # Horner's rule over character positions: one vectorised step per digit, not per row.
-    for j in range(min(int(lengths.max()), 16)):
-        rows = np.flatnonzero(lengths > j)
-        digits = _HEX_DIGITS[text[offsets[rows] + j]]
-        is_hex[rows] &= digits != 255
-        hashed[rows] = hashed[rows] * np.uint64(16) + digits
-    others = np.flatnonzero(~is_hex)
-    if others.size:  # rare in Criteo: hashed one by one
-        strings = values.take(pa.array(others)).to_pylist()
-        hashed[others] = [_blake2b64(s) for s in strings]
-    return hashed
-
-
-def _blake2b64(s: str) -> int:
-    return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little")
-
 
 # --- libFM / libSVM ---------------------------------------------------------------------
 
@@ -234,6 +63,58 @@ def parse_fields(spec: str) -> list[tuple[str, int, int]]:
             raise InputError(f"field {item!r} of {spec!r} is not name:first-last")
         fields.append((name, int(first), int(last)))
     return fields
+
+
+def read_feature_index(path: str | os.PathLike[str]) -> list[tuple[str, int, int]]:
+    """The fields of a libFM feature index: lines ``field:value<TAB>id``.
+
+    Such a file (written by most libFM exporters) names the feature behind every global
+    id; the field is what comes before the first ``:``. Each field's id range is
+    ``[min id, max id]`` of its lines; fields come in the order of their first ids, and
+    their ranges must not overlap.
+
+    Raises:
+        InputError: a malformed line (naming the file and line), overlapping fields.
+
+    Example::
+
+        # index.txt:  user:alice<TAB>0  user:bob<TAB>1  item:42<TAB>2
+        assert read_feature_index("index.txt") == [("user", 0, 1), ("item", 2, 2)]
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: feature index not found")
+    text = read_bytes(path)
+    where = Where(path, 1)
+    check_field_counts(text, 2, where)
+    table = pa_csv.read_csv(
+        pa.py_buffer(text),
+        read_options=pa_csv.ReadOptions(column_names=["feature", "id"]),
+        parse_options=pa_csv.ParseOptions(delimiter="\t", quote_char=False, ignore_empty_lines=False),
+        convert_options=pa_csv.ConvertOptions(column_types={"feature": pa.string(), "id": pa.string()},
+                                              strings_can_be_null=False),
+    )
+    if table.num_rows == 0:
+        raise InputError(f"{path}: empty feature index")
+    features = table.column("feature").combine_chunks()
+    parts = pc.split_pattern(features, ":", max_splits=1)
+    names = pc.list_element(parts, 0)
+    bad = np.flatnonzero(((pc.list_value_length(parts).to_numpy() != 2)
+                          | pc.equal(names, "").to_numpy(zero_copy_only=False)))
+    if bad.size:
+        raise where.error(bad[0], f"{features[bad[0]].as_py()!r} is not field:value")
+    ids_text = pc.utf8_trim_whitespace(table.column("id").combine_chunks())
+    ids = cast_or_fail(ids_text, pa.int64(), lambda row: where.error(
+        row, f"id must be an integer, got {ids_text[row].as_py()!r}")).to_numpy()
+    ranges = pa.table({"name": names, "id": ids}).group_by("name").aggregate([("id", "min"), ("id", "max")])
+    fields = sorted(zip(ranges.column("id_min").to_pylist(), ranges.column("id_max").to_pylist(),
+                        ranges.column("name").to_pylist()))
+    out = [(name, first, last) for first, last, name in fields]
+    try:
+        _check_fields(out)
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
+    return out
 
 
 def _check_fields(fields: Sequence[tuple[str, int, int]]) -> None:
