@@ -29,7 +29,6 @@ from .csvconvert import CsvColumns, apply_csv_vocab, convert_csv
 from .delimited import CsvFormat
 from .libfm import FRAPPE_FIELDS, convert_libfm, parse_fields, read_feature_index
 from .movielens import convert_movielens
-from .reader import ParquetBatches, make_batch
 from .schema import (
     SCHEMA_KEY,
     DatasetWriter,
@@ -46,7 +45,6 @@ from .schema import (
     write_dataset,
 )
 from .splits import SplitConfig
-from .synth import CRITEO_KAGGLE_TABLE_SIZES, DEFAULT_TABLE_SIZES, SynthConfig, synthesize
 from .vocab import (
     VOCAB_FILE,
     VocabConfig,
@@ -55,6 +53,28 @@ from .vocab import (
     load_vocabularies,
     save_vocabularies,
 )
+
+# The reader and synth import torch and torchrec (seconds): imported on first use, so that
+# `afmrec convert` and other torch-free users of this package start fast.
+_LAZY = {
+    "ParquetBatches": "reader",
+    "make_batch": "reader",
+    "CRITEO_KAGGLE_TABLE_SIZES": "synth",
+    "DEFAULT_TABLE_SIZES": "synth",
+    "SynthConfig": "synth",
+    "synthesize": "synth",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CRITEO_DENSE",

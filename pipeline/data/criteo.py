@@ -57,6 +57,9 @@ _HEX_DIGITS = np.full(256, 255, dtype=np.uint8)
 _HEX_DIGITS[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16)
 _HEX_DIGITS[np.frombuffer(b"ABCDEF", dtype=np.uint8)] = np.arange(10, 16)
 
+# The end of the error about bytes that are not UTF-8.
+_ASCII = "Criteo TSV is ASCII text: the file may be damaged"
+
 
 def criteo_schema(table_size: int | Mapping[str, int] = DEFAULT_CRITEO_TABLE_SIZE) -> DataSchema:
     """The schema of converted Criteo data: 13 dense, 26 multi-hot sparse fields C1..C26.
@@ -225,7 +228,7 @@ def _criteo_blocks(paths: Sequence[Path], block_bytes: int, progress: bool,
         left = max_rows if max_rows is not None else -1
         with progress_bar(paths, f"criteo ({desc})" if desc != "criteo" else desc, progress) as bar:
             for path in paths:
-                for first_line, text in line_blocks(path, bar, block_bytes=block_bytes):
+                for first_line, text in line_blocks(path, bar, block_bytes=block_bytes, hint=_ASCII):
                     block = _parse_criteo_block(text, Where(path, first_line))
                     if 0 <= left < block.num_rows:
                         block = block.select(np.arange(block.num_rows) < left)

@@ -116,7 +116,8 @@ def convert_with_vocabularies(
         split: the validation and test fractions.
         vocab: the vocabularies' settings.
         order_name: what the split order is (``"rows"`` or the time column), for the record.
-        info: entries for every part's ``_dataset.json``.
+        info: entries for every part's ``_dataset.json``; ``info["source"]["inputs"]``
+            names the input files.
         recipe: the conversion's settings, saved with the vocabularies.
         overwrite: replace an existing ``out``.
 
@@ -130,7 +131,7 @@ def convert_with_vocabularies(
         if block.order is not None:
             orders.append(block.order)
     if num_rows == 0:
-        raise InputError(f"{info.get('inputs', 'the input')}: no data rows")
+        raise InputError(f"{_inputs(info)}: no data rows")
     part_of = split.part_of_rows(num_rows, np.concatenate(orders) if orders else None)
     del orders
     sizes = split.sizes(num_rows)
@@ -152,6 +153,11 @@ def convert_with_vocabularies(
                                vocabulary=f"../{VOCAB_FILE}")
         save_vocabularies(output.folder / VOCAB_FILE, vocabularies.values(), recipe=recipe)
     return {name: out / name for name in PARTS if name in sizes}
+
+
+def _inputs(info: Mapping[str, Any]) -> str:
+    """The input files named by ``info["source"]["inputs"]``, for an error message."""
+    return ", ".join(info["source"]["inputs"])
 
 
 def _with_parts(blocks: Iterator[RawBlock], part_of: np.ndarray) -> Iterator[tuple[RawBlock, np.ndarray]]:
@@ -182,5 +188,7 @@ def apply_vocabularies(
     with create_dataset(schema, out, overwrite=overwrite) as writer:
         for block in blocks("write"):
             writer.write(block.encode(schema, vocabularies), source=block.source)
+        if writer.num_rows == 0:
+            raise InputError(f"{_inputs(info)}: no data rows")
         writer.info.update(info)
     return out

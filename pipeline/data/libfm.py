@@ -47,6 +47,9 @@ FRAPPE_FIELDS: tuple[tuple[str, int, int], ...] = (
     ("city", 5149, 5381),
 )
 
+# The end of the error about bytes that are not UTF-8.
+_ASCII = "libFM text is ASCII: the file may be damaged"
+
 
 def parse_fields(spec: str) -> list[tuple[str, int, int]]:
     """Parses ``name:first-last,name:first-last,...`` (inclusive id ranges).
@@ -205,7 +208,7 @@ def _libfm_blocks(
     """Parses every block of ``paths``: (labels (B,) int8, {field: (ids, lengths (B,))})."""
     with progress_bar(paths, desc, progress) as bar:
         for path in paths:
-            for first_line, block in line_blocks(path, bar, block_bytes=block_bytes):
+            for first_line, block in line_blocks(path, bar, block_bytes=block_bytes, hint=_ASCII):
                 yield _parse_libfm_block(block, Where(path, first_line), fields)
 
 

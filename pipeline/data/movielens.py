@@ -95,7 +95,7 @@ def convert_movielens(
         categorical={name: rows.column(name).combine_chunks() for name in SPARSE_FIELDS},
     )
     fields = Fields(label="label", dense=(), multi_hot={n: n == "genres" for n in SPARSE_FIELDS})
-    info = {"source": {"format": "movielens-1m", "files": {k: str(p) for k, p in paths.items()},
+    info = {"source": {"format": "movielens-1m", "inputs": [str(p) for p in paths.values()],
                        "label_rule": LABEL_RULE}}
     recipe = {"format": "movielens-1m", "label_rule": LABEL_RULE}
     # The rows are in time order: the engine's split in row order is the split by time.
@@ -116,7 +116,8 @@ def _find(src: Path, name: str) -> Path:
 
 def _read_dat(path: Path, names: tuple[str, ...], encoding: str) -> pa.Table:
     """The ``::``-separated ``path`` as a table of strings, one column per name."""
-    text = read_bytes(path, encoding).replace(b"\r\n", b"\n")
+    hint = f"MovieLens-1M's {path.name.split('.')[0]}.dat is {encoding} text"
+    text = read_bytes(path, encoding, hint).replace(b"\r\n", b"\n")
     where = Where(path, 1)
     if _SEPARATOR.encode() in text:
         row = text.count(b"\n", 0, text.index(_SEPARATOR.encode()))

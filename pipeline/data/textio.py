@@ -74,14 +74,22 @@ def _read(path: Path, stream: BinaryIO, size: int) -> bytes:
         raise _gzip_error(path, e) from None
 
 
+ENCODING_HINT = "pass --encoding (e.g. latin-1)"
+
+
 def line_blocks(
-    path: Path, bar: tqdm, *, block_bytes: int = DEFAULT_BLOCK_BYTES, encoding: str = "utf-8"
+    path: Path,
+    bar: tqdm,
+    *,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    encoding: str = "utf-8",
+    hint: str = ENCODING_HINT,
 ) -> Iterator[tuple[int, bytes]]:
     """Yields ``(number of the first line, block)``: whole lines in UTF-8, each ending with ``\\n``.
 
     A gzip file is decompressed on the fly; text in another ``encoding`` is transcoded
     to UTF-8 (it must be ASCII-compatible: UTF-16/32 is refused). ``bar`` advances by
-    bytes read of ``path``.
+    bytes read of ``path``; ``hint`` ends the error of text not in ``encoding``.
 
     Raises:
         InputError: damaged gzip data, or text that is not in ``encoding`` (naming the line).
@@ -96,19 +104,19 @@ def line_blocks(
             cut = data.rfind(b"\n") + 1
             block, carry = data[:cut], data[cut:]
             if block:
-                yield line, decode_block(block, Where(path, line), encoding)
+                yield line, decode_block(block, Where(path, line), encoding, hint)
                 line += block.count(b"\n")
     if carry:  # a last line without its newline
-        yield line, decode_block(carry + b"\n", Where(path, line), encoding)
+        yield line, decode_block(carry + b"\n", Where(path, line), encoding, hint)
 
 
-def read_bytes(path: Path, encoding: str = "utf-8") -> bytes:
+def read_bytes(path: Path, encoding: str = "utf-8", hint: str = ENCODING_HINT) -> bytes:
     """The whole text of ``path`` (gzip or not) as UTF-8, checked as :func:`line_blocks` does."""
     with tqdm(disable=True) as bar:
-        return b"".join(block for _, block in line_blocks(path, bar, encoding=encoding))
+        return b"".join(block for _, block in line_blocks(path, bar, encoding=encoding, hint=hint))
 
 
-def decode_block(block: bytes, where: Where, encoding: str) -> bytes:
+def decode_block(block: bytes, where: Where, encoding: str, hint: str = ENCODING_HINT) -> bytes:
     """``block`` (whole lines in ``encoding``) as UTF-8; an error names the first bad line."""
     if b"\x00" in block:
         row = block.count(b"\n", 0, block.index(b"\x00"))
@@ -121,8 +129,6 @@ def decode_block(block: bytes, where: Where, encoding: str) -> bytes:
     except UnicodeDecodeError as e:
         row = block.count(b"\n", 0, e.start)
         bad = block[e.start : e.start + 4]
-        hint = "pass --encoding (e.g. latin-1)" if codecs.lookup(encoding).name == "utf-8" else (
-            "check --encoding")
         raise where.error(row, f"not valid {encoding} text (bytes {bad!r}); {hint}") from None
     except LookupError:
         raise InputError(f"unknown text encoding {encoding!r}") from None
