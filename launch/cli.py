@@ -76,7 +76,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 _HELP_LINES = {
     "synth": "generate a production-shaped synthetic CTR dataset (Parquet)",
-    "convert": "convert raw Criteo TSV or libFM/libSVM text to the Parquet layout",
+    "convert": "convert Criteo TSV, CSV/TSV, libFM/libSVM text or MovieLens to the Parquet layout",
     "train": "train a DLRM / DLRM-DCNv2 / DeepFM model on a Parquet dataset",
     "stats": "collect output statistics of every table and Linear layer over data",
     "compress": "compute PCA bases, pick ranks and write the low-rank model",

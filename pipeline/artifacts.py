@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import glob
 import hashlib
 import json
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import InputError
+from .locks import locked_here, output_lock  # noqa: F401 (output_lock: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 ARTIFACT_MARKERS = ("model.json", "_dataset.json")
 
 _HOST = socket.gethostname()
-# Outputs this process holds an output_lock on (resolved paths).
-_LOCKED: set[str] = set()
 # How much a failed write's diagnosis tries to write (see _probe).
 _PROBE_BYTES = 1 << 20
 
@@ -95,10 +93,6 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _locked_here(path: Path) -> bool:
-    return str(path.resolve()) in _LOCKED
-
-
 def clean_stale(path: str | os.PathLike[str]) -> None:
     """Removes what interrupted writes of ``path`` left beside it.
 
@@ -111,7 +105,7 @@ def clean_stale(path: str | os.PathLike[str]) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         return
-    locked = _locked_here(path)
+    locked = locked_here(path)
     for kind in ("tmp", "probe", "old"):
         prefix = f".{path.name}.{kind}-"
         for p in sorted(path.parent.glob(glob.escape(prefix) + "*")):
@@ -371,7 +365,7 @@ def shared_atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) 
         raise InputError(error)
 
 
-# --- inputs and locks --------------------------------------------------------------------------
+# --- inputs --------------------------------------------------------------------------
 
 
 def check_not_input(out: str | os.PathLike[str], *inputs: str | os.PathLike[str]) -> None:
@@ -382,70 +376,6 @@ def check_not_input(out: str | os.PathLike[str], *inputs: str | os.PathLike[str]
         p = Path(p).resolve()
         if out == p or p.is_relative_to(out) or out.is_relative_to(p):
             raise InputError(f"output {out} would overwrite or sit inside the input {p}")
-
-
-def _acquire(path: Path, lock: Path) -> tuple[int | None, str | None]:
-    """(file descriptor holding the lock, None) or (None, why it is not ours)."""
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        return None, f"{path}: cannot create the lock file {lock} ({e.strerror})"
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "pid unknown"
-        os.close(fd)
-        return None, (f"{path} is being written by another process ({holder}); wait for it "
-                      "to finish or choose another --out")
-    except OSError as e:  # a filesystem without locks: say so, and go on unprotected
-        os.close(fd)
-        log.warning("%s: cannot lock %s (%s); concurrent writers will not be detected",
-                    path, lock.name, e.strerror)
-        return None, None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {_HOST}\n".encode(), 0)
-    return fd, None
-
-
-@contextlib.contextmanager
-def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Holds an advisory lock on the output ``path`` for the duration of a stage.
-
-    The lock is ``fcntl.flock`` on ``.NAME.lock`` beside ``path``. The file records the
-    holder and is left in place (removing a lock file races with the next locker); the
-    kernel releases the lock when its holder exits, killed or not. A second writer of the
-    same output fails at once with an :class:`InputError` naming the holder. Once locked,
-    what earlier, interrupted writes of ``path`` left is cleaned up (:func:`clean_stale`).
-    Collective under a process group: rank 0 holds the lock for the job.
-
-    Example::
-
-        with output_lock(out):
-            compress_stage(model_dir, stats, out, ...)
-    """
-    from afmrec.sharding.env import is_collective, is_rank_zero
-
-    path = Path(path)
-    lock = path.with_name(f".{path.name}.lock")
-    fd, error = (None, None)
-    if is_rank_zero():
-        fd, error = _acquire(path, lock)
-    if is_collective():
-        error = _broadcast(error)
-    if error is not None:
-        raise InputError(error)
-    key = str(path.resolve())
-    _LOCKED.add(key)
-    try:
-        if is_rank_zero():
-            clean_stale(path)  # before the stage looks at what exists
-        yield
-    finally:
-        _LOCKED.discard(key)
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
 
 # --- small artifacts and provenance ----------------------------------------------------------

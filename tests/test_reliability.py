@@ -649,6 +649,11 @@ def test_6_a_second_writer_of_the_same_output_is_refused(run, tmp_path, capsys):
     assert leftovers(tmp_path) == []
 
 
+def test_stages_leave_no_lock_files(run):
+    """Issue 23: every stage of the run removed its .NAME.lock when it ended."""
+    assert sorted(p.name for p in run.root.parent.rglob(".*.lock")) == []
+
+
 # ------------------------------------------------------------------------ 7. kill -9 mid-stage
 
 
