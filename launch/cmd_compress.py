@@ -6,8 +6,9 @@ factors: tables become K-wide tables plus a projection back to D; Linear layers 
 n -> K -> m pairs.
 
 A ratio counts bytes: the original's fp32 checkpoint against the compressed model with
-its tables in the row format they will be served in (--table-format; auto: fp32 where
-that reaches the ratio, else fp16, else int8), rows padded as the serving kernels pad
+its tables in the row format they will be served in (--table-format; auto: of the plans
+in fp32, fp16 and int8, the one that drops the least estimated loss: a narrower format
+holds higher ranks in the same bytes), rows padded as the serving kernels pad
 them (--serve-device cuda: FBGEMM rounds rows up to 16 bytes; cpu: unpadded). The plan
 lands within 10% of the ratio, or the command says which ratios each format reaches.
 
@@ -58,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-block rank overrides by block-name glob")
     parser.add_argument("--table-format", choices=TABLE_FORMATS, default="auto",
                         help="row format the tables will be served in, which the ratio counts "
-                        "(default: auto, the widest of fp32, fp16, int8 that reaches the ratio); "
+                        "(default: auto, of the plans in fp32, fp16 and int8 the one that keeps "
+                        "the most: a narrower format holds higher ranks in the same bytes); "
                         "`afmrec export` uses it unless told otherwise")
     parser.add_argument("--serve-device", choices=SERVE_DEVICES, default="cuda",
                         help="where the model will be served: cuda pads every table row to 16 "

@@ -5,8 +5,9 @@ embedding table (its pooled outputs, empty bags excluded) and every Linear layer
 outputs), n, sum y and sum y y^T in float64. The statistics of disjoint data shards add
 up, so large calibration sets can be split across jobs.
 
-Then, over labelled rows (--probe-data; default: the last tenth of --data), every block
-is truncated alone at a few ranks and the loss increase measured: the input of the
+Then, over rows of --probe-data (default: the last tenth of --data), every block
+is truncated alone at a few ranks and the loss it adds against the original's own
+predictions measured (no labels needed): the input of the
 default rank policy of `afmrec compress` (loss). Give held-out rows (a validation split)
 when --data is the model's training data: the probes should see rows the model was not
 fitted to. Costs one forward pass over the probe rows per probe (about 4 per block).
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "of rows each within 2^-8 |y - centre| of the true ones). Sums over "
                         "batches are float64")
     parser.add_argument("--probe-data", metavar="DIR[@START:STOP]",
-                        help="labelled rows for the loss probes (default: the last tenth of --data)")
+                        help="rows for the loss probes, ideally held out from training (default: the last tenth of --data)")
     parser.add_argument("--probe-rows", type=int, default=16384,
                         help="at most this many probe rows (default: %(default)s)")
     parser.add_argument("--no-probes", action="store_true",

@@ -13,8 +13,11 @@ Five named policies, one vocabulary for the CLI, the Python API and the benchmar
     rank      ``rank`` everywhere.
 
 A ratio counts bytes (:mod:`afmrec.pipeline.budget`): the original's fp32 checkpoint
-against the compressed model with its tables in ``table_format`` (``auto``: fp32 where
-that reaches the target, else fp16, else int8), padded as the serving kernels pad rows.
+against the compressed model with its tables in ``table_format``, padded as the serving
+kernels pad rows. ``auto`` plans in fp32, fp16 and int8 and keeps the plan that drops the
+least estimated loss: a narrower format holds higher ranks in the same bytes (a width-16
+table served in 16-byte rows keeps rank 4 in fp32, 8 in fp16, 12 in int8), and row-wise
+rounding costs far less than a dropped direction.
 A plan lands within :data:`TOLERANCE` of the target (above it where a plan can, else
 just below) or the planner says why it cannot and what would reach it. A block left out of the plan stays whole. Table ranks are
 multiples of ``table_multiple`` (4: FBGEMM's fused kernels, on CPU as on CUDA).
@@ -97,7 +100,7 @@ class RankConfig:
 
     @property
     def formats(self) -> list[TableFormat]:
-        """The formats to try, in order of preference (widest rows first)."""
+        """The formats to plan in, widest rows first (the first is kept on a tie)."""
         dtypes = DTYPES if self.table_format == "auto" else (self.table_format,)
         if self.policy not in RATIO_POLICIES:
             dtypes = dtypes[:1]
@@ -346,23 +349,18 @@ def select_ranks(
         ranks = _fixed_ranks(free, spectra, config)
         ranks.update(overrides)
         return _finish(blocks, ranks, config, fmt, other_params)
+    plans: list[RankPlan] = []
     nearest: RankPlan | None = None
     for fmt in config.formats:
-        cost = _Cost(blocks, fmt, other_params)
-        # the budget of the target, then (where the ranks step far past it) the budget of a
-        # ratio just inside the tolerance below it
-        for budget in (int(cost.original / config.ratio), int(cost.original * (1 + TOLERANCE) / config.ratio)):
-            try:
-                if config.policy == "uniform":
-                    ranks = _uniform(blocks, config, cost, budget, pinned)
-                else:
-                    ranks = _greedy(blocks, spectra, config, fmt, budget - cost.fixed, pinned)
-            except _Unreachable:
-                continue
-            plan = _finish(blocks, ranks, config, fmt, other_params)
-            if config.ratio / (1 + TOLERANCE) <= plan.ratio <= config.ratio * (1 + TOLERANCE):
-                return plan
-            nearest = nearest or plan
+        plan = _plan_in(fmt, blocks, spectra, config, pinned, other_params)
+        if plan is not None and abs(math.log(plan.ratio / config.ratio)) <= math.log1p(TOLERANCE) + 1e-12:
+            plans.append(plan)
+        nearest = nearest or plan
+    if plans:
+        # the format whose plan drops the least estimated loss (a narrower format holds
+        # higher ranks in the same bytes; its rounding costs far less than a dropped
+        # direction); a tie keeps the wider format
+        return min(plans, key=lambda p: estimated_loss(p.ranks, blocks, spectra, config.weights))
     if nearest is None:
         raise InputError(_unreachable_message(blocks, config, other_params))
     raise InputError(
@@ -370,6 +368,36 @@ def select_ranks(
         f"{nearest.table_format} the ranks step past it (the nearest plan is "
         f"{nearest.ratio:.2f}x: the next rank unit of any block costs more than the rest of the "
         f"budget). Ask for --ratio {nearest.ratio:.2f}, or a lower ratio")
+
+
+def _plan_in(fmt: TableFormat, blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankConfig,
+             pinned: Mapping[str, int], other_params: int) -> RankPlan | None:
+    """The plan of a ratio policy in one format: with the target's budget, or (where the
+    ranks step far past the target) the budget of a ratio just inside the tolerance
+    below it; ``None`` where even the smallest ranks exceed both."""
+    cost = _Cost(blocks, fmt, other_params)
+    plan = None
+    for budget in (int(cost.original / config.ratio), int(cost.original * (1 + TOLERANCE) / config.ratio)):
+        try:
+            if config.policy == "uniform":
+                ranks = _uniform(blocks, config, cost, budget, pinned)
+            else:
+                ranks = _greedy(blocks, spectra, config, fmt, budget - cost.fixed, pinned)
+        except _Unreachable:
+            continue
+        plan = _finish(blocks, ranks, config, fmt, other_params)
+        if plan.ratio <= config.ratio * (1 + TOLERANCE):
+            return plan
+    return plan
+
+
+def estimated_loss(ranks: Mapping[str, int], blocks: Sequence[Block], spectra: Mapping[str, Spectrum],
+                   weights: Mapping[str, float] | None = None) -> float:
+    """The greedy's objective: each compressed block's dropped share of its output
+    variance, times its loss weight (1 without weights)."""
+    weights = weights or {}
+    return sum(weights.get(b.name, 1.0) * (1.0 - spectra[b.name].energy(ranks[b.name]))
+               for b in blocks if b.name in ranks)
 
 
 def _fixed_ranks(free: list[Block], spectra: Mapping[str, Spectrum], config: RankConfig) -> dict[str, int]:
