@@ -212,3 +212,71 @@ def test_auto_precision_is_bfloat16_on_cuda_and_float32_elsewhere():
     assert resolve_precision("float64", torch.device("cuda")) == "float64"  # as asked
     with pytest.raises(InputError, match="precision must be one of"):
         resolve_precision("fp8", torch.device("cpu"))
+
+
+# --- bytes, table formats and the planner's refusals ----------------------------------------
+
+
+def test_row_bytes_of_each_format_and_device():
+    """fp32 4w, fp16 2w, int8 w + 4 (a float16 scale and bias); CUDA rows padded to 16."""
+    from afmrec.pipeline.budget import TableFormat
+
+    widths = (4, 8, 12, 16)
+    assert [TableFormat("fp32", "cpu").row_bytes(w) for w in widths] == [16, 32, 48, 64]
+    assert [TableFormat("fp16", "cpu").row_bytes(w) for w in widths] == [8, 16, 24, 32]
+    assert [TableFormat("int8", "cpu").row_bytes(w) for w in widths] == [8, 12, 16, 20]
+    assert [TableFormat("fp16", "cuda").row_bytes(w) for w in widths] == [16, 16, 32, 32]
+    assert [TableFormat("int8", "cuda").row_bytes(w) for w in widths] == [16, 16, 16, 32]
+
+
+def _width16_tables():
+    """Two width-16 tables (1000 and 500 rows) whose spectra keep 1/16 of the variance a
+    direction, and the plan-free parameters beside them."""
+    from afmrec.pipeline.bases import Spectrum
+    from afmrec.pipeline.blocks import Block
+
+    blocks = [Block(f"ebc.t{i}", "table", "ebc", rows, 16, table=f"t{i}", features=(f"t{i}",))
+              for i, rows in enumerate((1000, 500))]
+    flat = Spectrum(torch.full((16,), 1.0, dtype=torch.float64), torch.eye(16, dtype=torch.float64),
+                    torch.zeros(16, dtype=torch.float64))
+    return blocks, {b.name: flat for b in blocks}
+
+
+def test_auto_format_holds_the_highest_ranks_in_the_bytes():
+    """4x of width-16 tables served on CUDA (16-byte rows): fp32 keeps rank 4, fp16 rank 8,
+    int8 rank 12 in the same 16 bytes a row; auto keeps int8 (the least variance dropped)."""
+    blocks, spec = _width16_tables()
+    plans = {fmt: select_ranks(blocks, spec, RankConfig(policy="variance", ratio=4, table_format=fmt))
+             for fmt in ("fp32", "fp16", "int8", "auto")}
+    assert {fmt: set(p.ranks.values()) for fmt, p in plans.items()} == {
+        "fp32": {4}, "fp16": {8}, "int8": {12}, "auto": {12}}
+    assert plans["auto"].table_format.dtype == "int8"
+    # 1500 rows: 96,000 fp32 bytes; 16 a row plus the fp32 projections (16 x K + 16)
+    assert plans["int8"].original_bytes == 96_000
+    assert plans["int8"].bytes == 1500 * 16 + 2 * 4 * (16 * 12 + 16)
+    assert 4 / 1.1 <= plans["int8"].ratio <= 4 * 1.1
+
+
+def test_unreachable_target_names_what_reaches_it():
+    """6x of width-16 tables: no format reaches it in 16-byte CUDA rows (4x at most); the
+    message gives the largest ratio of every format on each device."""
+    blocks, spec = _width16_tables()
+    with pytest.raises(InputError) as e:
+        select_ranks(blocks, spec, RankConfig(policy="variance", ratio=6))
+    message = str(e.value)
+    assert "target ratio 6 is unreachable with fp32, fp16, int8 tables served on cuda" in message
+    # 96,000 bytes against 1500 rows of 16 (or 8) bytes plus 640 of projections
+    assert "int8 on cuda 3.90x" in message and "fp16 on cpu 7.59x" in message
+    plan = select_ranks(blocks, spec, RankConfig(policy="variance", ratio=6, serve_device="cpu"))
+    assert plan.table_format.dtype in ("fp16", "int8") and 6 / 1.1 <= plan.ratio <= 6 * 1.1
+
+
+def test_uniform_reaches_the_whole_model_target_and_loss_needs_probes():
+    _, blocks, spec = _setup()
+    total = sum(b.params for b in blocks)
+    for ratio in (1.5, 2.0):
+        plan = select_ranks(blocks, spec, RankConfig(policy="uniform", ratio=ratio, **PARAMS))
+        assert ratio / 1.1 <= plan.ratio <= ratio * 1.1
+        assert plan.original_bytes == 4 * total
+    with pytest.raises(InputError, match="needs the blocks' loss sensitivity"):
+        select_ranks(blocks, spec, RankConfig(ratio=2.0))
