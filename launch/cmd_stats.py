@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-data", metavar="DIR[@START:STOP]",
                         help="rows for the loss probes, ideally held out from training (default: the last tenth of --data)")
     parser.add_argument("--probe-rows", type=int, default=16384,
-                        help="at most this many probe rows (default: %(default)s)")
+                        help="at most this many probe rows (default: %(default)s; each probe is a "
+                        "forward pass over them)")
     parser.add_argument("--no-probes", action="store_true",
                         help="skip the loss probes (compress then needs --policy other than loss)")
     parser.add_argument("--checkpoint-every", type=int, metavar="N",
@@ -59,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.runinfo import RunInfo
+    from afmrec.pipeline.sensitivity import SensitivityConfig
     from afmrec.pipeline.stages import DataRef, stats_stage
 
     data = DataRef.parse(args.data)
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     with job(args) as (env, sharding):
         stats = stats_stage(
             args.model, data, args.out, env=env, sharding=sharding,
-            probe_data=probe_data, probe_rows=args.probe_rows,
+            probe_data=probe_data, sensitivity=SensitivityConfig(rows=args.probe_rows),
             batch_size=args.batch_size, target=tuple(args.target), exclude=tuple(args.exclude),
             precision=args.precision, checkpoint_every=args.checkpoint_every,
             overwrite=args.overwrite, progress=not args.quiet,

@@ -56,16 +56,21 @@ class SensitivityConfig:
             its output variance (distinct ranks only, below full rank).
         floor: a weight is at least ``floor`` times the mean weight, so that a block whose
             truncation showed no loss increase on the calibration rows is still not free.
+        rows: at most this many calibration rows (``None``: all); the probes cost one
+            forward pass over them each, about four a block.
     """
 
     energies: tuple[float, ...] = (0.7, 0.9, 0.97, 0.99)
     floor: float = 0.05
+    rows: int | None = 16_384
 
     def __post_init__(self) -> None:
         if not self.energies or not all(0 < e < 1 for e in self.energies):
             raise InputError(f"sensitivity energies must be in (0, 1), got {self.energies}")
         if self.floor < 0:
             raise InputError(f"sensitivity floor must be >= 0, got {self.floor}")
+        if self.rows is not None and self.rows < 1:
+            raise InputError(f"probe rows must be >= 1, got {self.rows}")
 
 
 @dataclass(frozen=True)

@@ -287,7 +287,6 @@ def stats_stage(
     progress: bool = True,
     checkpoint_every: int | None = None,
     probe_data: DataRef | None = None,
-    probe_rows: int | None = None,
     sensitivity: SensitivityConfig = SensitivityConfig(),
 ) -> Statistics:
     """One forward pass over ``data`` with observers on the selected blocks, then the
@@ -296,7 +295,7 @@ def stats_stage(
     Each rank observes its own rows; the moments are summed over ranks (one all-reduce
     per block) and rank 0 writes them.
 
-    With ``probe_data`` (labelled rows, at most ``probe_rows`` of them) every block is
+    With ``probe_data`` (at most ``sensitivity.rows`` of its rows) every block is
     then truncated alone at a few ranks and the loss increase measured
     (:func:`~afmrec.pipeline.sensitivity.measure_sensitivity`): the input of the default
     rank policy, ``loss``, stored as ``meta["sensitivity"]`` with the rows it ran on.
@@ -342,7 +341,7 @@ def stats_stage(
     stats.check_finite()
     probes = None
     if probe_data is not None:
-        probes = _probe_sensitivity(model, blocks, stats, probe_data, probe_rows, sensitivity,
+        probes = _probe_sensitivity(model, blocks, stats, probe_data, sensitivity,
                                     env=env, batch_size=batch_size, progress=progress)
     stats.meta = {
         "format": "afmrec.stats/1",
@@ -367,7 +366,7 @@ def stats_stage(
 
 def _probe_sensitivity(
     model: torch.nn.Module, blocks: list[Block], stats: Statistics, data: DataRef,
-    rows: int | None, config: SensitivityConfig, *, env: DistEnv, batch_size: int, progress: bool,
+    config: SensitivityConfig, *, env: DistEnv, batch_size: int, progress: bool,
 ) -> dict[str, Any]:
     """The loss probes of :func:`stats_stage`, as the statistics file records them.
 
@@ -375,7 +374,7 @@ def _probe_sensitivity(
     spec = spectra(stats) if env.rank == 0 else None
     if env.is_distributed:
         spec = _broadcast(spec)
-    batches = data.batches(batch_size, env, limit_rows=rows)
+    batches = data.batches(batch_size, env, limit_rows=config.rows)
     probes = measure_sensitivity(unwrap(model), blocks, spec, batches, config, forward=model,
                                  progress=progress and env.rank == 0)
     return {
@@ -586,7 +585,10 @@ def evaluate_stage(
 ) -> list[dict[str, Any]]:
     """AUC, logloss, parameters, bytes and CPU batch latency of each model on ``data``.
 
-    The first model is the reference for the ``ratio`` column. Sizes are of the whole
+    The first model is the reference for the ``ratio`` (parameters) and ``bytes_ratio``
+    columns. ``bytes`` are as served: a compressed model's rank plan counts its tables in
+    the plan's ``table_format`` (the AUC is the fp32 checkpoint's: row-wise rounding moves
+    it by about 1e-4, which ``afmrec bench quality`` measures); other models are fp32. Sizes are of the whole
     model (all shards); latency is rank 0's forward pass (collective when sharded).
     ``samples_per_s`` is the evaluation pass's rows over all ranks per second of the
     slowest rank, ``peak_memory_gib`` the largest GPU peak of any rank from the model's
@@ -604,11 +606,14 @@ def evaluate_stage(
         with meter.timed():
             result = evaluate(model, meter.count(data.batches(batch_size, env)))
         whole = skeleton(record)
+        plan = record.plan or {}
         rows.append(
             {
                 "variant": name,
                 "params": count_parameters(whole),
-                "bytes": model_bytes(whole),
+                # as served: the rank plan's count (tables in its format), else fp32
+                "bytes": plan.get("served_bytes_after", model_bytes(whole)),
+                "table_format": plan.get("table_format", "fp32"),
                 "auc": result.auc,
                 "logloss": result.logloss,
                 "latency_ms": measure_latency(model, probe),
@@ -619,6 +624,7 @@ def evaluate_stage(
         del model  # not held while the next one loads: each peak is one model's
     for row, info in zip(rows, infos):
         row["ratio"] = rows[0]["params"] / row["params"]
+        row["bytes_ratio"] = rows[0]["bytes"] / row["bytes"]
         row["delta_auc"] = row["auc"] - rows[0]["auc"]
         row.update(info.report_columns())
     if out is not None and env.rank == 0:
