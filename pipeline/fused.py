@@ -46,8 +46,9 @@ def fused_tables(model: nn.Module, lr: float, eps: float = ADAGRAD_EPS) -> Itera
     """Trains ``model``'s tables with TorchRec's fused Adagrad inside the block.
 
     Every ``EmbeddingBagCollection`` of ``model`` (a compressed model's K-wide code
-    tables included) is replaced by a ``FusedEmbeddingBagCollection`` holding its
-    weights, on the same device; when the block ends (also on an error) the originals are
+    tables included) whose tables are all multiples of 4 wide (FBGEMM's kernels need it)
+    is replaced by a ``FusedEmbeddingBagCollection`` holding its weights, on the same
+    device; when the block ends (also on an error) the originals are
     put back, holding the fused modules' weights. The fused modules' parameters must not
     be given to another optimizer (:func:`fused_parameter_ids`).
 
@@ -60,7 +61,7 @@ def fused_tables(model: nn.Module, lr: float, eps: float = ADAGRAD_EPS) -> Itera
         The fused modules, whose ``fused_optimizer`` s hold their learning rates.
     """
     found = [(parent, name, child) for parent in list(model.modules())
-             for name, child in parent.named_children() if type(child) is EmbeddingBagCollection]
+             for name, child in parent.named_children() if _fusable(child)]
     devices = {p.device for _, _, child in found for p in child.parameters()}
     cuda = [d.index if d.index is not None else torch.cuda.current_device() for d in devices if d.type == "cuda"]
     # The fused modules initialise their weights at random before taking the originals':
@@ -76,6 +77,14 @@ def fused_tables(model: nn.Module, lr: float, eps: float = ADAGRAD_EPS) -> Itera
             with torch.no_grad():
                 s.original.load_state_dict(s.fused.state_dict())
             setattr(s.parent, s.name, s.original)
+
+
+def _fusable(module: nn.Module) -> bool:
+    """A plain ``EmbeddingBagCollection`` whose tables FBGEMM's kernels take: widths that
+    are multiples of 4 (a compressed model's odd ranks are not). Other collections keep
+    dense gradients and ``torch.optim.Adagrad``, which compute the same update."""
+    return type(module) is EmbeddingBagCollection and all(
+        t.embedding_dim % 4 == 0 for t in module.embedding_bag_configs())
 
 
 def _fused_copy(ebc: EmbeddingBagCollection, lr: float, eps: float) -> FusedEmbeddingBagCollection:

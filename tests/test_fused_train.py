@@ -106,3 +106,14 @@ def test_a_finetune_that_never_beats_its_start_says_so(caplog):
     assert record.getMessage().startswith(
         f"kept the starting model unchanged: no step lowered its validation logloss "
         f"{result.start.val_logloss:.4f} (best after it ")
+
+
+def test_tables_fbgemm_cannot_take_keep_the_dense_path():
+    """FBGEMM needs table widths that are multiples of 4: a collection with a 3-wide table
+    (a compressed model's rank) stays an EmbeddingBagCollection with dense Adagrad."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config("dlrm", embedding_dim=3))
+    with fused_tables(model, lr=0.05) as modules:
+        assert modules == [] and type(model.sparse_arch.embedding_bag_collection) is EmbeddingBagCollection
+        keys = {key for key, _ in make_optimizer(model, TrainConfig()).optimizers}
+        assert keys == {"sparse", "dense"}
