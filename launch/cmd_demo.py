@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_distributed(parser)
 
 
+LATENCY_BATCH = 2048
+
+
 def _stage(name: str, out: Path, overwrite: bool, rank: int) -> bool:
     """Whether to run a stage: its output is absent, or --overwrite."""
     run = overwrite or not out.exists()
@@ -67,6 +70,7 @@ def _stage(name: str, out: Path, overwrite: bool, rank: int) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.compress import CompressConfig
+    from afmrec.pipeline.evaluate import latency_note
     from afmrec.pipeline.data import SynthConfig, synthesize
     from afmrec.pipeline.ranks import RankConfig
     from afmrec.pipeline.report import format_report
@@ -118,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
         if env.rank == 0:
             print("[evaluate] -> " + str(out / "report.parquet"))
         report = evaluate_stage({"original": original, "afm": afm, "afm_finetuned": tuned}, test,
-                                out / "report.parquet", progress=progress, **common)
+                                out / "report.parquet", latency_batch=LATENCY_BATCH,
+                                progress=progress, **common)
         if env.rank == 0:
             print(format_report(report))
+            print(latency_note(LATENCY_BATCH) + ", on rank 0")
     return 0

@@ -1,7 +1,9 @@
 """Evaluate models on a test set: AUC, logloss, parameters, bytes, CPU batch latency.
 
 Models are given as NAME=DIR; the first is the reference for the ratio and delta-AUC
-columns. Writes a Parquet report (columns variant, params, bytes, auc, logloss,
+columns. Latency is the median of timed forward passes of --latency-batch rows
+(torch.utils.benchmark, after warm-up passes), with the thread count printed under the
+table. Writes a Parquet report (columns variant, params, bytes, auc, logloss,
 latency_ms, ratio, delta_auc, model_dir, samples_per_s over all ranks, peak_memory_gib
 of the fullest GPU, throughput: the per-rank record as JSON) and prints it as a table,
 then (unless --quiet) one line of samples/s and peak memory per rank for each model.
@@ -46,6 +48,7 @@ def parse_models(items: list[str]) -> dict[str, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from afmrec.pipeline.evaluate import latency_note
     from afmrec.pipeline.report import format_report
     from afmrec.pipeline.runinfo import RunInfo
     from afmrec.pipeline.stages import DataRef, evaluate_stage
@@ -56,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
                               latency_batch=args.latency_batch, progress=not args.quiet)
         if env.rank == 0:
             print(format_report(rows))
+            print(latency_note(args.latency_batch) + ", on rank 0")
             if not args.quiet:
                 for row in rows:
                     print(RunInfo.from_json(row["throughput"]).summary(f"evaluate {row['variant']}"))

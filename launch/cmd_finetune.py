@@ -4,7 +4,9 @@ With --teacher the student learns the teacher's predictions (soft labels
 sigmoid(teacher_logit / T)) and the data's labels are not used: compressed models can be
 recovered on unlabelled traffic.
 
-Writes a new model folder OUT; the input model is never modified.
+Writes a new model folder OUT; the input model is never modified. The starting model is
+scored on the validation rows first (--no-eval-at-start skips it), so it is kept, and the
+log says so, when no step beats it; otherwise the log names the step kept and its gain.
 
 Example:
   afmrec finetune --model runs/demo/afm --data runs/demo/data/train --epochs 1 --out runs/demo/afm_ft
@@ -27,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", type=Path, help="distil from this model's logits instead of labels")
     add_data(parser, what="training data")
     add_output(parser, "the fine-tuned model folder")
-    add_train_options(parser)
+    add_train_options(parser, finetune=True)
     add_distributed(parser)
 
 

@@ -1,8 +1,9 @@
 """Train a CTR model (DLRM, DLRM-DCNv2 or DeepFM) on a Parquet dataset.
 
 The model gets one embedding table per sparse field of the data (sizes from the dataset's
-schema) and the dense features of the data. A fraction of the training rows is held out
-for early stopping (the best epoch by validation logloss is kept).
+schema) and the dense features of the data. A fraction of the training rows (or --val) is
+held out for early stopping: training ends when --patience epochs in a row bring no lower
+validation logloss (--epochs is a maximum), the best epoch is kept, and the log names it.
 
 Writes OUT/model.json (architecture and provenance) and OUT/checkpoint (DCP).
 

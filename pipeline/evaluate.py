@@ -22,13 +22,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import benchmark
 from torchmetrics.classification import BinaryAUROC
 from torchrec.datasets.utils import Batch
 
 from afmrec.sharding.env import is_distributed
 
 from .errors import InputError
-from .runinfo import wall_seconds
 
 
 @dataclass(frozen=True)
@@ -160,51 +160,78 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+# Latency defaults: untimed passes, then timed samples (torch.utils.benchmark's Timer runs
+# two more untimed passes before each sample).
+LATENCY_WARMUP = 2
+LATENCY_REPEATS = 10
+
+
+def latency_note(batch_rows: int, num_threads: int | None = None) -> str:
+    """How :func:`measure_latency` measures by default, as a report states it."""
+    threads = num_threads or torch.get_num_threads()
+    return (f"latency_ms: median of {LATENCY_REPEATS} forward passes of {batch_rows:,} rows "
+            f"(torch.utils.benchmark, {LATENCY_WARMUP} warm-up passes, {threads} CPU "
+            f"thread{'s' if threads != 1 else ''})")
+
+
 def measure_latency(
     model: nn.Module,
     batch: Batch,
     *,
-    warmup: int = 3,
-    repeats: int = 20,
+    warmup: int = LATENCY_WARMUP,
+    repeats: int = LATENCY_REPEATS,
+    num_threads: int | None = None,
     run: Callable[[nn.Module, Batch], Any] = forward_logits,
 ) -> float:
     """Median wall time of one forward pass over ``batch``, in milliseconds.
 
-    Runs in eval mode (restored afterwards) under ``torch.no_grad``, on the
-    model's device (meant for the CPU; on CUDA each pass is synchronised). The number of
-    CPU threads is left as the caller set it (``torch.set_num_threads``): latency depends
-    on it, so a benchmark should fix it once and report it.
+    Measured with ``torch.utils.benchmark.Timer``: ``warmup`` untimed passes, then
+    ``repeats`` samples of one timed pass each (the Timer runs two untimed passes before
+    each; on CUDA it synchronises), all with ``num_threads`` CPU threads (the caller's
+    count is restored afterwards). Runs in eval mode (restored afterwards) under
+    ``torch.no_grad``, on the model's device. Every count is fixed, so ranks of a
+    sharded model run the same collectives.
 
     Args:
         model: a CTR model.
         batch: the input, moved to the model's device once, before timing.
         warmup: untimed passes first (allocator, lazy initialisation).
-        repeats: timed passes; the median resists outliers from other processes.
+        repeats: timed samples; the median resists outliers from other processes.
+        num_threads: CPU threads during the measurement (default: the current
+            ``torch.get_num_threads()``); report it with the latency.
         run: how one pass is called (default: the model's ``(dense, KJT)`` forward; a
             serving artifact is called with ``afmrec.pipeline.export.call``).
     Returns:
         Median milliseconds per forward pass.
     """
-    return measure_latencies({"model": model}, batch, warmup=warmup, repeats=repeats, run=run)["model"]
+    return measure_latencies({"model": model}, batch, warmup=warmup, repeats=repeats,
+                             num_threads=num_threads, run=run)["model"]
 
 
 def measure_latencies(
     models: Mapping[str, nn.Module],
     batch: Batch,
     *,
-    warmup: int = 3,
-    repeats: int = 20,
+    warmup: int = LATENCY_WARMUP,
+    repeats: int = LATENCY_REPEATS,
+    num_threads: int | None = None,
     run: Callable[[nn.Module, Batch], Any] = forward_logits,
 ) -> dict[str, float]:
-    """:func:`measure_latency` of several models (on one device), by name, their passes
+    """:func:`measure_latency` of several models (on one device), by name, their samples
     interleaved (model 1, model 2, ..., model 1, ...): a change of the machine's load
     during the measurement weighs on all of them alike, so their ratios hold."""
     if warmup < 0 or repeats < 1:
         raise InputError(
             f"measure_latency: need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}"
         )
+    threads = num_threads or torch.get_num_threads()
     device = model_device(next(iter(models.values())))
     batch = batch.to(device)
+    timers = {
+        name: benchmark.Timer("run(model, batch)", globals={"run": run, "model": model, "batch": batch},
+                              num_threads=threads, label=name)
+        for name, model in models.items()
+    }
     times_ms: dict[str, list[float]] = {name: [] for name in models}
     # Not inference_mode: FBGEMM's fused training kernels (a sharded model) have no CPU
     # kernel outside autograd ("split_embedding_codegen_lookup_adagrad_function_pt2").
@@ -212,9 +239,21 @@ def measure_latencies(
         for model in models.values():
             stack.enter_context(eval_mode(model))
         stack.enter_context(torch.no_grad())
-        for i in range(warmup + repeats):
-            for name, model in models.items():
-                seconds = wall_seconds(lambda: run(model, batch), device)
-                if i >= warmup:
-                    times_ms[name].append(seconds * 1e3)
+        stack.enter_context(_num_threads(threads))
+        for _ in range(warmup):
+            for model in models.values():
+                run(model, batch)
+        for _ in range(repeats):
+            for name, timer in timers.items():
+                times_ms[name].append(timer.timeit(number=1).median * 1e3)
     return {name: statistics.median(t) for name, t in times_ms.items()}
+
+
+@contextlib.contextmanager
+def _num_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

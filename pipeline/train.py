@@ -8,7 +8,8 @@ compressed student from its original teacher (``teacher=``). Shapes as in
 The optimizer is built in one place, :func:`make_optimizer`, and the step loop touches the
 model only through ``forward`` / ``backward`` / ``optimizer.step``: under TorchRec's
 ``DistributedModelParallel`` the sharded tables are updated by the fused sparse
-optimizer, and only ``make_optimizer`` needs to change.
+optimizer, and in one process :func:`~afmrec.pipeline.fused.fused_tables` gives the
+tables the same fused path for the duration of training (``TrainConfig.fused_sparse``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -32,6 +33,8 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .evaluate import EvalResult, evaluate, forward_logits, model_device
+from .fused import ADAGRAD_EPS, fused_optimizers, fused_parameter_ids, fused_tables
+from .train_result import TrainRecord, TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,10 @@ class TrainConfig:
         eval_at_start: also evaluate before the first step, so that the starting state
             can win: fine-tuning then never returns a model worse on the validation
             rows than the one it started from.
+        fused_sparse: in one process, update the tables with TorchRec's fused Adagrad
+            (FBGEMM, inside the backward pass, only the rows a batch looked up) instead
+            of dense gradients and ``torch.optim.Adagrad``; both compute the same update.
+            Under ``DistributedModelParallel`` the tables are always fused.
     """
 
     epochs: int = 1
@@ -80,6 +87,7 @@ class TrainConfig:
     log_every: int = 50
     distill_temperature: float = 1.0
     eval_at_start: bool = False
+    fused_sparse: bool = True
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -98,66 +106,18 @@ def _require(condition: bool, message: str) -> None:
         raise InputError(f"TrainConfig: {message}")
 
 
-@dataclass(frozen=True)
-class TrainRecord:
-    """One point of the training history (written at every evaluation).
-
-    Attributes:
-        epoch: 0-based epoch in which the record was taken.
-        step: optimizer steps done so far.
-        train_loss: sample-weighted mean training loss since the previous record.
-        samples_per_s: training throughput since the previous record (this process's
-            samples; evaluation time excluded).
-        val_auc / val_logloss: validation metrics, ``None`` without validation batches.
-    """
-
-    epoch: int
-    step: int
-    train_loss: float
-    samples_per_s: float
-    val_auc: float | None = None
-    val_logloss: float | None = None
-
-    def summary(self) -> str:
-        """One log line: ``epoch 0 step 30: loss 0.6702, 60,512 samples/s, val ...``; a
-        record with no training behind it (the one before the first step) says so instead
-        of a NaN loss."""
-        text = f"epoch {self.epoch} step {self.step}: "
-        if math.isnan(self.train_loss):
-            text += "before training"
-        else:
-            text += f"loss {self.train_loss:.4f}, {self.samples_per_s:,.0f} samples/s"
-        if self.val_logloss is not None:
-            text += f", val auc {self.val_auc:.4f} logloss {self.val_logloss:.4f}"
-        return text
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train_` did.
-
-    Attributes:
-        history: one record per evaluation, in order.
-        steps: optimizer steps done.
-        best: the record whose state the model holds on return (lowest validation
-            logloss), ``None`` without validation batches (the model keeps its last state).
-        stopped_early: whether ``patience`` ended training.
-    """
-
-    history: list[TrainRecord] = field(default_factory=list)
-    steps: int = 0
-    best: TrainRecord | None = None
-    stopped_early: bool = False
-
-
 def make_optimizer(model: nn.Module, config: TrainConfig) -> KeyedOptimizer:
     """Adagrad for the embedding tables, Adam for everything else.
 
     Tables are found by module type (every ``EmbeddingBagCollection``, wherever it
-    sits), so a compressed model's K-wide tables get Adagrad and its projections Adam.
-    Parameters that already carry an in-backward optimizer (TorchRec's fused kernels
-    set ``_in_backward_optimizers``) are left to it; under ``DistributedModelParallel``
-    its ``fused_optimizer`` joins the result (key ``"fused"``) with ``sparse_lr``.
+    sits), so a compressed model's K-wide tables get Adagrad (``eps`` given explicitly,
+    :data:`~afmrec.pipeline.fused.ADAGRAD_EPS`) and its projections Adam. Parameters
+    that already carry an in-backward optimizer (TorchRec's fused kernels set
+    ``_in_backward_optimizers``) are left to it; under ``DistributedModelParallel`` its
+    ``fused_optimizer`` joins the result (key ``"fused"``) with ``sparse_lr``, and so do
+    those of the ``FusedEmbeddingBagCollection`` s inside the model (keys ``"fused_0"``...,
+    see :func:`~afmrec.pipeline.fused.fused_tables`), whose parameters no other
+    optimizer gets.
 
     Args:
         model: the model to train.
@@ -174,12 +134,13 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> KeyedOptimizer:
         if isinstance(module, (EmbeddingBagCollection, ShardedEmbeddingBagCollection))
         for p in module.parameters()
     }
+    fused_ids = fused_parameter_ids(model)
     sparse, dense = {}, {}
     for name, param in model.named_parameters():
-        if param.requires_grad and not hasattr(param, "_in_backward_optimizers"):
+        if param.requires_grad and not hasattr(param, "_in_backward_optimizers") and id(param) not in fused_ids:
             (sparse if id(param) in table_ids else dense)[name] = param
     factories = {
-        "sparse": lambda ps: torch.optim.Adagrad(ps, lr=config.sparse_lr),
+        "sparse": lambda ps: torch.optim.Adagrad(ps, lr=config.sparse_lr, eps=ADAGRAD_EPS),
         "dense": lambda ps: torch.optim.Adam(
             ps, lr=config.dense_lr, weight_decay=config.weight_decay
         ),
@@ -191,10 +152,13 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> KeyedOptimizer:
     ]
     # Under DMP the fused tables are updated inside backward by model.fused_optimizer,
     # whose zero_grad()/step() push param_groups' lr to the FBGEMM kernel.
-    if isinstance(model, FusedOptimizerModule) and model.fused_optimizer.params:
-        for group in model.fused_optimizer.param_groups:
+    fused = [model.fused_optimizer] if isinstance(model, FusedOptimizerModule) else []
+    fused += fused_optimizers(model)
+    for i, optimizer in enumerate(o for o in fused if o.params):
+        for group in optimizer.param_groups:
             group["lr"] = config.sparse_lr
-        optimizers.append(("fused", model.fused_optimizer))
+        optimizers.append(("fused" if i == 0 and isinstance(model, FusedOptimizerModule) else f"fused_{i}",
+                           optimizer))
     if not optimizers:
         raise InputError("make_optimizer: the model has no trainable parameter")
     return CombinedOptimizer(optimizers)
@@ -384,8 +348,9 @@ def train_(
     was_training = model.training
     total = _total_steps(train_batches, config)
     bar = tqdm(total=total, disable=not progress, desc="train", unit="step")
+    fused = fused_tables(model, config.sparse_lr) if config.fused_sparse else contextlib.nullcontext()
     try:
-        with seeded(config.seed, device):
+        with fused, seeded(config.seed, device):
             model.train()
             return _run(model, train_batches, config, val_batches, loss_fn, bar)
     finally:
@@ -441,6 +406,7 @@ def _run(
     if best.record is not None:
         best.restore_(model, result.history[-1])
         result.best = best.record
+    (logger.warning if result.improved is False else logger.info)("%s", result.summary())
     return result
 
 

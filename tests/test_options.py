@@ -135,9 +135,17 @@ def test_train_options_parse_to_exact_config():
             "sparse_lr": 0.25, "weight_decay": 1e-4, "patience": 2, "eval_every": 40, "seed": 7,
             "distill_temperature": 2.0, "eval_at_start": True}
     _assert_exact(_fields(train_config(build_parser(argv).parse_args(argv))), want)
+    # The command line's defaults (issue 23): early stopping on the validation rows, with
+    # --epochs a maximum; without validation rows, no patience; finetune scores its start.
     argv = ["train", "--data", "d", "--out", "o", "--no-eval-at-start"]
     _assert_exact(_fields(train_config(build_parser(argv).parse_args(argv))),
-                  _fields(TrainConfig()))
+                  {**_fields(TrainConfig()), "epochs": 20, "patience": 2})
+    argv = ["train", "--data", "d", "--out", "o", "--val-fraction", "0"]
+    _assert_exact(_fields(train_config(build_parser(argv).parse_args(argv))),
+                  {**_fields(TrainConfig()), "epochs": 20, "patience": None})
+    argv = ["finetune", "--model", "m", "--data", "d", "--out", "o", "--val", "v"]
+    _assert_exact(_fields(train_config(build_parser(argv).parse_args(argv))),
+                  {**_fields(TrainConfig()), "epochs": 20, "patience": 2, "eval_at_start": True})
     actions = {a.dest: a for a in _sub_parser("train")._actions}
     # a None default is not shown ("(default: None)" until the options had one implementation)
     assert actions["max_steps"].help == "stop after this many optimizer steps"

@@ -223,7 +223,8 @@ def test_measure_latency_is_positive_and_restores_mode():
 
 def test_measure_latencies_calls_the_models_in_turn():
     """Several models are timed interleaved (a, b, a, b, ...), each in eval mode under
-    no_grad while timed and restored after."""
+    no_grad while timed and restored after. torch.utils.benchmark's Timer runs two
+    untimed passes before each timed one."""
     from afmrec.pipeline.evaluate import forward_logits, measure_latencies
 
     a, b = tiny_model().train(), tiny_model().eval()
@@ -236,8 +237,33 @@ def test_measure_latencies_calls_the_models_in_turn():
 
     ms = measure_latencies({"a": a, "b": b}, batch, warmup=1, repeats=2, run=run)
     assert set(ms) == {"a", "b"} and all(0 < v < 1000 for v in ms.values())
-    assert calls == [("a", False, False), ("b", False, False)] * 3
+    a_pass, b_pass = ("a", False, False), ("b", False, False)
+    assert calls == [a_pass, b_pass] + ([a_pass] * 3 + [b_pass] * 3) * 2
     assert a.training and not b.training
+
+
+def test_measure_latency_states_and_uses_its_threads():
+    """Issue 23: latency runs with a stated thread count (restored after), whatever the
+    caller's, so two reports of the same model compare."""
+    from afmrec.pipeline.evaluate import forward_logits, latency_note
+
+    model = tiny_model()
+    batch = synthetic_batches(HiddenCTR(0), 1, 32, seed=1)[0]
+    threads = []
+
+    def run(m, x):
+        threads.append(torch.get_num_threads())
+        return forward_logits(m, x)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        measure_latency(model, batch, warmup=1, repeats=2, num_threads=1, run=run)
+        assert threads == [1] * 7 and torch.get_num_threads() == 2
+        assert latency_note(2048) == ("latency_ms: median of 10 forward passes of 2,048 rows "
+                                      "(torch.utils.benchmark, 2 warm-up passes, 2 CPU threads)")
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- train
