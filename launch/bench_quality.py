@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     parser.add_argument("--ratios", type=lambda s: tuple(float(x) for x in s.split(",")),
                         help="comma-separated target ratios, e.g. 3,5,8,16,32")
+    parser.add_argument("--serve-device", choices=("cuda", "cpu"), default="cuda",
+                        help="the row padding the rank plans count (as afmrec compress; default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="keep --out's rows and run only the originals it lacks")
@@ -109,12 +111,18 @@ def run(args: argparse.Namespace) -> int:
         changes["seeds"] = tuple(range(args.seeds))
     if args.ratios:
         changes["ratios"] = args.ratios
+    changes["serve_device"] = args.serve_device
     grid = dataclasses.replace(grid, **changes)
     start = time.perf_counter()
     plotted: set[str] = set()
+    settings = {"command": "afmrec bench quality", "data": [str(d) for d in args.data],
+                "grid": dataclasses.asdict(grid), "shape": dataclasses.asdict(shape),
+                "threads": args.threads,
+                "protocols": {p.name: dataclasses.asdict(p.protocol) for p in plans},
+                "variants": {p.name: dict(p.variants) for p in plans}}
 
     def on_cell(cell: q.Cell, rows: list) -> None:
-        q.write_rows(rows, args.out)
+        q.write_rows(rows, args.out, settings)
         # one plot per model: the first dataset's first seed (spectrum_<model>.png), and
         # the first seed of every other dataset (spectrum_<dataset>_<model>.png)
         name = cell.arch if cell.dataset == plans[0].name else f"{cell.dataset}_{cell.arch}"

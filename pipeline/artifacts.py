@@ -417,6 +417,44 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def run_record() -> dict[str, Any]:
+    """What a measurement ran on: package versions, the git commit of this checkout
+    (``None`` outside one; ``+dirty`` with uncommitted changes), the CPU and any GPU."""
+    import platform
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                                 text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    device = {"cpu": _cpu_name() or platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            device["gpu"] = torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return {"versions": versions(), "git_commit": commit, "device": device}
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def versions() -> dict[str, str]:
     """Versions of the packages that produced an artifact."""
     from importlib import metadata

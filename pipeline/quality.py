@@ -230,6 +230,7 @@ class GridConfig:
     models: tuple[str, ...] = ("dlrm", "dcn", "deepfm")
     seeds: tuple[int, ...] = (0, 1, 2)
     ratios: tuple[float, ...] = (3.0, 5.0, 8.0, 16.0, 32.0)
+    serve_device: str = "cuda"  # the rank plans' row padding (afmrec compress --serve-device)
 
     def __post_init__(self) -> None:
         if not self.models or not self.seeds or not self.ratios:
@@ -396,14 +397,14 @@ def analyse_(cell: Cell) -> None:
 
 
 def choose_ranks(cell: Cell, selection: str, target: float | None,
-                 table_format: str = "auto") -> RankPlan | None:
+                 table_format: str = "auto", serve_device: str = "cuda") -> RankPlan | None:
     """The product's rank plan for one selection, target ratio and table format; ``None``
     where the planner refuses the target (its reason is logged)."""
     if selection == "full":
         full = {b.name: b.out_features for b in cell.blocks}
         return RankPlan.of(cell.blocks, full, TableFormat("fp32"), cell.other_params)
     config = RankConfig(policy=selection, ratio=target, table_format=table_format,
-                        weights=cell.weights if selection == "loss" else None)
+                        serve_device=serve_device, weights=cell.weights if selection == "loss" else None)
     try:
         return select_ranks(cell.blocks, cell.spectra, config, other_params=cell.other_params)
     except InputError as e:
@@ -579,7 +580,8 @@ def measure(
         "dataset": cell.dataset, "model": cell.arch, "variant": recipe.name,
         "rank_selection": selection, "target_ratio": target, "ratio": cell.params / params,
         "params": params, "bytes": plan.bytes, "bytes_ratio": plan.ratio,
-        "table_format": plan.table_format.dtype, "auc": result.auc,
+        "table_format": plan.table_format.dtype, "serve_device": plan.table_format.serve_device,
+        "auc": result.auc,
         "logloss": result.logloss, "latency_ms": None, "seed": cell.seed,
         "wall_s": time.perf_counter() - start, "steps": steps,
         "ranks": json.dumps(dict(sorted(ranks.items()))) if ranks is not None else None,
@@ -599,7 +601,7 @@ def run_cell(plan: DatasetPlan, grid: GridConfig, cell: Cell) -> list[dict[str, 
         for target in targets:
             built = {}
             for fmt in dict.fromkeys(RECIPES[n].table_format for n in names):
-                plan = choose_ranks(cell, selection, target, fmt)
+                plan = choose_ranks(cell, selection, target, fmt, grid.serve_device)
                 if plan is None:
                     continue
                 rows += [measure(RECIPES[n], cell, selection, target, plan, built)
@@ -654,10 +656,10 @@ def learning_curve(plan: DatasetPlan, arch: str, seed: int,
     return rows
 
 
-def write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+def write_rows(rows: Sequence[Mapping[str, Any]], path: Path, settings: Mapping[str, Any] | None = None) -> None:
     """The table, as Parquet, atomically (the report's columns first: ``latency_ms`` is
-    not measured here, it stays null)."""
-    write_report(rows, path, overwrite=True)
+    not measured here, it stays null), ``settings`` in its metadata."""
+    write_report(rows, path, overwrite=True, settings=settings)
 
 
 # --- summaries -----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .artifacts import atomic_file, versions
+from .artifacts import atomic_file, run_record, versions
 from .errors import InputError
 
 REPORT_COLUMNS = ("variant", "params", "bytes", "auc", "logloss", "latency_ms")
@@ -55,7 +55,8 @@ def _check_rows(rows: Sequence[Mapping[str, Any]], where: str) -> None:
             raise InputError(f"{where}: report row {name!r} lacks column(s) {missing}")
 
 
-def _to_table(rows: Sequence[Mapping[str, Any]], where: str) -> pa.Table:
+def _to_table(rows: Sequence[Mapping[str, Any]], where: str,
+              settings: Mapping[str, Any] | None = None) -> pa.Table:
     _check_rows(rows, where)
     arrays = {}
     for column in _columns(rows):
@@ -66,11 +67,14 @@ def _to_table(rows: Sequence[Mapping[str, Any]], where: str) -> pa.Table:
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise InputError(f"{where}: report column {column!r} has bad values ({e})") from None
     table = pa.table(arrays)
-    return table.replace_schema_metadata({"afmrec.versions": json.dumps(versions())})
+    return table.replace_schema_metadata({"afmrec.versions": json.dumps(versions()),
+                                          "afmrec.run": json.dumps(run_record()),
+                                          "afmrec.settings": json.dumps(settings or {}, default=str)})
 
 
 def write_report(
-    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *, overwrite: bool = True
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *, overwrite: bool = True,
+    settings: Mapping[str, Any] | None = None,
 ) -> None:
     """Writes the rows as a Parquet table, atomically.
 
@@ -80,6 +84,8 @@ def write_report(
             (null where a row lacks them).
         path: the Parquet file to write.
         overwrite: replace an existing report (a report is an output, re-run freely).
+        settings: how the rows were made (stored in the file's metadata beside the
+            versions, git commit and device of :func:`~afmrec.pipeline.artifacts.run_record`).
     Raises:
         InputError: a row lacks a required column, a column's values have mixed or wrong
             types, or ``path`` exists and ``overwrite`` is false.
@@ -89,7 +95,7 @@ def write_report(
         write_report([{"variant": "original", "params": 1000, "bytes": 4000, "auc": 0.8,
                        "logloss": 0.45, "latency_ms": 1.2}], "run/report.parquet")
     """
-    table = _to_table(rows, str(path))
+    table = _to_table(rows, str(path), settings)
     with atomic_file(path, overwrite=overwrite) as tmp:
         pq.write_table(table, tmp)
 
