@@ -142,6 +142,7 @@ _FORMATS: dict[str, Callable[[Any], str]] = {
     "params": lambda v: f"{int(v):,}",
     "ratio": lambda v: f"{v:.2f}x",
     "bytes": _bytes,
+    "bytes_ratio": lambda v: f"{v:.2f}x",
     "auc": lambda v: f"{v:.4f}",
     "logloss": lambda v: f"{v:.4f}",
     "latency_ms": lambda v: f"{v:.2f}",
@@ -175,7 +176,7 @@ def format_report(
 
     Columns: variant, params (thousands separators), ratio (the first row's params over
     each row's, ``4.12x``; taken from the rows when they carry a ``ratio``), bytes (binary
-    units), AUC and logloss (4 decimals), latency in ms (2 decimals), then the extra
+    units; then ``table_format`` and ``bytes_ratio``, ``4.03x``, where the rows have them), AUC and logloss (4 decimals), latency in ms (2 decimals), then the extra
     columns (``delta_*`` signed; ``samples_per_s`` without decimals, ``peak_memory_gib``
     with 2). Missing values print as ``-``. Text is left-aligned,
     numbers right-aligned.
@@ -198,6 +199,9 @@ def format_report(
     rows = _with_ratio(rows)
     columns = [c for c in _columns(rows) if c not in hide]
     columns.insert(2, columns.pop(columns.index("ratio")))  # next to params
+    for name in ("bytes_ratio", "table_format"):  # next to bytes, when the rows have them
+        if name in columns:
+            columns.insert(columns.index("bytes") + 1, columns.pop(columns.index(name)))
     cells = [[_format_cell(c, row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     numeric = [not _is_text(rows, c) for c in columns]
