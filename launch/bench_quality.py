@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.quiet)
     if args.report_only:
         rows = read_report(args.out)
-        ratios = tuple(sorted({r["target_ratio"] for r in rows if r["target_ratio"] is not None}))
+        ratios = _grid_ratios(args.out) or tuple(sorted({r["target_ratio"] for r in rows
+                                                         if r["target_ratio"] is not None}))
         print(_report(q, rows, ratios))
         return 0
     if not args.data:
@@ -142,6 +143,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grid_ratios(path: Path) -> tuple[float, ...] | None:
+    """The target ratios the grid of a result file ran (its settings metadata), refused
+    ones included; ``None`` for a file without them."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    settings = json.loads((pq.read_schema(path).metadata or {}).get(b"afmrec.settings", b"{}"))
+    ratios = settings.get("grid", {}).get("ratios")
+    return tuple(ratios) if ratios else None
+
+
 def _learning_curve(q, plan, models: tuple, out: Path) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -187,5 +200,5 @@ def _report(q, rows: list, ratios: tuple) -> str:
     lines.append("\n## targets\n")
     for dataset in sorted({r["dataset"] for r in rows}):
         lines += [f"- [{'met' if t.met else 'MISSED'}] {t.name}: {t.detail}"
-                  for t in q.check_targets(rows, dataset)]
+                  for t in q.check_targets(rows, dataset, ratios)]
     return "\n".join(lines)

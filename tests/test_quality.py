@@ -72,7 +72,8 @@ def test_small_grid_schema_and_full_rank_equals_original(tmp_path):
 
     summary = paired_summary(rows)
     assert all(s["delta_auc"] == 0.0 for s in summary if s["variant"] == "original")
-    assert len(check_targets(rows, "frappe")) == 9
+    # the small grid runs 4x only: the 4x target of each of the three models
+    assert len(check_targets(rows, "frappe", (4.0,))) == 3
     assert (out.parent / "spectrum_deepfm.png").stat().st_size > 0
 
 
