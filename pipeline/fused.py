@@ -26,7 +26,6 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
-from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import KeyedOptimizer
 
 # torch.optim.Adagrad's default eps, given to both optimizers of the tables.
@@ -100,16 +99,21 @@ def _fused_copy(ebc: EmbeddingBagCollection, lr: float, eps: float) -> FusedEmbe
 
 
 def fused_optimizers(model: nn.Module) -> list[KeyedOptimizer]:
-    """The ``fused_optimizer`` of every fused module inside ``model`` (not ``model`` itself)."""
+    """The ``fused_optimizer`` of every ``FusedEmbeddingBagCollection`` in ``model``.
+
+    (A sharded model's fused tables are reached through ``DistributedModelParallel``'s
+    own ``fused_optimizer``, not here.)
+    """
     out = []
     for module in model.modules():
-        if module is not model and isinstance(module, FusedOptimizerModule):
+        if isinstance(module, FusedEmbeddingBagCollection):
             optimizer = module.fused_optimizer
             out.append(optimizer() if callable(optimizer) else optimizer)
     return out
 
 
 def fused_parameter_ids(model: nn.Module) -> set[int]:
-    """``id`` of every parameter that a fused module inside ``model`` updates itself."""
-    return {id(p) for module in model.modules() if module is not model
-            and isinstance(module, FusedOptimizerModule) for p in module.parameters()}
+    """``id`` of every parameter of a ``FusedEmbeddingBagCollection`` in ``model``: its
+    own optimizer updates it, no other may."""
+    return {id(p) for module in model.modules() if isinstance(module, FusedEmbeddingBagCollection)
+            for p in module.parameters()}

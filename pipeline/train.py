@@ -151,14 +151,15 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> KeyedOptimizer:
         if params
     ]
     # Under DMP the fused tables are updated inside backward by model.fused_optimizer,
-    # whose zero_grad()/step() push param_groups' lr to the FBGEMM kernel.
-    fused = [model.fused_optimizer] if isinstance(model, FusedOptimizerModule) else []
-    fused += fused_optimizers(model)
-    for i, optimizer in enumerate(o for o in fused if o.params):
-        for group in optimizer.param_groups:
-            group["lr"] = config.sparse_lr
-        optimizers.append(("fused" if i == 0 and isinstance(model, FusedOptimizerModule) else f"fused_{i}",
-                           optimizer))
+    # whose zero_grad()/step() push param_groups' lr to the FBGEMM kernel; so are those
+    # of the FusedEmbeddingBagCollections that fused_tables swapped in (one process).
+    fused = [("fused", model.fused_optimizer)] if isinstance(model, FusedOptimizerModule) else []
+    fused += [(f"fused_{i}", o) for i, o in enumerate(fused_optimizers(model))]
+    for key, optimizer in fused:
+        if optimizer.params:
+            for group in optimizer.param_groups:
+                group["lr"] = config.sparse_lr
+            optimizers.append((key, optimizer))
     if not optimizers:
         raise InputError("make_optimizer: the model has no trainable parameter")
     return CombinedOptimizer(optimizers)
