@@ -33,8 +33,8 @@ from typing import Any, Mapping, Sequence
 
 from .bases import Spectrum
 from .blocks import Block, resolve_pattern_map
-from .budget import (DTYPES, POLICIES, RATIO_POLICIES, SERVE_DEVICES, TABLE_FORMATS, TableFormat,
-                     original_bytes, served_bytes)
+from .budget import (DENSE_BYTES, DTYPES, POLICIES, RATIO_POLICIES, SERVE_DEVICES, TABLE_FORMATS,
+                     TableFormat, original_bytes, served_bytes)
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class _Cost:
 
     def __init__(self, blocks: Sequence[Block], fmt: TableFormat, other_params: int) -> None:
         self.fmt = fmt
-        self.fixed = 4 * other_params
+        self.fixed = DENSE_BYTES * other_params
         self.original = self.fixed + sum(original_bytes(b) for b in blocks)
 
     def total(self, blocks: Sequence[Block], ranks: Mapping[str, int]) -> int:
@@ -205,8 +205,8 @@ class _Cost:
 
 def _greedy(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankConfig,
             fmt: TableFormat, budget: int, pinned: Mapping[str, int]) -> dict[str, int]:
-    """Spends ``budget`` bytes (of the blocks) on the free blocks, one rank unit at a time, always where
-    a byte buys the most normalised (and weighted) retained variance.
+    """Spends ``budget`` bytes (the blocks' share) on the free blocks, one rank unit at a
+    time, always where a byte buys the most normalised (and weighted) retained variance.
 
     Every block starts at one unit (``pinned`` blocks at their rank). Past its largest
     useful rank a block's next step is to stay whole (gain: the variance still missing;
@@ -215,12 +215,13 @@ def _greedy(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankCo
     weights = config.weights or {}
     ranks: dict[str, int] = dict(pinned)
     heap: list[tuple[float, str, int, bool]] = []
+    caps = {b.name: _cap(b, config, fmt) for b in blocks}
 
     def push(b: Block, k: int) -> None:
         ev = spectra[b.name].eigenvalues
         total = float(ev.sum()) or 1.0
         u = _unit(b, config)
-        whole = k + u > _cap(b, config, fmt)
+        whole = k + u > caps[b.name]
         gain = float(ev[k:].sum() if whole else ev[k: k + u].sum()) / total
         now = served_bytes(b, k, fmt)
         cost = served_bytes(b, None if whole else k + u, fmt) - now
@@ -232,7 +233,7 @@ def _greedy(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankCo
     for b in blocks:
         if b.name in pinned:
             spent += served_bytes(b, pinned[b.name], fmt)
-        elif _cap(b, config, fmt) == 0:
+        elif caps[b.name] == 0:
             spent += served_bytes(b, None, fmt)
         else:
             ranks[b.name] = _unit(b, config)
@@ -262,15 +263,15 @@ def _uniform(blocks: list[Block], config: RankConfig, cost: _Cost, budget: int,
     """One per-block ratio for every free block, bisected so that the whole model fits
     ``budget`` (blocks that cannot shrink and the other parameters stay whole, so the
     per-block ratio has to exceed the target)."""
+    caps = {b.name: _cap(b, config, cost.fmt) for b in blocks}
 
     def ranks(r: float) -> dict[str, int]:
         out = dict(pinned)
         for b in blocks:
             if b.name in pinned:
                 continue
-            cap = _cap(b, config, cost.fmt)
             k = _round(b, _uniform_rank(b, r), config)
-            if cap and k <= cap:
+            if 0 < k <= caps[b.name]:
                 out[b.name] = k
         return out
 
