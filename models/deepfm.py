@@ -6,7 +6,7 @@ multiplies coordinates of one embedding with each other. This model keeps TorchR
 ``SparseArch``, ``DenseArch`` and ``MLP``, uses the field-wise FM of the DeepFM paper, and
 lets the deep tower read the concatenated embeddings
 directly, so a compressed model can feed it the low-rank codes instead (projection fused
-into the first deep Linear, DESIGN.md section 2 "Fusion").
+into the first deep Linear: docs/compression.md).
 """
 
 from __future__ import annotations

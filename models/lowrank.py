@@ -1,6 +1,6 @@
 """Low-rank replacements of an embedding-bag collection and of a Linear layer.
 
-Both implement the two factors of DESIGN.md section 2. With ``U`` (m x K) the kept
+Both implement the two factors of docs/compression.md. With ``U`` (m x K) the kept
 principal directions of a block's output ``y = W x + b`` and ``c`` a centre (the output
 mean for AFM):
 

@@ -1,6 +1,6 @@
 """The compressible blocks of a model, and name patterns that select them.
 
-A block is an affine map whose output we observe and factor (DESIGN.md section 2):
+A block is an affine map whose output we observe and factor (docs/compression.md):
 
 * ``table``: one embedding table; ``y`` is the pooled output of a feature it serves
   (observed where the dense part consumes it), ``x`` the bag's count vector, ``W = E^T``;
