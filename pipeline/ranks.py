@@ -62,6 +62,7 @@ class RankConfig:
             warning, or ``"error"``. Ranks the policy picks itself are always multiples.
         weights: the ``loss`` policy's per-block multipliers of the variance gains
             (:func:`afmrec.pipeline.sensitivity.sensitivity_weights`); required by it.
+        tolerance: how far (a fraction) the achieved ratio may fall from the target.
     """
 
     policy: str = "loss"
@@ -75,6 +76,7 @@ class RankConfig:
     linear_multiple: int = 1
     table_rounding: str = "round"
     weights: Mapping[str, float] | None = None
+    tolerance: float = TOLERANCE
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -95,6 +97,8 @@ class RankConfig:
             raise InputError(f"serve device must be one of {SERVE_DEVICES}, got {self.serve_device!r}")
         if self.table_multiple < 1 or self.linear_multiple < 1:
             raise InputError("table_multiple and linear_multiple must be >= 1")
+        if not self.tolerance >= 0:
+            raise InputError(f"tolerance must be >= 0, got {self.tolerance}")
         if self.table_rounding not in ("round", "error"):
             raise InputError(f"table_rounding must be 'round' or 'error', got {self.table_rounding!r}")
 
@@ -354,7 +358,7 @@ def select_ranks(
     nearest: RankPlan | None = None
     for fmt in config.formats:
         plan = _plan_in(fmt, blocks, spectra, config, pinned, other_params)
-        if plan is not None and abs(math.log(plan.ratio / config.ratio)) <= math.log1p(TOLERANCE) + 1e-12:
+        if plan is not None and abs(math.log(plan.ratio / config.ratio)) <= math.log1p(config.tolerance) + 1e-12:
             plans.append(plan)
         nearest = nearest or plan
     if plans:
@@ -365,7 +369,7 @@ def select_ranks(
     if nearest is None:
         raise InputError(_unreachable_message(blocks, config, other_params))
     raise InputError(
-        f"target ratio {config.ratio:g} cannot be met within {TOLERANCE:.0%}: with "
+        f"target ratio {config.ratio:g} cannot be met within {config.tolerance:.0%}: with "
         f"{nearest.table_format} the ranks step past it (the nearest plan is "
         f"{nearest.ratio:.2f}x: the next rank unit of any block costs more than the rest of the "
         f"budget). Ask for --ratio {nearest.ratio:.2f}, or a lower ratio")
@@ -378,7 +382,7 @@ def _plan_in(fmt: TableFormat, blocks: list[Block], spectra: Mapping[str, Spectr
     below it; ``None`` where even the smallest ranks exceed both."""
     cost = _Cost(blocks, fmt, other_params)
     plan = None
-    for budget in (int(cost.original / config.ratio), int(cost.original * (1 + TOLERANCE) / config.ratio)):
+    for budget in (int(cost.original / config.ratio), int(cost.original * (1 + config.tolerance) / config.ratio)):
         try:
             if config.policy == "uniform":
                 ranks = _uniform(blocks, config, cost, budget, pinned)
@@ -387,7 +391,7 @@ def _plan_in(fmt: TableFormat, blocks: list[Block], spectra: Mapping[str, Spectr
         except _Unreachable:
             continue
         plan = _finish(blocks, ranks, config, fmt, other_params)
-        if plan.ratio <= config.ratio * (1 + TOLERANCE):
+        if plan.ratio <= config.ratio * (1 + config.tolerance):
             return plan
     return plan
 

@@ -230,7 +230,7 @@ def test_resumed_statistics_over_plain_iterables(tmp_path, kind):
 
 def stats_argv(model: Path, data: Path, out: Path) -> list[str]:
     return ["stats", "--model", str(model), "--data", str(data), "--out", str(out),
-            "--batch-size", str(BATCH), "--checkpoint-every", "1", "--quiet"]
+            "--batch-size", str(BATCH), "--checkpoint-every", "1", "--no-probes", "--quiet"]
 
 
 def child(fault: str, argv: list[str]) -> subprocess.CompletedProcess:

@@ -149,7 +149,7 @@ def run(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         "stats": _cli(["stats", "--model", str(run / "original"), "--data", data, "--batch-size",
                        str(STATS_BATCH), *cpu, "--out", str(run / "stats_1gpu.pt")]),
         "compress": _cli(["compress", "--model", str(run / "original"), "--stats",
-                          str(run / "stats.pt"), "--ratio", "2", *cpu, "--out",
+                          str(run / "stats.pt"), "--ratio", "2", "--policy", "variance", *cpu, "--out",
                           str(run / "afm_1gpu")]),
         "evaluate": _cli(["evaluate", "--data", str(run / "data" / "test"), "--batch-size",
                           str(EVAL_BATCH), "--quiet", *cpu, "--out",
@@ -191,8 +191,8 @@ def test_train_compress_evaluate_records_of_two_ranks(run):
         _check_totals(info)
         assert row["samples_per_s"] == info.total_samples_per_s
         assert row["peak_memory_gib"] is None  # no GPU: the column stays empty
-    assert list(rows[0])[-5:] == ["ratio", "delta_auc", "samples_per_s", "peak_memory_gib",
-                                  "throughput"]
+    assert list(rows[0])[-6:] == ["ratio", "bytes_ratio", "delta_auc", "samples_per_s",
+                                  "peak_memory_gib", "throughput"]
 
 
 def test_one_process_records_and_printed_lines(run):

@@ -50,19 +50,21 @@ def compress(run, out, *options):
 
 def test_defaults_plan_the_loss_policy_within_ten_percent(run, capsys):
     """`--ratio 3.5` with every default: the loss policy (probes from the 2-rank stats),
-    fp32 tables (the widest format that reaches it), bytes within 10% of the target."""
+    int8 tables (16-byte rows hold rank 12 in int8, 4 in fp32: auto keeps the plan that
+    drops the least), bytes within 10% of the target."""
     out = run / "afm35"
     assert compress(run, out, "--ratio", "3.5") == 0
     plan = json.loads((out / "model.json").read_text())["plan"]
-    assert (plan["policy"], plan["table_format"], plan["serve_device"]) == ("loss", "fp32", "cuda")
+    assert (plan["policy"], plan["table_format"], plan["serve_device"]) == ("loss", "int8", "cuda")
     assert 3.5 / 1.1 <= plan["ratio"] <= 3.5 * 1.1
-    assert plan["checkpoint_bytes_before"] / plan["checkpoint_bytes_after"] == pytest.approx(plan["ratio"])
+    # the fp32 checkpoint holds rank-12 tables: it shrinks far less than the served model
+    assert plan["checkpoint_bytes_before"] / plan["checkpoint_bytes_after"] < plan["ratio"] / 2
     rows = pq.read_table(out / "ranks.parquet").to_pylist()
     assert {r["policy"] for r in rows} == {"loss"}
     assert all(r["rank"] % 4 == 0 for r in rows if r["kind"] == "table" and r["compressed"])
     assert all(r["loss_weight"] is not None for r in rows if r["kind"] == "table")
     printed = capsys.readouterr().out
-    assert "(loss policy)" in printed and "served with fp32 tables on cuda" in printed
+    assert "(loss policy)" in printed and "served with int8 tables on cuda" in printed
 
 
 def test_beyond_what_cuda_rows_hold_the_planner_says_what_reaches_it(run, capsys):
