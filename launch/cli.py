@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import math
 import os
 import sys
 from types import ModuleType
+from typing import NoReturn
 
 # sub-command -> module of afmrec.launch that implements it (imported lazily: torch and
 # torchrec take seconds to import, `afmrec --help` should not).
@@ -50,14 +52,50 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(f"afmrec.launch.{COMMANDS[name]}")
 
 
+def finite_float(text: str) -> float:
+    """argparse's ``float``, without ``nan`` and ``inf``: no option of ours can use them,
+    and they pass every ``x > 0`` or ``x <= 1`` check that a range test makes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """The CLI's parser: a bad command line is one line on stderr and exit status 2, as
+    any other bad input is (argparse prints the whole usage block first), and every
+    ``type=float`` option is a :func:`finite_float`.
+
+    Attributes:
+        command: the sub-command the line names, if any: errors that argparse raises on
+            the top-level parser (``unrecognized arguments``) are about its options.
+    """
+
+    command: str | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse looks each option's type up in this registry first (sub-parsers and
+        # argument groups share their parser's class and registry).
+        self.register("type", float, finite_float)
+
+    def error(self, message: str) -> NoReturn:
+        prog = f"afmrec {self.command}" if self.command else self.prog
+        self.exit(2, f"{prog}: error: {message} (`{prog} --help` lists the options)\n")
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="afmrec", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Only the chosen sub-command's module is imported (and only it adds its arguments).
     chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser.command = chosen if chosen in COMMANDS else None
     for name in COMMANDS:
         mod = _module(name) if name == chosen else None
         help_line = mod.HELP if mod else _HELP_LINES.get(name, "")
@@ -96,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad command line (2, its line printed)
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
