@@ -40,7 +40,8 @@ from afmrec.models import ModelConfig
 from afmrec.sharding.env import DistEnv, barrier
 from afmrec.sharding.plan import ShardingConfig
 
-from .artifacts import _broadcast, atomic_dir, atomic_file, fingerprint, read_json, write_json
+from .artifacts import (BATCH_RESULTS, MODEL, _broadcast, atomic_dir, atomic_file, fingerprint,
+                        read_json, write_json)
 from .compress import CompressConfig
 from .errors import InputError
 from .evaluate import count_parameters
@@ -323,7 +324,7 @@ def _original(row: BatchRow, env: DistEnv) -> Path:
     fresh = (current.is_file() and (view / "checkpoint").resolve() == weights
              and ModelRecord.from_dict(read_json(current)).model == record.model)
     if env.rank == 0 and not fresh:
-        with atomic_dir(view, overwrite=True) as tmp:
+        with atomic_dir(view, overwrite=True, kind=MODEL) as tmp:
             write_json(tmp / "model.json", record.to_dict())
             (tmp / "checkpoint").symlink_to(weights)
     barrier()
@@ -470,9 +471,10 @@ RESULT_SCHEMA = pa.schema([
 
 
 def write_results(results: list[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
-    """Writes one row per checkpoint (:data:`RESULT_SCHEMA`), replacing an older table:
-    it is a view of the rows' own results, rebuilt by every run of the manifest."""
+    """Writes one row per checkpoint (:data:`RESULT_SCHEMA`), replacing an older table
+    (never a file of another kind): it is a view of the rows' own results, rebuilt by
+    every run of the manifest."""
     table = pa.Table.from_pylist([{c: r.get(c) for c in RESULT_SCHEMA.names} for r in results],
                                  schema=RESULT_SCHEMA)
-    with atomic_file(path, overwrite=True) as tmp:
-        pq.write_table(table, tmp)
+    with atomic_file(path, overwrite=True, kind=BATCH_RESULTS) as tmp:
+        pq.write_table(table, tmp, write_page_checksum=True)

@@ -48,7 +48,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from afmrec.models import ModelConfig
 
-from .artifacts import atomic_file, versions
+from .artifacts import SERVING, atomic_file, versions
 from .errors import InputError
 from .evaluate import count_parameters
 
@@ -267,7 +267,7 @@ def write_artifact(
                    "lengths (len(features) * B,) int32, feature-major)",
     }
     scripted = script(served) if format == "torchscript" else None
-    with atomic_file(out, overwrite=overwrite) as tmp:
+    with atomic_file(out, overwrite=overwrite, kind=SERVING) as tmp:
         if scripted is None:
             aoti_package(served, config, tmp, metadata)
         else:

@@ -22,7 +22,7 @@ from afmrec.sharding.dmp import shard_model
 from afmrec.sharding.env import DistEnv, is_rank_zero
 from afmrec.sharding.plan import ShardingConfig
 
-from .artifacts import fingerprint, read_json, shared_atomic_dir, versions, write_json
+from .artifacts import MODEL, fingerprint, read_json, shared_atomic_dir, versions, write_json
 from .bases import Bases
 from .blocks import find_blocks
 from .compress import CompressConfig, compress_
@@ -119,7 +119,7 @@ def save_model(
     ``{name: write(path)}``, written by rank 0 before the folder appears: the folder is
     visible with all of its files or not at all (a compressed model with its bases).
     """
-    with shared_atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with shared_atomic_dir(out_dir, overwrite=overwrite, kind=MODEL) as tmp:
         save_state(model, tmp / "checkpoint")
         if is_rank_zero():
             write_json(tmp / "model.json", record.to_dict())

@@ -38,8 +38,9 @@ from afmrec.sharding.dmp import unwrap
 from afmrec.sharding.env import DistEnv, barrier
 from afmrec.sharding.plan import ShardingConfig
 
-from .artifacts import (_broadcast, atomic_file, check_not_input, check_replaceable, file_fingerprint,
-                        fingerprint, versions)
+from .artifacts import (MODEL, REPORT, STATISTICS, STATISTICS_FORMAT, _broadcast, atomic_file,
+                        check_not_input, check_replaceable, file_fingerprint, fingerprint,
+                        load_checked, save_checked, versions)
 from .bases import Bases, Spectrum, afm_bases, spectra, weight_svd_bases
 from .blocks import Block, find_blocks, select_blocks
 from .compress import CompressConfig, compress_
@@ -217,7 +218,7 @@ def train_stage(
 ) -> TrainResult:
     """Builds a fresh model from ``model_config``, trains it and writes ``out``."""
     check_not_input(out, train_data.path)
-    check_replaceable(out, overwrite, folder=True)  # now, not after hours of training
+    check_replaceable(out, overwrite, kind=MODEL)  # now, not after hours of training
     torch.manual_seed(config.seed)
     record = ModelRecord(model_config)
     model = build_sharded(record, env, sharding) if env.is_distributed else build_model(model_config)
@@ -241,7 +242,7 @@ def finetune_stage(
 ) -> TrainResult:
     """Fine-tunes a saved (compressed) model with labels, or from a teacher's logits."""
     check_not_input(out, model_dir, train_data.path, *(teacher_dir and [teacher_dir] or []))
-    check_replaceable(out, overwrite, folder=True)  # now, not after hours of training
+    check_replaceable(out, overwrite, kind=MODEL)  # now, not after hours of training
     model, record = load_model(model_dir, env=env, sharding=sharding)
     teacher = None
     inputs = {"model": _model_fingerprint(model_dir)}
@@ -331,17 +332,23 @@ def stats_stage(
 
 
 def save_statistics(stats: Statistics, out: Path, *, overwrite: bool = False) -> None:
-    with atomic_file(out, overwrite=overwrite) as tmp:
-        torch.save(stats.to_state(), tmp)
+    """Writes ``stats`` with the checksum of its content (see :func:`load_statistics`)."""
+    with atomic_file(out, overwrite=overwrite, kind=STATISTICS) as tmp:
+        save_checked(stats.to_state(), tmp, STATISTICS_FORMAT)
 
 
 def load_statistics(path: Path) -> Statistics:
-    if not Path(path).is_file():
-        raise InputError(f"{path}: statistics file not found")
+    """Statistics that :func:`save_statistics` wrote, their checksum verified (files of
+    earlier versions, which have none, load with a warning)."""
+    state = load_checked(path, STATISTICS_FORMAT, "statistics file",
+                         legacy=lambda obj: isinstance(obj, dict) and "moments" in obj)
     try:
-        return Statistics.from_state(torch.load(path, weights_only=True))
+        stats = Statistics.from_state(state)
     except Exception as e:
         raise InputError(f"{path}: not a readable statistics file ({type(e).__name__})") from None
+    if not stats.moments:
+        raise InputError(f"{path}: the statistics cover no block")
+    return stats
 
 
 def _compress_sharded(
@@ -508,6 +515,7 @@ def evaluate_stage(
     """
     if out is not None:
         check_not_input(out, data.path, *models.values())
+        check_replaceable(out, True, kind=REPORT)  # an earlier report, never another file
     probe = next(iter(data.batches(latency_batch, env)))
     rows, infos = [], []
     for name, model_dir in models.items():

@@ -30,7 +30,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from afmrec.launch.cli import main
-from afmrec.pipeline.artifacts import output_lock
+from afmrec.pipeline.artifacts import STATISTICS_FORMAT, load_checked, output_lock, save_checked
 from afmrec.pipeline.bases import Bases
 from afmrec.pipeline.compress import compress_
 from afmrec.pipeline.data import DataSchema, SparseField, write_dataset
@@ -402,9 +402,10 @@ def test_3_nan_in_a_batch_names_file_and_column(run, tmp_path, capsys, value):
 
 
 def _edited_stats(run: Run, path: Path, block: str, edit: Callable[[dict], None]) -> Path:
-    state = torch.load(run.stats, weights_only=True)
+    """Statistics written with edited values (so with a matching checksum)."""
+    state = load_checked(run.stats, STATISTICS_FORMAT, "statistics file")
     edit(state["moments"][block])
-    torch.save(state, path)
+    save_checked(state, path, STATISTICS_FORMAT)
     return path
 
 
