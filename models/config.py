@@ -76,6 +76,9 @@ class ModelConfig:
             raise ValueError(f"over_arch must end in 1, got {self.over_arch}")
         if any(s <= 0 for s in (*self.dense_arch, *self.over_arch, *self.deep_arch)):
             raise ValueError("layer sizes must be positive")
+        if self.dcn_num_layers < 0 or self.dcn_low_rank_dim < 1:
+            raise ValueError(f"dcn_num_layers must be >= 0 and dcn_low_rank_dim >= 1, got "
+                             f"{self.dcn_num_layers} and {self.dcn_low_rank_dim}")
 
     @property
     def feature_names(self) -> list[str]:

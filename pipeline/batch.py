@@ -45,7 +45,7 @@ from .artifacts import (BATCH_RESULTS, MODEL, _broadcast, atomic_dir, atomic_fil
 from .compress import CompressConfig
 from .errors import InputError
 from .evaluate import count_parameters
-from .hints import scalar_type
+from .hints import scalar_type, typed_dataclass
 from .model_io import ModelRecord, load_record, skeleton
 from .ranks import RankConfig
 from .report import read_report
@@ -302,13 +302,12 @@ def _check_inputs(row: BatchRow) -> None:
 
 
 def _read_model_config(path: Path) -> ModelRecord:
+    """A ``model.json``, or a bare :class:`ModelConfig` object (every field's type checked)."""
     d = read_json(path)
-    if "format" in d:
+    if isinstance(d, dict) and "format" in d:
         return ModelRecord.from_dict(d, str(path))
-    try:
-        return ModelRecord(ModelConfig.from_dict(d), provenance={"model_config": str(path)})
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path}: not a model config ({e})") from None
+    return ModelRecord(typed_dataclass(ModelConfig, d, f"{path} (a model config)"),
+                       provenance={"model_config": str(path)})
 
 
 def _original(row: BatchRow, env: DistEnv) -> Path:

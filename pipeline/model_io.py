@@ -27,6 +27,7 @@ from .bases import Bases
 from .blocks import find_blocks
 from .compress import CompressConfig, compress_
 from .errors import InputError
+from .hints import typed_dataclass
 
 FORMAT = "afmrec.model/1"
 
@@ -40,6 +41,10 @@ class ModelRecord:
     compress: CompressConfig | None = None
     method: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.ranks is not None and not all(r >= 1 for r in self.ranks.values()):
+            raise InputError(f"ranks must be >= 1, got {self.ranks}")
 
     @property
     def compressed(self) -> bool:
@@ -61,19 +66,18 @@ class ModelRecord:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "model.json") -> "ModelRecord":
+    def from_dict(cls, d: Any, source: str = "model.json") -> "ModelRecord":
+        """The record of a parsed ``model.json``, every field's type checked.
+
+        Raises:
+            InputError: ``d`` is not an afmrec model record, or a field is missing, unknown,
+                of the wrong type or invalid (naming the file and the field).
+        """
+        if not isinstance(d, dict):
+            raise InputError(f"{source}: not an afmrec model (a JSON {type(d).__name__}, not an object)")
         if d.get("format") != FORMAT:
             raise InputError(f"{source}: not an afmrec model (format {d.get('format')!r})")
-        try:
-            return cls(
-                model=ModelConfig.from_dict(d["model"]),
-                ranks=d.get("ranks"),
-                compress=CompressConfig(**d["compress"]) if d.get("compress") else None,
-                method=d.get("method"),
-                provenance=d.get("provenance", {}),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"{source}: invalid model record ({e})") from None
+        return typed_dataclass(cls, {k: v for k, v in d.items() if k != "format"}, source)
 
 
 def build_from_record(record: ModelRecord, device: Any = None, sparse_device: Any = None) -> nn.Module:
@@ -149,9 +153,12 @@ def load_model(
     world size wrote the checkpoint; otherwise it is loaded whole in this process.
     """
     record = load_record(model_dir)
-    if env is not None and env.is_distributed:
-        model = build_sharded(record, env, sharding)
-    else:
-        model = build_from_record(record, device)
+    try:
+        if env is not None and env.is_distributed:
+            model = build_sharded(record, env, sharding)
+        else:
+            model = build_from_record(record, device)
+    except InputError as e:  # a record that names blocks the architecture lacks
+        raise InputError(f"{Path(model_dir) / 'model.json'}: {e}") from None
     load_state_(model, Path(model_dir) / "checkpoint")
     return model, record
