@@ -257,13 +257,14 @@ def write_artifact(
         "lookup": kernels["lookup"],
         "features": list(served.features),
         "num_dense": config.num_dense,
+        "dense_names": list(config.dense_names) if config.dense_names is not None else None,
         "arch": config.arch,
         "tables": served.tables,
         "params": served.params,
         "device": str(device),
         "source": source or {},
         "versions": versions(),
-        "forward": "logits (B,) = model(dense (B, num_dense) float32, values (L,) int64, "
+        "forward": "logits (B,) = model(dense (B, num_dense) float32 (columns as dense_names), values (L,) int64, "
                    "lengths (len(features) * B,) int32, feature-major)",
     }
     scripted = script(served) if format == "torchscript" else None
