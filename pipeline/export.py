@@ -272,7 +272,7 @@ def write_artifact(
         if scripted is None:
             aoti_package(served, config, tmp, metadata)
         else:
-            torch.jit.save(scripted, str(tmp), _extra_files={METADATA: json.dumps(metadata, indent=1)})
+            _save_script(scripted, tmp, metadata)
         if check_batch:
             batch = example_batch(config, check_batch, device)
             loaded, _ = load_artifact(tmp, device)
@@ -287,6 +287,19 @@ def write_artifact(
     del scripted
     gc.collect()
     return metadata
+
+
+def _save_script(scripted: torch.jit.ScriptModule, path: Path, metadata: dict[str, Any]) -> None:
+    """Writes the TorchScript file with its metadata.
+
+    It is assembled in memory (one more copy of the artifact's size, for the moment of
+    the write) and written by Python: torch's own file writer, when a write fails (disk
+    full, file size limit), fails again in its destructor and aborts the process
+    (``std::terminate``) instead of raising, which would leave the temporary file behind.
+    """
+    data = scripted.save_to_buffer(_extra_files={METADATA: json.dumps(metadata, indent=1)})
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 class _ExportableIds:
