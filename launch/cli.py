@@ -14,6 +14,7 @@ import importlib
 import math
 import os
 import sys
+from dataclasses import dataclass
 from types import ModuleType
 from typing import NoReturn
 
@@ -84,7 +85,8 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         prog = f"afmrec {self.command}" if self.command else self.prog
-        self.exit(2, f"{prog}: error: {message} (`{prog} --help` lists the options)\n")
+        line = f"{prog}: error: {message} (`{prog} --help` lists the options)\n"
+        self.exit(2, line if _speaks_for_the_job() else None)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -128,8 +130,39 @@ _HELP_LINES = {
 }
 
 
+def _speaks_for_the_job() -> bool:
+    """Whether this process reports an error that every rank of its job meets alike (the
+    command line, the options: what is checked before the job's process group exists):
+    rank 0 does, and a process outside a job of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) < 2 or os.environ.get("RANK", "0") == "0"
+
+
+def _reports(error: Exception) -> bool:
+    """Whether this process prints ``error``: in a job of several ranks, one rank does;
+    an error that stopped the job's stage says which (``JobFailure.report``)."""
+    from afmrec.sharding.env import JobFailure
+
+    if isinstance(error, JobFailure):
+        return error.report
+    return _speaks_for_the_job()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a command ended: its exit status and, for bad input, its one-line error (on
+    every rank of a job, also those that leave the printing to another)."""
+
+    status: int
+    error: str | None = None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``afmrec`` console script."""
+    return execute(argv).status
+
+
+def execute(argv: list[str] | None = None) -> Outcome:
+    """Runs one ``afmrec`` command line, printing what :func:`main` prints."""
     from afmrec.pipeline.errors import InputError
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -137,20 +170,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a bad command line (2, its line printed)
-        return e.code if isinstance(e.code, int) else 2
+        return Outcome(e.code if isinstance(e.code, int) else 2)
     if not getattr(args, "_run", None):
         parser.print_help()
-        return 2
+        return Outcome(2)
     try:
-        return int(args._run(args) or 0)
+        return Outcome(int(args._run(args) or 0))
     except InputError as e:
         if args.debug:
             raise
-        print(f"afmrec {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        line = f"afmrec {args.command}: error: {e}"
+        if _reports(e):
+            print(line, file=sys.stderr)
+        return Outcome(2, line)
     except KeyboardInterrupt:
         print(f"afmrec {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return Outcome(130)
     finally:
         if "WORLD_SIZE" in os.environ:
             # A finished rank once aborted at exit ("terminate called without an active
