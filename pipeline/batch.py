@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from afmrec.models import ModelConfig
-from afmrec.sharding.env import DistEnv, barrier
+from afmrec.sharding.env import DistEnv, barrier, fail_job
 from afmrec.sharding.plan import ShardingConfig
 
 from .artifacts import (BATCH_RESULTS, MODEL, _broadcast, atomic_dir, atomic_file, fingerprint,
@@ -426,6 +426,10 @@ def run_row(
         keys = stage_keys(row)  # (hashes every input file: once per row)
         measures = _run_stages(row, keys, env, sharding, checkpoint_every, progress)
     except Exception as e:  # the row fails alone; its log keeps the traceback of a bug
+        # In a job of several ranks, the rank that records the result (rank 0) may have
+        # stopped only because another rank left a collective: the error is the one that
+        # rank claimed (fail_job), not "connection closed by peer".
+        e = fail_job(e)  # type: ignore[assignment]
         log.error("row %s failed: %s", row.name, _describe(e), exc_info=not isinstance(e, InputError))
         return failed_result(row, _describe(e), time.perf_counter() - start)
     result = {**_identity(row), **measures, "status": "ok", "error": None,
