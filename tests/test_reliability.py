@@ -41,6 +41,7 @@ from afmrec.pipeline.stages import load_statistics
 pytestmark = pytest.mark.reliability
 
 FAULT_CHILD = Path(__file__).with_name("fault_child.py")
+END = "-- end of command --"  # fault_child.END: what follows each command's stderr
 MODEL = ["--embedding-dim", "8", "--over-arch", "16,1", "--epochs", "1", "--batch-size", "256",
          "--quiet"]
 TUNE = ["--epochs", "1", "--batch-size", "256", "--quiet"]
@@ -737,7 +738,7 @@ def test_8_write_failures_are_one_line_and_keep_the_previous_artifacts(run, tmp_
     result = child("fsize:2048", run.train_argv(model, "--overwrite"),
                    run.stats_argv(stats, "--overwrite"), run.compress_argv(afm, "--overwrite"))
     assert result.stdout.split() == ["rc=2"] * 3, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in result.stderr.splitlines() if line.strip() and line != END]
     assert [e.split(":")[0] for e in errors] == ["afmrec train", "afmrec stats", "afmrec compress"]
     for line, path in zip(errors, (model, stats, afm)):
         assert f"error: {path}: write failed (File too large); no partial output" in line, line
