@@ -77,8 +77,11 @@ def run(args: argparse.Namespace) -> int:
     result = outcome(job)
     if result.bad_input and config.executor == "debug":
         return 2  # the stage ran in this process and printed its line
+    if result.bad_input:
+        print(f"afmrec submit: error: {result.error}", file=sys.stderr)
+        return 2
     if result.error is not None:
         print(f"afmrec submit: {result.error}", file=sys.stderr)
-        return 2 if result.bad_input else 1
+        return 1
     print(f"job {job.job_id} finished")
     return 0

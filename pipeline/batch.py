@@ -157,7 +157,10 @@ def _convert(kind: type, value: Any, base: Path) -> Any:
         return int(value)
     if kind in (int, float) and isinstance(value, bool):
         raise ValueError(value)
-    return kind(value.strip() if isinstance(value, str) else value)
+    converted = kind(value.strip() if isinstance(value, str) else value)
+    if kind is float and not math.isfinite(converted):  # "nan" and "inf" parse as floats
+        raise ValueError(value)
+    return converted
 
 
 @functools.cache

@@ -9,6 +9,7 @@ compressed model has no model class of its own.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,7 @@ class ModelRecord:
                 of the wrong type or invalid (naming the file and the field).
         """
         if not isinstance(d, dict):
-            raise InputError(f"{source}: not an afmrec model (a JSON {type(d).__name__}, not an object)")
+            raise InputError(f"{source}: not an afmrec model (JSON {json.dumps(d)[:40]}, not an object)")
         if d.get("format") != FORMAT:
             raise InputError(f"{source}: not an afmrec model (format {d.get('format')!r})")
         return typed_dataclass(cls, {k: v for k, v in d.items() if k != "format"}, source)
