@@ -2,8 +2,9 @@
 
 Bad input drives the CLI in this process: ``main(argv)`` returns 2 and prints one line
 ``afmrec CMD: error: ...`` naming the file, table, column or block. Kills and write
-failures run the real CLI in a subprocess (``tests/fault_child.py`` kills it with SIGKILL
-at a named point, or limits the size of its files), and the tests judge what is left on
+failures run the real CLI in a subprocess (forked from one that has imported it,
+``tests/cli_process.py``; ``tests/fault_child.py`` kills it with SIGKILL at a named
+point, or limits the size of its files), and the tests judge what is left on
 disk: no partial artifact visible, inputs byte-identical, and a rerun that gives the
 uninterrupted run's result. The numbers in the test names are the issue's cases.
 """
@@ -35,8 +36,10 @@ from afmrec.pipeline.bases import Bases
 from afmrec.pipeline.compress import compress_
 from afmrec.pipeline.data import DataSchema, SparseField, write_dataset
 from afmrec.pipeline.errors import InputError
-from afmrec.pipeline.model_io import load_model, load_record, save_model
+from afmrec.pipeline.model_io import load_model, save_model
 from afmrec.pipeline.stages import load_statistics
+
+from .cli_process import Completed, run_fault_child
 
 pytestmark = pytest.mark.reliability
 
@@ -143,12 +146,13 @@ def leftovers(folder: Path) -> list[str]:
                   if p.name.startswith(".") and any(f".{k}-" in p.name for k in ("tmp", "old", "probe")))
 
 
-def child(fault: str, *commands: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    """The CLI in a subprocess with ``fault`` (see fault_child.py), one or more commands."""
-    argv = [sys.executable, str(FAULT_CHILD), fault]
+def child(fault: str, *commands: list[str], timeout: float = 120) -> Completed:
+    """The CLI in a subprocess with ``fault`` (see fault_child.py), one or more commands
+    (a process forked from one that has imported the CLI: see cli_process.py)."""
+    args = [fault]
     for command in commands:
-        argv += ["--", *command]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=CHILD_ENV)
+        args += ["--", *command]
+    return run_fault_child(args, timeout)
 
 
 def assert_same_model(a: Path, b: Path, atol: float = 0.0) -> None:
@@ -746,20 +750,5 @@ def test_8_write_failures_are_one_line_and_keep_the_previous_artifacts(run, tmp_
     assert leftovers(tmp_path) == []
 
 
-# ------------------------------------------------------------------ 9. another world size
-
-
-def test_9_compress_on_two_ranks_a_checkpoint_written_by_one(run, tmp_path):
-    """torchrun --nproc_per_node 2 reshards the one-process checkpoint (row-wise), writes the
-    compressed one from two ranks, and one process loads it: the same model as compressing
-    in one process."""
-    out = tmp_path / "afm"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "afmrec.launch.cli", *run.compress_argv(out, "--device", "cpu", "--sharding",
-                                                          "*=row_wise")]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=CHILD_ENV)
-    # Judged by the artifact: gloo may abort at exit once the work is done (DESIGN.md).
-    assert (out / "ranks.parquet").is_file(), result.stderr[-3000:]
-    assert_same_model(out, run.afm, atol=1e-6)
-    assert load_record(out).provenance["world_size"] == 2
-    assert main(run.evaluate_argv(run.test, out)) == 0
+# 9. another world size: test_9 in test_reliability_round2.py, which shares its torchrun
+# launch with the cases of jobs of several ranks.
