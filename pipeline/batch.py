@@ -255,13 +255,25 @@ def stage_keys(row: BatchRow) -> dict[str, str]:
     return keys
 
 
+def _json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object that a run wrote in a row's folder (``stages.json``, ``result.json``),
+    or None where it is absent, unreadable or of another shape: they record what was done,
+    and the row redoing it rebuilds them."""
+    try:
+        found = read_json(path) if path.is_file() else None
+    except InputError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
 class _Ledger:
     """``out/stages.json``: the key each finished stage of the row was computed from."""
 
     def __init__(self, out: Path, env: DistEnv) -> None:
         self.path = out / LEDGER
         self.env = env
-        self.keys: dict[str, str] = read_json(self.path) if self.path.is_file() else {}
+        found = _json_object(self.path) or {}
+        self.keys: dict[str, str] = {k: v for k, v in found.items() if isinstance(v, str)}
 
     def todo(self, stage: str, key: str, output: Path) -> bool:
         """Whether the stage must run; every rank gets rank 0's answer."""
@@ -445,11 +457,7 @@ def run_row(
 
 def finished_result(row: BatchRow) -> dict[str, Any] | None:
     """The result of an earlier run that finished the row as it is now, or None."""
-    path = row.out / RESULT
-    try:
-        result = read_json(path) if path.is_file() else None
-    except InputError:  # unreadable: the row runs again
-        return None
+    result = _json_object(row.out / RESULT)  # unreadable: the row runs again
     if result is None or result.get("status") != "ok" or result.get("key") != row_key(row):
         return None
     return {**result, "skipped": True}

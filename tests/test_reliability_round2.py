@@ -214,7 +214,7 @@ def _manifest(run: Run, folder: Path, ratio: str) -> Path:
 
 def _batch(run: Run, out: Path, ratio: str = "2") -> list[str]:
     return ["batch", "--manifest", str(_manifest(run, out.parent, ratio)), "--out", str(out),
-            "--executor", "debug", "--quiet"]
+            "--executor", "debug", "--folder", str(out.parent / "jobs"), "--quiet"]
 
 
 def _notes_holding_a_model(run: Run, folder: Path) -> list[str]:
@@ -372,10 +372,21 @@ def _reordered_dense(run: Run, folder: Path) -> list[str]:
     return _evaluate(run, run.original, data, "--out", str(folder / "report.parquet"))
 
 
+def _batch_row_of_malformed_records(run: Run, folder: Path) -> list[str]:
+    """A batch row whose folder holds a ledger and a result that are valid JSON of the
+    wrong shape (``[]``): the row runs again (reading them crashed ``batch``)."""
+    row = folder / "row"
+    row.mkdir()
+    for name in ("stages.json", "result.json"):
+        (row / name).write_text("[]")
+    return _batch(run, folder / "results.parquet")
+
+
 RUNS: dict[str, Command] = {
     "evaluate, dense in the model's order": lambda r, f: _evaluate(
         r, r.original, None, "--out", str(f / "report.parquet")),
     "evaluate, dense in another order": _reordered_dense,
+    "batch, a row's records of the wrong shape": _batch_row_of_malformed_records,
 }
 
 
@@ -437,9 +448,18 @@ def test_13_inputs_a_stage_cannot_use_are_one_line(ran, case):
 def test_11_dense_columns_are_matched_by_name(ran):
     """The same dense columns stored in another order evaluate to the same AUC and
     logloss (they were read by position: AUC 0.554 instead of 0.601)."""
-    (same,), (other,) = (read_report(ran[k].folder / "report.parquet") for k in RUNS)
-    assert all(ran[k].result.rc == 0 for k in RUNS)
+    runs = [ran["evaluate, dense in the model's order"], ran["evaluate, dense in another order"]]
+    assert [r.result.rc for r in runs] == [0, 0], [r.result.stderr[-2000:] for r in runs]
+    (same,), (other,) = (read_report(r.folder / "report.parquet") for r in runs)
     assert (other["auc"], other["logloss"]) == (same["auc"], same["logloss"])
+
+
+def test_12_a_batch_row_whose_records_are_malformed_runs_again(ran):
+    r = ran["batch, a row's records of the wrong shape"]
+    assert r.result.rc == 0, r.result.stderr[-3000:]
+    (result,) = pq.read_table(r.folder / "results.parquet").to_pylist()
+    assert (result["status"], result["skipped"]) == ("ok", False)
+    assert json.loads((r.folder / "row" / "result.json").read_text())["status"] == "ok"
 
 
 # ----------------------------------------------------------------------- faults, own children
