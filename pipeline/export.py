@@ -411,12 +411,32 @@ def share_libstdcxx() -> None:
             pass
 
 
+def check_artifact(path: str | Path) -> None:
+    """Verifies the CRC-32 of every record of the artifact's zip archive (either format):
+    torch writes them, and its loaders do not check them (a changed byte in a weight
+    loads as a wrong weight).
+
+    Raises:
+        InputError: a record's content differs from its CRC-32, naming it.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise InputError(f"{path}: not a TorchScript file or AOTInductor package ({e})") from None
+    if bad is not None:
+        raise InputError(f"{path}: damaged (its record {bad} fails its CRC-32)")
+
+
 def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> tuple[Any, dict]:
     """Loads an artifact the way a server would (``torch.jit.load``, or
     ``torch._inductor.aoti_load_package`` for the aoti format, which serves on the device
-    it was compiled for); returns it and its metadata."""
+    it was compiled for), after :func:`check_artifact`; returns it and its metadata."""
     import torchrec  # noqa: F401  (registers the FBGEMM operators the file calls)
 
+    check_artifact(path)
     metadata = read_metadata(path)
     if metadata.get("artifact") == "aoti":
         share_libstdcxx()

@@ -384,3 +384,18 @@ def test_an_afm_dlrm_lowers_for_aotinductor():
     with torch.no_grad():
         got = program.module()(batch.dense_features, kjt.values(), kjt.lengths().int())
     torch.testing.assert_close(got, call(served, batch), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.reliability
+def test_a_damaged_artifact_fails_its_crc_when_afmrec_loads_it(tmp_path):
+    """torch writes a CRC-32 per record of the artifact's archive but does not check it:
+    a changed byte inside a weight loaded. afmrec's loader checks every record."""
+    model, record = compressed("dlrm")
+    path = tmp_path / "afm.pt"
+    export_model(model, record.model, path, ExportConfig(check_batch=0))
+    load_artifact(path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"afm.pt: damaged \(its record .* fails its CRC-32\)"):
+        load_artifact(path)
