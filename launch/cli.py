@@ -73,20 +73,23 @@ class Parser(argparse.ArgumentParser):
     Attributes:
         command: the sub-command the line names, if any: errors that argparse raises on
             the top-level parser (``unrecognized arguments``) are about its options.
+        errors: the lines of its errors (printed on rank 0 of a job only), shared with
+            its sub-parsers.
     """
 
     command: str | None = None
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, errors: list[str] | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.errors = [] if errors is None else errors
         # argparse looks each option's type up in this registry first (sub-parsers and
         # argument groups share their parser's class and registry).
         self.register("type", float, finite_float)
 
     def error(self, message: str) -> NoReturn:
         prog = f"afmrec {self.command}" if self.command else self.prog
-        line = f"{prog}: error: {message} (`{prog} --help` lists the options)\n"
-        self.exit(2, line if _speaks_for_the_job() else None)
+        self.errors.append(f"{prog}: error: {message} (`{prog} --help` lists the options)")
+        self.exit(2, self.errors[-1] + "\n" if _speaks_for_the_job() else None)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -103,6 +106,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         help_line = mod.HELP if mod else _HELP_LINES.get(name, "")
         p = sub.add_parser(
             name,
+            errors=parser.errors,
             help=help_line,
             description=(mod.__doc__ if mod else help_line),
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -170,7 +174,7 @@ def execute(argv: list[str] | None = None) -> Outcome:
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a bad command line (2, its line printed)
-        return Outcome(e.code if isinstance(e.code, int) else 2)
+        return Outcome(e.code if isinstance(e.code, int) else 2, (parser.errors or [None])[-1])
     if not getattr(args, "_run", None):
         parser.print_help()
         return Outcome(2)

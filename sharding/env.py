@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -34,21 +34,14 @@ DEVICE_KINDS = ("auto", "cpu", "cuda")
 _REQUIRED_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-@dataclass
-class _Job:
-    """The key-value store of the job's process group, kept past the group's end (it
-    outlives it: torchrun's agent or rank 0 holds it), and the keys of this group."""
-
-    store: Any
-    prefix: str
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}/{name}"
-
-
-_JOB: _Job | None = None
-# Process groups this process has joined: each has keys of its own (see _group_store).
+# The key-value store of the last process group this process joined, under that group's
+# prefix (see _group_store): kept past the group's end, which it outlives (torchrun's agent
+# or rank 0 holds it), for the ranks to agree on a failure (fail_job).
+_JOB_STORE: Any = None
+# Process groups this process has joined: each has keys of its own.
 _GROUPS_JOINED = 0
+# The key under which the first rank to fail records its error: "RANK\nMESSAGE".
+_ERROR_KEY = "error"
 
 
 @dataclass(frozen=True)
@@ -144,16 +137,15 @@ def _group_store(rank: int, world_size: int) -> Any:
     env:// would make a store per group, under the same key names each time: a process
     that joins a second group after destroying the first (stages run one after the other
     in one process) could read the first group's addresses, still in torchrun's store,
-    and fail to connect. It also remembers the store (:data:`_JOB`): the ranks agree
+    and fail to connect. It also remembers the store (:data:`_JOB_STORE`): the ranks agree
     through it on a failure (:func:`fail_job`).
     """
-    global _ENV_STORE, _JOB, _GROUPS_JOINED
+    global _ENV_STORE, _JOB_STORE, _GROUPS_JOINED
     if _ENV_STORE is None:
         _ENV_STORE, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
     _GROUPS_JOINED += 1
-    store = dist.PrefixStore(f"afmrec/{_GROUPS_JOINED}", _ENV_STORE)
-    _JOB = _Job(store, "job")
-    return store
+    _JOB_STORE = dist.PrefixStore(f"afmrec/{_GROUPS_JOINED}", _ENV_STORE)
+    return _JOB_STORE
 
 
 def _read_env() -> tuple[int, int, int, int]:
@@ -229,13 +221,13 @@ class _Unreachable:
 UNREACHABLE = _Unreachable()
 
 
-def _store_op(op: Any) -> Any:
-    """``op(job)`` on the job's store; None without a store, :data:`UNREACHABLE` if the
+def _store_op(op: Callable[[Any], Any]) -> Any:
+    """``op(store)`` on the job's store; None without a store, :data:`UNREACHABLE` if the
     store is gone."""
-    if _JOB is None:
+    if _JOB_STORE is None:
         return None
     try:
-        return op(_JOB)
+        return op(_JOB_STORE)
     except Exception:  # (DistNetworkError, DistStoreError...): the store's holder has exited
         return UNREACHABLE
 
@@ -261,13 +253,13 @@ def fail_job(error: BaseException) -> BaseException:
     rank = dist.get_rank()
     if isinstance(error, InputError):
         claim = f"{rank}\n{error}"
-        first = _store_op(lambda job: job.store.compare_set(job.key("error"), "", claim))
+        first = _store_op(lambda store: store.compare_set(_ERROR_KEY, "", claim))
     else:  # claimed before the failing rank left its collectives: it is there by now
-        first = _store_op(lambda job: job.store.get(job.key("error"))
-                          if job.store.check([job.key("error")]) else None)
-    if first is UNREACHABLE:
+        first = _store_op(lambda store: store.get(_ERROR_KEY) if store.check([_ERROR_KEY]) else None)
+    if first is UNREACHABLE:  # its holder, rank 0 outside torchrun, has exited
         if isinstance(error, InputError):
             return JobFailure(str(error), report=True)
+        # The backend's error (gloo's, NCCL's) at a peer's departure: the peer reported.
         return JobFailure("another rank failed", report=False) if isinstance(error, RuntimeError) else error
     if first is None:
         return error
