@@ -34,9 +34,8 @@ DEVICE_KINDS = ("auto", "cpu", "cuda")
 _REQUIRED_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-# The key-value store of the last process group this process joined, under that group's
-# prefix (see _group_store): kept past the group's end, which it outlives (torchrun's agent
-# or rank 0 holds it), for the ranks to agree on a failure (fail_job).
+# The key-value store of the process group this process is in, under that group's prefix
+# (see _group_store), for the ranks to agree on a failure (fail_job).
 _JOB_STORE: Any = None
 # Process groups this process has joined: each has keys of its own.
 _GROUPS_JOINED = 0
@@ -127,24 +126,20 @@ def init_distributed(device_kind: str = "auto") -> DistEnv:
     return DistEnv(rank, world_size, local_rank, device, backend, local_world_size)
 
 
-_ENV_STORE: Any = None  # the env:// rendezvous's store, made once a process
-
-
 def _group_store(rank: int, world_size: int) -> Any:
     """The store of a new process group: the env:// rendezvous's (torchrun's agent's, or
     one that rank 0 holds), under a prefix of its own for each group this process joins.
 
-    env:// would make a store per group, under the same key names each time: a process
-    that joins a second group after destroying the first (stages run one after the other
-    in one process) could read the first group's addresses, still in torchrun's store,
-    and fail to connect. It also remembers the store (:data:`_JOB_STORE`): the ranks agree
-    through it on a failure (:func:`fail_job`).
+    env:// alone would use the same key names for every group: a process that joins a
+    second group after destroying the first (stages run one after the other in one
+    process) could read the first group's addresses, still in torchrun's store, and fail
+    to connect. It also remembers the store (:data:`_JOB_STORE`) until the group is
+    destroyed: the ranks agree through it on a failure (:func:`fail_job`).
     """
-    global _ENV_STORE, _JOB_STORE, _GROUPS_JOINED
-    if _ENV_STORE is None:
-        _ENV_STORE, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+    global _JOB_STORE, _GROUPS_JOINED
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
     _GROUPS_JOINED += 1
-    _JOB_STORE = dist.PrefixStore(f"afmrec/{_GROUPS_JOINED}", _ENV_STORE)
+    _JOB_STORE = dist.PrefixStore(f"afmrec/{_GROUPS_JOINED}", store)
     return _JOB_STORE
 
 
@@ -193,8 +188,10 @@ def destroy_distributed() -> None:
     process group left to the interpreter's exit handlers occasionally aborts the
     process ("terminate called without an active exception") after all work is done.
     """
+    global _JOB_STORE
     if is_distributed():
         dist.destroy_process_group()
+    _JOB_STORE = None  # (a store that this rank holds closes with its last reference)
 
 
 # --- one failure, one message ------------------------------------------------------------
