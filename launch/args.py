@@ -185,13 +185,17 @@ def job(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
     (:func:`~afmrec.pipeline.artifacts.output_lock`) until the stage ends: a second
     process writing the same output fails at once.
 
+    In a job of several ranks an error on one rank stops every rank
+    (:func:`~afmrec.sharding.env.fail_job`): an input error leaves the stage as a
+    :class:`~afmrec.sharding.env.JobFailure` on every rank, which one rank reports.
+
     Yields:
         ``(env, sharding)``: the :class:`~afmrec.sharding.env.DistEnv` and the
         :class:`~afmrec.sharding.plan.ShardingConfig` of ``--sharding``.
     """
     from afmrec.pipeline.artifacts import check_not_input, output_lock
     from afmrec.pipeline.errors import InputError
-    from afmrec.sharding.env import destroy_distributed, init_distributed
+    from afmrec.sharding.env import destroy_distributed, fail_job, init_distributed
     from afmrec.sharding.plan import ShardingConfig
 
     table_sharding = {}
@@ -211,6 +215,13 @@ def job(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
     try:
         with output_lock(out) if out is not None else contextlib.nullcontext():
             yield env, sharding
+    except BaseException as e:  # (DCP's CheckpointException is not an Exception)
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        failure = fail_job(e)
+        if failure is e:
+            raise
+        raise failure from e
     finally:
         destroy_distributed()
 

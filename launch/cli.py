@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import math
 import os
 import sys
+from dataclasses import dataclass
 from types import ModuleType
+from typing import NoReturn
 
 # sub-command -> module of afmrec.launch that implements it (imported lazily: torch and
 # torchrec take seconds to import, `afmrec --help` should not).
@@ -50,19 +53,60 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(f"afmrec.launch.{COMMANDS[name]}")
 
 
+def finite_float(text: str) -> float:
+    """argparse's ``float``, without ``nan`` and ``inf``: no option of ours can use them,
+    and they pass every ``x > 0`` or ``x <= 1`` check that a range test makes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """The CLI's parser: a bad command line is one line on stderr and exit status 2, as
+    any other bad input is (argparse prints the whole usage block first), and every
+    ``type=float`` option is a :func:`finite_float`.
+
+    Attributes:
+        command: the sub-command the line names, if any: errors that argparse raises on
+            the top-level parser (``unrecognized arguments``) are about its options.
+        errors: the lines of its errors (printed on rank 0 of a job only), shared with
+            its sub-parsers.
+    """
+
+    command: str | None = None
+
+    def __init__(self, *args, errors: list[str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.errors = [] if errors is None else errors
+        # argparse looks each option's type up in this registry first (sub-parsers and
+        # argument groups share their parser's class and registry).
+        self.register("type", float, finite_float)
+
+    def error(self, message: str) -> NoReturn:
+        prog = f"afmrec {self.command}" if self.command else self.prog
+        self.errors.append(f"{prog}: error: {message} (`{prog} --help` lists the options)")
+        self.exit(2, self.errors[-1] + "\n" if _speaks_for_the_job() else None)
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="afmrec", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # Only the chosen sub-command's module is imported (and only it adds its arguments).
     chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser.command = chosen if chosen in COMMANDS else None
     for name in COMMANDS:
         mod = _module(name) if name == chosen else None
         help_line = mod.HELP if mod else _HELP_LINES.get(name, "")
         p = sub.add_parser(
             name,
+            errors=parser.errors,
             help=help_line,
             description=(mod.__doc__ if mod else help_line),
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -90,26 +134,62 @@ _HELP_LINES = {
 }
 
 
+def _speaks_for_the_job() -> bool:
+    """Whether this process reports an error that every rank of its job meets alike (the
+    command line, the options: what is checked before the job's process group exists):
+    rank 0 does, and a process outside a job of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) < 2 or os.environ.get("RANK", "0") == "0"
+
+
+def _reports(error: Exception) -> bool:
+    """Whether this process prints ``error``: in a job of several ranks, one rank does;
+    an error that stopped the job's stage says which (``JobFailure.report``)."""
+    from afmrec.sharding.env import JobFailure
+
+    if isinstance(error, JobFailure):
+        return error.report
+    return _speaks_for_the_job()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a command ended: its exit status and, for bad input, its one-line error (on
+    every rank of a job, also those that leave the printing to another)."""
+
+    status: int
+    error: str | None = None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``afmrec`` console script."""
+    return execute(argv).status
+
+
+def execute(argv: list[str] | None = None) -> Outcome:
+    """Runs one ``afmrec`` command line, printing what :func:`main` prints."""
     from afmrec.pipeline.errors import InputError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad command line (2, its line printed)
+        return Outcome(e.code if isinstance(e.code, int) else 2, (parser.errors or [None])[-1])
     if not getattr(args, "_run", None):
         parser.print_help()
-        return 2
+        return Outcome(2)
     try:
-        return int(args._run(args) or 0)
+        return Outcome(int(args._run(args) or 0))
     except InputError as e:
         if args.debug:
             raise
-        print(f"afmrec {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        line = f"afmrec {args.command}: error: {e}"
+        if _reports(e):
+            print(line, file=sys.stderr)
+        return Outcome(2, line)
     except KeyboardInterrupt:
         print(f"afmrec {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return Outcome(130)
     finally:
         if "WORLD_SIZE" in os.environ:
             # A finished rank once aborted at exit ("terminate called without an active

@@ -102,11 +102,12 @@ def _print_results(results: list[dict[str, Any]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from afmrec.pipeline.artifacts import check_not_input
+    from afmrec.pipeline.artifacts import BATCH_RESULTS, check_not_input, check_replaceable
     from afmrec.pipeline.batch import failed_result, finished_result, read_manifest, write_results
 
     setup_logging(args.quiet)
     check_not_input(args.out, args.manifest)
+    check_replaceable(args.out, True, kind=BATCH_RESULTS)  # an earlier table, never another file
     if args.checkpoint_every < 1:
         raise InputError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     config = slurm_config_from_args(args)

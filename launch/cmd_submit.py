@@ -19,7 +19,7 @@ from submitit.helpers import Checkpointable
 
 from afmrec.pipeline.errors import InputError
 
-from .slurm import add_slurm_arguments, export_env, make_executor, outcome, slurm_config_from_args
+from .slurm import StageError, add_slurm_arguments, export_env, make_executor, outcome, slurm_config_from_args
 
 HELP = "run a stage (stats, compress, ...) as a SLURM job through submitit"
 
@@ -34,13 +34,15 @@ class CliJob(Checkpointable):
         self.argv = list(argv)
 
     def __call__(self) -> int:
-        from .cli import main
+        from .cli import execute
 
         export_env()
-        status = main(self.argv)
-        if status:  # so that the job counts as failed; the stage's one-line error is in its log
-            raise RuntimeError(f"afmrec {self.argv[0]} exited with status {status}")
-        return status
+        outcome = execute(self.argv)
+        if outcome.error is not None:  # bad input: `afmrec submit` reports the stage's line
+            raise StageError(outcome.error)
+        if outcome.status:  # so that the job counts as failed
+            raise RuntimeError(f"afmrec {self.argv[0]} exited with status {outcome.status}")
+        return outcome.status
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.wait and config.executor != "debug":  # a debug job runs when waited for
         return 0
     result = outcome(job)
+    if result.bad_input and config.executor == "debug":
+        return 2  # the stage ran in this process and printed its line
+    if result.bad_input:
+        print(f"afmrec submit: error: {result.error}", file=sys.stderr)
+        return 2
     if result.error is not None:
         print(f"afmrec submit: {result.error}", file=sys.stderr)
         return 1

@@ -83,7 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from afmrec.pipeline.artifacts import SPLITS, check_replaceable
+
     setup_logging(args.quiet)
+    check_replaceable(args.out, args.overwrite, kind=SPLITS)  # before generating anything
     multi_hot = args.multi_hot
     if multi_hot is not None and len(multi_hot) == 1:
         multi_hot = multi_hot * len(args.tables)

@@ -298,23 +298,44 @@ def distributed_task(device: str = "auto", sharding: Sequence[str] = ("*=table_w
         yield pair
 
 
+class StageError(Exception):
+    """Raised by a job whose stage stopped on bad input, with the stage's one-line error:
+    the job fails (as SLURM accounts it), and :func:`outcome` reports that line."""
+
+
 @dataclass(frozen=True)
 class JobOutcome:
-    """What a finished job gave: rank 0's return value, or why it gave none."""
+    """What a finished job gave: rank 0's return value, or why it gave none.
+
+    Attributes:
+        result: rank 0's return value.
+        error: one line: why the job did not finish, and where its log is.
+        bad_input: whether it stopped on bad input (a :class:`StageError`).
+    """
 
     result: Any = None
     error: str | None = None
+    bad_input: bool = False
 
 
 _EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b")
+# How a StageError ends the traceback text that submitit keeps of a failed job.
+_STAGE_ERROR = re.compile(r"^(?:[\w.]+\.)?StageError: (.+)$")
 
 
-def _summary(job: Any, error: BaseException) -> str:
-    """One line of a job's failure (the exception that ended it) and where its logs are."""
+def _failure(job: Any, error: BaseException) -> JobOutcome:
+    """A job's failure in one line (the exception that ended it, or the stage's error)
+    and where its log is."""
+    log = f"(log: {job.paths.stderr})"
+    if isinstance(error, StageError):  # raised in this process (the debug executor)
+        return JobOutcome(error=f"job {job.job_id}: {error} {log}", bad_input=True)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     raised = [line for line in lines if _EXCEPTION_LINE.match(line)]
     head = raised[-1] if raised else (lines[0] if lines else type(error).__name__)
-    return f"job {job.job_id} did not finish: {head} (log: {job.paths.stderr})"
+    stage = _STAGE_ERROR.match(head)
+    if stage:
+        return JobOutcome(error=f"job {job.job_id}: {stage.group(1)} {log}", bad_input=True)
+    return JobOutcome(error=f"job {job.job_id} did not finish: {head} {log}")
 
 
 def outcome(job: Any) -> JobOutcome:
@@ -327,10 +348,10 @@ def outcome(job: Any) -> JobOutcome:
         try:
             return JobOutcome(result=job.results()[0])
         except Exception as e:
-            return JobOutcome(error=_summary(job, e))
+            return _failure(job, e)
     error = job.exception()  # never raises for a failed job, unlike results()
     if error is not None:
-        return JobOutcome(error=_summary(job, error))
+        return _failure(job, error)
     return JobOutcome(result=job.results()[0])
 
 

@@ -46,6 +46,9 @@ class ModelConfig:
         over_arch: layer sizes of the top MLP (dlrm, dcn); the last one must be 1.
         deep_arch: hidden layer sizes of DeepFM's deep tower (a final Linear to 1 is added).
         dcn_num_layers / dcn_low_rank_dim: DCNv2 cross-network depth and rank.
+        dense_names: the names of the ``N`` dense features in input order (the data's
+            columns are matched to them by name); ``None`` for models of earlier
+            versions, which match them by position.
     """
 
     arch: str
@@ -57,6 +60,7 @@ class ModelConfig:
     deep_arch: tuple[int, ...] = (256, 128)
     dcn_num_layers: int = 2
     dcn_low_rank_dim: int = 16
+    dense_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -76,6 +80,13 @@ class ModelConfig:
             raise ValueError(f"over_arch must end in 1, got {self.over_arch}")
         if any(s <= 0 for s in (*self.dense_arch, *self.over_arch, *self.deep_arch)):
             raise ValueError("layer sizes must be positive")
+        if self.dense_names is not None and (len(self.dense_names) != self.num_dense
+                                             or len(set(self.dense_names)) != self.num_dense):
+            raise ValueError(f"dense_names must name each of the {self.num_dense} dense features "
+                             f"once, got {list(self.dense_names)}")
+        if self.dcn_num_layers < 0 or self.dcn_low_rank_dim < 1:
+            raise ValueError(f"dcn_num_layers must be >= 0 and dcn_low_rank_dim >= 1, got "
+                             f"{self.dcn_num_layers} and {self.dcn_low_rank_dim}")
 
     @property
     def feature_names(self) -> list[str]:
@@ -88,8 +99,8 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         d = dict(d)
         d["tables"] = tuple(TableSpec(**t) for t in d["tables"])
-        for k in ("dense_arch", "over_arch", "deep_arch"):
-            if k in d:
+        for k in ("dense_arch", "over_arch", "deep_arch", "dense_names"):
+            if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)
 

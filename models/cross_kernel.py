@@ -66,7 +66,14 @@ def project_codes(codes: torch.Tensor, nonempty: torch.Tensor, code_weight: torc
     z = codes.view(-1, fields, k)  # (B, F, K)
     parts = [z, nonempty.to(z.dtype).unsqueeze(2)] + ([z.new_zeros(z.shape[0], fields, pad)] if pad else [])
     # (F, B, K + 1 + pad) @ (F, K + 1 + pad, D) -> (F, B, D), i.e. ``out`` transposed
-    torch.bmm(torch.cat(parts, dim=2).transpose(0, 1), code_weight, out=out.transpose(0, 1))
+    x = torch.cat(parts, dim=2).transpose(0, 1)
+    if torch.compiler.is_exporting():
+        # torch.export replays the write through out's transposed view on out's base and
+        # gives the base the view's strides, which the caller's later views of it (a
+        # flattening) cannot take: AOTInductor failed on the CPU. A copy exports cleanly.
+        out.copy_(torch.bmm(x, code_weight).transpose(0, 1))
+    else:
+        torch.bmm(x, code_weight, out=out.transpose(0, 1))
 
 
 def interaction(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,

@@ -7,6 +7,11 @@ half-written artifact visible. What a killed process left beside an output is re
 by the next write of that output (:func:`clean_stale`). A write that fails (disk full,
 file-size limit, permissions) raises :class:`WriteError`, one line naming the output, and
 replaces nothing. :func:`output_lock` keeps two jobs from writing the same output.
+
+An existing output is replaced only with ``overwrite``, and only by an output of the same
+:class:`Kind` (a model by a model, a report by a report), recognised on disk by what it
+holds: a folder holding anything that afmrec did not write, or a file of another kind, is
+never replaced (:func:`check_replaceable`).
 """
 
 from __future__ import annotations
@@ -18,21 +23,18 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import InputError
 from .locks import locked_here, output_lock  # noqa: F401 (output_lock: re-exported)
 
 log = logging.getLogger(__name__)
-
-# A folder that --overwrite may replace is empty or an artifact: it holds one of these, at
-# its top or in a subfolder (a model; a dataset, or synth's train/ and test/). Anything
-# else is a user's folder that a mistyped --out must never delete.
-ARTIFACT_MARKERS = ("model.json", "_dataset.json")
 
 _HOST = socket.gethostname()
 # How much a failed write's diagnosis tries to write (see _probe).
@@ -123,6 +125,164 @@ def clean_stale(path: str | os.PathLike[str]) -> None:
                 log.info("%s: removed %s, left by an interrupted write", path, p.name)
 
 
+# --- kinds of output ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of output that afmrec writes, and how to recognise one on disk.
+
+    Attributes:
+        name: what messages call it ("model folder", "statistics file"...).
+        folder: whether it is a folder (else a file).
+        test: whether an existing, non-empty path is one. Folders are recognised by a
+            marker file and by holding nothing but what the kind writes, so that a
+            user's folder that merely contains an artifact is not one.
+    """
+
+    name: str
+    folder: bool
+    test: Callable[[Path], bool]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# What a model folder holds (save_model: model.json, checkpoint/, and for a compressed
+# model the bases and ranks that compress writes beside them).
+MODEL_ENTRIES = frozenset({"model.json", "checkpoint", "bases.pt", "ranks.parquet"})
+DATASET_MARKER = "_dataset.json"
+SPLIT_NAMES = frozenset({"train", "test"})
+# JSON outputs are small; a larger file is not one of ours (and is not read whole).
+_JSON_LIMIT = 64 << 20
+
+
+# What afmrec leaves beside an output it writes: its lock, a statistics pass's saves, and
+# the temporaries of an interrupted write (see _scratch).
+_BOOKKEEPING = re.compile(r"^\..+\.(lock|partial|(tmp|old|probe)-.+)$")
+
+
+def _entries(path: Path) -> set[str]:
+    """The names in the folder ``path``, less afmrec's bookkeeping beside its outputs."""
+    return {p.name for p in path.iterdir() if not _BOOKKEEPING.match(p.name)}
+
+
+def _is_model_folder(path: Path) -> bool:
+    return (path / "model.json").is_file() and _entries(path) <= MODEL_ENTRIES
+
+
+def _is_dataset(path: Path) -> bool:
+    return (path / DATASET_MARKER).is_file() and all(
+        n == DATASET_MARKER or n.endswith(".parquet") for n in _entries(path))
+
+
+def _is_splits(path: Path) -> bool:
+    """``afmrec synth``'s output: ``train/`` and perhaps ``test/``, each a dataset."""
+    names = _entries(path)
+    return bool(names) and names <= SPLIT_NAMES and all(_is_dataset(path / n) for n in names)
+
+
+def _torch_format(path: Path) -> str | None:
+    """The ``format`` of a ``torch.save``d dict (its ``meta``'s for statistics written
+    before they carried a checksum), read without loading its tensors (memory-mapped)."""
+    import torch
+
+    try:
+        obj = torch.load(path, mmap=True, weights_only=True)
+    except Exception:  # not a torch file, or one we cannot read: not ours
+        return None
+    if not isinstance(obj, dict):
+        return None
+    meta = obj.get("meta")
+    found = obj.get("format") or (meta.get("format") if isinstance(meta, dict) else None)
+    return found if isinstance(found, str) else None
+
+
+def _is_statistics(path: Path) -> bool:
+    return (_torch_format(path) or "").startswith("afmrec.stats/")  # a version of STATISTICS_FORMAT
+
+
+def _is_statistics_save(path: Path) -> bool:
+    return _torch_format(path) == STATISTICS_SAVE_FORMAT
+
+
+def _parquet_columns(path: Path) -> set[str] | None:
+    import pyarrow.parquet as pq
+
+    try:
+        return set(pq.read_schema(path).names)
+    except Exception:  # not Parquet
+        return None
+
+
+def _is_report(path: Path) -> bool:
+    from .report import REPORT_COLUMNS
+
+    return set(REPORT_COLUMNS) <= (_parquet_columns(path) or set())
+
+
+def _is_batch_results(path: Path) -> bool:
+    from .batch import RESULT_SCHEMA
+
+    return set(RESULT_SCHEMA.names) <= (_parquet_columns(path) or set())
+
+
+def _is_serving_artifact(path: Path) -> bool:
+    from .export import read_metadata
+
+    try:
+        read_metadata(path)
+    except InputError:
+        return False
+    return True
+
+
+def _is_json(path: Path) -> bool:
+    if path.stat().st_size > _JSON_LIMIT:
+        return False
+    try:
+        json.loads(path.read_bytes())
+    except ValueError:  # also UnicodeDecodeError
+        return False
+    return True
+
+
+MODEL = Kind("model folder", True, _is_model_folder)
+DATASET = Kind("dataset", True, _is_dataset)
+SPLITS = Kind("synthetic dataset (train/ and test/)", True, _is_splits)
+STATISTICS = Kind("statistics file", False, _is_statistics)
+STATISTICS_SAVE = Kind("statistics pass save", False, _is_statistics_save)
+REPORT = Kind("report", False, _is_report)
+BATCH_RESULTS = Kind("batch results table", False, _is_batch_results)
+SERVING = Kind("serving artifact", False, _is_serving_artifact)
+# Generic kinds last: what other writers produce (benchmark records, learning curves).
+PARQUET = Kind("Parquet table", False, lambda p: _parquet_columns(p) is not None)
+JSON = Kind("JSON file", False, _is_json)
+KINDS = (MODEL, SPLITS, DATASET, STATISTICS, STATISTICS_SAVE, REPORT, BATCH_RESULTS, SERVING,
+         PARQUET, JSON)
+
+
+def kind_of(path: str | os.PathLike[str]) -> Kind | None:
+    """The most specific :class:`Kind` of an existing, non-empty ``path``; None if it is
+    nothing that afmrec writes."""
+    path = Path(path)
+    folder = path.is_dir()
+    return next((k for k in KINDS if k.folder == folder and k.test(path)), None)
+
+
+def _is_empty(path: Path) -> bool:
+    return not _entries(path) if path.is_dir() else path.stat().st_size == 0
+
+
+def _foreign(path: Path) -> str:
+    """What makes ``path`` a user's: a few of its entries, or "a file"."""
+    if not path.is_dir():
+        return "a file that afmrec did not write"
+    names = sorted(_entries(path))
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return f"a folder holding {shown}"
+
+
 # --- failed writes --------------------------------------------------------------------------
 
 
@@ -175,11 +335,14 @@ def _write_errors(path: Path) -> Iterator[None]:
         raise WriteError(path, reason) from e
 
 
-def check_replaceable(path: str | os.PathLike[str], overwrite: bool, folder: bool) -> None:
+def check_replaceable(path: str | os.PathLike[str], overwrite: bool, folder: bool | None = None,
+                      kind: Kind | None = None) -> None:
     """An existing ``path`` is replaced only with ``overwrite``, only by the same kind of
-    thing (a file by a file, a folder by a folder), and a folder only if it is empty or an
-    artifact (see :data:`ARTIFACT_MARKERS`). The atomic writers check it; a stage that
-    works long before it writes checks it first, so as not to fail at the end.
+    thing, and only if afmrec wrote it: an empty file or folder, or an output of ``kind``
+    (:func:`kind_of`). Without a ``kind`` (a writer that tells its kind by what it writes,
+    see :func:`atomic_dir`) it must be an output of some kind, a file if not ``folder``
+    and a folder if ``folder``. The atomic writers check it; a stage that works long
+    before it writes checks it first, so as not to fail at the end.
 
     Raises:
         InputError: ``path`` may not be replaced, saying why.
@@ -189,16 +352,31 @@ def check_replaceable(path: str | os.PathLike[str], overwrite: bool, folder: boo
         return
     if not overwrite:
         raise InputError(f"{path} already exists; refusing to overwrite it (--overwrite replaces it)")
-    if path.is_dir() != folder:
+    folder = kind.folder if kind is not None else folder
+    if folder is not None and path.is_dir() != folder:
         have, want = ("folder", "file") if path.is_dir() else ("file", "folder")
         raise InputError(f"{path} is a {have}; refusing to replace it with a {want}")
-    if folder and any(path.iterdir()):
-        places = [path, *(p for p in path.iterdir() if p.is_dir())]
-        if not any((p / m).is_file() for p in places for m in ARTIFACT_MARKERS):
-            raise InputError(
-                f"{path} holds files that are not an afmrec artifact (no "
-                f"{' or '.join(ARTIFACT_MARKERS)}); refusing to replace it, even with --overwrite"
-            )
+    if _is_empty(path):
+        return
+    have = kind_of(path)
+    if have is None:
+        raise InputError(f"{path} is not an afmrec artifact ({_foreign(path)}); refusing to "
+                         "replace it, even with --overwrite")
+    if kind is not None and have != kind:
+        raise InputError(f"{path} is a {have}; refusing to replace it with a {kind}, even with "
+                         "--overwrite")
+
+
+def _check_same_kind(tmp: Path, path: Path, kind: Kind | None) -> None:
+    """Before an ``overwrite`` publishes ``tmp``: ``path`` must be of the kind written."""
+    if not os.path.lexists(path):
+        return
+    written = kind or kind_of(tmp)
+    if written is None:  # a writer of no known kind replaces nothing but an empty path
+        if not _is_empty(path):
+            raise InputError(f"{path} exists; refusing to replace it with an output of no known kind")
+        return
+    check_replaceable(path, True, kind=written)
 
 
 def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
@@ -252,20 +430,23 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike[str], *, overwrite: bool = False,
+                kind: Kind | None = None) -> Iterator[Path]:
     """Yields a temporary path; on success it is fsynced and renamed to ``path``.
 
     Args:
         path: final file name.
-        overwrite: replace an existing file (atomically). Without it an existing
-            ``path`` is an :class:`InputError`.
+        overwrite: replace an existing file of the same kind (atomically). Without it an
+            existing ``path`` is an :class:`InputError`.
+        kind: what is written; None: recognised from the written file (:func:`kind_of`).
 
     Raises:
+        InputError: ``path`` exists and may not be replaced (:func:`check_replaceable`).
         WriteError: the file could not be written (nothing was replaced).
     """
     path = Path(path)
     clean_stale(path)
-    check_replaceable(path, overwrite, folder=False)
+    check_replaceable(path, overwrite, folder=False, kind=kind)
     tmp = _scratch(path)
     try:
         with _write_errors(path):
@@ -273,6 +454,8 @@ def atomic_file(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
             yield tmp
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+            if overwrite:
+                _check_same_kind(tmp, path, kind)
             _publish(tmp, path, overwrite)
     finally:
         if tmp.exists():
@@ -280,25 +463,30 @@ def atomic_file(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False,
+               kind: Kind | None = None) -> Iterator[Path]:
     """Yields an empty temporary folder; on success it is renamed to ``path``.
 
-    With ``overwrite`` an existing ``path`` is replaced only after the new content is
-    complete (the old folder is moved aside, then removed; a kill between the two renames
-    is repaired by the next write, see :func:`clean_stale`).
+    With ``overwrite`` an existing ``path`` of the same kind (``kind``, or else the kind
+    of the written folder: a dataset replaces a dataset, never a model) is replaced only
+    after the new content is complete (the old folder is moved aside, then removed; a
+    kill between the two renames is repaired by the next write, see :func:`clean_stale`).
 
     Raises:
+        InputError: ``path`` exists and may not be replaced (:func:`check_replaceable`).
         WriteError: the folder could not be written (nothing was replaced).
     """
     path = Path(path)
     clean_stale(path)
-    check_replaceable(path, overwrite, folder=True)
+    check_replaceable(path, overwrite, folder=True, kind=kind)
     tmp = _scratch(path)
     try:
         with _write_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             yield tmp
+            if overwrite:
+                _check_same_kind(tmp, path, kind)
             _publish(tmp, path, overwrite)
     finally:
         if tmp.exists():
@@ -315,7 +503,8 @@ def _broadcast(obj: Any) -> Any:
 
 
 @contextlib.contextmanager
-def shared_atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+def shared_atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False,
+                      kind: Kind | None = None) -> Iterator[Path]:
     """:func:`atomic_dir` for a folder that every rank of a job writes into (a sharded
     checkpoint). Collective: rank 0 picks the temporary folder and renames it when every
     rank is done; in a single process it is :func:`atomic_dir`.
@@ -324,7 +513,7 @@ def shared_atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) 
     from afmrec.sharding.env import barrier, is_collective, is_rank_zero
 
     if not is_collective():
-        with atomic_dir(path, overwrite=overwrite) as tmp:
+        with atomic_dir(path, overwrite=overwrite, kind=kind) as tmp:
             yield tmp
         return
     path = Path(path)
@@ -332,7 +521,7 @@ def shared_atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) 
     if is_rank_zero():
         try:
             clean_stale(path)
-            check_replaceable(path, overwrite, folder=True)
+            check_replaceable(path, overwrite, folder=True, kind=kind)
             with _write_errors(path):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = _scratch(path)
@@ -356,6 +545,8 @@ def shared_atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) 
     if is_rank_zero():
         try:
             with _write_errors(path):
+                if overwrite:
+                    _check_same_kind(tmp, path, kind)
                 _publish(tmp, path, overwrite)
         except InputError as e:
             _remove(tmp)
@@ -363,6 +554,95 @@ def shared_atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) 
     error = _broadcast(error)
     if error:
         raise InputError(error)
+
+
+# --- torch files with a checksum ---------------------------------------------------------------
+
+# Formats of the checked torch files (the "format" of their outer dict).
+STATISTICS_FORMAT = "afmrec.stats/2"
+STATISTICS_SAVE_FORMAT = "afmrec.stats.partial/1"
+
+
+def _digest_into(h: "hashlib._Hash", obj: Any) -> None:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}:".encode())
+        for key in sorted(obj, key=repr):
+            _digest_into(h, key)
+            _digest_into(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}:".encode())
+        for item in obj:
+            _digest_into(h, item)
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        h.update(f"S{type(obj).__name__}:{obj!r};".encode())
+    else:
+        raise TypeError(f"cannot checksum a {type(obj).__name__}")
+
+
+def content_digest(obj: Any) -> str:
+    """SHA-256 of a nest of dicts, lists and tuples of tensors and JSON scalars: of the
+    values (dtype, shape and bytes of every tensor), not of the file that holds them."""
+    h = hashlib.sha256()
+    _digest_into(h, obj)
+    return h.hexdigest()
+
+
+def save_checked(state: dict[str, Any], path: str | os.PathLike[str], format: str) -> None:
+    """``torch.save`` of ``state`` with the SHA-256 of its content (:func:`content_digest`),
+    verified by :func:`load_checked`.
+
+    torch's zip files carry a CRC-32 per record, but ``torch.load`` does not check them:
+    without this, a changed byte inside a tensor loads as a wrong number.
+    """
+    import torch
+
+    torch.save({"format": format, "sha256": content_digest(state), "state": state}, path)
+
+
+def load_checked(path: str | os.PathLike[str], format: str, what: str,
+                 legacy: Callable[[Any], bool] | None = None) -> dict[str, Any]:
+    """The state that :func:`save_checked` wrote to ``path`` as ``format``, verified.
+
+    Args:
+        path: the file.
+        format: the format it must have.
+        what: what the file is, for messages ("statistics file").
+        legacy: accepts a file of an earlier version, written without a checksum
+            (loaded as it is, with a warning); None: such files are refused.
+
+    Raises:
+        InputError: the file is missing, unreadable, of another format, or its content
+            differs from the checksum recorded when it was written.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found")
+    try:
+        obj = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable {what} ({type(e).__name__})") from None
+    if isinstance(obj, dict) and obj.get("format") == format:
+        try:
+            same = obj["sha256"] == content_digest(obj["state"])
+        except (KeyError, TypeError):
+            same = False
+        if not same:
+            raise InputError(f"{path}: damaged (its content differs from the SHA-256 recorded "
+                             "when it was written)")
+        return obj["state"]
+    if legacy is not None and legacy(obj):
+        log.warning("%s: written without a checksum (by an earlier afmrec); its content "
+                    "cannot be verified", path)
+        return obj
+    raise InputError(f"{path}: not a readable {what} (not of format {format})")
 
 
 # --- inputs --------------------------------------------------------------------------
@@ -382,8 +662,8 @@ def check_not_input(out: str | os.PathLike[str], *inputs: str | os.PathLike[str]
 
 
 def write_json(path: str | os.PathLike[str], obj: Any, *, overwrite: bool = False) -> None:
-    """Writes ``obj`` as indented JSON, atomically."""
-    with atomic_file(path, overwrite=overwrite) as tmp:
+    """Writes ``obj`` as indented JSON, atomically (``overwrite`` replaces a JSON file)."""
+    with atomic_file(path, overwrite=overwrite, kind=JSON) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 

@@ -37,14 +37,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from afmrec.models import ModelConfig
-from afmrec.sharding.env import DistEnv, barrier
+from afmrec.sharding.env import DistEnv, barrier, fail_job
 from afmrec.sharding.plan import ShardingConfig
 
-from .artifacts import _broadcast, atomic_dir, atomic_file, fingerprint, read_json, write_json
+from .artifacts import (BATCH_RESULTS, MODEL, _broadcast, atomic_dir, atomic_file, fingerprint,
+                        read_json, write_json)
 from .compress import CompressConfig
 from .errors import InputError
 from .evaluate import count_parameters
-from .hints import scalar_type
+from .hints import scalar_type, typed_dataclass
 from .model_io import ModelRecord, load_record, skeleton
 from .ranks import RankConfig
 from .report import read_report
@@ -163,7 +164,10 @@ def _convert(kind: type, value: Any, base: Path) -> Any:
         return int(value)
     if kind in (int, float) and isinstance(value, bool):
         raise ValueError(value)
-    return kind(value.strip() if isinstance(value, str) else value)
+    converted = kind(value.strip() if isinstance(value, str) else value)
+    if kind is float and not math.isfinite(converted):  # "nan" and "inf" parse as floats
+        raise ValueError(value)
+    return converted
 
 
 @functools.cache
@@ -258,13 +262,25 @@ def stage_keys(row: BatchRow) -> dict[str, str]:
     return keys
 
 
+def _json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object that a run wrote in a row's folder (``stages.json``, ``result.json``),
+    or None where it is absent, unreadable or of another shape: they record what was done,
+    and the row redoing it rebuilds them."""
+    try:
+        found = read_json(path) if path.is_file() else None
+    except InputError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
 class _Ledger:
     """``out/stages.json``: the key each finished stage of the row was computed from."""
 
     def __init__(self, out: Path, env: DistEnv) -> None:
         self.path = out / LEDGER
         self.env = env
-        self.keys: dict[str, str] = read_json(self.path) if self.path.is_file() else {}
+        found = _json_object(self.path) or {}
+        self.keys: dict[str, str] = {k: v for k, v in found.items() if isinstance(v, str)}
 
     def todo(self, stage: str, key: str, output: Path) -> bool:
         """Whether the stage must run; every rank gets rank 0's answer."""
@@ -308,13 +324,12 @@ def _check_inputs(row: BatchRow) -> None:
 
 
 def _read_model_config(path: Path) -> ModelRecord:
+    """A ``model.json``, or a bare :class:`ModelConfig` object (every field's type checked)."""
     d = read_json(path)
-    if "format" in d:
+    if isinstance(d, dict) and "format" in d:
         return ModelRecord.from_dict(d, str(path))
-    try:
-        return ModelRecord(ModelConfig.from_dict(d), provenance={"model_config": str(path)})
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path}: not a model config ({e})") from None
+    return ModelRecord(typed_dataclass(ModelConfig, d, f"{path} (a model config)"),
+                       provenance={"model_config": str(path)})
 
 
 def _original(row: BatchRow, env: DistEnv) -> Path:
@@ -330,7 +345,7 @@ def _original(row: BatchRow, env: DistEnv) -> Path:
     fresh = (current.is_file() and (view / "checkpoint").resolve() == weights
              and ModelRecord.from_dict(read_json(current)).model == record.model)
     if env.rank == 0 and not fresh:
-        with atomic_dir(view, overwrite=True) as tmp:
+        with atomic_dir(view, overwrite=True, kind=MODEL) as tmp:
             write_json(tmp / "model.json", record.to_dict())
             (tmp / "checkpoint").symlink_to(weights)
     barrier()
@@ -438,6 +453,10 @@ def run_row(
         keys = stage_keys(row)  # (hashes every input file: once per row)
         measures = _run_stages(row, keys, env, sharding, checkpoint_every, progress)
     except Exception as e:  # the row fails alone; its log keeps the traceback of a bug
+        # In a job of several ranks, the rank that records the result (rank 0) may have
+        # stopped only because another rank left a collective: the error is the one that
+        # rank claimed (fail_job), not "connection closed by peer".
+        e = fail_job(e)  # type: ignore[assignment]
         log.error("row %s failed: %s", row.name, _describe(e), exc_info=not isinstance(e, InputError))
         return failed_result(row, _describe(e), time.perf_counter() - start)
     result = {**_identity(row), **measures, "status": "ok", "error": None,
@@ -450,11 +469,7 @@ def run_row(
 
 def finished_result(row: BatchRow) -> dict[str, Any] | None:
     """The result of an earlier run that finished the row as it is now, or None."""
-    path = row.out / RESULT
-    try:
-        result = read_json(path) if path.is_file() else None
-    except InputError:  # unreadable: the row runs again
-        return None
+    result = _json_object(row.out / RESULT)  # unreadable: the row runs again
     if result is None or result.get("status") != "ok" or result.get("key") != row_key(row):
         return None
     return {**result, "skipped": True}
@@ -485,9 +500,10 @@ RESULT_SCHEMA = pa.schema([
 
 
 def write_results(results: list[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
-    """Writes one row per checkpoint (:data:`RESULT_SCHEMA`), replacing an older table:
-    it is a view of the rows' own results, rebuilt by every run of the manifest."""
+    """Writes one row per checkpoint (:data:`RESULT_SCHEMA`), replacing an older table
+    (never a file of another kind): it is a view of the rows' own results, rebuilt by
+    every run of the manifest."""
     table = pa.Table.from_pylist([{c: r.get(c) for c in RESULT_SCHEMA.names} for r in results],
                                  schema=RESULT_SCHEMA)
-    with atomic_file(path, overwrite=True) as tmp:
-        pq.write_table(table, tmp)
+    with atomic_file(path, overwrite=True, kind=BATCH_RESULTS) as tmp:
+        pq.write_table(table, tmp, write_page_checksum=True)

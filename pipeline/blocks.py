@@ -147,14 +147,18 @@ def select_blocks(
     """Blocks whose name matches a ``target`` glob and no ``exclude`` glob.
 
     Raises:
-        InputError: a pattern matches no block (a typo must not be a silent no-op).
+        InputError: a pattern matches no block (a typo must not be a silent no-op), or
+            the patterns leave no block (there would be nothing to observe or compress).
     """
     target, exclude = list(target), list(exclude)
     names = [b.name for b in blocks]
     for p in (*target, *exclude):
         if not any(fnmatch.fnmatchcase(n, p) for n in names):
             raise InputError(f"pattern {p!r} matches no block; blocks are: {', '.join(names)}")
-    return [b for b in blocks if match(b.name, target) and not match(b.name, exclude)]
+    chosen = [b for b in blocks if match(b.name, target) and not match(b.name, exclude)]
+    if not chosen:
+        raise InputError(f"the target patterns {target} less the excluded {exclude} leave no block")
+    return chosen
 
 
 def resolve_pattern_map(mapping: dict[str, int], names: list[str]) -> dict[str, int]:

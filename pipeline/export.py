@@ -48,7 +48,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from afmrec.models import ModelConfig
 
-from .artifacts import atomic_file, versions
+from .artifacts import SERVING, atomic_file, versions
 from .budget import ROW_ALIGNMENT
 from .errors import InputError
 from .evaluate import count_parameters
@@ -265,21 +265,22 @@ def write_artifact(
         "lookup": kernels["lookup"],
         "features": list(served.features),
         "num_dense": config.num_dense,
+        "dense_names": list(config.dense_names) if config.dense_names is not None else None,
         "arch": config.arch,
         "tables": served.tables,
         "params": served.params,
         "device": str(device),
         "source": source or {},
         "versions": versions(),
-        "forward": "logits (B,) = model(dense (B, num_dense) float32, values (L,) int64, "
+        "forward": "logits (B,) = model(dense (B, num_dense) float32 (columns as dense_names), values (L,) int64, "
                    "lengths (len(features) * B,) int32, feature-major)",
     }
     scripted = script(served) if format == "torchscript" else None
-    with atomic_file(out, overwrite=overwrite) as tmp:
+    with atomic_file(out, overwrite=overwrite, kind=SERVING) as tmp:
         if scripted is None:
             aoti_package(served, config, tmp, metadata)
         else:
-            torch.jit.save(scripted, str(tmp), _extra_files={METADATA: json.dumps(metadata, indent=1)})
+            _save_script(scripted, tmp, metadata)
         if check_batch:
             batch = example_batch(config, check_batch, device)
             loaded, _ = load_artifact(tmp, device)
@@ -294,6 +295,19 @@ def write_artifact(
     del scripted
     gc.collect()
     return metadata
+
+
+def _save_script(scripted: torch.jit.ScriptModule, path: Path, metadata: dict[str, Any]) -> None:
+    """Writes the TorchScript file with its metadata.
+
+    It is assembled in memory (one more copy of the artifact's size, for the moment of
+    the write) and written by Python: torch's own file writer, when a write fails (disk
+    full, file size limit), fails again in its destructor and aborts the process
+    (``std::terminate``) instead of raising, which would leave the temporary file behind.
+    """
+    data = scripted.save_to_buffer(_extra_files={METADATA: json.dumps(metadata, indent=1)})
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 class _ExportableIds:
@@ -405,12 +419,32 @@ def share_libstdcxx() -> None:
             pass
 
 
+def check_artifact(path: str | Path) -> None:
+    """Verifies the CRC-32 of every record of the artifact's zip archive (either format):
+    torch writes them, and its loaders do not check them (a changed byte in a weight
+    loads as a wrong weight).
+
+    Raises:
+        InputError: a record's content differs from its CRC-32, naming it.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise InputError(f"{path}: not a TorchScript file or AOTInductor package ({e})") from None
+    if bad is not None:
+        raise InputError(f"{path}: damaged (its record {bad} fails its CRC-32)")
+
+
 def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> tuple[Any, dict]:
     """Loads an artifact the way a server would (``torch.jit.load``, or
     ``torch._inductor.aoti_load_package`` for the aoti format, which serves on the device
-    it was compiled for); returns it and its metadata."""
+    it was compiled for), after :func:`check_artifact`; returns it and its metadata."""
     import torchrec  # noqa: F401  (registers the FBGEMM operators the file calls)
 
+    check_artifact(path)
     metadata = read_metadata(path)
     if metadata.get("artifact") == "aoti":
         share_libstdcxx()

@@ -9,6 +9,7 @@ compressed model has no model class of its own.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +23,12 @@ from afmrec.sharding.dmp import shard_model
 from afmrec.sharding.env import DistEnv, is_rank_zero
 from afmrec.sharding.plan import ShardingConfig
 
-from .artifacts import fingerprint, read_json, shared_atomic_dir, versions, write_json
+from .artifacts import MODEL, fingerprint, read_json, shared_atomic_dir, versions, write_json
 from .bases import Bases
 from .blocks import find_blocks
 from .compress import CompressConfig, compress_
 from .errors import InputError
+from .hints import typed_dataclass
 
 FORMAT = "afmrec.model/1"
 
@@ -41,6 +43,10 @@ class ModelRecord:
     method: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     plan: dict[str, Any] | None = None  # the rank plan's policy, table format and bytes
+
+    def __post_init__(self) -> None:
+        if self.ranks is not None and not all(r >= 1 for r in self.ranks.values()):
+            raise InputError(f"ranks must be >= 1, got {self.ranks}")
 
     @property
     def compressed(self) -> bool:
@@ -63,20 +69,18 @@ class ModelRecord:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "model.json") -> "ModelRecord":
+    def from_dict(cls, d: Any, source: str = "model.json") -> "ModelRecord":
+        """The record of a parsed ``model.json``, every field's type checked.
+
+        Raises:
+            InputError: ``d`` is not an afmrec model record, or a field is missing, unknown,
+                of the wrong type or invalid (naming the file and the field).
+        """
+        if not isinstance(d, dict):
+            raise InputError(f"{source}: not an afmrec model (JSON {json.dumps(d)[:40]}, not an object)")
         if d.get("format") != FORMAT:
             raise InputError(f"{source}: not an afmrec model (format {d.get('format')!r})")
-        try:
-            return cls(
-                model=ModelConfig.from_dict(d["model"]),
-                ranks=d.get("ranks"),
-                compress=CompressConfig(**d["compress"]) if d.get("compress") else None,
-                method=d.get("method"),
-                provenance=d.get("provenance", {}),
-                plan=d.get("plan"),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"{source}: invalid model record ({e})") from None
+        return typed_dataclass(cls, {k: v for k, v in d.items() if k != "format"}, source)
 
 
 def build_from_record(record: ModelRecord, device: Any = None, sparse_device: Any = None) -> nn.Module:
@@ -122,7 +126,7 @@ def save_model(
     ``{name: write(path)}``, written by rank 0 before the folder appears: the folder is
     visible with all of its files or not at all (a compressed model with its bases).
     """
-    with shared_atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with shared_atomic_dir(out_dir, overwrite=overwrite, kind=MODEL) as tmp:
         save_state(model, tmp / "checkpoint")
         if is_rank_zero():
             write_json(tmp / "model.json", record.to_dict())
@@ -152,9 +156,12 @@ def load_model(
     world size wrote the checkpoint; otherwise it is loaded whole in this process.
     """
     record = load_record(model_dir)
-    if env is not None and env.is_distributed:
-        model = build_sharded(record, env, sharding)
-    else:
-        model = build_from_record(record, device)
+    try:
+        if env is not None and env.is_distributed:
+            model = build_sharded(record, env, sharding)
+        else:
+            model = build_from_record(record, device)
+    except InputError as e:  # a record that names blocks the architecture lacks
+        raise InputError(f"{Path(model_dir) / 'model.json'}: {e}") from None
     load_state_(model, Path(model_dir) / "checkpoint")
     return model, record

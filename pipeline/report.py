@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .artifacts import atomic_file, run_record, versions
+from .artifacts import REPORT, atomic_file, run_record, versions
 from .errors import InputError
 
 REPORT_COLUMNS = ("variant", "params", "bytes", "auc", "logloss", "latency_ms")
@@ -83,7 +83,8 @@ def write_report(
             (values may be ``None`` where not measured); extra keys become extra columns
             (null where a row lacks them).
         path: the Parquet file to write.
-        overwrite: replace an existing report (a report is an output, re-run freely).
+        overwrite: replace an existing report (a report is an output, re-run freely;
+            never a file of another kind).
         settings: how the rows were made (stored in the file's metadata beside the
             versions, git commit and device of :func:`~afmrec.pipeline.artifacts.run_record`).
     Raises:
@@ -96,8 +97,8 @@ def write_report(
                        "logloss": 0.45, "latency_ms": 1.2}], "run/report.parquet")
     """
     table = _to_table(rows, str(path), settings)
-    with atomic_file(path, overwrite=overwrite) as tmp:
-        pq.write_table(table, tmp)
+    with atomic_file(path, overwrite=overwrite, kind=REPORT) as tmp:
+        pq.write_table(table, tmp, write_page_checksum=True)  # read_report verifies them
 
 
 def read_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -110,8 +111,8 @@ def read_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise InputError(f"{path}: report not found")
     try:
-        rows = pq.read_table(path).to_pylist()
-    except pa.ArrowInvalid as e:
+        rows = pq.read_table(path, page_checksum_verification=True).to_pylist()
+    except (OSError, pa.ArrowException) as e:
         raise InputError(f"{path}: not a Parquet report ({e})") from None
     _check_rows(rows, str(path))
     return rows

@@ -38,8 +38,9 @@ from afmrec.sharding.dmp import unwrap
 from afmrec.sharding.env import DistEnv, barrier
 from afmrec.sharding.plan import ShardingConfig
 
-from .artifacts import (_broadcast, atomic_file, check_not_input, check_replaceable, file_fingerprint,
-                        fingerprint, versions)
+from .artifacts import (MODEL, REPORT, STATISTICS, STATISTICS_FORMAT, _broadcast, atomic_file,
+                        check_not_input, check_replaceable, file_fingerprint, fingerprint,
+                        load_checked, save_checked, versions)
 from .bases import Bases, Spectrum, afm_bases, spectra, weight_svd_bases
 from .blocks import Block, find_blocks, select_blocks
 from .budget import DENSE_BYTES, original_bytes, served_bytes
@@ -71,6 +72,9 @@ class DataRef:
     path: Path
     start: float = 0.0
     stop: float = 1.0
+    # The dense columns in the order a model reads them (matched by name, see
+    # _check_matching_schema); None: the dataset's order.
+    dense: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start < self.stop <= 1.0:
@@ -100,7 +104,12 @@ class DataRef:
         """This rank's batches (every rank gets as many: see :class:`ParquetBatches`)."""
         if env is not None:
             kwargs.update(rank=env.rank, world_size=env.world_size)
-        return ParquetBatches(self.path, batch_size, row_range=(self.start, self.stop), **kwargs)
+        reader = ParquetBatches(self.path, batch_size, row_range=(self.start, self.stop), **kwargs)
+        if self.dense is not None and self.dense != reader.schema.dense:
+            # The reader selects every column by name through its schema (conform_table,
+            # make_batch): the same names in the model's order are read in that order.
+            reader.schema = dataclasses.replace(reader.schema, dense=self.dense)
+        return reader
 
     def fingerprint(self) -> str:
         return fingerprint([file_fingerprint(self.path), self.start, self.stop])
@@ -116,21 +125,59 @@ def model_config_from_schema(schema: DataSchema, arch: str, **overrides: Any) ->
     dim = overrides.get("embedding_dim", ModelConfig.embedding_dim)
     overrides.setdefault("dense_arch", (max(4 * dim, 32), dim))
     try:
-        return ModelConfig(arch=arch, tables=tables, num_dense=len(schema.dense), **overrides)
+        return ModelConfig(arch=arch, tables=tables, num_dense=len(schema.dense),
+                           dense_names=schema.dense, **overrides)
     except ValueError as e:
         raise InputError(f"model config: {e}") from None
 
 
-def _check_matching_schema(record: ModelRecord, data: DataRef) -> None:
+def _check_matching_schema(record: ModelRecord, data: DataRef) -> DataRef:
+    """``data`` as the model reads it: its tables must be the model's (names and sizes) and
+    its dense columns the model's, matched by name (in any order) where the model records
+    their names, by count for a model of an earlier version.
+
+    Raises:
+        InputError: the data does not match the model, saying how.
+    """
     schema = data.schema()
     want = {t.name: t.num_embeddings for t in record.model.tables}
     have = schema.table_sizes()
+    names = record.model.dense_names
     if want != have or record.model.num_dense != len(schema.dense):
         diff = sorted(set(want.items()) ^ set(have.items()))
         raise InputError(
             f"{data}: the data does not match the model (tables differ: {diff[:4]}; "
             f"dense {len(schema.dense)} vs {record.model.num_dense})"
         )
+    if names is None:
+        if schema.dense:
+            log.warning("the model records no names of its dense features (written by an earlier "
+                        "afmrec): the columns of %s are read by position, %s", data, list(schema.dense))
+        return data
+    if set(names) != set(schema.dense):
+        raise InputError(f"{data}: the data's dense columns {list(schema.dense)} are not the "
+                         f"model's {list(names)}")
+    return dataclasses.replace(data, dense=names)
+
+
+def _check_teacher(student: ModelRecord, teacher: ModelRecord, teacher_dir: Path) -> None:
+    """A teacher reads the student's batches: it needs the same tables and dense features
+    (by name, in the same order).
+
+    Raises:
+        InputError: the teacher's inputs differ from the student's.
+    """
+    s, t = student.model, teacher.model
+    same_tables = ({x.name: x.num_embeddings for x in s.tables}
+                   == {x.name: x.num_embeddings for x in t.tables})
+    same_dense = s.num_dense == t.num_dense and (
+        None in (s.dense_names, t.dense_names) or s.dense_names == t.dense_names)
+    if not (same_tables and same_dense):
+        raise InputError(f"{teacher_dir}: the teacher's inputs are not the student's (tables "
+                         f"{[(x.name, x.num_embeddings) for x in t.tables][:4]}, dense "
+                         f"{list(t.dense_names or [t.num_dense])}; the student has "
+                         f"{[(x.name, x.num_embeddings) for x in s.tables][:4]}, dense "
+                         f"{list(s.dense_names or [s.num_dense])})")
 
 
 LOCAL = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
@@ -201,7 +248,8 @@ def fit(
     """
     stage = "finetune" if record.compressed else "train"
     meter = StageMeter(stage, env)
-    _check_matching_schema(record, train_data)
+    train_data = _check_matching_schema(record, train_data)
+    val_data = val_data and _check_matching_schema(record, val_data)
     batches = train_data.batches(batch_size, env, shuffle=True, seed=config.seed, drop_last=True)
     val = val_data.batches(batch_size, env) if val_data is not None else None
     with meter.timed():
@@ -236,7 +284,7 @@ def train_stage(
 ) -> TrainResult:
     """Builds a fresh model from ``model_config``, trains it and writes ``out``."""
     check_not_input(out, train_data.path)
-    check_replaceable(out, overwrite, folder=True)  # now, not after hours of training
+    check_replaceable(out, overwrite, kind=MODEL)  # now, not after hours of training
     torch.manual_seed(config.seed)
     record = ModelRecord(model_config)
     model = build_sharded(record, env, sharding) if env.is_distributed else build_model(model_config)
@@ -260,11 +308,12 @@ def finetune_stage(
 ) -> TrainResult:
     """Fine-tunes a saved (compressed) model with labels, or from a teacher's logits."""
     check_not_input(out, model_dir, train_data.path, *(teacher_dir and [teacher_dir] or []))
-    check_replaceable(out, overwrite, folder=True)  # now, not after hours of training
+    check_replaceable(out, overwrite, kind=MODEL)  # now, not after hours of training
     model, record = load_model(model_dir, env=env, sharding=sharding)
     teacher = None
     inputs = {"model": _model_fingerprint(model_dir)}
     if teacher_dir is not None:
+        _check_teacher(record, load_record(teacher_dir), teacher_dir)
         teacher, _ = load_model(teacher_dir, env=env, sharding=sharding)
         teacher.eval()  # its logits are computed under no_grad (train_)
         inputs["teacher"] = _model_fingerprint(teacher_dir)
@@ -317,9 +366,9 @@ def stats_stage(
     model, record = load_model(model_dir, env=env, sharding=sharding)
     if record.compressed:
         raise InputError(f"{model_dir}: statistics are collected on an uncompressed model")
-    _check_matching_schema(record, data)
+    data = _check_matching_schema(record, data)
     if probe_data is not None:
-        _check_matching_schema(record, probe_data)
+        probe_data = _check_matching_schema(record, probe_data)
     blocks = select_blocks(find_blocks(skeleton(record)), target, exclude)
     model_fingerprint, data_fingerprint = _model_fingerprint(model_dir), data.fingerprint()
     checkpoint = None
@@ -388,17 +437,23 @@ def _probe_sensitivity(
 
 
 def save_statistics(stats: Statistics, out: Path, *, overwrite: bool = False) -> None:
-    with atomic_file(out, overwrite=overwrite) as tmp:
-        torch.save(stats.to_state(), tmp)
+    """Writes ``stats`` with the checksum of its content (see :func:`load_statistics`)."""
+    with atomic_file(out, overwrite=overwrite, kind=STATISTICS) as tmp:
+        save_checked(stats.to_state(), tmp, STATISTICS_FORMAT)
 
 
 def load_statistics(path: Path) -> Statistics:
-    if not Path(path).is_file():
-        raise InputError(f"{path}: statistics file not found")
+    """Statistics that :func:`save_statistics` wrote, their checksum verified (files of
+    earlier versions, which have none, load with a warning)."""
+    state = load_checked(path, STATISTICS_FORMAT, "statistics file",
+                         legacy=lambda obj: isinstance(obj, dict) and "moments" in obj)
     try:
-        return Statistics.from_state(torch.load(path, weights_only=True))
+        stats = Statistics.from_state(state)
     except Exception as e:
         raise InputError(f"{path}: not a readable statistics file ({type(e).__name__})") from None
+    if not stats.moments:
+        raise InputError(f"{path}: the statistics cover no block")
+    return stats
 
 
 def _compress_sharded(
@@ -597,14 +652,15 @@ def evaluate_stage(
     """
     if out is not None:
         check_not_input(out, data.path, *models.values())
+        check_replaceable(out, True, kind=REPORT)  # an earlier report, never another file
     probe = next(iter(data.batches(latency_batch, env)))
     rows, infos = [], []
     for name, model_dir in models.items():
         meter = StageMeter("evaluate", env)
         model, record = load_model(model_dir, env=env, sharding=sharding)
-        _check_matching_schema(record, data)
+        read = _check_matching_schema(record, data)
         with meter.timed():
-            result = evaluate(model, meter.count(data.batches(batch_size, env)))
+            result = evaluate(model, meter.count(read.batches(batch_size, env)))
         whole = skeleton(record)
         plan = record.plan or {}
         rows.append(

@@ -25,7 +25,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from afmrec.sharding.env import barrier, min_over_ranks
 
-from .artifacts import atomic_file
+from .artifacts import STATISTICS_SAVE_FORMAT, atomic_file, load_checked, save_checked
 from .blocks import Block
 from .centring import RowGroups, SharedAddresses, add_recombined_, centre_round_sum, reads_in_place
 from .errors import InputError
@@ -733,9 +733,9 @@ class StatsCheckpoint:
         return {int(p.stem.rpartition("-")[2]): p for p in found}
 
     def _load(self, path: Path) -> dict[str, Moments] | None:
-        try:
-            state = torch.load(path, weights_only=True)
-        except Exception:  # a save cut short by a crash counts as absent, never as data
+        try:  # verified against the checksum it was saved with
+            state = load_checked(path, STATISTICS_SAVE_FORMAT, "statistics pass save")
+        except Exception:  # a save cut short by a crash, or damaged, counts as absent, never as data
             return None
         if state.get("key") != self.key:
             return None
@@ -750,7 +750,7 @@ class StatsCheckpoint:
             "moments": moments_state(moments),
         }
         with atomic_file(self.folder / f"rank{self.rank}-{batches:012d}.pt", overwrite=True) as tmp:
-            torch.save(state, tmp)
+            save_checked(state, tmp, STATISTICS_SAVE_FORMAT)
         saves = self._saves()
         for old in sorted(saves)[:-2]:
             saves[old].unlink(missing_ok=True)

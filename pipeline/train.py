@@ -41,6 +41,11 @@ logger = logging.getLogger(__name__)
 # (logits (B,), batch) -> scalar loss
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
 
+# A model whose logloss is ten times a coin flip's (ln 2) is confidently wrong on most rows:
+# its training diverged (too large a learning rate), it did not merely learn little. A
+# model that learned nothing scores about ln 2 or the label entropy, below it.
+DIVERGED_LOGLOSS = 10 * math.log(2)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -94,11 +99,17 @@ class TrainConfig:
         for name in ("max_steps", "patience", "eval_every"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"{name} must be None or >= 1, got {value}")
+        # The optimizers hold these as float32 scalars: a larger value overflows.
+        top = torch.finfo(torch.float32).max
         for name in ("dense_lr", "sparse_lr", "distill_temperature"):
             value = getattr(self, name)
-            _require(math.isfinite(value) and value > 0, f"{name} must be > 0, got {value}")
-        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+            _require(0 < value <= top, f"{name} must be > 0 and at most {top:.3g}, got {value}")
+        _require(0 <= self.weight_decay <= top,
+                 f"weight_decay must be >= 0 and at most {top:.3g}, got {self.weight_decay}")
         _require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+
+
+_LOWER_RATES = "nothing was saved; lower the learning rates (--dense-lr, --sparse-lr)"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -228,7 +239,7 @@ class _LossWindow:
             return math.nan  # a record before any step (eval_at_start)
         mean = self._loss_sum.item() / self._samples
         if not math.isfinite(mean):
-            raise FloatingPointError(f"training loss is {mean}; lower the learning rates")
+            raise InputError(f"training diverged: the training loss is {mean}; {_LOWER_RATES}")
         return mean
 
     def samples_per_s(self) -> float:
@@ -331,8 +342,8 @@ def train_(
     Returns:
         The history, the number of steps and the record of the restored state.
     Raises:
-        InputError: patience without validation batches, a teacher in train mode, or an
-            epoch without any batch.
+        InputError: patience without validation batches, a teacher in train mode, an
+            epoch without any batch, or training that diverged (:func:`check_converged`).
 
     Example::
 
@@ -353,7 +364,9 @@ def train_(
     try:
         with fused, seeded(config.seed, device):
             model.train()
-            return _run(model, train_batches, config, val_batches, loss_fn, bar)
+            result = _run(model, train_batches, config, val_batches, loss_fn, bar)
+        check_converged(result, config.distill_temperature**2 if teacher is not None else 1.0)
+        return result
     finally:
         bar.close()
         model.train(was_training)
@@ -409,6 +422,30 @@ def _run(
         result.best = best.record
     (logger.warning if result.improved is False else logger.info)("%s", result.summary())
     return result
+
+
+def check_converged(result: TrainResult, loss_scale: float = 1.0) -> None:
+    """Refuses a diverged run: the kept state's validation logloss (the last training
+    loss, divided by ``loss_scale``, without validation) is above :data:`DIVERGED_LOGLOSS`.
+
+    Collective under a process group (every rank raises, or none): the training loss is
+    each rank's own.
+
+    Raises:
+        InputError: the training diverged.
+    """
+    from afmrec.sharding.env import raise_on_any_rank
+
+    kept = result.best or result.history[-1]
+    if kept.val_logloss is not None:
+        what, loss = "validation logloss", kept.val_logloss
+    else:
+        what, loss = "training loss", kept.train_loss / loss_scale
+    problem = None
+    if not loss <= DIVERGED_LOGLOSS:  # also NaN
+        problem = (f"training diverged: {what} {loss:.4g} at step {kept.step} (a coin flip "
+                   f"scores {math.log(2):.3f}); {_LOWER_RATES}")
+    raise_on_any_rank(problem)
 
 
 def _make_record(

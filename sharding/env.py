@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,15 @@ logger = logging.getLogger(__name__)
 
 DEVICE_KINDS = ("auto", "cpu", "cuda")
 _REQUIRED_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# The key-value store of the process group this process is in, under that group's prefix
+# (see _group_store), for the ranks to agree on a failure (fail_job).
+_JOB_STORE: Any = None
+# Process groups this process has joined: each has keys of its own.
+_GROUPS_JOINED = 0
+# The key under which the first rank to fail records its error: "RANK\nMESSAGE".
+_ERROR_KEY = "error"
 
 
 @dataclass(frozen=True)
@@ -109,9 +119,28 @@ def init_distributed(device_kind: str = "auto") -> DistEnv:
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         # The device id lets NCCL bind its communicator eagerly; gloo takes none.
         extra = {"device_id": device} if use_cuda else {}
-        dist.init_process_group(backend=backend, init_method="env://", **extra)
+        store = _group_store(rank, world_size)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                                **extra)
         logger.info("rank %d/%d joined (%s, %s)", rank, world_size, backend, device)
     return DistEnv(rank, world_size, local_rank, device, backend, local_world_size)
+
+
+def _group_store(rank: int, world_size: int) -> Any:
+    """The store of a new process group: the env:// rendezvous's (torchrun's agent's, or
+    one that rank 0 holds), under a prefix of its own for each group this process joins.
+
+    env:// alone would use the same key names for every group: a process that joins a
+    second group after destroying the first (stages run one after the other in one
+    process) could read the first group's addresses, still in torchrun's store, and fail
+    to connect. It also remembers the store (:data:`_JOB_STORE`) until the group is
+    destroyed: the ranks agree through it on a failure (:func:`fail_job`).
+    """
+    global _JOB_STORE, _GROUPS_JOINED
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+    _GROUPS_JOINED += 1
+    _JOB_STORE = dist.PrefixStore(f"afmrec/{_GROUPS_JOINED}", store)
+    return _JOB_STORE
 
 
 def _read_env() -> tuple[int, int, int, int]:
@@ -159,8 +188,80 @@ def destroy_distributed() -> None:
     process group left to the interpreter's exit handlers occasionally aborts the
     process ("terminate called without an active exception") after all work is done.
     """
+    global _JOB_STORE
     if is_distributed():
         dist.destroy_process_group()
+    _JOB_STORE = None  # (a store that this rank holds closes with its last reference)
+
+
+# --- one failure, one message ------------------------------------------------------------
+
+
+class JobFailure(InputError):
+    """An input error that stopped every rank of a job.
+
+    Attributes:
+        report: whether this rank prints it: exactly one rank of the job does (the first
+            to fail); the others stopped because of it, in a collective it left or at
+            the same check, and exit quietly with the same status.
+    """
+
+    def __init__(self, message: str, report: bool) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class _Unreachable:
+    """What :func:`_store_op` gives when the store is gone (its holder has exited)."""
+
+
+UNREACHABLE = _Unreachable()
+
+
+def _store_op(op: Callable[[Any], Any]) -> Any:
+    """``op(store)`` on the job's store; None without a store, :data:`UNREACHABLE` if the
+    store is gone."""
+    if _JOB_STORE is None:
+        return None
+    try:
+        return op(_JOB_STORE)
+    except Exception:  # (DistNetworkError, DistStoreError...): the store's holder has exited
+        return UNREACHABLE
+
+
+def fail_job(error: BaseException) -> BaseException:
+    """What this rank raises for ``error`` as it leaves its part of the job, so that the
+    job's ranks stop on one message, printed once.
+
+    An :class:`InputError` is claimed in the job's store before this rank leaves any
+    collective: the first rank's claim wins (:class:`JobFailure` to report on that rank,
+    not on the others, whose claims come second). When this rank then exits, its
+    connections close and a collective that another rank is blocked in fails there:
+    that error (not an input error) is the consequence of the claim found in the store,
+    a :class:`JobFailure` not to report. It is also one where the store is gone, as when
+    rank 0 held it (env://, outside torchrun) and failed first: a rank whose collective
+    failed because its peer left. An error that is neither is this rank's own, returned
+    as it is (a bug keeps its traceback), as is every error outside a job of several
+    ranks.
+    """
+    _, world = rank_world()
+    if world < 2:
+        return error
+    rank = dist.get_rank()
+    if isinstance(error, InputError):
+        claim = f"{rank}\n{error}"
+        first = _store_op(lambda store: store.compare_set(_ERROR_KEY, "", claim))
+    else:  # claimed before the failing rank left its collectives: it is there by now
+        first = _store_op(lambda store: store.get(_ERROR_KEY) if store.check([_ERROR_KEY]) else None)
+    if first is UNREACHABLE:  # its holder, rank 0 outside torchrun, has exited
+        if isinstance(error, InputError):
+            return JobFailure(str(error), report=True)
+        # The backend's error (gloo's, NCCL's) at a peer's departure: the peer reported.
+        return JobFailure("another rank failed", report=False) if isinstance(error, RuntimeError) else error
+    if first is None:
+        return error
+    first_rank, _, message = first.decode().partition("\n")
+    return JobFailure(message, report=first_rank == str(rank))
 
 
 # --- the process group as seen from anywhere (no DistEnv needed) ---------------------------

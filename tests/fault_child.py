@@ -3,8 +3,11 @@
     python tests/fault_child.py FAULT -- ARGV... [-- ARGV...]
 
 Each ARGV is one ``afmrec`` command line, run in turn; the exit status of each is printed
-as ``rc=N``. FAULT is one of:
+as ``rc=N``, and :data:`END` follows what it printed on stderr (an exception that escapes
+a command prints its traceback there, as the interpreter would, and counts as status 1).
+FAULT is one of:
 
+  none                 no fault: bad inputs run as real commands, several in one process
   kill-at-batch:N      SIGKILL (what ``kill -9`` sends) when the data reader builds its
                        N-th batch: in the middle of a statistics or training pass
   kill-before:NAME     SIGKILL just before a rename onto a file or folder named NAME: the
@@ -25,6 +28,9 @@ import os
 import resource
 import signal
 import sys
+import traceback
+
+END = "-- end of command --"
 
 
 def _die() -> None:
@@ -90,7 +96,9 @@ def main(argv: list[str]) -> int:
     from afmrec.launch.cli import main as afmrec
 
     kind, _, value = fault.partition(":")
-    if kind == "kill-at-batch":
+    if kind == "none":
+        pass
+    elif kind == "kill-at-batch":
         _wrap_batches(int(value))
     elif kind in ("kill-before", "kill-after"):
         _wrap_renames(value, before=kind == "kill-before")
@@ -104,8 +112,13 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"unknown fault {fault!r}")
     status = 0
     for command in commands:
-        rc = afmrec(command)
+        try:
+            rc = afmrec(command)
+        except Exception:
+            traceback.print_exc()
+            rc = 1
         print(f"rc={rc}", flush=True)
+        print(END, file=sys.stderr, flush=True)
         status = status or rc
     return status
 

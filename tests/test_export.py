@@ -364,3 +364,38 @@ def test_lookup_kernels_function_pools_fbgemms_own_rows(dtype):
     assert not lookup.use_kernel  # Triton's kernel serves on CUDA only
     lookup.use_kernel = True
     torch.testing.assert_close(lookup(kjt).values(), want, rtol=0, atol=0)
+
+
+@pytest.mark.reliability
+def test_an_afm_dlrm_lowers_for_aotinductor():
+    """AOTInductor first lowers the exported program (decompositions, functionalisation):
+    an AFM DLRM's failed there ("Cannot view a tensor with shape (B, 3, 8) and strides
+    (8, 8 B, 1) as a tensor with shape (B, 24)"; `export --format aoti --device cpu`
+    crashed), while the original's lowered. Its projections' GEMM wrote through a
+    transposed ``out=`` view, which torch.export replays on the buffer's strides."""
+    from afmrec.pipeline.export import exported_program
+
+    model, record = model_and_record("dlrm", afm=True)
+    features, rows = [t.name for t in record.model.tables], [t.num_embeddings for t in record.model.tables]
+    served = serving_module(model, features, rows=rows)
+    program = exported_program(served, record.model).run_decompositions()
+    batch = random_batch(64, 3, seed=5, max_bag=3)
+    kjt = batch.sparse_features
+    with torch.no_grad():
+        got = program.module()(batch.dense_features, kjt.values(), kjt.lengths().int())
+    torch.testing.assert_close(got, call(served, batch), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.reliability
+def test_a_damaged_artifact_fails_its_crc_when_afmrec_loads_it(tmp_path):
+    """torch writes a CRC-32 per record of the artifact's archive but does not check it:
+    a changed byte inside a weight loaded. afmrec's loader checks every record."""
+    model, record = compressed("dlrm")
+    path = tmp_path / "afm.pt"
+    export_model(model, record.model, path, ExportConfig(check_batch=0))
+    load_artifact(path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"afm.pt: damaged \(its record .* fails its CRC-32\)"):
+        load_artifact(path)

@@ -2,8 +2,9 @@
 
 Bad input drives the CLI in this process: ``main(argv)`` returns 2 and prints one line
 ``afmrec CMD: error: ...`` naming the file, table, column or block. Kills and write
-failures run the real CLI in a subprocess (``tests/fault_child.py`` kills it with SIGKILL
-at a named point, or limits the size of its files), and the tests judge what is left on
+failures run the real CLI in a subprocess (forked from one that has imported it,
+``tests/cli_process.py``; ``tests/fault_child.py`` kills it with SIGKILL at a named
+point, or limits the size of its files), and the tests judge what is left on
 disk: no partial artifact visible, inputs byte-identical, and a rerun that gives the
 uninterrupted run's result. The numbers in the test names are the issue's cases.
 """
@@ -30,17 +31,20 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from afmrec.launch.cli import main
-from afmrec.pipeline.artifacts import output_lock
+from afmrec.pipeline.artifacts import STATISTICS_FORMAT, load_checked, output_lock, save_checked
 from afmrec.pipeline.bases import Bases
 from afmrec.pipeline.compress import compress_
 from afmrec.pipeline.data import DataSchema, SparseField, write_dataset
 from afmrec.pipeline.errors import InputError
-from afmrec.pipeline.model_io import load_model, load_record, save_model
+from afmrec.pipeline.model_io import load_model, save_model
 from afmrec.pipeline.stages import load_statistics
+
+from .cli_process import Completed, run_fault_child
 
 pytestmark = pytest.mark.reliability
 
 FAULT_CHILD = Path(__file__).with_name("fault_child.py")
+END = "-- end of command --"  # fault_child.END: what follows each command's stderr
 MODEL = ["--embedding-dim", "8", "--over-arch", "16,1", "--epochs", "1", "--batch-size", "256",
          "--quiet"]
 TUNE = ["--epochs", "1", "--batch-size", "256", "--quiet"]
@@ -142,12 +146,13 @@ def leftovers(folder: Path) -> list[str]:
                   if p.name.startswith(".") and any(f".{k}-" in p.name for k in ("tmp", "old", "probe")))
 
 
-def child(fault: str, *commands: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    """The CLI in a subprocess with ``fault`` (see fault_child.py), one or more commands."""
-    argv = [sys.executable, str(FAULT_CHILD), fault]
+def child(fault: str, *commands: list[str], timeout: float = 120) -> Completed:
+    """The CLI in a subprocess with ``fault`` (see fault_child.py), one or more commands
+    (a process forked from one that has imported the CLI: see cli_process.py)."""
+    args = [fault]
     for command in commands:
-        argv += ["--", *command]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=CHILD_ENV)
+        args += ["--", *command]
+    return run_fault_child(args, timeout)
 
 
 def assert_same_model(a: Path, b: Path, atol: float = 0.0) -> None:
@@ -402,9 +407,10 @@ def test_3_nan_in_a_batch_names_file_and_column(run, tmp_path, capsys, value):
 
 
 def _edited_stats(run: Run, path: Path, block: str, edit: Callable[[dict], None]) -> Path:
-    state = torch.load(run.stats, weights_only=True)
+    """Statistics written with edited values (so with a matching checksum)."""
+    state = load_checked(run.stats, STATISTICS_FORMAT, "statistics file")
     edit(state["moments"][block])
-    torch.save(state, path)
+    save_checked(state, path, STATISTICS_FORMAT)
     return path
 
 
@@ -741,7 +747,7 @@ def test_8_write_failures_are_one_line_and_keep_the_previous_artifacts(run, tmp_
     result = child("fsize:2048", run.train_argv(model, "--overwrite"),
                    run.stats_argv(stats, "--overwrite"), run.compress_argv(afm, "--overwrite"))
     assert result.stdout.split() == ["rc=2"] * 3, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in result.stderr.splitlines() if line.strip() and line != END]
     assert [e.split(":")[0] for e in errors] == ["afmrec train", "afmrec stats", "afmrec compress"]
     for line, path in zip(errors, (model, stats, afm)):
         assert f"error: {path}: write failed (File too large); no partial output" in line, line
@@ -749,20 +755,5 @@ def test_8_write_failures_are_one_line_and_keep_the_previous_artifacts(run, tmp_
     assert leftovers(tmp_path) == []
 
 
-# ------------------------------------------------------------------ 9. another world size
-
-
-def test_9_compress_on_two_ranks_a_checkpoint_written_by_one(run, tmp_path):
-    """torchrun --nproc_per_node 2 reshards the one-process checkpoint (row-wise), writes the
-    compressed one from two ranks, and one process loads it: the same model as compressing
-    in one process."""
-    out = tmp_path / "afm"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "afmrec.launch.cli", *run.compress_argv(out, "--device", "cpu", "--sharding",
-                                                          "*=row_wise")]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=CHILD_ENV)
-    # Judged by the artifact: gloo may abort at exit once the work is done (DESIGN.md).
-    assert (out / "ranks.parquet").is_file(), result.stderr[-3000:]
-    assert_same_model(out, run.afm, atol=1e-6)
-    assert load_record(out).provenance["world_size"] == 2
-    assert main(run.evaluate_argv(run.test, out)) == 0
+# 9. another world size: test_9 in test_reliability_round2.py, which shares its torchrun
+# launch with the cases of jobs of several ranks.
