@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import os
 import sys
 from types import ModuleType
 
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"afmrec {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout piped to a reader that stopped, e.g. `| head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
     finally:
         # Objects in reference cycles are freed here, while the interpreter is whole, not
         # by its final collection as it is torn down, when freeing C++ objects can abort

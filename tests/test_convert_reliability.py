@@ -150,3 +150,17 @@ def test_movielens_latin1_users(tmp_path: Path):
         result = convert("movielens", "--out", str(out), "--quiet", str(src))
         assert_one_line_error(result, out, f"{src / 'users.dat'}:5: not valid utf-8 text (bytes "
                               "b'\\xfcnch'); MovieLens-1M's users.dat is utf-8 text")
+
+
+def test_output_piped_to_a_reader_that_stops(tmp_path: Path):
+    """`afmrec convert ... | head -1`: the dataset is written, and the closed pipe is no
+    traceback (BrokenPipeError) but exit status 1."""
+    out = tmp_path / "out"
+    script = (f"{sys.executable} -m afmrec.launch.cli convert csv --out {out} --label click "
+              f"--drop id --quiet {CLICKS} | head -1; echo rc=${{PIPESTATUS[0]}}")
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
+                            env=CHILD_ENV)
+    assert result.stdout.splitlines() == [
+        f"{out / 'train'}: 8 rows (50.0% positive), 0 dense, 6 sparse fields (tables of 3 to 8 rows)",
+        "rc=1"]
+    assert result.stderr == "" and (out / "test").is_dir()
