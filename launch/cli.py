@@ -190,14 +190,17 @@ def execute(argv: list[str] | None = None) -> Outcome:
     except KeyboardInterrupt:
         print(f"afmrec {args.command}: interrupted", file=sys.stderr)
         return Outcome(130)
+    except BrokenPipeError:  # stdout piped to a reader that stopped, e.g. `| head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return Outcome(1)
     finally:
-        if "WORLD_SIZE" in os.environ:
-            # A finished rank once aborted at exit ("terminate called without an active
-            # exception", 1 `make demo` in 10). The likely cause: sharded modules in
-            # reference cycles keep gloo's process group alive after
-            # destroy_process_group, and the interpreter's final collection frees them
-            # while it is being torn down. Freed here, it is still whole.
-            gc.collect()
+        # Objects in reference cycles are freed here, while the interpreter is whole, not
+        # by its final collection as it is torn down, when freeing C++ objects can abort
+        # the process ("terminate called without an active exception"): a finished rank's
+        # sharded modules keeping gloo's process group alive (1 `make demo` in 10), and
+        # the frames of an error's traceback holding Arrow tables (a converter's bad
+        # input, 2 exits in 5).
+        gc.collect()
 
 
 if __name__ == "__main__":
