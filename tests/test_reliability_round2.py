@@ -531,6 +531,12 @@ RANK_CASES: dict[str, tuple[Command, str, str]] = {
     "a bad option, seen by every rank in the stage": (
         lambda r, f: r.stats_argv(f / "s.pt", "--target", "nope*", "--device", "cpu"),
         "afmrec stats: error: ", "pattern 'nope*' matches no block"),
+    "evaluate of data of another schema": (
+        lambda r, f: _evaluate(r, r.original, other_schema_data(f / "other"), "--device", "cpu"),
+        "afmrec evaluate: error: ", "the data does not match the model"),
+    "finetune from a teacher of another schema": (
+        lambda r, f: _finetune(r, f, "--teacher", str(_other_model(f)), "--device", "cpu"),
+        "afmrec finetune: error: ", "the teacher's inputs are not the student's"),
     "bad data seen by one rank": (
         lambda r, f: stats_on(r, bad_part(r, f / "data", 1), f / "s.pt", "--device", "cpu"),
         "afmrec stats: error: ", "part-00001.parquet (row group 0): column 'C3' has id 20 >= its table size 20"),

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import itertools
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +43,8 @@ from afmrec.sharding.env import (
 
 from .conftest import TABLES, random_batch, tiny_config
 from .dist_utils import run_distributed
-from .test_reliability import CHILD_ENV, FAULT_CHILD, KILLED
+from .cli_process import Completed, run_fault_child
+from .test_reliability import KILLED
 
 SCHEMA = DataSchema(
     dense=("d0", "d1", "d2"),
@@ -233,9 +232,9 @@ def stats_argv(model: Path, data: Path, out: Path) -> list[str]:
             "--batch-size", str(BATCH), "--checkpoint-every", "1", "--no-probes", "--quiet"]
 
 
-def child(fault: str, argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(FAULT_CHILD), fault, "--", *argv],
-                          capture_output=True, text=True, timeout=180, env=CHILD_ENV)
+def child(fault: str, argv: list[str]) -> Completed:
+    """The CLI in a subprocess with ``fault`` (forked as ``cli_process.py`` does)."""
+    return run_fault_child([fault, "--", *argv], timeout=180)
 
 
 def test_killed_stats_stage_resumes_building_only_the_batches_left(data, tmp_path):
