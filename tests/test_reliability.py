@@ -635,9 +635,10 @@ def test_6_output_equal_to_or_inside_an_input_is_always_refused(run, tmp_path, c
 def test_6_a_second_writer_of_the_same_output_is_refused(run, tmp_path, capsys):
     """A real second process holds the output; once it is killed (-9) the lock is free."""
     out = tmp_path / "model"
-    holder = subprocess.Popen(
-        [sys.executable, "-m", "afmrec.launch.cli", *run.train_argv(out, "--epochs", "500")],
-        env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # no validation rows, so no early stopping: it trains until it is killed
+    endless = run.train_argv(out, "--epochs", "500", "--val-fraction", "0")
+    holder = subprocess.Popen([sys.executable, "-m", "afmrec.launch.cli", *endless],
+                              env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lock = tmp_path / ".model.lock"
     try:
         deadline = time.monotonic() + 60
