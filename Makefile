@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:  `make demo`  and  `make test`.
-# Both bootstrap .venv (the CPU stack of DESIGN.md section 5) on first use.
+# Both bootstrap .venv (the CPU stack of docs/install.md: torch CPU build, torchrec --no-deps, fbgemm-gpu-cpu) on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -71,10 +71,10 @@ def _against_original(size: int, plan: dict, uncompressed_bytes: int | None) -> 
 def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.errors import InputError
     from afmrec.pipeline.export import ExportConfig, export_model
-    from afmrec.pipeline.model_io import load_model
+    from afmrec.pipeline.budget import DENSE_BYTES
+    from afmrec.pipeline.model_io import load_model, load_record
 
-    from afmrec.pipeline.model_io import load_record
-
+    # the plan's table format is the default, settled (and checked) before the model loads
     plan = load_record(args.model).plan or {}
     tables = args.tables or plan.get("table_format", "fp32")
     config = ExportConfig(tables=tables, check_batch=args.check_batch, format=args.format)
@@ -82,17 +82,18 @@ def run(args: argparse.Namespace) -> int:
         if env.is_distributed:
             raise InputError("export runs in one process: call `afmrec export` without torchrun")
         model, record = load_model(args.model, env.device)
-        if plan and env.device.type != plan["serve_device"]:
-            log.warning("the ratio was planned for serving on %s; this artifact serves on %s",
-                        plan["serve_device"], env.device.type)
+        device = env.device.type
         source = {"model_dir": str(args.model), "ranks": record.ranks, "method": record.method,
                   "fingerprint": record.fingerprint}
         meta = export_model(model.eval(), record.model, args.out, config, source=source,
                             overwrite=args.overwrite)
     size = args.out.stat().st_size
+    if plan and device != plan["serve_device"]:  # said once the artifact exists: an error stays one line
+        log.warning("the ratio was planned for serving on %s; this artifact serves on %s",
+                    plan["serve_device"], device)
     check = meta.get("check_max_abs_diff")
     log.info("wrote %s (%s, cross network %s, %s lookup): %s params, %s tables, %.1f MiB on disk%s%s",
              args.out, meta["artifact"], meta["cross"], meta["lookup"], f"{meta['params']:,}", meta["tables"],
-             size / 2**20, _against_original(size, plan, None if record.compressed else 4 * meta["params"]),
+             size / 2**20, _against_original(size, plan, None if record.compressed else DENSE_BYTES * meta["params"]),
              f"; loaded back, max |logit diff| {check:.2g}" if check is not None else "")
     return 0

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     data = DataRef.parse(args.data)
     probe_data = None
     if not args.no_probes:
-        probe_data = DataRef.parse(args.probe_data) if args.probe_data else data.split(0.1)[1]
+        probe_data = DataRef.parse(args.probe_data) if args.probe_data else data.probe_slice()
     with job(args) as (env, sharding):
         stats = stats_stage(
             args.model, data, args.out, env=env, sharding=sharding,

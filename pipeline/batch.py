@@ -372,7 +372,7 @@ def _run_stages(
     common: dict[str, Any] = {"env": env, "sharding": sharding}
     # Outputs in the row's own folder are ours: a stale one (another key) is replaced.
     if ledger.todo("stats", keys["stats"], stats):
-        probe = row.probe if row.probe is not None else row.calibration.split(0.1)[1]
+        probe = row.probe if row.probe is not None else row.calibration.probe_slice()
         stats_stage(original, row.calibration, stats, batch_size=row.batch_size, overwrite=True,
                     probe_data=probe,
                     progress=progress, checkpoint_every=checkpoint_every, **common)

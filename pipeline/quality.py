@@ -60,8 +60,8 @@ from .blocks import Block, find_blocks
 from .compress import CompressConfig, compress_
 from .data import FRAPPE_FIELDS, SynthConfig, convert_libfm, list_parts, read_schema, synthesize, write_dataset
 from .errors import InputError
-from .evaluate import count_parameters, evaluate, model_bytes
-from .budget import TableFormat, served_bytes
+from .evaluate import count_parameters, evaluate
+from .budget import TableFormat
 from .ranks import RankConfig, RankPlan, select_ranks
 from .report import write_report
 from .sensitivity import SensitivityConfig, measure_sensitivity, sensitivity_weights
@@ -320,7 +320,6 @@ class Cell:
     val: list[Batch]
     test: list[Batch]
     params: int = 0
-    bytes: int = 0
     calibration: list[Batch] = field(default_factory=list)  # the statistics pass's rows (analyse_)
 
     @property
@@ -374,7 +373,7 @@ def train_original(plan: DatasetPlan, splits: Splits, arch: str, seed: int) -> C
              plan.name, arch, seed, result.steps, result.best.val_auc, result.best.val_logloss,
              result.best.step)
     cell.test = list(splits.test.batches(p.eval_batch_size))
-    cell.params, cell.bytes = count_parameters(model), model_bytes(model)
+    cell.params = count_parameters(model)
     analyse_(cell)
     return cell
 

@@ -29,7 +29,7 @@ import heapq
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from .bases import Spectrum
 from .blocks import Block, resolve_pattern_map
@@ -353,7 +353,7 @@ def select_ranks(
         fmt = config.formats[0]
         ranks = _fixed_ranks(free, spectra, config)
         ranks.update(overrides)
-        return _finish(blocks, ranks, config, fmt, other_params)
+        return _finish(blocks, ranks, config, fmt, other_params, set(overrides))
     plans: list[RankPlan] = []
     nearest: RankPlan | None = None
     for fmt in config.formats:
@@ -390,7 +390,7 @@ def _plan_in(fmt: TableFormat, blocks: list[Block], spectra: Mapping[str, Spectr
                 ranks = _greedy(blocks, spectra, config, fmt, budget - cost.fixed, pinned)
         except _Unreachable:
             continue
-        plan = _finish(blocks, ranks, config, fmt, other_params)
+        plan = _finish(blocks, ranks, config, fmt, other_params, set(pinned))
         if plan.ratio <= config.ratio * (1 + config.tolerance):
             return plan
     return plan
@@ -412,10 +412,9 @@ def _fixed_ranks(free: list[Block], spectra: Mapping[str, Spectrum], config: Ran
 
 
 def _finish(blocks: list[Block], wanted: Mapping[str, int], config: RankConfig, fmt: TableFormat,
-            other_params: int) -> RankPlan:
+            other_params: int, overridden: Collection[str]) -> RankPlan:
     """Rounds the wanted ranks to the blocks' units and drops those that would not make
-    their block smaller."""
-    overrides = resolve_pattern_map(dict(config.rank_pattern), [b.name for b in blocks])
+    their block smaller; ``overridden``: the blocks whose rank ``rank_pattern`` gave."""
     out = {}
     for b in blocks:
         if b.name not in wanted:
@@ -426,7 +425,7 @@ def _finish(blocks: list[Block], wanted: Mapping[str, int], config: RankConfig, 
                      b.out_features)
             continue
         k = _round(b, want, config)
-        explicit = config.policy == "rank" or b.name in overrides
+        explicit = config.policy == "rank" or b.name in overridden
         if k != want and explicit and b.kind == "table" and config.table_rounding == "error":
             raise InputError(
                 f"block {b.name}: table rank {want} is not a multiple of --table-multiple "

@@ -112,7 +112,9 @@ class Truncation:
         self.model = model
         self.blocks = {b.name: b for b in blocks}
         self.spectra = spectra
-        self.active: tuple[Block, torch.Tensor, torch.Tensor] | None = None
+        self.active: tuple[Block, tuple[str, int]] | None = None
+        # (block, rank) -> (U_k (m, k), mu (m,)), float32, on the device of the outputs
+        self._factors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list[Any] = []
 
     def set(self, name: str | None, rank: int = 0) -> None:
@@ -120,13 +122,17 @@ class Truncation:
         if name is None:
             self.active = None
             return
-        spectrum = self.spectra[name]
-        u = spectrum.eigenvectors[:, :rank].float()
-        self.active = (self.blocks[name], u, spectrum.mean.float())
+        key = (name, rank)
+        if key not in self._factors:
+            spectrum = self.spectra[name]
+            self._factors[key] = (spectrum.eigenvectors[:, :rank].float(), spectrum.mean.float())
+        self.active = (self.blocks[name], key)
 
     def _project(self, y: torch.Tensor) -> torch.Tensor:
-        _, u, mu = self.active
-        u, mu = u.to(y.device), mu.to(y.device)
+        _, key = self.active
+        u, mu = self._factors[key]
+        if u.device != y.device:  # moved once, kept for every later batch
+            u, mu = self._factors[key] = (u.to(y.device), mu.to(y.device))
         return mu + ((y - mu) @ u) @ u.T
 
     def __enter__(self) -> "Truncation":

@@ -56,7 +56,7 @@ from .bench import passes, time_stats_vs_forward_batches
 from .blocks import find_blocks
 from .compress import CompressConfig, compress_
 from .errors import InputError
-from .evaluate import count_parameters, eval_mode, measure_latencies
+from .evaluate import eval_mode, measure_latencies
 from .export import SUFFIX, ServingModule, TableDtype, call, load_artifact, serving_module, write_artifact
 from .model_io import ModelRecord, skeleton
 from .ranks import RankConfig

@@ -92,6 +92,10 @@ class DataRef:
         except ValueError:
             raise InputError(f"{spec}: expected DIR or DIR@START:STOP (fractions)") from None
 
+    def probe_slice(self) -> "DataRef":
+        """The default rows of the loss probes: this range's last tenth."""
+        return self.split(0.1)[1]
+
     def split(self, fraction: float) -> tuple["DataRef", "DataRef"]:
         """(first ``1 - fraction``, last ``fraction``) of this range."""
         cut = self.stop - (self.stop - self.start) * fraction
@@ -668,7 +672,7 @@ def evaluate_stage(
                 "variant": name,
                 "params": count_parameters(whole),
                 # as served: the rank plan's count (tables in its format), else fp32
-                "bytes": plan.get("served_bytes_after", model_bytes(whole)),
+                "bytes": plan["served_bytes_after"] if plan else model_bytes(whole),
                 "table_format": plan.get("table_format", "fp32"),
                 "auc": result.auc,
                 "logloss": result.logloss,

@@ -207,10 +207,7 @@ def apply_criteo_vocab(
     the same schema and map values unseen then to the OOV row."""
     out = Path(out)
     paths = check_inputs(inputs, out)
-    vocabularies, recipe = load_vocabularies(vocab_file)
-    if recipe.get("format") != "criteo":
-        raise InputError(f"{vocab_file}: not the vocabularies of a Criteo conversion "
-                         f"(format {recipe.get('format')!r})")
+    vocabularies, recipe = load_vocabularies(vocab_file, ("criteo", "Criteo"))
     fields = Fields(label="label", dense=CRITEO_DENSE, multi_hot=dict.fromkeys(CRITEO_SPARSE, True))
     info = {"source": {"format": "criteo", "inputs": [str(p) for p in paths], "max_rows": max_rows},
             "vocabulary": str(Path(vocab_file).resolve())}

@@ -177,10 +177,7 @@ def apply_csv_vocab(
     """
     out = Path(out)
     paths = check_inputs(inputs, out)
-    vocabularies, recipe = load_vocabularies(vocab_file)
-    if recipe.get("format") != "csv":
-        raise InputError(f"{vocab_file}: not the vocabularies of a CSV conversion "
-                         f"(format {recipe.get('format')!r})")
+    vocabularies, recipe = load_vocabularies(vocab_file, ("csv", "CSV"))
     columns = CsvColumns.from_dict({**recipe["columns"], "time": None})
     reader = CsvReader(paths, fmt, block_bytes)
     reader.check_columns(columns.read(), f"{vocab_file} was built from them")

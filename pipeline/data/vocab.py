@@ -233,11 +233,19 @@ def save_vocabularies(
     return Path(path)
 
 
-def load_vocabularies(path: str | os.PathLike[str]) -> tuple[dict[str, Vocabulary], dict[str, Any]]:
+def load_vocabularies(
+    path: str | os.PathLike[str], conversion: tuple[str, str] | None = None
+) -> tuple[dict[str, Vocabulary], dict[str, Any]]:
     """The vocabularies of a file written by :func:`save_vocabularies`, and its recipe.
 
+    Args:
+        path: the ``vocab.parquet`` file.
+        conversion: ``(format, name)`` the recipe must be of (``("csv", "CSV")``), or
+            ``None`` for any.
+
     Raises:
-        InputError: the file is missing, unreadable, or not a vocabulary file.
+        InputError: the file is missing, unreadable, not a vocabulary file, or of another
+            conversion.
     """
     path = Path(path)
     if not path.is_file():
@@ -254,6 +262,9 @@ def load_vocabularies(path: str | os.PathLike[str]) -> tuple[dict[str, Vocabular
         recipe = json.loads(metadata.get(RECIPE_KEY, b"{}"))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: invalid vocabulary metadata ({e})") from None
+    if conversion is not None and recipe.get("format") != conversion[0]:
+        raise InputError(f"{path}: not the vocabularies of a {conversion[1]} conversion "
+                         f"(format {recipe.get('format')!r})")
     fields = table.column("field")
     out = {}
     for name, s in settings.items():
