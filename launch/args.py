@@ -6,12 +6,30 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import sys
 import typing
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from afmrec.pipeline.hints import scalar_type
+
+
+class CurrentStderrHandler(logging.StreamHandler):
+    """A handler that writes to ``sys.stderr`` as it is when a record is emitted, not as it
+    was when the handler was made: a caller that replaces ``sys.stderr`` (a test harness, a
+    job wrapper) gets the logs, and a closed earlier stream is never written to."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def setup_logging(quiet: bool = False) -> None:
@@ -21,7 +39,7 @@ def setup_logging(quiet: bool = False) -> None:
     ours = logging.getLogger("afmrec")
     ours.setLevel(logging.WARNING if quiet else logging.INFO)
     if not ours.handlers:
-        handler = logging.StreamHandler()
+        handler = CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         ours.addHandler(handler)
         ours.propagate = False

@@ -98,3 +98,26 @@ def test_errors_are_one_line_and_exit_2(data, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (argv, err)
         assert not (run / "c").exists()
+
+
+def test_logs_follow_the_current_stderr():
+    """The `afmrec` logger writes to `sys.stderr` as it is when a record is emitted: a
+    stream replaced (and closed) after logging was set up is never written to again."""
+    import io
+    import logging
+    import sys
+
+    from afmrec.launch.args import setup_logging
+
+    first, second = io.StringIO(), io.StringIO()
+    saved = sys.stderr
+    try:
+        sys.stderr = first
+        setup_logging()
+        logging.getLogger("afmrec.test").warning("to the first")
+        first.close()
+        sys.stderr = second
+        logging.getLogger("afmrec.test").warning("to the second")
+    finally:
+        sys.stderr = saved
+    assert second.getvalue() == "to the second\n"
