@@ -37,11 +37,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from afmrec.models import ModelConfig
-from afmrec.sharding.env import DistEnv, barrier, fail_job
+from afmrec.sharding.env import DistEnv, barrier, broadcast_object, fail_job
 from afmrec.sharding.plan import ShardingConfig
 
-from .artifacts import (BATCH_RESULTS, MODEL, _broadcast, atomic_dir, atomic_file, fingerprint,
-                        read_json, write_json)
+from .artifacts import (BATCH_RESULTS, MODEL, atomic_dir, atomic_file, fingerprint, read_json,
+                        write_json)
 from .compress import CompressConfig
 from .errors import InputError
 from .evaluate import count_parameters
@@ -285,7 +285,7 @@ class _Ledger:
     def todo(self, stage: str, key: str, output: Path) -> bool:
         """Whether the stage must run; every rank gets rank 0's answer."""
         answer = self.keys.get(stage) != key or not output.exists()
-        return _broadcast(answer) if self.env.is_distributed else answer
+        return broadcast_object(answer) if self.env.is_distributed else answer
 
     def mark(self, stage: str, key: str) -> None:
         self.keys[stage] = key
@@ -303,7 +303,7 @@ def _claim(out: Path, env: DistEnv) -> None:
         elif not (out / LEDGER).is_file():
             write_json(out / LEDGER, {})
     if env.is_distributed:  # every rank fails, or none: a lone failure would hang the rest
-        problem = _broadcast(problem)
+        problem = broadcast_object(problem)
     if problem:
         raise InputError(problem)
 

@@ -28,17 +28,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed.tensor import DTensor
 
 from afmrec.models import ModelConfig, TableSpec, build_model
 from afmrec.sharding.checkpoint import CHECKSUMS
-from afmrec.sharding.compress import fold_table
+from afmrec.sharding.compress import compress_sharded_state
 from afmrec.sharding.dmp import unwrap
-from afmrec.sharding.env import DistEnv, barrier
+from afmrec.sharding.env import DistEnv, barrier, broadcast_object
 from afmrec.sharding.plan import ShardingConfig
 
-from .artifacts import (MODEL, REPORT, STATISTICS, STATISTICS_FORMAT, _broadcast, atomic_file,
+from .artifacts import (MODEL, REPORT, STATISTICS, STATISTICS_FORMAT, atomic_file,
                         check_not_input, check_replaceable, file_fingerprint, fingerprint,
                         load_checked, save_checked, versions)
 from .bases import Bases, Spectrum, afm_bases, spectra, weight_svd_bases
@@ -426,7 +424,7 @@ def _probe_sensitivity(
     The spectra come from rank 0 (every rank then truncates along the same directions)."""
     spec = spectra(stats) if env.rank == 0 else None
     if env.is_distributed:
-        spec = _broadcast(spec)
+        spec = broadcast_object(spec)
     batches = data.batches(batch_size, env, limit_rows=config.rows)
     probes = measure_sensitivity(unwrap(model), blocks, spec, batches, config, forward=model,
                                  progress=progress and env.rank == 0)
@@ -460,7 +458,7 @@ def load_statistics(path: Path) -> Statistics:
     return stats
 
 
-def _compress_sharded(
+def compress_sharded(
     model: torch.nn.Module, record: ModelRecord, bases: Bases, config: CompressConfig
 ) -> dict[str, Any]:
     """The compressed model's state dict, tables folded where their shards live.
@@ -468,27 +466,23 @@ def _compress_sharded(
     A skeleton of the original (tables on ``meta``) takes this rank's copy of the dense
     weights and is compressed with :func:`compress_`: that folds every Linear and builds
     the projections, and only shapes the tables. Each table ``E`` is then replaced by
-    ``E U`` computed from ``dmp.state_dict()``'s local shards (:func:`fold_table`).
+    ``E U`` computed from ``dmp.state_dict()``'s local shards
+    (:func:`~afmrec.sharding.compress.compress_sharded_state`).
     """
-    sharded = model.state_dict()
     compressed = skeleton(record)
-    dense = {k: v for k, v in sharded.items() if not isinstance(v, (ShardedTensor, DTensor))}
-    skeleton_state = compressed.state_dict()
-    compressed.load_state_dict(
-        {k: v for k, v in dense.items() if k in skeleton_state and not skeleton_state[k].is_meta},
-        strict=False,
-    )
     tables = {b.name: b for b in find_blocks(compressed) if b.kind == "table"}
-    compress_(compressed, bases, config)
-    full = compressed.state_dict()
-    state = {k: v for k, v in full.items() if not v.is_meta}
+    folds = []
     for name, block in sorted(tables.items()):
-        src = f"{block.module}.embedding_bags.{block.table}.weight"
-        dst = f"{block.module}.codes.embedding_bags.{block.table}.weight"
-        key = dst if dst in full else src
         basis = bases.bases.get(name)
-        state[key] = sharded[src] if basis is None else fold_table(sharded[src], basis.components)
-    return state
+        folds.append((f"{block.module}.embedding_bags.{block.table}.weight",
+                      f"{block.module}.codes.embedding_bags.{block.table}.weight",
+                      None if basis is None else basis.components))
+    return compress_sharded_state(model.state_dict(), compressed,
+                                  lambda m: compress_(m, bases, config), folds)
+
+
+# The name pipeline/speed.py imports.
+_compress_sharded = compress_sharded
 
 
 def compress_stage(
@@ -533,10 +527,10 @@ def compress_stage(
             plan = _plan_compression(model_dir, stats_path, record, rank_config, method,
                                      compress_config.fuse, None if env.is_distributed else model)
         if env.is_distributed:
-            plan = _broadcast(plan)
+            plan = broadcast_object(plan)
         bases, rows, summary = plan
         if env.is_distributed:
-            state: Any = _compress_sharded(model, record, bases, compress_config)
+            state: Any = compress_sharded(model, record, bases, compress_config)
         else:
             state = compress_(model, bases, compress_config)
     new = ModelRecord(
