@@ -77,10 +77,10 @@ def stats_stage(
     if probe_data is not None:
         probe_data = check_matching_schema(record, probe_data)
     blocks = select_blocks(find_blocks(skeleton(record)), target, exclude)
-    model_fingerprint, data_fingerprint = model_fingerprint(model_dir), data.fingerprint()
+    model_print, data_print = model_fingerprint(model_dir), data.fingerprint()
     checkpoint = None
     if checkpoint_every is not None:
-        key = fingerprint([model_fingerprint, data_fingerprint, batch_size, env.world_size,
+        key = fingerprint([model_print, data_print, batch_size, env.world_size,
                            precision, sorted(b.name for b in blocks)])
         checkpoint = StatsCheckpoint(out.with_name(f".{out.name}.partial"), checkpoint_every,
                                      key, env.rank)
@@ -101,9 +101,9 @@ def stats_stage(
                                     env=env, batch_size=batch_size, progress=progress)
     stats.meta = {
         "format": "afmrec.stats/1",
-        "model": model_fingerprint,
+        "model": model_print,
         "model_dir": str(model_dir),
-        "data": {"path": str(data), "fingerprint": data_fingerprint},
+        "data": {"path": str(data), "fingerprint": data_print},
         "world_size": env.world_size,
         "precision": precision,
         "versions": versions(),
