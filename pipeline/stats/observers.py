@@ -65,8 +65,8 @@ class Observer:
     Per batch, :meth:`take` hands over what the hooks saw, :meth:`buffers` allocates the
     update's inputs, :meth:`fill` copies what was seen into them and :meth:`update` adds
     their moments to the sums. The update reads nothing but its inputs and the sums, so
-    :class:`~afmrec.pipeline.stats.StatsCollector` can capture it once as a CUDA graph and replay it on buffers
-    it refills every batch.
+    :class:`~afmrec.pipeline.stats.StatsCollector` can capture it once as a CUDA graph and
+    replay it on buffers it refills every batch.
     """
 
     def take(self) -> Seen | None:
