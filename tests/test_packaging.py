@@ -177,3 +177,26 @@ def test_the_structure_checks_catch_a_hidden_cycle_and_a_private_import():
     assert find_cycle(graph) in (["pipeline", "sharding", "pipeline"], ["sharding", "pipeline", "sharding"])
     assert find_cycle({"launch": {"pipeline"}, "pipeline": {"sharding"}}) is None
     assert private_imports(sources) == {("pipeline/data/x.py", "afmrec.pipeline.artifacts", "_broadcast")}
+
+
+def test_sharding_runs_without_the_pipeline_and_the_pipeline_registers_its_kinds():
+    """At run time too: importing sharding (checkpoints write through common's writers)
+    imports no module of the pipeline, and importing any module of the pipeline registers
+    every kind of its artifacts with those writers."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "import afmrec.sharding.checkpoint, afmrec.sharding.compress, afmrec.sharding.dmp\n"
+        "from afmrec.common.files import known_kinds\n"
+        "assert not [m for m in sys.modules if m.startswith('afmrec.pipeline')]\n"
+        "assert [k.name for k in known_kinds()] == ['Parquet table', 'JSON file']\n"
+        "import afmrec.pipeline.train\n"
+        "print([k.name for k in known_kinds()])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[0] == str([
+        "model folder", "synthetic dataset (train/ and test/)", "dataset", "statistics file",
+        "statistics pass save", "report", "batch results table", "serving artifact",
+        "Parquet table", "JSON file"])
