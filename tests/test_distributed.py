@@ -51,7 +51,6 @@ class ShapeRecorder(TorchDispatchMode):
 
 def _ranks_work(env, out_dir: Path, run: Path) -> dict:
     """On each rank: per sharding type, stats + shard-local compression + reload/train."""
-    from afmrec.pipeline import stages
     from afmrec.pipeline.stages import compression
     from afmrec.pipeline.train import TrainConfig, train_
 
@@ -74,8 +73,8 @@ def _ranks_work(env, out_dir: Path, run: Path) -> dict:
             compression.compress_sharded = original
         shapes[kind] = sorted(recorder.shapes)
         # another plan, same world size: load the compressed checkpoint and train 2 steps
-        model, _ = stages.load_model(out_dir / f"afm_{kind}", env=env,
-                                     sharding=ShardingConfig({"*": RELOAD[kind]}))
+        model, _ = load_model(out_dir / f"afm_{kind}", env=env,
+                              sharding=ShardingConfig({"*": RELOAD[kind]}))
         before = {k: v.clone() for k, v in model.state_dict().items() if "over_arch" in k}
         result = train_(model, data.batches(256, env, drop_last=True),
                         TrainConfig(max_steps=2), progress=False)
