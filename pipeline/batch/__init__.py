@@ -18,8 +18,8 @@ exists under the same key, and redone (with every later stage) when a setting or
 input changes. A row is finished when ``result.json`` holds the key of its last stage.
 A row that fails reports why in its result and leaves the other rows alone.
 
-:mod:`.manifest` reads the manifest into :class:`BatchRow`\ s; :mod:`.rows` runs a row's
-stages and writes the results table.
+:mod:`.manifest` reads the manifest (one :class:`BatchRow` a row); :mod:`.rows` runs a
+row's stages and writes the results table.
 """
 
 from .manifest import BatchRow, read_manifest
