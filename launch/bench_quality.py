@@ -1,5 +1,7 @@
 """Quality of compressed models against the original, paired by seed, on any dataset.
 
+The command line of the harness in :mod:`afmrec.pipeline.benchmarks.quality`.
+
   afmrec bench quality --data ../shared/data/frappe --data ../shared/data/movielens1m \
       --data synth --out bench/quality.parquet
 
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from afmrec.pipeline import quality as q
+    from afmrec.pipeline.benchmarks import quality as q
     from afmrec.pipeline.errors import InputError
     from afmrec.pipeline.report import read_report
 
@@ -89,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.quiet)
     if args.report_only:
         rows = read_report(args.out)
-        ratios = _grid_ratios(args.out) or tuple(sorted({r["target_ratio"] for r in rows
+        ratios = q.grid_ratios(args.out) or tuple(sorted({r["target_ratio"] for r in rows
                                                          if r["target_ratio"] is not None}))
-        print(_report(q, rows, ratios))
+        print(q.format_summary(rows, ratios))
         return 0
     if not args.data:
         raise InputError("--data is required (a dataset folder, or synth)")
@@ -139,20 +141,8 @@ def run(args: argparse.Namespace) -> int:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     print(f"{len(rows)} runs, {len(rows) - len(done)} in {time.perf_counter() - start:.0f} s")
-    print(_report(q, rows, grid.ratios))
+    print(q.format_summary(rows, grid.ratios))
     return 0
-
-
-def _grid_ratios(path: Path) -> tuple[float, ...] | None:
-    """The target ratios the grid of a result file ran (its settings metadata), refused
-    ones included; ``None`` for a file without them."""
-    import json
-
-    import pyarrow.parquet as pq
-
-    settings = json.loads((pq.read_schema(path).metadata or {}).get(b"afmrec.settings", b"{}"))
-    ratios = settings.get("grid", {}).get("ratios")
-    return tuple(ratios) if ratios else None
 
 
 def _learning_curve(q, plan, models: tuple, out: Path) -> int:
@@ -168,37 +158,3 @@ def _learning_curve(q, plan, models: tuple, out: Path) -> int:
         print(f"{r['dataset']} {r['model']}: {r['train_rows']:,} training rows -> test AUC "
               f"{r['auc']:.4f} (val {r['val_auc']:.4f}, {r['steps']} steps)")
     return 0
-
-
-def _report(q, rows: list, ratios: tuple) -> str:
-    """The paired ΔAUC tables by dataset and rank selection, absolute AUC, the targets."""
-    summary = q.paired_summary(rows)
-    lines = []
-    for dataset in sorted({r["dataset"] for r in rows}):
-        base = [s for s in summary if s["dataset"] == dataset and s["rank_selection"] == "none"]
-        lines.append(f"\n## {dataset}: uncompressed (test AUC mean ± std; ΔAUC paired)\n")
-        lines += [f"- {s['model']} {s['variant']}: AUC {s['auc']:.4f} ± {s['auc_std']:.4f}, "
-                  f"ΔAUC {s['delta_auc']:+.4f} ± {s['delta_auc_std']:.4f}, "
-                  f"bytes {s['bytes_ratio']:.2f}x smaller" for s in base]
-        for selection in ("loss", "variance", "uniform"):
-            variants = [v for v in q.COMPRESSED
-                        if any(s["variant"] == v and s["rank_selection"] == selection and s["dataset"] == dataset
-                               for s in summary)]
-            if variants:
-                lines.append(f"\n## {dataset}, {selection}: paired ΔAUC mean ± std (measured ratio)\n")
-                lines.append(q.format_delta_table(summary, dataset, selection, variants, ratios))
-                if selection == "loss":
-                    for value, what in (("auc", "test AUC"), ("delta_logloss", "paired Δlogloss")):
-                        lines.append(f"\n## {dataset}, {selection}: {what} mean ± std (measured ratio)\n")
-                        lines.append(q.format_delta_table(summary, dataset, selection, variants, ratios, value))
-        for model in sorted({r["model"] for r in rows if r["dataset"] == dataset}):
-            lines.append(f"\n## {dataset} {model}: rank of each table under the loss policy "
-                         "(mean over seeds)\n")
-            lines.append(q.format_table_ranks(rows, dataset, model))
-        full = [s for s in summary if s["dataset"] == dataset and s["rank_selection"] == "full"]
-        lines += [f"\nfull rank {s['model']} {s['variant']}: ΔAUC {s['delta_auc']:+.2e}" for s in full]
-    lines.append("\n## targets\n")
-    for dataset in sorted({r["dataset"] for r in rows}):
-        lines += [f"- [{'met' if t.met else 'MISSED'}] {t.name}: {t.detail}"
-                  for t in q.check_targets(rows, dataset, ratios)]
-    return "\n".join(lines)

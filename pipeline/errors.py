@@ -1,9 +1,9 @@
-"""The one exception type the CLI turns into a clean one-line error."""
+"""The one exception type the CLI turns into a clean one-line error.
 
+It is defined in :mod:`afmrec.common.errors`, which every folder may import (``sharding``
+among them); the pipeline's modules import it from here.
+"""
 
-class InputError(ValueError):
-    """Bad input from the user: a file, column, table, block or option that is wrong.
+from afmrec.common.errors import InputError
 
-    The message must say what is wrong and where (the path, table, column or block name).
-    The CLI prints it as one line and exits non-zero, without a traceback unless ``--debug``.
-    """
+__all__ = ["InputError"]

@@ -14,18 +14,13 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
+from afmrec.common.files import clean_stale, held_here
+
 from .errors import InputError
 
 log = logging.getLogger(__name__)
 
 _HOST = socket.gethostname()
-# Outputs this process holds an output_lock on (resolved paths).
-_LOCKED: set[str] = set()
-
-
-def locked_here(path: Path) -> bool:
-    """Whether this process holds the :func:`output_lock` of ``path``."""
-    return str(path.resolve()) in _LOCKED
 
 
 def _acquire(path: Path, lock: Path) -> tuple[int | None, str | None]:
@@ -91,9 +86,8 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
         with output_lock(out):
             compress_stage(model_dir, stats, out, ...)
     """
-    from afmrec.sharding.env import is_collective, is_rank_zero
-
-    from .artifacts import _broadcast, clean_stale  # artifacts imports this module
+    # Imported here, as torch.distributed is: importing this module does not import torch.
+    from afmrec.sharding.env import broadcast_object, is_collective, is_rank_zero
 
     path = Path(path)
     lock = path.with_name(f".{path.name}.lock")
@@ -101,16 +95,14 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     if is_rank_zero():
         fd, error = _acquire(path, lock)
     if is_collective():
-        error = _broadcast(error)
+        error = broadcast_object(error)
     if error is not None:
         raise InputError(error)
-    key = str(path.resolve())
-    _LOCKED.add(key)
     try:
-        if is_rank_zero():
-            clean_stale(path)  # before the stage looks at what exists
-        yield
+        with held_here(path):
+            if is_rank_zero():
+                clean_stale(path)  # before the stage looks at what exists
+            yield
     finally:
-        _LOCKED.discard(key)
         if fd is not None:
             _release(lock, fd)

@@ -29,8 +29,8 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
-from afmrec.pipeline.artifacts import write_json
-from afmrec.pipeline.errors import InputError
+from afmrec.common.errors import InputError
+from afmrec.common.files import write_json
 
 from .env import raise_on_any_rank, rank_world
 

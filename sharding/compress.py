@@ -10,16 +10,20 @@ replicated (``data_parallel``) to begin with.
 
 Every rank must call :func:`fold_table` for the same tables in the same order: the
 collectives are issued in an order derived from the global shard metadata, which all
-ranks share.
+ranks share. :func:`compress_sharded_state` builds a whole compressed model's state
+dict this way from a sharded model's.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+from torch.distributed.tensor import DTensor
 
 # Rows per all-reduce when summing column-wise partial products: bounds the extra memory
 # to CHUNK_ROWS x K per rank.
@@ -99,3 +103,47 @@ def _fold_block(
         if kept is not None:
             kept[start:stop] = acc
     return kept
+
+
+def compress_sharded_state(
+    sharded: Mapping[str, Any],
+    skeleton: nn.Module,
+    compress: Callable[[nn.Module], Any],
+    tables: Sequence[tuple[str, str, torch.Tensor | None]],
+) -> dict[str, Any]:
+    """The compressed model's state dict, tables folded where their shards live.
+
+    ``skeleton`` (the uncompressed architecture, tables on ``meta``) takes this rank's
+    copy of the replicated weights of ``sharded`` (everything that is not a
+    ``ShardedTensor`` or ``DTensor``) and is compressed in place by ``compress``: that
+    folds every Linear and builds the projections, and only shapes the tables. Each table
+    ``E`` is then replaced by ``E U`` computed from its local shards (:func:`fold_table`).
+
+    Args:
+        sharded: the sharded model's ``state_dict()`` (``DistributedModelParallel``'s).
+        skeleton: the uncompressed model, its tables on the ``meta`` device.
+        compress: compresses ``skeleton`` in place.
+        tables: per table, in the order every rank folds them: its key in ``sharded``,
+            its key in the compressed model where compression renames it (the key in
+            ``sharded`` is kept where the compressed model has no such key), and ``U``
+            (D, K), or None for a table kept whole.
+
+    Returns:
+        The compressed model's state: the skeleton's materialised tensors and the folded
+        tables (sharded by rows, as :func:`fold_table` returns them).
+
+    Collective: every rank calls it with the same ``tables``.
+    """
+    replicated = {k: v for k, v in sharded.items() if not isinstance(v, (ShardedTensor, DTensor))}
+    skeleton_state = skeleton.state_dict()
+    skeleton.load_state_dict(
+        {k: v for k, v in replicated.items() if k in skeleton_state and not skeleton_state[k].is_meta},
+        strict=False,
+    )
+    compress(skeleton)
+    full = skeleton.state_dict()
+    state = {k: v for k, v in full.items() if not v.is_meta}
+    for src, dst, components in tables:
+        key = dst if dst in full else src
+        state[key] = sharded[src] if components is None else fold_table(sharded[src], components)
+    return state

@@ -27,7 +27,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim import apply_optimizer_in_backward
 
-from afmrec.pipeline.errors import InputError
+from afmrec.common.errors import InputError
 
 from .env import DistEnv
 from .plan import ShardingConfig, build_plan, find_collections

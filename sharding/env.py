@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from afmrec.pipeline.errors import InputError
+from afmrec.common.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +295,14 @@ def barrier() -> None:
     """Waits for every rank; a no-op without a process group."""
     if is_distributed():
         dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (collective: every rank of the group calls it; the
+    caller checks :func:`is_collective` or ``env.is_distributed`` first)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def raise_on_any_rank(error: str | None) -> None:

@@ -41,7 +41,7 @@ from torchrec.distributed.types import ParameterSharding, ShardingPlan
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from afmrec.pipeline.errors import InputError
+from afmrec.common.errors import InputError
 
 from .env import DistEnv
 

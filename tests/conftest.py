@@ -85,3 +85,12 @@ def arch(request) -> str:
 def tiny_model(arch):
     torch.manual_seed(0)
     return build_model(tiny_config(arch))
+
+
+@pytest.fixture(scope="session")
+def reliability_run(tmp_path_factory):
+    """The small finished run of the reliability tests (tests/reliability_run.py), made
+    once for test_reliability.py and test_reliability_faults.py."""
+    from .reliability_run import build_run
+
+    return build_run(tmp_path_factory.mktemp("reliability"))

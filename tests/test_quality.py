@@ -12,7 +12,7 @@ import pytest
 
 from afmrec.launch.cli import main
 from afmrec.pipeline.data import FRAPPE_FIELDS
-from afmrec.pipeline.quality import COLUMNS, COMPRESSED, UNCOMPRESSED, check_targets, paired_summary
+from afmrec.pipeline.benchmarks.quality import COLUMNS, COMPRESSED, UNCOMPRESSED, check_targets, paired_summary
 
 
 def write_frappe_like(folder, rows: dict[str, int], seed: int = 0) -> None:
@@ -90,7 +90,7 @@ def test_shifted_activation_starts_as_the_exact_factorisation(arch):
     from afmrec.pipeline.blocks import find_blocks
     from afmrec.pipeline.compress import CompressConfig, compress_
     from afmrec.pipeline.evaluate import predict_logits
-    from afmrec.pipeline.quality import shift_activations_
+    from afmrec.pipeline.benchmarks.quality import shift_activations_
     from afmrec.pipeline.stats import collect_statistics
 
     from .conftest import random_batch, tiny_config

@@ -6,20 +6,15 @@ failures run the real CLI in a subprocess (forked from one that has imported it,
 ``tests/cli_process.py``; ``tests/fault_child.py`` kills it with SIGKILL at a named
 point, or limits the size of its files), and the tests judge what is left on
 disk: no partial artifact visible, inputs byte-identical, and a rerun that gives the
-uninterrupted run's result. The numbers in the test names are the issue's cases.
+uninterrupted run's result. The numbers in the test names are the issue's cases: 1 to 5
+(bad input) here, 6 to 8 (outputs, kills, failed writes) in test_reliability_faults.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -31,189 +26,23 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from afmrec.launch.cli import main
-from afmrec.pipeline.artifacts import STATISTICS_FORMAT, load_checked, output_lock, save_checked
+from afmrec.pipeline.artifacts import STATISTICS_FORMAT, load_checked, save_checked
 from afmrec.pipeline.bases import Bases
 from afmrec.pipeline.compress import compress_
 from afmrec.pipeline.data import DataSchema, SparseField, write_dataset
 from afmrec.pipeline.errors import InputError
 from afmrec.pipeline.model_io import load_model, save_model
-from afmrec.pipeline.stages import load_statistics
 
-from .cli_process import Completed, run_fault_child
+from .reliability_run import (BLOCK, MODEL, TABLE, TUNE, Run, bad_dataset, copy_model, edit_record, fail,
+                              leftovers, set_column)
 
 pytestmark = pytest.mark.reliability
 
-FAULT_CHILD = Path(__file__).with_name("fault_child.py")
-END = "-- end of command --"  # fault_child.END: what follows each command's stderr
-MODEL = ["--embedding-dim", "8", "--over-arch", "16,1", "--epochs", "1", "--batch-size", "256",
-         "--quiet"]
-TUNE = ["--epochs", "1", "--batch-size", "256", "--quiet"]
-TABLE = "sparse_arch.embedding_bag_collection.embedding_bags.{}.weight"
-BLOCK = "sparse_arch.embedding_bag_collection.{}"
-KILLED = -signal.SIGKILL
-CHILD_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-@dataclass(frozen=True)
-class Run:
-    """A small finished run: every stage's artifact, made once for the module."""
-
-    data: Path  # data/train and data/test
-    root: Path  # the run folder, holding:
-    original: Path
-    other: Path  # another architecture (tables 4 wide)
-    stats: Path
-    afm: Path
-    afm_ft: Path
-
-    @classmethod
-    def at(cls, folder: Path) -> "Run":
-        root = folder / "run"
-        names = ("original", "other", "stats.pt", "afm", "afm_ft")
-        return cls(folder / "data", root, *(root / name for name in names))
-
-    @property
-    def train(self) -> Path:
-        return self.data / "train"
-
-    @property
-    def test(self) -> Path:
-        return self.data / "test"
-
-    # The commands of the run, with the output moved elsewhere.
-    def train_argv(self, out: Path, *extra: str) -> list[str]:
-        return ["train", "--data", str(self.train), "--out", str(out), *MODEL, *extra]
-
-    def stats_argv(self, out: Path, *extra: str, model: Path | None = None) -> list[str]:
-        return ["stats", "--model", str(model or self.original), "--data", str(self.train),
-                "--out", str(out), "--batch-size", "512", "--quiet", *extra]
-
-    def compress_argv(self, out: Path, *extra: str, stats: Path | None = None,
-                      model: Path | None = None) -> list[str]:
-        return ["compress", "--model", str(model or self.original), "--stats",
-                str(stats or self.stats), "--ratio", "2", "--out", str(out), "--quiet", *extra]
-
-    def finetune_argv(self, out: Path, *extra: str) -> list[str]:
-        return ["finetune", "--model", str(self.afm), "--data", str(self.train), "--out",
-                str(out), *TUNE, *extra]
-
-    def evaluate_argv(self, data: Path, model: Path | None = None) -> list[str]:
-        return ["evaluate", "--data", str(data), f"a={model or self.original}", "--quiet"]
-
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Run:
-    r = Run.at(tmp_path_factory.mktemp("reliability"))
-    assert main(["synth", "--out", str(r.data), "--rows", "3000", "--test-rows", "500",
-                 "--tables", "60,300,20", "--dense", "3", "--quiet"]) == 0
-    assert main(r.train_argv(r.original)) == 0
-    assert main(r.train_argv(r.other, "--embedding-dim", "4")) == 0  # another architecture
-    assert main(r.stats_argv(r.stats)) == 0
-    assert main(r.compress_argv(r.afm)) == 0
-    assert main(r.finetune_argv(r.afm_ft)) == 0
-    return r
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-def fail(capsys, argv: list[str], *fragments: str) -> str:
-    """Runs the CLI, which must exit 2 with one line ``afmrec CMD: error: ...`` holding
-    every fragment."""
-    capsys.readouterr()
-    assert main(argv) == 2, argv
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith(f"afmrec {argv[0]}: error: "), lines
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
-def snapshot(*paths: Path) -> dict[str, str]:
-    """SHA-256 of every file (hidden ones too) under ``paths``: inputs must keep it."""
-    out = {}
-    for root in paths:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for f in files:
-            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
-    return out
-
-
-def leftovers(folder: Path) -> list[str]:
-    """What interrupted writes leave in ``folder``: hidden temporaries and set-aside copies."""
-    return sorted(p.name for p in folder.iterdir()
-                  if p.name.startswith(".") and any(f".{k}-" in p.name for k in ("tmp", "old", "probe")))
-
-
-def child(fault: str, *commands: list[str], timeout: float = 120) -> Completed:
-    """The CLI in a subprocess with ``fault`` (see fault_child.py), one or more commands
-    (a process forked from one that has imported the CLI: see cli_process.py)."""
-    args = [fault]
-    for command in commands:
-        args += ["--", *command]
-    return run_fault_child(args, timeout)
-
-
-def assert_same_model(a: Path, b: Path, atol: float = 0.0) -> None:
-    ma, ra = load_model(a)
-    mb, rb = load_model(b)
-    sa, sb = ma.state_dict(), mb.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.allclose(sa[k], sb[k], rtol=0, atol=atol), (k, (sa[k] - sb[k]).abs().max())
-    assert ra.model == rb.model and ra.ranks == rb.ranks and ra.compress == rb.compress
-
-
-def assert_same_stats(a: Path, b: Path) -> None:
-    sa, sb = load_statistics(a), load_statistics(b)
-    assert sa.moments.keys() == sb.moments.keys()
-    for name in sa.moments:
-        for x, y in zip(sa.moments[name].tensors(), sb.moments[name].tensors()):
-            assert torch.equal(x, y), name
-
-
-def assert_same_compression(a: Path, b: Path) -> None:
-    assert_same_model(a, b)
-    ba = torch.load(a / "bases.pt", weights_only=True)["bases"]
-    bb = torch.load(b / "bases.pt", weights_only=True)["bases"]
-    assert ba.keys() == bb.keys()
-    assert all(torch.equal(ba[k]["components"], bb[k]["components"]) for k in ba)
-    assert pq.read_table(a / "ranks.parquet").equals(pq.read_table(b / "ranks.parquet"))
-
-
-def copy_model(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def edit_record(model_dir: Path, edit: Callable[[dict], None]) -> None:
-    import json
-
-    path = model_dir / "model.json"
-    record = json.loads(path.read_text())
-    edit(record["model"])
-    path.write_text(json.dumps(record))
-
-
-def bad_dataset(run: Run, folder: Path, edit: Callable[[pa.Table], pa.Table] | None) -> Path:
-    """A copy of the test split with its one part edited (the schema metadata kept)."""
-    folder.mkdir()
-    if edit is not None:
-        table = pq.read_table(run.test / "part-00000.parquet")
-        metadata = table.schema.metadata
-        table = edit(table)  # keeps the schema's metadata, or changes it on purpose
-        table = table.replace_schema_metadata(table.schema.metadata or metadata)
-        pq.write_table(table, folder / "part-00000.parquet")
-    return folder
-
-
-def set_column(table: pa.Table, name: str, values: list, type: pa.DataType | None = None) -> pa.Table:
-    column = table.column(name).to_pylist()
-    column[: len(values)] = values
-    index = table.schema.get_field_index(name)
-    return table.set_column(index, pa.field(name, type or table.schema.field(name).type),
-                            pa.array(column, type=type or table.schema.field(name).type))
+def run(reliability_run: Run) -> Run:
+    """The run that conftest.py makes once for both reliability modules."""
+    return reliability_run
 
 
 # ------------------------------------------------ 1. checkpoint missing, damaged, mismatched
@@ -588,173 +417,3 @@ def test_5_bad_training_data_writes_nothing(run, tmp_path, capsys, command):
                       "--quiet"]}[command]
     fail(capsys, argv, "column 'C3' has id 20 >= its table size 20")
     assert not out.exists() and leftovers(tmp_path) == []
-
-
-# ------------------------------------------------------------------- 6. outputs, inputs, locks
-
-
-def test_6_existing_output_is_kept_without_overwrite(run, tmp_path, capsys):
-    before = snapshot(run.root)
-    fail(capsys, run.train_argv(run.original), "original already exists")
-    fail(capsys, run.stats_argv(run.stats), "stats.pt already exists")
-    fail(capsys, run.compress_argv(run.afm), "afm already exists")
-    fail(capsys, run.finetune_argv(run.afm_ft), "afm_ft already exists")
-    assert snapshot(run.root) == before
-
-
-def test_6_overwrite_replaces_an_artifact_never_a_user_folder(run, tmp_path, capsys):
-    out = copy_model(run.afm_ft, tmp_path / "afm")  # another run's artifact
-    assert main(run.compress_argv(out, "--overwrite")) == 0
-    assert_same_compression(out, run.afm)
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    (notes / "todo.txt").write_text("mine")
-    fail(capsys, run.train_argv(notes, "--overwrite"), "not an afmrec artifact")
-    fail(capsys, run.stats_argv(notes, "--overwrite"), "is a folder; refusing to replace it with a file")
-    assert (notes / "todo.txt").read_text() == "mine"
-
-
-def test_6_output_equal_to_or_inside_an_input_is_always_refused(run, tmp_path, capsys):
-    link = tmp_path / "link"
-    link.symlink_to(run.original, target_is_directory=True)
-    before = snapshot(run.root, run.data)
-    cases = [
-        run.finetune_argv(run.afm, "--overwrite"),  # --model afm --out afm
-        run.compress_argv(run.stats, "--overwrite"),  # --stats run/stats.pt --out run/stats.pt
-        run.stats_argv(run.original / "checkpoint", "--overwrite"),  # inside the model
-        run.train_argv(run.data, "--overwrite"),  # holds the training data
-        ["evaluate", "--data", str(run.test), "--out", str(run.test), f"a={run.original}"],
-        run.finetune_argv(run.test, "--val", str(run.test), "--overwrite"),  # the validation data
-        run.compress_argv(link, "--overwrite"),  # the model, through a symbolic link
-    ]
-    for argv in cases:
-        fail(capsys, argv, "would overwrite or sit inside the input")
-    assert snapshot(run.root, run.data) == before
-
-
-def test_6_a_second_writer_of_the_same_output_is_refused(run, tmp_path, capsys):
-    """A real second process holds the output; once it is killed (-9) the lock is free."""
-    out = tmp_path / "model"
-    # no validation rows, so no early stopping: it trains until it is killed
-    endless = run.train_argv(out, "--epochs", "500", "--val-fraction", "0")
-    holder = subprocess.Popen([sys.executable, "-m", "afmrec.launch.cli", *endless],
-                              env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lock = tmp_path / ".model.lock"
-    try:
-        deadline = time.monotonic() + 60
-        while f"pid {holder.pid} " not in (lock.read_text() if lock.exists() else ""):
-            assert holder.poll() is None and time.monotonic() < deadline, "the holder never locked"
-            time.sleep(0.05)
-        fail(capsys, run.train_argv(out), f"model is being written by another process (pid {holder.pid} on")
-        with output_lock(tmp_path / "stats.pt"):  # and so is this one, by this process
-            fail(capsys, run.stats_argv(tmp_path / "stats.pt"), "stats.pt is being written by another process")
-    finally:
-        holder.kill()
-        holder.wait()
-    assert main(run.train_argv(out)) == 0  # the kernel released the killed holder's lock
-    assert_same_model(out, run.original)
-    assert leftovers(tmp_path) == []
-
-
-def test_stages_leave_no_lock_files(run):
-    """Issue 23: every stage of the run removed its .NAME.lock when it ended."""
-    assert sorted(p.name for p in run.root.parent.rglob(".*.lock")) == []
-
-
-# ------------------------------------------------------------------------ 7. kill -9 mid-stage
-
-
-def _killed(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == KILLED, (result.returncode, result.stderr[-3000:])
-
-
-@dataclass(frozen=True)
-class Kill:
-    """SIGKILL at ``fault`` while ``command`` writes ``output``; what must hold after."""
-
-    fault: str
-    output: str
-    command: Callable[[Run, Path], list[str]]
-    inputs: Callable[[Run], tuple[Path, ...]]
-    left: list[str]  # the hidden temporary a kill leaves (removed by the rerun), if any
-    reference: Callable[[Run], Path]  # the uninterrupted run's output
-    same: Callable[[Path, Path], None]
-
-
-KILLS = {
-    "stats, mid-pass": Kill("kill-at-batch:3", "stats.pt", Run.stats_argv,
-                            lambda r: (r.original, r.train), [], lambda r: r.stats, assert_same_stats),
-    "stats, before the rename": Kill("kill-before:stats.pt", "stats.pt", Run.stats_argv,
-                                     lambda r: (r.original, r.train), [".stats.pt.tmp"],
-                                     lambda r: r.stats, assert_same_stats),
-    "compress, mid-checkpoint": Kill("kill-at-fsync:.distcp", "afm", Run.compress_argv,
-                                     lambda r: (r.original, r.stats), [".afm.tmp"],
-                                     lambda r: r.afm, assert_same_compression),
-    "finetune, mid-training": Kill("kill-at-batch:4", "afm_ft", Run.finetune_argv,
-                                   lambda r: (r.afm, r.train), [], lambda r: r.afm_ft,
-                                   assert_same_model),
-    "train, checkpoint written, model.json not": Kill(
-        "kill-before:model.json", "original", Run.train_argv, lambda r: (r.train,),
-        [".original.tmp"], lambda r: r.original, assert_same_model),
-}
-
-
-@pytest.mark.parametrize("case", KILLS)
-def test_7_kill_leaves_no_partial_artifact_and_a_rerun_matches(run, tmp_path, case):
-    kill = KILLS[case]
-    out = tmp_path / kill.output
-    inputs = snapshot(*kill.inputs(run))
-    _killed(child(kill.fault, kill.command(run, out)))
-    assert not out.exists()
-    assert [n.split("-")[0] for n in leftovers(tmp_path)] == kill.left
-    assert snapshot(*kill.inputs(run)) == inputs
-    assert main(kill.command(run, out)) == 0
-    assert leftovers(tmp_path) == []  # the dead writer's temporary is gone
-    kill.same(out, kill.reference(run))
-
-
-def test_7_kill_once_the_compressed_model_is_visible(run, tmp_path):
-    out = tmp_path / "afm"
-    _killed(child("kill-after:afm", run.compress_argv(out)))
-    assert sorted(p.name for p in out.iterdir()) == ["bases.pt", "checkpoint", "model.json",
-                                                     "ranks.parquet"]
-    assert_same_compression(out, run.afm)
-
-
-def test_7_kill_between_the_renames_of_an_overwrite(run, tmp_path, capsys):
-    """--overwrite sets the old folder aside, then renames the new one in: a kill between
-    the two leaves neither visible; the next run of that output puts the old one back."""
-    out = copy_model(run.afm, tmp_path / "afm_ft")  # the previous version: another model
-    previous = snapshot(out)
-    _killed(child(f"kill-before:{out.name}", run.finetune_argv(out, "--overwrite")))
-    assert not out.exists()
-    assert sorted(n.split("-")[0] for n in leftovers(tmp_path)) == [".afm_ft.old", ".afm_ft.tmp"]
-    fail(capsys, run.finetune_argv(out), "afm_ft already exists")  # without --overwrite
-    assert snapshot(out) == previous and leftovers(tmp_path) == []
-    assert main(run.finetune_argv(out, "--overwrite")) == 0
-    assert_same_model(out, run.afm_ft)
-
-
-# --------------------------------------------------------------------- 8. disk full, write error
-
-
-def test_8_write_failures_are_one_line_and_keep_the_previous_artifacts(run, tmp_path):
-    model = copy_model(run.original, tmp_path / "model")
-    stats = tmp_path / "stats.pt"
-    shutil.copy(run.stats, stats)
-    afm = copy_model(run.afm, tmp_path / "afm")
-    before = snapshot(model, stats, afm)
-    # Files may not grow beyond 2 KiB: every artifact write fails with EFBIG.
-    result = child("fsize:2048", run.train_argv(model, "--overwrite"),
-                   run.stats_argv(stats, "--overwrite"), run.compress_argv(afm, "--overwrite"))
-    assert result.stdout.split() == ["rc=2"] * 3, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.strip() and line != END]
-    assert [e.split(":")[0] for e in errors] == ["afmrec train", "afmrec stats", "afmrec compress"]
-    for line, path in zip(errors, (model, stats, afm)):
-        assert f"error: {path}: write failed (File too large); no partial output" in line, line
-    assert snapshot(model, stats, afm) == before
-    assert leftovers(tmp_path) == []
-
-
-# 9. another world size: test_9 in test_reliability_round2.py, which shares its torchrun
-# launch with the cases of jobs of several ranks.

@@ -32,8 +32,8 @@ from afmrec.pipeline.model_io import load_record
 from afmrec.pipeline.report import read_report
 
 from .cli_process import run_fault_child
-from .test_reliability import (CHILD_ENV, END, FAULT_CHILD, MODEL, TUNE, Run, assert_same_model,
-                               assert_same_stats, copy_model, leftovers, snapshot)
+from .reliability_run import (CHILD_ENV, END, FAULT_CHILD, MODEL, TUNE, Run, assert_same_model,
+                              assert_same_stats, copy_model, leftovers, snapshot)
 
 pytestmark = pytest.mark.reliability
 

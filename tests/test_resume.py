@@ -44,7 +44,7 @@ from afmrec.sharding.env import (
 from .conftest import TABLES, random_batch, tiny_config
 from .dist_utils import run_distributed
 from .cli_process import Completed, run_fault_child
-from .test_reliability import KILLED
+from .reliability_run import KILLED
 
 SCHEMA = DataSchema(
     dense=("d0", "d1", "d2"),

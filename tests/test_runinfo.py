@@ -244,7 +244,7 @@ def test_resumed_stats_pass_counts_only_the_rows_it_ran(run, tmp_path):
     out_dir, _ = run
     model_dir, data, out = out_dir / "original_1gpu", DataRef(out_dir / "data" / "train"), tmp_path / "s.pt"
     blocks = find_blocks(skeleton(load_record(model_dir)))
-    key = fingerprint([stages._model_fingerprint(model_dir), data.fingerprint(), STATS_BATCH, 1,
+    key = fingerprint([stages.model_fingerprint(model_dir), data.fingerprint(), STATS_BATCH, 1,
                        "float32", sorted(b.name for b in blocks)])
     model, _ = load_model(model_dir)
     collect_statistics(model, blocks, itertools.islice(data.batches(STATS_BATCH), 2),

@@ -202,7 +202,7 @@ class _HiddenModel:
         first_order = np.zeros(num_rows)
         for t, (field, max_bag) in enumerate(zip(self.schema.sparse, config.max_bags())):
             lengths = _bag_sizes(rng, num_rows, max_bag, config.missing_rate)
-            ranks = _zipf_ranks(
+            ranks = zipf_ranks(
                 rng, field.num_embeddings, int(lengths.sum()), config.zipf_exponent
             )
             ids = self.rank_to_id[t][ranks]
@@ -254,7 +254,7 @@ def _bag_sizes(
     return lengths
 
 
-def _zipf_ranks(
+def zipf_ranks(
     rng: np.random.Generator, num_ids: int, size: int, exponent: float
 ) -> np.ndarray:
     """Ranks in ``[0, num_ids)``, rank ``k`` with probability about ``(k + 1.5)^-exponent``.
@@ -269,6 +269,10 @@ def _zipf_ranks(
     else:
         x = (1.0 + u * ((num_ids + 1.0) ** a - 1.0)) ** (1.0 / a)
     return np.clip(x.astype(np.int64) - 1, 0, num_ids - 1)
+
+
+# The name pipeline/speed.py imports.
+_zipf_ranks = zipf_ranks
 
 
 def _mean_pool(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:

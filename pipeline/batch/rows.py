@@ -1,35 +1,10 @@
-"""Batch compression: many checkpoints listed in a manifest, each in its own folder.
-
-A manifest is a CSV or Parquet table with one row per checkpoint (:class:`BatchRow`
-lists the columns). Relative paths in it are relative to the manifest's folder.
-:func:`run_row` runs one row in its folder ``out``, a stage after the other::
-
-    out/original/        (only with model_config) the checkpoint with its architecture
-    out/stats.pt         statistics over the calibration data (resumable)
-    out/compressed/      the compressed model (+ ranks.parquet, bases.pt)
-    out/finetuned/       (with finetune data) the fine-tuned compressed model
-    out/report.parquet   (with eval data) AUC, size and latency of every model
-    out/stages.json      the key each finished stage was computed from
-    out/result.json      the row's result, once it has finished
-
-A stage's key hashes its settings and the names, sizes and modification times of its
-input files, chained through the stages before it: a stage is skipped when its output
-exists under the same key, and redone (with every later stage) when a setting or an
-input changes. A row is finished when ``result.json`` holds the key of its last stage.
-A row that fails reports why in its result and leaves the other rows alone.
-"""
+"""A row of a batch, run in its folder a stage after the other; the results table."""
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import functools
 import logging
-import math
 import os
 import time
-import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,198 +12,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from afmrec.models import ModelConfig
-from afmrec.sharding.env import DistEnv, barrier, fail_job
+from afmrec.sharding.env import DistEnv, barrier, broadcast_object, fail_job
 from afmrec.sharding.plan import ShardingConfig
 
-from .artifacts import (BATCH_RESULTS, MODEL, _broadcast, atomic_dir, atomic_file, fingerprint,
-                        read_json, write_json)
-from .compress import CompressConfig
-from .errors import InputError
-from .evaluate import count_parameters
-from .hints import scalar_type, typed_dataclass
-from .model_io import ModelRecord, load_record, skeleton
-from .ranks import RankConfig
-from .report import read_report
-from .stages import LOCAL, DataRef, compress_stage, evaluate_stage, finetune_stage, stats_stage
-from .train import TrainConfig
+from ..artifacts import (BATCH_RESULTS, MODEL, atomic_dir, atomic_file, fingerprint, read_json,
+                         write_json)
+from ..errors import InputError
+from ..evaluate import count_parameters
+from ..hints import typed_dataclass
+from ..model_io import ModelRecord, load_record, skeleton
+from ..report import read_report
+from ..stages import LOCAL, DataRef, compress_stage, evaluate_stage, finetune_stage, stats_stage
+from ..train import TrainConfig
+from .manifest import BatchRow
 
 log = logging.getLogger(__name__)
 
-# The files of a row's folder (see the module docstring).
+# The files of a row's folder (see afmrec.pipeline.batch).
 ORIGINAL, STATS, COMPRESSED, FINETUNED = "original", "stats.pt", "compressed", "finetuned"
 REPORT, LEDGER, RESULT = "report.parquet", "stages.json", "result.json"
-
-
-@dataclass(frozen=True)
-class BatchRow:
-    """One manifest row: a checkpoint, how to compress it, where the results go.
-
-    Args:
-        checkpoint: a model folder (``model.json`` + ``checkpoint/``, from
-            ``afmrec train``), or, with ``model_config``, a folder holding a DCP
-            checkpoint (itself, or its ``checkpoint/``).
-        calibration: statistics data, ``DIR`` or ``DIR@START:STOP``.
-        out: the row's folder (created; not shared with another row).
-        name: the row's name in the results (default: the name of ``out``).
-        model_config: a JSON file of the architecture (a ``ModelConfig``, or a
-            ``model.json``), for a checkpoint without ``model.json``.
-        ratio, energy, rank: the rank policy's value, exactly one of them (as ``afmrec
-            compress --ratio/--energy/--rank``).
-        policy, table_format, serve_device, table_multiple, method, activation: as
-            ``afmrec compress`` (``policy`` none: its default for the value given).
-        probe: labelled rows of the loss probes (default: the last tenth of ``calibration``).
-        finetune: fine-tuning data (its last tenth validates); none: no fine-tuning.
-        finetune_epochs, finetune_batch_size: fine-tuning passes and rows per step.
-        eval: test data for AUC before and after; none: no evaluation.
-        batch_size: rows per statistics batch.
-    """
-
-    checkpoint: Path
-    calibration: DataRef
-    out: Path
-    name: str = ""
-    model_config: Path | None = None
-    ratio: float | None = None
-    energy: float | None = None
-    rank: int | None = None
-    policy: str | None = None
-    table_format: str = "auto"
-    serve_device: str = "cuda"
-    probe: DataRef | None = None
-    table_multiple: int = 4
-    method: str = "afm"
-    activation: str | None = None
-    finetune: DataRef | None = None
-    finetune_epochs: int = 1
-    finetune_batch_size: int = 1024
-    eval: DataRef | None = None
-    batch_size: int = 4096
-
-    def __post_init__(self) -> None:
-        # Plain strings are accepted from Python callers; a manifest's cells are converted.
-        for attr in ("checkpoint", "out", "model_config"):
-            if isinstance(getattr(self, attr), str):
-                object.__setattr__(self, attr, Path(getattr(self, attr)))
-        for attr in ("calibration", "finetune", "eval", "probe"):
-            if isinstance(getattr(self, attr), str):
-                object.__setattr__(self, attr, DataRef.parse(getattr(self, attr)))
-        if not self.name:
-            object.__setattr__(self, "name", self.out.name)
-        if self.method not in ("afm", "svd"):
-            raise InputError(f"method must be 'afm' or 'svd', got {self.method!r}")
-        if min(self.finetune_epochs, self.finetune_batch_size, self.batch_size) < 1:
-            raise InputError("finetune_epochs, finetune_batch_size and batch_size must be >= 1")
-        # their own checks (exactly one of ratio, energy, rank...), before any job starts
-        self.rank_config(), self.compress_config()
-
-    def rank_config(self) -> RankConfig:
-        return RankConfig.from_policy(self.policy, ratio=self.ratio, energy=self.energy, rank=self.rank,
-                                      table_format=self.table_format, serve_device=self.serve_device,
-                                      table_multiple=self.table_multiple)
-
-    def compress_config(self) -> CompressConfig:
-        return CompressConfig(activation=self.activation)
-
-
-# ---------------------------------------------------------------------------- manifest
-
-
-def _read_table(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise InputError(f"{path}: manifest not found")
-    if path.suffix == ".parquet":
-        try:
-            return pq.read_table(path).to_pylist()
-        except pa.ArrowInvalid as e:
-            raise InputError(f"{path}: not a Parquet table ({e})") from None
-    if path.suffix != ".csv":
-        raise InputError(f"{path}: a manifest is a .csv or .parquet file")
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _is_blank(value: Any) -> bool:
-    """Empty CSV cells, Parquet nulls, and the NaN that pandas writes for missing floats."""
-    return value is None or (isinstance(value, str) and not value.strip()) or (
-        isinstance(value, float) and math.isnan(value))
-
-
-def _convert(kind: type, value: Any, base: Path) -> Any:
-    """A cell as the field's type; paths relative to ``base`` (the manifest's folder)."""
-    if kind is Path:
-        return base / str(value).strip()
-    if kind is DataRef:
-        ref = DataRef.parse(str(value).strip())
-        return dataclasses.replace(ref, path=base / ref.path)
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if kind in (int, float) and isinstance(value, bool):
-        raise ValueError(value)
-    converted = kind(value.strip() if isinstance(value, str) else value)
-    if kind is float and not math.isfinite(converted):  # "nan" and "inf" parse as floats
-        raise ValueError(value)
-    return converted
-
-
-@functools.cache
-def _row_hints() -> dict[str, Any]:
-    return typing.get_type_hints(BatchRow)
-
-
-def _row(record: Mapping[str, Any], base: Path, where: str) -> BatchRow:
-    hints = _row_hints()
-    values = {}
-    for column, value in record.items():
-        if _is_blank(value):
-            continue
-        kind = scalar_type(hints[column])
-        try:
-            values[column] = _convert(kind, value, base)
-        except InputError as e:  # a malformed DIR@START:STOP says what is wrong itself
-            raise InputError(f"{where}, column {column!r}: {e}") from None
-        except ValueError:
-            raise InputError(f"{where}, column {column!r}: expected {kind.__name__}, got {value!r}") from None
-    for f in dataclasses.fields(BatchRow):
-        if f.default is dataclasses.MISSING and f.name not in values:
-            raise InputError(f"{where}: column {f.name!r} is empty")
-    try:
-        return BatchRow(**values)
-    except InputError as e:
-        raise InputError(f"{where}: {e}") from None
-
-
-def read_manifest(path: str | os.PathLike[str]) -> list[BatchRow]:
-    """The rows of a CSV or Parquet manifest, validated before any job starts.
-
-    Raises:
-        InputError: the file is missing or not CSV/Parquet; a column is unknown or a
-            required one is absent; a cell has the wrong type; a row's settings are
-            invalid; two rows share a name or an ``out`` folder. The message names the
-            file, the row (1 = the first after the header) and the column.
-    """
-    path = Path(path)
-    records = _read_table(path)
-    columns = list(records[0]) if records else []
-    known = [f.name for f in dataclasses.fields(BatchRow)]
-    unknown = [c for c in columns if c not in known]
-    if unknown:
-        raise InputError(f"{path}: unknown column(s) {unknown} (known: {', '.join(known)})")
-    if not records:
-        raise InputError(f"{path}: the manifest has no rows")
-    required = [f.name for f in dataclasses.fields(BatchRow) if f.default is dataclasses.MISSING]
-    absent = [c for c in required if c not in columns]
-    if absent:
-        raise InputError(f"{path}: no column(s) {absent}")
-    base = path.resolve().parent
-    rows = [_row(r, base, f"{path}, row {i + 1}") for i, r in enumerate(records)]
-    for attr in ("name", "out"):
-        seen: dict[Any, int] = {}
-        for i, row in enumerate(rows):
-            j = seen.setdefault(getattr(row, attr), i)
-            if j != i:
-                raise InputError(f"{path}: rows {j + 1} and {i + 1} have the same {attr} "
-                                 f"({getattr(row, attr)})")
-    return rows
 
 
 # ------------------------------------------------------------------------- stage keys
@@ -249,7 +51,7 @@ def _data_key(ref: DataRef | None) -> Any:
 
 
 def stage_keys(row: BatchRow) -> dict[str, str]:
-    """The key of each of the row's stages, in order (see the module docstring)."""
+    """The key of each of the row's stages, in order (see :mod:`afmrec.pipeline.batch`)."""
     keys = {"stats": fingerprint(["stats", _files_key(row.checkpoint), _files_key(row.model_config),
                                   _data_key(row.calibration), _data_key(row.probe), row.batch_size])}
     keys["compress"] = fingerprint(["compress", keys["stats"], repr(row.rank_config()),
@@ -285,7 +87,7 @@ class _Ledger:
     def todo(self, stage: str, key: str, output: Path) -> bool:
         """Whether the stage must run; every rank gets rank 0's answer."""
         answer = self.keys.get(stage) != key or not output.exists()
-        return _broadcast(answer) if self.env.is_distributed else answer
+        return broadcast_object(answer) if self.env.is_distributed else answer
 
     def mark(self, stage: str, key: str) -> None:
         self.keys[stage] = key
@@ -303,7 +105,7 @@ def _claim(out: Path, env: DistEnv) -> None:
         elif not (out / LEDGER).is_file():
             write_json(out / LEDGER, {})
     if env.is_distributed:  # every rank fails, or none: a lone failure would hang the rest
-        problem = _broadcast(problem)
+        problem = broadcast_object(problem)
     if problem:
         raise InputError(problem)
 
