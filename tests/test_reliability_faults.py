@@ -173,7 +173,12 @@ def test_7_kill_between_the_renames_of_an_overwrite(run, tmp_path, capsys):
     _killed(child(f"kill-before:{out.name}", run.finetune_argv(out, "--overwrite")))
     assert not out.exists()
     assert sorted(n.split("-")[0] for n in leftovers(tmp_path)) == [".afm_ft.old", ".afm_ft.tmp"]
-    fail(capsys, run.finetune_argv(out), "afm_ft already exists")  # without --overwrite
+    # without --overwrite: the set-aside version is put back (and said), then refused
+    capsys.readouterr()
+    assert main(run.finetune_argv(out)) == 2
+    notice, error = capsys.readouterr().err.strip().splitlines()
+    assert notice == f"{out}: restored the previous version, set aside by an interrupted --overwrite"
+    assert error.startswith("afmrec finetune: error: ") and "afm_ft already exists" in error
     assert snapshot(out) == previous and leftovers(tmp_path) == []
     assert main(run.finetune_argv(out, "--overwrite")) == 0
     assert_same_model(out, run.afm_ft)
