@@ -207,9 +207,16 @@ def plan_ranks(
     the compression's (:class:`CompressConfig`): whether a cross layer's second factor
     folds into its ``up``.
     """
-    whole = skeleton(record)
-    blocks = [b for b in find_blocks(whole, fuse=fuse) if b.name in spectra_by_block]
-    other = count_parameters(whole) - sum(b.params for b in blocks)
+    return plan_model(skeleton(record), spectra_by_block, rank_config, fuse)
+
+
+def plan_model(
+    model: torch.nn.Module, spectra_by_block: Mapping[str, Spectrum], rank_config: RankConfig,
+    fuse: bool = True,
+) -> tuple[list[Block], RankPlan]:
+    """:func:`plan_ranks` of a model (or its skeleton) itself."""
+    blocks = [b for b in find_blocks(model, fuse=fuse) if b.name in spectra_by_block]
+    other = count_parameters(model) - sum(b.params for b in blocks)
     return blocks, select_ranks(blocks, spectra_by_block, rank_config, other_params=other)
 
 
@@ -582,6 +589,19 @@ def _plan_compression(
     else:
         bases = weight_svd_bases(model, blocks, ranks)
     bases.meta = {"stats": stats.meta, "rank_config": repr(rank_config)}
+    rows, summary = plan_report(blocks, spec, plan, rank_config, method)
+    summary["sensitivity_data"] = (stats.meta.get("sensitivity") or {}).get("data")
+    return bases, rows, summary
+
+
+def plan_report(
+    blocks: list[Block], spec: Mapping[str, Spectrum], plan: RankPlan, rank_config: RankConfig,
+    method: str = "afm",
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One row per block (rank, energy kept, parameters and bytes before and after, loss
+    weight, policy: ``ranks.parquet``) and the whole model's summary (``record.plan``:
+    policy, table format, parameters, bytes and ratio) of a rank plan."""
+    ranks = plan.ranks
     fmt = plan.table_format
     weights = rank_config.weights or {}
     rows = [
@@ -618,9 +638,8 @@ def _plan_compression(
         "checkpoint_bytes_after": DENSE_BYTES * params_after,
         "served_bytes_after": plan.bytes,
         "ratio": plan.ratio,
-        "sensitivity_data": (stats.meta.get("sensitivity") or {}).get("data"),
     }
-    return bases, rows, summary
+    return rows, summary
 
 
 def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:

@@ -17,16 +17,16 @@ import itertools
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from afmrec.sharding.env import barrier, min_over_ranks
 
 from .artifacts import STATISTICS_SAVE_FORMAT, atomic_file, load_checked, save_checked
-from .blocks import Block
+from .blocks import Block, table_hooks
 from .centring import RowGroups, SharedAddresses, add_recombined_, centre_round_sum, reads_in_place
 from .errors import InputError
 
@@ -270,10 +270,19 @@ def _stacked_moments(blocks: list[Block], device: torch.device | None) -> dict[s
     return {b.name: Moments(n[j], s[j], g[j]) for j, b in enumerate(blocks)}
 
 
-def _fields(output: Any) -> torch.Tensor:
-    """The (B, F, D) pooled fields from a sparse arch's output (DeepFM's also returns the
-    deep tower's input beside them)."""
-    return output[0] if isinstance(output, tuple) else output
+def pooled_fields(output: Any, features: Sequence[str]) -> torch.Tensor:
+    """The (B, F, D) pooled fields of ``features`` from where tables are observed
+    (:class:`~afmrec.pipeline.blocks.TableHook`): a sparse arch's (B, F, D) output (DeepFM's
+    also returns the deep tower's input beside them), or a collection's ``KeyedTensor``
+    (its ``features``, all D wide, stacked: a copy)."""
+    if isinstance(output, KeyedTensor):
+        by_key = output.to_dict()
+        return torch.stack([by_key[f] for f in features], dim=1)
+    fields = output[0] if isinstance(output, tuple) else output
+    if not isinstance(fields, torch.Tensor):
+        raise InputError(f"cannot observe tables in a {type(fields).__name__} (a sharded collection's "
+                         "output): observe them through a TorchRec SparseArch")
+    return fields
 
 
 def _check_unmodified(name: str, y: torch.Tensor, version: int) -> None:
@@ -406,7 +415,7 @@ class _TableObserver(_Observer):
 
     def hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         kjt: KeyedJaggedTensor = args[0] if args else next(iter(kwargs.values()))
-        fields = _fields(output)
+        fields = pooled_fields(output, self.feature_names)
         self.pending.append((fields, kjt.lengths(), tuple(kjt.keys()), fields._version))
 
     def _index_tensors(self, device: torch.device, keys: tuple[str, ...]):
@@ -624,13 +633,10 @@ class StatsCollector:
 
     def __enter__(self) -> "StatsCollector":
         modules = dict(self.model.named_modules())
-        tables_by_owner: dict[str, list[Block]] = {}
         linear_by_width: dict[int, list[Block]] = {}
         for b in self.blocks:
             if b.kind == "linear":
                 linear_by_width.setdefault(b.out_features, []).append(b)
-            else:
-                tables_by_owner.setdefault(b.module.rpartition(".")[0], []).append(b)
         for blocks in linear_by_width.values():
             stacked = _stacked_moments(blocks, self.device)
             self._moments.update(stacked)
@@ -639,18 +645,12 @@ class StatsCollector:
             self._observers.append(group)
             for j, b in enumerate(blocks):
                 self._handles.append(modules[b.module].register_forward_hook(self._linear_hook(group, j)))
-        for owner, blocks in tables_by_owner.items():
+        for point in table_hooks(self.model, self.blocks):
+            blocks = list(point.blocks)
             self._moments.update(_stacked_moments(blocks, self.device))
-            arch = modules[owner]
-            names = getattr(arch, "sparse_feature_names", None)
-            if names is None:
-                raise InputError(
-                    f"{owner or 'the model'} owns embedding tables but has no "
-                    "`sparse_feature_names` (observe tables through a TorchRec SparseArch)"
-                )
-            observer = _TableObserver(blocks, list(names), self._moments, self.precision)
+            observer = _TableObserver(blocks, list(point.features), self._moments, self.precision)
             self._observers.append(observer)
-            self._handles.append(arch.register_forward_hook(observer.hook, with_kwargs=True))
+            self._handles.append(modules[point.module].register_forward_hook(observer.hook, with_kwargs=True))
         if self._observers:
             self._handles.append(self.model.register_forward_hook(lambda *_: self.flush()))
         device = torch.device(self.device) if self.device is not None else None
@@ -807,6 +807,7 @@ def collect_statistics(
     precision: str = "auto",
     checkpoint: StatsCheckpoint | None = None,
     cuda_graphs: bool = True,
+    feed: Callable[[nn.Module, Any], torch.Tensor] | None = None,
 ) -> Statistics:
     """One forward pass over ``batches`` (TorchRec ``Batch``es) with observers.
 
@@ -826,6 +827,9 @@ def collect_statistics(
             not saved: the batches before are not read.
         cuda_graphs: on CUDA, replay each batch's update as a CUDA graph (see
             :class:`StatsCollector`); False runs it eagerly.
+        feed: how one batch is run, ``feed(module, batch)`` (batches of any type, on
+            the model's device); default :func:`~afmrec.pipeline.evaluate.forward_logits`
+            (``module(batch.dense_features, batch.sparse_features)``).
 
     Returns:
         The local (this process's) statistics, with ``meta["resumed_from_batch"]`` (0 for
@@ -836,6 +840,7 @@ def collect_statistics(
     from .evaluate import eval_mode, forward_logits, model_device
 
     runner = forward if forward is not None else model
+    run = feed if feed is not None else forward_logits
     collector = StatsCollector(model, blocks, model_device(model), precision, cuda_graphs)
     done, saved = checkpoint.resume() if checkpoint is not None else (0, {})
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -846,7 +851,7 @@ def collect_statistics(
         todo = _batches_from(batches, done)
         bar = tqdm(todo, desc="stats", disable=not progress, unit="batch", total=total, initial=done)
         for i, batch in enumerate(bar, start=done + 1):
-            forward_logits(runner, batch)
+            run(runner, batch)
             if checkpoint is not None and i % checkpoint.every == 0:
                 checkpoint.save(collector.moments, i)
     return collector.result({"resumed_from_batch": done})
