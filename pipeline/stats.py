@@ -8,6 +8,8 @@ Where tables are observed: at the output of the module that owns the collection 
 ``SparseArch``), i.e. where the dense part consumes the pooled features. Under
 ``DistributedModelParallel`` the collection itself returns a lazy awaitable, but
 ``SparseArch`` returns a plain (B, F, D) tensor on every rank, so one hook serves both.
+A collection no ``SparseArch`` owns (a user's own model) is observed at its own output,
+an unsharded ``KeyedTensor`` (:func:`~afmrec.pipeline.blocks.table_hooks`).
 Empty bags are not counted: their output is exactly 0 before and after compression.
 """
 

@@ -148,6 +148,49 @@ def test_full_energy_is_exact_on_unseen_rows():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def test_statistics_at_a_collection_are_the_pooled_rows_of_non_empty_bags():
+    """Each table's moments, observed at its collection's ``KeyedTensor`` (mixed widths),
+    are those of its feature's pooled rows, empty bags left out."""
+    from afmrec.pipeline.stats import collect_statistics
+
+    torch.manual_seed(0)
+    model = UserRec(rows=(40, 60, 50), dims=(16, 8, 16))
+    batches = make_batches(model.tables.embedding_bag_configs(), 3, rows=64)
+    stats = collect_statistics(model, find_blocks(model), batches, precision="float64")
+    for i in range(3):
+        with torch.no_grad():
+            rows = torch.cat([model.tables(b.sparse_features)[f"f{i}"][b.sparse_features[f"f{i}"].lengths() > 0]
+                              for b in batches]).double()
+        m = stats.moments[f"tables.t{i}"]
+        assert int(m.n) == rows.shape[0] < 3 * 64
+        torch.testing.assert_close(m.s, rows.sum(0))
+        torch.testing.assert_close(m.g, rows.T @ rows)
+
+
+def test_probes_at_a_collection_equal_compressing_the_table_alone():
+    """Where no SparseArch owns the collection, tables are observed and truncated at its
+    ``KeyedTensor`` (mixed widths, empty bags): each probe's loss is the KL divergence
+    of the model with that block alone compressed at that rank."""
+    from afmrec.pipeline.bases import afm_bases, spectra
+    from afmrec.pipeline.compress import CompressConfig
+    from afmrec.pipeline.compress import compress_ as swap_blocks_
+    from afmrec.pipeline.sensitivity import bernoulli_kl, measure_sensitivity
+    from afmrec.pipeline.stats import collect_statistics
+
+    torch.manual_seed(0)
+    model = UserRec(rows=(40, 60, 50), dims=(16, 8, 16)).eval()
+    batches = make_batches(model.tables.embedding_bag_configs(), 3, rows=64)
+    blocks = find_blocks(model)
+    spec = spectra(collect_statistics(model, blocks, batches, precision="float64"))
+    probes = [p for p in measure_sensitivity(model, blocks, spec, batches) if p.block.startswith("tables.")]
+    assert {p.block for p in probes} == {"tables.t0", "tables.t1", "tables.t2"}
+    base = logits(model, batches).double()
+    for p in probes:
+        alone = swap_blocks_(copy.deepcopy(model), afm_bases(spec, {p.block: p.rank}), CompressConfig())
+        kl = bernoulli_kl(base, logits(alone, batches).double()).mean().item()
+        assert p.delta_loss == pytest.approx(kl, rel=1e-3, abs=1e-9) and p.delta_loss > 0
+
+
 def test_a_custom_forward_feeds_batches_of_any_type():
     """Dict batches through ``forward=``: the same rows give the same statistics, probes
     and plan as TorchRec Batches through the default feed."""
@@ -163,6 +206,24 @@ def test_a_custom_forward_feeds_batches_of_any_type():
     assert custom.ratio == default.ratio
     fresh = make_batches(a.tables.embedding_bag_configs(), 1, seed=3)
     torch.testing.assert_close(logits(b, fresh), logits(a, fresh), rtol=0, atol=1e-6)
+
+
+class WithUnused(UserRec):
+    """A Linear its forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__(rows=(300, 400, 500, 600))
+        self.unused = nn.Linear(16, 16)
+
+
+def test_a_block_that_sees_no_row_stays_whole():
+    torch.manual_seed(0)
+    model = WithUnused()
+    result = afmrec.compress_(model, make_batches(model.tables.embedding_bag_configs(), 2),
+                              afmrec.AFMConfig(rank=4))
+    assert result.skipped == ("unused",) and type(model.unused) is nn.Linear
+    assert "unused" not in result.ranks and "unused" not in {r["block"] for r in result.blocks}
+    assert isinstance(model.mlp[0], LowRankLinear) and result.ranks["mlp.0"] == 4
 
 
 def test_probes_run_on_the_batches_the_config_or_the_caller_names():
