@@ -32,7 +32,12 @@ _LAZY = {
 __all__ = ["AFMConfig", "AFMResult", "compress_", "export", "__version__"]
 
 
+_SUBPACKAGES = ("models", "pipeline", "sharding", "launch")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:  # `afmrec.pipeline` without importing it first
+        return importlib.import_module(f"{__name__}.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'afmrec' has no attribute {name!r}")
@@ -42,4 +47,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return sorted({*__all__, *_SUBPACKAGES, *(k for k in globals() if k.startswith("__"))})
