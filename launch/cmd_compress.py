@@ -94,22 +94,10 @@ def _rank_pattern(items: list[str]) -> dict[str, int]:
     return out
 
 
-def summary_line(plan: dict, rows: list[dict]) -> str:
-    """What the plan made of the model: blocks, parameters, checkpoint and served bytes."""
-    n = sum(r["compressed"] for r in rows)
-    mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
-    before, ckpt, served = plan["checkpoint_bytes_before"], plan["checkpoint_bytes_after"], plan["served_bytes_after"]
-    return (f"{n} of {len(rows)} blocks compressed ({plan['policy']} policy): "
-            f"{plan['params_before']:,} -> {plan['params_after']:,} parameters "
-            f"({plan['params_before'] / plan['params_after']:.2f}x); checkpoint {mib(before)} -> "
-            f"{mib(ckpt)} ({before / ckpt:.2f}x); served with {plan['table_format']} tables on "
-            f"{plan['serve_device']}: {mib(served)} ({before / served:.2f}x)")
-
-
 def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.compress import CompressConfig
     from afmrec.pipeline.ranks import RankConfig
-    from afmrec.pipeline.stages import compress_stage
+    from afmrec.pipeline.stages import compress_stage, summary_line
 
     rank_config = RankConfig.from_policy(
         args.policy, ratio=args.ratio, energy=args.energy, rank=args.rank,

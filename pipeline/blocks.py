@@ -131,10 +131,50 @@ def find_blocks(model: nn.Module, *, fuse: bool = True) -> list[Block]:
                         features=tuple(cfg.feature_names),
                     )
                 )
-        elif isinstance(module, nn.Linear):
+        elif type(module) is nn.Linear:  # exact type, as compress_ swaps: a subclass (such as
+            # nn.MultiheadAttention's out_proj, whose weight it reads directly) is no block
             blocks.append(Block(path, "linear", path, module.in_features, module.out_features,
                                 bias=module.bias is not None, fused_into=fused_into.get(path, 0)))
     return blocks
+
+
+@dataclass(frozen=True)
+class TableHook:
+    """Where the pooled outputs of some tables are observed (statistics, probes).
+
+    Attributes:
+        module: path of the module whose output holds them: the collection's owner where
+            it has ``sparse_feature_names`` (TorchRec's ``SparseArch``: a plain (B, F, D)
+            tensor also under ``DistributedModelParallel``), else the collection itself
+            (an unsharded ``EmbeddingBagCollection`` of any model: a ``KeyedTensor``).
+        features: the features of that output the tables' rows are read from, in order.
+        blocks: the tables (at the collection, all of one width).
+    """
+
+    module: str
+    features: tuple[str, ...]
+    blocks: tuple[Block, ...]
+
+
+def table_hooks(model: nn.Module, blocks: Iterable[Block]) -> list[TableHook]:
+    """The observation points of the table blocks among ``blocks`` (see :class:`TableHook`):
+    one per sparse arch, or one per collection and table width."""
+    modules = dict(model.named_modules())
+    groups: dict[tuple[str, int], tuple[tuple[str, ...], list[Block]]] = {}
+    for b in blocks:
+        if b.kind != "table":
+            continue
+        owner = b.module.rpartition(".")[0]
+        names = getattr(modules[owner], "sparse_feature_names", None) if owner in modules else None
+        if names is not None:
+            key, features = (owner, 0), tuple(names)
+        else:
+            ebc = modules[b.module]
+            key = (b.module, b.out_features)
+            features = tuple(f for c in ebc.embedding_bag_configs() if c.embedding_dim == b.out_features
+                             for f in c.feature_names)
+        groups.setdefault(key, (features, []))[1].append(b)
+    return [TableHook(path, features, tuple(bs)) for (path, _), (features, bs) in groups.items()]
 
 
 def match(name: str, patterns: Iterable[str]) -> bool:

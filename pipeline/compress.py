@@ -195,7 +195,8 @@ def compress_(model: nn.Module, bases: Bases, config: CompressConfig = CompressC
     """Replaces every block named in ``bases`` by its two factors, in place.
 
     Args:
-        model: an unsharded model built by :func:`afmrec.models.build_model`.
+        model: an unsharded model (:func:`afmrec.models.build_model`'s, or any module
+            holding TorchRec collections and ``nn.Linear`` layers).
         bases: a :class:`~afmrec.pipeline.bases.Bases` keyed by block name.
         config: activation between factors, fusion.
 

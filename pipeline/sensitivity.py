@@ -33,14 +33,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from .bases import Spectrum
-from .blocks import Block
+from .blocks import Block, table_hooks
 from .errors import InputError
 from .ranks import energy_rank
 
@@ -137,16 +138,12 @@ class Truncation:
 
     def __enter__(self) -> "Truncation":
         modules = dict(self.model.named_modules())
-        owners = {}
         for b in self.blocks.values():
             if b.kind == "linear":
                 self._handles.append(modules[b.module].register_forward_hook(self._linear_hook(b.name)))
-            else:
-                owners.setdefault(b.module.rpartition(".")[0], []).append(b.name)
-        for owner, names in owners.items():
-            arch = modules[owner]
-            hook = self._fields_hook(set(names), list(arch.sparse_feature_names))
-            self._handles.append(arch.register_forward_hook(hook, with_kwargs=True))
+        for point in table_hooks(self.model, self.blocks.values()):
+            hook = self._fields_hook({b.name for b in point.blocks}, list(point.features))
+            self._handles.append(modules[point.module].register_forward_hook(hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -168,9 +165,15 @@ class Truncation:
             if self.active is None or self.active[0].name not in names:
                 return None
             kjt = args[0] if args else next(iter(kwargs.values()))
-            fields = output[0] if isinstance(output, tuple) else output  # (B, F, D)
             keys = kjt.keys()
             lengths = kjt.lengths().view(len(keys), -1)
+            if isinstance(output, KeyedTensor):  # a collection's own output: (B, D) per feature
+                by_key = output.to_dict()
+                for feature in self.active[0].features:
+                    y, nonempty = by_key[feature], (lengths[keys.index(feature)] > 0).unsqueeze(1)
+                    by_key[feature] = torch.where(nonempty, self._project(y), y)
+                return KeyedTensor.from_tensor_list(output.keys(), [by_key[k] for k in output.keys()])
+            fields = output[0] if isinstance(output, tuple) else output  # (B, F, D)
             fields = fields.clone()
             for feature in self.active[0].features:
                 f = feature_names.index(feature)
@@ -207,6 +210,7 @@ def measure_sensitivity(
     *,
     forward: nn.Module | None = None,
     progress: bool = False,
+    feed: Callable[[nn.Module, Any], torch.Tensor] | None = None,
 ) -> list[Probe]:
     """Truncates each block alone at the probed ranks and measures the loss it adds
     against the original's predictions (module docstring).
@@ -224,6 +228,9 @@ def measure_sensitivity(
         config: the probed energies.
         forward: the module to run, if not ``model`` (a ``DistributedModelParallel``).
         progress: show a progress bar.
+        feed: how one batch is run, ``feed(module, batch) -> logits`` (any shape: each
+            entry a Bernoulli logit); default
+            :func:`~afmrec.pipeline.evaluate.forward_logits`.
     Returns:
         One :class:`Probe` per block and probed rank.
     """
@@ -232,6 +239,7 @@ def measure_sensitivity(
     from .evaluate import eval_mode, forward_logits, model_device
 
     runner = forward if forward is not None else model
+    run = feed if feed is not None else forward_logits
     plan = [(b, k) for b in blocks
             for k in probe_ranks(spectra[b.name], config.energies, min(b.in_features, b.out_features))]
     device = model_device(model)
@@ -240,10 +248,10 @@ def measure_sensitivity(
     with eval_mode(runner), torch.no_grad(), Truncation(model, blocks, spectra) as cut:
         for batch in tqdm(batches, desc="probes", disable=not progress, unit="batch"):
             cut.set(None)
-            base = forward_logits(runner, batch).double()
+            base = run(runner, batch).double()
             for j, (block, k) in enumerate(plan):
                 cut.set(block.name, k)
-                sums[j] += bernoulli_kl(base, forward_logits(runner, batch).double()).sum()
+                sums[j] += bernoulli_kl(base, run(runner, batch).double()).sum()
             sums[-1] += base.numel()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)

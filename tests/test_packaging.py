@@ -17,9 +17,10 @@ from typing import Iterator, Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("common", "models", "pipeline", "sharding", "launch")
+PACKAGE = "api"  # the `afmrec` package itself (setup.cfg: afmrec = api)
 # The direction of imports: a folder imports only the folders before it. common is the
 # leaf (errors, atomic writes); launch (the CLI) is the top.
-LAYERS = ("common", "models", "sharding", "pipeline", "launch")
+LAYERS = ("common", "models", "sharding", "pipeline", "api", "launch")
 # Private names still imported across modules by a file whose owner will switch it to the
 # public name (pipeline/speed.py: zipf_ranks, compress_sharded). Nothing else may join.
 PENDING_PRIVATE_IMPORTS = {
@@ -35,7 +36,7 @@ COMES_WITH = {"fbgemm_gpu": "torchrec", "triton": "torch"}
 def imported_modules() -> set[str]:
     """Top-level names of every module imported by the package's code (lazy imports too)."""
     names = set()
-    for folder in PACKAGES:
+    for folder in (PACKAGE, *PACKAGES):
         for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Import):
@@ -82,7 +83,7 @@ def test_every_imported_package_is_declared():
 def product_sources() -> dict[str, str]:
     """``{path relative to the repository: source}`` of every module of the package."""
     return {str(path.relative_to(ROOT)): path.read_text()
-            for folder in PACKAGES for path in sorted((ROOT / folder).rglob("*.py"))}
+            for folder in (PACKAGE, *PACKAGES) for path in sorted((ROOT / folder).rglob("*.py"))}
 
 
 def afmrec_imports(rel: str, source: str) -> Iterator[tuple[int, str, list[str]]]:
@@ -200,3 +201,61 @@ def test_sharding_runs_without_the_pipeline_and_the_pipeline_registers_its_kinds
         "model folder", "synthetic dataset (train/ and test/)", "dataset", "statistics file",
         "statistics pass save", "report", "batch results table", "serving artifact",
         "Parquet table", "JSON file"])
+
+
+SOURCES = ("setup.cfg", "pyproject.toml", "README.md", PACKAGE, *PACKAGES)
+IMPORTS = """
+import sys
+import afmrec
+assert "torch" not in sys.modules, "import afmrec must stay light (the CLI's start-up)"
+import afmrec.pipeline, afmrec.pipeline.data, afmrec.models, afmrec.sharding, afmrec.launch.cli
+from afmrec import AFMConfig, compress_, export
+print(afmrec.__file__)
+print(afmrec.pipeline.__file__)
+print(afmrec.launch.cli.__file__)
+print(compress_.__module__, export.__module__, AFMConfig(ratio=4).rank_policy)
+"""
+
+
+def _run(code: str, **env_extra: str) -> list[str]:
+    import os
+    import subprocess
+
+    env = {**os.environ, **env_extra}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300, cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()
+
+
+def test_afmrec_and_its_subpackages_import_from_a_real_install(tmp_path):
+    """`pip install .` (a wheel built by setuptools from this tree) holds the `afmrec`
+    package (api/) and its four subpackages, and `import afmrec` loads no torch."""
+    import shutil
+    import subprocess
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in SOURCES:  # a copy: the build writes build/ and egg-info into its source tree
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, src / name)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "--target", str(target), str(src)],
+                   check=True, capture_output=True, timeout=600)
+    assert sorted(p.name for p in (target / "afmrec").iterdir() if p.is_dir() and p.name != "__pycache__") \
+        == ["common", "launch", "models", "pipeline", "sharding"]
+    lines = _run(IMPORTS, PYTHONPATH=str(target))
+    assert all(line.startswith(str(target / "afmrec")) for line in lines[:3]), lines
+    assert lines[3] == "afmrec.core afmrec.serving loss"
+
+
+def test_afmrec_imports_from_the_editable_install():
+    """`make setup`'s editable install maps `afmrec` to api/ and the subpackages to the
+    folders of this tree."""
+    lines = _run(IMPORTS)
+    assert lines[:3] == [str(ROOT / "api" / "__init__.py"), str(ROOT / "pipeline" / "__init__.py"),
+                         str(ROOT / "launch" / "cli.py")]
+    assert lines[3] == "afmrec.core afmrec.serving loss"

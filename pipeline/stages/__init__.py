@@ -27,7 +27,8 @@ The package, a module a stage:
 * :mod:`.evaluation`: ``evaluate``, the report.
 """
 
-from .compression import compress_sharded, compress_stage, plan_ranks, with_weights
+from .compression import (compress_sharded, compress_stage, plan_model, plan_ranks, plan_report, summary_line,
+                          with_weights)
 from .evaluation import evaluate_stage
 from .inputs import (
     LOCAL,
@@ -56,7 +57,10 @@ __all__ = [
     "load_statistics",
     "model_config_from_schema",
     "model_fingerprint",
+    "plan_model",
     "plan_ranks",
+    "plan_report",
+    "summary_line",
     "save_statistics",
     "stats_stage",
     "train_stage",

@@ -44,9 +44,16 @@ def plan_ranks(
     the compression's (:class:`CompressConfig`): whether a cross layer's second factor
     folds into its ``up``.
     """
-    whole = skeleton(record)
-    blocks = [b for b in find_blocks(whole, fuse=fuse) if b.name in spectra_by_block]
-    other = count_parameters(whole) - sum(b.params for b in blocks)
+    return plan_model(skeleton(record), spectra_by_block, rank_config, fuse)
+
+
+def plan_model(
+    model: torch.nn.Module, spectra_by_block: Mapping[str, Spectrum], rank_config: RankConfig,
+    fuse: bool = True,
+) -> tuple[list[Block], RankPlan]:
+    """:func:`plan_ranks` of a model (or its skeleton) itself."""
+    blocks = [b for b in find_blocks(model, fuse=fuse) if b.name in spectra_by_block]
+    other = count_parameters(model) - sum(b.params for b in blocks)
     return blocks, select_ranks(blocks, spectra_by_block, rank_config, other_params=other)
 
 
@@ -180,6 +187,19 @@ def _plan_compression(
     else:
         bases = weight_svd_bases(model, blocks, ranks)
     bases.meta = {"stats": stats.meta, "rank_config": repr(rank_config)}
+    rows, summary = plan_report(blocks, spec, plan, rank_config, method)
+    summary["sensitivity_data"] = (stats.meta.get("sensitivity") or {}).get("data")
+    return bases, rows, summary
+
+
+def plan_report(
+    blocks: list[Block], spec: Mapping[str, Spectrum], plan: RankPlan, rank_config: RankConfig,
+    method: str = "afm",
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One row per block (rank, energy kept, parameters and bytes before and after, loss
+    weight, policy: ``ranks.parquet``) and the whole model's summary (``record.plan``:
+    policy, table format, parameters, bytes and ratio) of a rank plan."""
+    ranks = plan.ranks
     fmt = plan.table_format
     weights = rank_config.weights or {}
     rows = [
@@ -216,9 +236,21 @@ def _plan_compression(
         "checkpoint_bytes_after": DENSE_BYTES * params_after,
         "served_bytes_after": plan.bytes,
         "ratio": plan.ratio,
-        "sensitivity_data": (stats.meta.get("sensitivity") or {}).get("data"),
     }
-    return bases, rows, summary
+    return rows, summary
+
+
+def summary_line(plan: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
+    """What a plan made of the model (:func:`plan_report`'s summary and rows), in one line:
+    blocks, parameters, checkpoint and served bytes."""
+    n = sum(r["compressed"] for r in rows)
+    mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
+    before, ckpt, served = plan["checkpoint_bytes_before"], plan["checkpoint_bytes_after"], plan["served_bytes_after"]
+    return (f"{n} of {len(rows)} blocks compressed ({plan['policy']} policy): "
+            f"{plan['params_before']:,} -> {plan['params_after']:,} parameters "
+            f"({plan['params_before'] / plan['params_after']:.2f}x); checkpoint {mib(before)} -> "
+            f"{mib(ckpt)} ({before / ckpt:.2f}x); served with {plan['table_format']} tables on "
+            f"{plan['serve_device']}: {mib(served)} ({before / served:.2f}x)")
 
 
 def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:

@@ -11,12 +11,12 @@ tensor on every rank, so one hook serves both.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Hashable, Iterable, Mapping
+from typing import Any, Callable, Hashable, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from ..blocks import Block
+from ..blocks import Block, table_hooks
 from ..errors import InputError
 from .checkpoint import StatsCheckpoint
 from .graphs import CapturedUpdate, capture
@@ -137,13 +137,10 @@ class StatsCollector:
 
     def __enter__(self) -> "StatsCollector":
         modules = dict(self.model.named_modules())
-        tables_by_owner: dict[str, list[Block]] = {}
         linear_by_width: dict[int, list[Block]] = {}
         for b in self.blocks:
             if b.kind == "linear":
                 linear_by_width.setdefault(b.out_features, []).append(b)
-            else:
-                tables_by_owner.setdefault(b.module.rpartition(".")[0], []).append(b)
         for blocks in linear_by_width.values():
             stacked = stacked_moments(blocks, self.device)
             self._moments.update(stacked)
@@ -152,18 +149,12 @@ class StatsCollector:
             self._observers.append(group)
             for j, b in enumerate(blocks):
                 self._handles.append(modules[b.module].register_forward_hook(self._linear_hook(group, j)))
-        for owner, blocks in tables_by_owner.items():
+        for point in table_hooks(self.model, self.blocks):
+            blocks = list(point.blocks)
             self._moments.update(stacked_moments(blocks, self.device))
-            arch = modules[owner]
-            names = getattr(arch, "sparse_feature_names", None)
-            if names is None:
-                raise InputError(
-                    f"{owner or 'the model'} owns embedding tables but has no "
-                    "`sparse_feature_names` (observe tables through a TorchRec SparseArch)"
-                )
-            observer = TableObserver(blocks, list(names), self._moments, self.precision)
+            observer = TableObserver(blocks, list(point.features), self._moments, self.precision)
             self._observers.append(observer)
-            self._handles.append(arch.register_forward_hook(observer.hook, with_kwargs=True))
+            self._handles.append(modules[point.module].register_forward_hook(observer.hook, with_kwargs=True))
         if self._observers:
             self._handles.append(self.model.register_forward_hook(lambda *_: self.flush()))
         device = torch.device(self.device) if self.device is not None else None
@@ -239,6 +230,7 @@ def collect_statistics(
     precision: str = "auto",
     checkpoint: StatsCheckpoint | None = None,
     cuda_graphs: bool = True,
+    feed: Callable[[nn.Module, Any], torch.Tensor] | None = None,
 ) -> Statistics:
     """One forward pass over ``batches`` (TorchRec ``Batch``es) with observers.
 
@@ -258,6 +250,9 @@ def collect_statistics(
             not saved: the batches before are not read.
         cuda_graphs: on CUDA, replay each batch's update as a CUDA graph (see
             :class:`StatsCollector`); False runs it eagerly.
+        feed: how one batch is run, ``feed(module, batch)`` (batches of any type, on
+            the model's device); default :func:`~afmrec.pipeline.evaluate.forward_logits`
+            (``module(batch.dense_features, batch.sparse_features)``).
 
     Returns:
         The local (this process's) statistics, with ``meta["resumed_from_batch"]`` (0 for
@@ -268,6 +263,7 @@ def collect_statistics(
     from ..evaluate import eval_mode, forward_logits, model_device
 
     runner = forward if forward is not None else model
+    run = feed if feed is not None else forward_logits
     collector = StatsCollector(model, blocks, model_device(model), precision, cuda_graphs)
     done, saved = checkpoint.resume() if checkpoint is not None else (0, {})
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -278,7 +274,7 @@ def collect_statistics(
         todo = _batches_from(batches, done)
         bar = tqdm(todo, desc="stats", disable=not progress, unit="batch", total=total, initial=done)
         for i, batch in enumerate(bar, start=done + 1):
-            forward_logits(runner, batch)
+            run(runner, batch)
             if checkpoint is not None and i % checkpoint.every == 0:
                 checkpoint.save(collector.moments, i)
     return collector.result({"resumed_from_batch": done})

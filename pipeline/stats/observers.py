@@ -8,8 +8,10 @@ sparse arch. The update reads nothing but its inputs and the sums, so that
 (:mod:`.graphs`) and replay it on buffers it refills every batch.
 
 Where tables are observed: at the output of the module that owns the collection (TorchRec's
-``SparseArch``), i.e. where the dense part consumes the pooled features. Empty bags are
-not counted: their output is exactly 0 before and after compression.
+``SparseArch``), i.e. where the dense part consumes the pooled features. A collection no
+``SparseArch`` owns (a user's own model) is observed at its own output, an unsharded
+``KeyedTensor`` (:func:`~afmrec.pipeline.blocks.table_hooks`). Empty bags are not
+counted: their output is exactly 0 before and after compression.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from ..blocks import Block
 from ..centring import RowGroups, reads_in_place
@@ -41,10 +43,19 @@ def stacked_moments(blocks: list[Block], device: torch.device | None) -> dict[st
     return {b.name: Moments(n[j], s[j], g[j]) for j, b in enumerate(blocks)}
 
 
-def _fields(output: Any) -> torch.Tensor:
-    """The (B, F, D) pooled fields from a sparse arch's output (DeepFM's also returns the
-    deep tower's input beside them)."""
-    return output[0] if isinstance(output, tuple) else output
+def pooled_fields(output: Any, features: Sequence[str]) -> torch.Tensor:
+    """The (B, F, D) pooled fields of ``features`` from where tables are observed
+    (:class:`~afmrec.pipeline.blocks.TableHook`): a sparse arch's (B, F, D) output (DeepFM's
+    also returns the deep tower's input beside them), or a collection's ``KeyedTensor``
+    (its ``features``, all D wide, stacked: a copy)."""
+    if isinstance(output, KeyedTensor):
+        by_key = output.to_dict()
+        return torch.stack([by_key[f] for f in features], dim=1)
+    fields = output[0] if isinstance(output, tuple) else output
+    if not isinstance(fields, torch.Tensor):
+        raise InputError(f"cannot observe tables in a {type(fields).__name__} (a sharded collection's "
+                         "output): observe them through a TorchRec SparseArch")
+    return fields
 
 
 def _check_unmodified(name: str, y: torch.Tensor, version: int) -> None:
@@ -177,7 +188,7 @@ class TableObserver(Observer):
 
     def hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         kjt: KeyedJaggedTensor = args[0] if args else next(iter(kwargs.values()))
-        fields = _fields(output)
+        fields = pooled_fields(output, self.feature_names)
         self.pending.append((fields, kjt.lengths(), tuple(kjt.keys()), fields._version))
 
     def _index_tensors(self, device: torch.device, keys: tuple[str, ...]):
