@@ -244,6 +244,8 @@ def write_artifact(
     source: dict[str, Any] | None = None,
     overwrite: bool = False,
     format: ArtifactFormat = "torchscript",
+    lookup: bool | None = None,
+    cross: bool | None = None,
 ) -> dict[str, Any]:
     """Compiles a serving module (scripts it, or exports and AOT-compiles it) and writes it
     to ``out`` (atomically), with its metadata.
@@ -257,7 +259,8 @@ def write_artifact(
     from afmrec.models.serving import use_kernels_
 
     device = next(served.parameters()).device  # the dense part serves where the tables do
-    kernels = use_kernels_(served, format == "aoti")  # TorchScript cannot hold the Triton kernels
+    aoti = format == "aoti"  # TorchScript cannot hold the Triton kernels
+    kernels = use_kernels_(served, aoti, lookup=lookup if aoti else False, cross=cross if aoti else False)
     metadata = {
         "format": FORMAT,
         "artifact": format,
