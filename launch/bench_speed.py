@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the statistics pass, in batches of the training batch size: the AFM "
                         "variants' calibration and the timed pass against a forward-only one (default: 200; small: 6)")
     parser.add_argument("--probe-rows", type=int,
-                        help="rows of the loss probes that calibrate the AFM variants (default: 16384; small: 1024)")
+                        help="rows of the loss probes that calibrate the AFM variants (default: 16384; small: 256)")
     parser.add_argument("--stages", default="train,stats,compress,inference,cpu",
                         help="comma-separated subset of train, stats, compress, inference (the "
                         "served artifacts), cpu (CPU latency); default: all")

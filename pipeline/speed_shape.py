@@ -70,7 +70,7 @@ class SpeedShape:
         """The same structure at a size a 2-core CPU runs in about a minute."""
         return cls(table_cap=20_000, embedding_dim=64, dense_arch=(128, 64), over_arch=(128, 64, 1),
                    dcn_low_rank_dim=32, train_batch=1024, infer_batch=4096, steps=6, stats_batches=6,
-                   probe_rows=1024)
+                   probe_rows=256)
 
     @property
     def table_rows(self) -> tuple[int, ...]:
