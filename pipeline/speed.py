@@ -180,7 +180,8 @@ def run_speed(shape: SpeedShape, env: DistEnv, *, stages: Sequence[str] = STAGES
             calibration = calibrate(model, record, shape, device)
             result["calibration"] = calibration.summary
             if "inference" in stages:
-                result.update(bench_inference(model, record, calibration, shape, device, peak, Path(tmp), options))
+                result.update(bench_inference(model, record, calibration, shape, device, peak, Path(tmp), options,
+                                              on_variant=lambda out: on_stage({**result, **out})))
                 result["peak_memory_gib"] = peak.gib
                 on_stage(result)
             if "cpu" in stages:

@@ -9,7 +9,7 @@ import copy
 import gc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -147,7 +147,8 @@ def _time_variant(spec: VariantSpec, model: nn.Module, record: ModelRecord, cali
 
 
 def bench_inference(model: nn.Module, record: ModelRecord, calibration: Calibration | None, shape: SpeedShape,
-                    device: torch.device, peak: Any, workdir: Path, options: InferenceOptions) -> dict[str, Any]:
+                    device: torch.device, peak: Any, workdir: Path, options: InferenceOptions,
+                    on_variant: Callable[[dict[str, Any]], None] = lambda out: None) -> dict[str, Any]:
     """Samples/s of each variant's artifacts (TorchScript; with ``aoti`` on CUDA also
     AOTInductor, with the kernels of ours measured faster for that variant) and of the
     eager module they came from; the device time of a batch; the artifacts' sizes.
@@ -156,19 +157,21 @@ def bench_inference(model: nn.Module, record: ModelRecord, calibration: Calibrat
     ``infer_format_{name}``); ``infer_{name}_vs_original`` its ratio to the original's
     faster artifact (equal treatment: the headline); ``infer_{name}_vs_stock_torchrec``
     its ratio to the original's TorchScript artifact (FBGEMM's tables, no kernel of
-    ours); ``infer_{format}_{name}_samples_per_s`` each artifact's own."""
+    ours); ``infer_{format}_{name}_samples_per_s`` each artifact's own. The original is
+    timed first; ``on_variant`` gets the results so far after each variant (a run cut
+    short keeps them)."""
     batches = make_batches(shape, shape.infer_batch, 3, device, seed=SEEDS["infer"])
     out: dict[str, Any] = {"infer_batch": shape.infer_batch}
     names = ["original"] + [n for n in VARIANTS if n in options.variants and n != "original"]
     for name in names:
         _time_variant(VARIANTS[name], model, record, calibration, batches, device, workdir, options, peak, out)
-    base, stock = out["infer_original_samples_per_s"], out["infer_torchscript_original_samples_per_s"]
-    for name in names:
-        out[f"infer_{name}_vs_stock_torchrec"] = out[f"infer_{name}_samples_per_s"] / stock
+        out[f"infer_{name}_vs_stock_torchrec"] = (out[f"infer_{name}_samples_per_s"]
+                                                  / out["infer_torchscript_original_samples_per_s"])
         if name != "original":
-            out[f"infer_{name}_vs_original"] = out[f"infer_{name}_samples_per_s"] / base
+            out[f"infer_{name}_vs_original"] = out[f"infer_{name}_samples_per_s"] / out["infer_original_samples_per_s"]
             if f"gpu_ms_{name}" in out:
                 out[f"gpu_time_{name}_vs_original"] = out["gpu_ms_original"] / out[f"gpu_ms_{name}"]
+        on_variant(out)
     return out
 
 
