@@ -53,7 +53,8 @@ def run_metadata(device: torch.device) -> dict[str, Any]:
         commit, source = os.environ[COMMIT_VARIABLE], f"${COMMIT_VARIABLE}"
     elif commit is None:
         source = None
-    dirty = None if commit is None else commit.endswith("+dirty")
+    # git says whether the tree was dirty; a stated commit says so only with "+dirty"
+    dirty = None if commit is None else (commit.endswith("+dirty") or (None if source != "git" else False))
     out: dict[str, Any] = {
         "git_commit": commit.removesuffix("+dirty") if commit else None,
         "git_dirty": dirty,

@@ -112,3 +112,26 @@ def test_variants_asked_for_are_planned_as_select_ranks_plans_them_under_the_los
     assert main(["bench", "speed", "--small", "--device", "cpu", "--stages", "inference",
                  "--variants", "afm4x,afm3x"]) == 2
     assert "unknown inference variants ['afm3x']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tables, row_bytes", [("fp32", 64 * 4), ("int8", 64 + 4), ("fp16", 64 * 2)])
+def test_lookup_bytes_count_each_ids_row_and_the_ids_and_offsets(tables, row_bytes):
+    """The bytes the profile divides by the lookups' time: every id's row values (an int8
+    row's scale and bias too, no padding) plus the ids and the bag offsets as int32."""
+    from afmrec.pipeline.export import serving_module
+    from afmrec.pipeline.speed_profile import breakdown, lookup_bytes
+    from afmrec.pipeline.speed_shape import make_batches
+
+    shape = dataclasses.replace(SpeedShape.small(), table_cap=2000)
+    model = inference_model(shape, torch.device("cpu"))
+    served = serving_module(model, [t.name for t in shape.model_config().tables], tables)
+    batch = make_batches(shape, 32, 1, torch.device("cpu"), seed=9)[0]
+    ids = batch.sparse_features.values().numel()
+    assert lookup_bytes(served, batch) == ids * row_bytes + 4 * (ids + 26 * 32 + 1)
+    # 2 ms of lookups reading 6.7 GB: 3.35 TB/s, the H100 SXM's peak, so no speed-up left
+    out = breakdown({"_pooled_lookup_body_0": 2000.0, "nvjet_tst_128x64": 1000.0, "triton_poi_fused_mul_0": 500.0,
+                     "_cross_update_kernel_0": 500.0}, int(6.7e9), "NVIDIA H100 80GB HBM3")
+    assert out["ms_by_class"] == {"cross": 0.5, "elementwise": 0.5, "gemm": 1.0, "lookup": 2.0}
+    assert out["device_ms"] == 4.0 and out["share_by_class"]["lookup"] == 0.5
+    assert out["lookup_achieved_tb_s"] == pytest.approx(3.35) and out["lookup_floor_ms"] == pytest.approx(2.0)
+    assert out["batch_speedup_if_lookups_at_peak"] == pytest.approx(1.0)
