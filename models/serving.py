@@ -1,19 +1,22 @@
 """Serving forms: the function of a trained model, with its memory traffic arranged for
 inference (``afmrec export``).
 
-- :class:`DCNServing`: DLRM-DCNv2's cross input assembled in one buffer or, for an AFM
-  model on CUDA, its cross network computed from the codes
-  (:class:`~afmrec.models.fused_cross.FusedCrossNet`).
+- :class:`DCNServing`: DLRM-DCNv2's cross input assembled in one buffer; on CUDA its cross
+  network may be fused: computed from an AFM model's codes
+  (:class:`~afmrec.models.fused_cross.FusedCrossNet`), or each layer's ``up`` GEMM and
+  update in one kernel (:class:`~afmrec.models.fused_cross.X0CrossNet`, any tables).
 - :class:`LinearReLU`: every ``Linear -> ReLU`` of the MLPs (TorchRec ``Perceptron``\ s,
   their Linear plain or low-rank) as one GEMM with the ReLU in its epilogue, instead of a
   GEMM and a pass that reads and writes the whole (B, out) activation again.
 - :class:`FlatLookup`: a quantised collection of one table group, its kernel called on
   the input's ids without TorchRec's split (which reads every feature's id count back to
-  the host); in the AOTInductor artifact on CUDA, its rows pooled by our Triton kernel
-  (:mod:`afmrec.models.lookup_kernel`) instead of FBGEMM's.
+  the host); in the AOTInductor artifact on CUDA, its rows may be pooled by our Triton
+  kernel (:mod:`afmrec.models.lookup_kernel`) instead of FBGEMM's.
 
-:func:`use_kernels_` switches a serving form between the two kernel sets: FBGEMM's and
-PyTorch's (which TorchScript can hold), or with our Triton kernels (which AOTInductor can).
+:func:`use_kernels_` switches a serving form between the two kernel sets, or each kind
+apart: FBGEMM's and PyTorch's (which TorchScript can hold), or our Triton kernels (which
+AOTInductor can); which is faster is measured per artifact
+(:func:`afmrec.pipeline.speed_kernels.choose_kernels`).
 """
 
 from __future__ import annotations
