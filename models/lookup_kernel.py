@@ -73,10 +73,14 @@ TILINGS: tuple[Tiling, ...] = (
     Tiling(8, 4, 2, 1),
 )
 """The tilings ``triton.autotune`` measures, once per row width and format (its key: the
-padded width ``BLOCK_D`` and ``KIND``), on the first call of a shape (the speed benchmark
-warms every module up before it times it) or, in an AOTInductor artifact, at compile
-time. Picked from ``bench/lookup_sweep.py``'s sweep: narrow rows want many bags a program,
-wide rows fewer bags with more ids in flight."""
+padded width ``BLOCK_D`` and ``KIND``), on the first eager call (the speed benchmark warms
+every module up before it times it). Picked from ``bench/lookup_sweep.py``'s sweep: narrow
+rows want many bags a program, wide rows fewer bags with more ids in flight."""
+
+TUNED: dict[tuple[int, int], Tiling] = {}
+"""The tiling autotune chose on this device for each (``BLOCK_D``, ``KIND``), on the last
+eager call. ``torch.export`` pins it into the graph: AOTInductor would otherwise tune
+again on the export's example batch (64 rows), which is not the batch served."""
 
 
 @dataclass
@@ -231,18 +235,28 @@ if triton is not None:
     def launch(rows: KernelRows, indices: torch.Tensor, offsets: torch.Tensor,
                tiling: Tiling | None = None) -> torch.Tensor:
         """Runs the kernel on :func:`pooled_lookup`'s arguments (on CUDA, or on the CPU under
-        Triton's interpreter, ``TRITON_INTERPRET=1``): autotuned over :data:`TILINGS`, or
-        in ``tiling``."""
+        Triton's interpreter, ``TRITON_INTERPRET=1``): autotuned over :data:`TILINGS` (its
+        choice kept in :data:`TUNED`; while tracing, :data:`TUNED`'s tiling where there is
+        one), or in ``tiling``."""
         num_tables = rows.tables.shape[1]
         batch = (offsets.shape[0] - 1) // num_tables
         out = torch.empty(batch, rows.total_dim, dtype=torch.float32, device=rows.weights.device)
         args = (rows.weights, indices, offsets, rows.tables, out, batch, num_tables, out.stride(0))
         meta = dict(KIND=rows.kind, ALIGN=rows.align, FULL=rows.full, BLOCK_D=padded(rows.max_dim))
+        key = (meta["BLOCK_D"], rows.kind)
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if tiling is None and tracing:
+            tiling = TUNED.get(key)
         if tiling is not None:
-            _pooled_lookup_body[(triton.cdiv(batch, tiling.block_b), num_tables)](*args, **meta, **tiling.meta())
+            torch.library.wrap_triton(_pooled_lookup_body)[(triton.cdiv(batch, tiling.block_b), num_tables)](
+                *args, **meta, **tiling.meta())
             return out
         grid = lambda m: (triton.cdiv(batch, m["BLOCK_B"]), num_tables)  # noqa: E731
         torch.library.wrap_triton(_pooled_lookup_kernel)[grid](*args, **meta)
+        best = getattr(_pooled_lookup_kernel, "best_config", None)
+        if not tracing and best is not None:
+            TUNED[key] = Tiling(best.kwargs["BLOCK_B"], best.kwargs["BLOCK_J"], best.num_warps,
+                                best.kwargs["NUM_STAGES"])
         return out
 
     @torch.library.triton_op("afmrec::pooled_lookup", mutates_args=())

@@ -6,6 +6,7 @@ kernel of ours), and CPU latency."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,8 @@ def bench_inference(model: nn.Module, record: ModelRecord, calibration: Calibrat
     ours); ``infer_{format}_{name}_samples_per_s`` each artifact's own. The original is
     timed first; ``on_variant`` gets the results so far after each variant (a run cut
     short keeps them)."""
+    from afmrec.models.lookup_kernel import TUNED
+
     batches = make_batches(shape, shape.infer_batch, 3, device, seed=SEEDS["infer"])
     out: dict[str, Any] = {"infer_batch": shape.infer_batch}
     names = ["original"] + [n for n in VARIANTS if n in options.variants and n != "original"]
@@ -171,6 +174,9 @@ def bench_inference(model: nn.Module, record: ModelRecord, calibration: Calibrat
             out[f"infer_{name}_vs_original"] = out[f"infer_{name}_samples_per_s"] / out["infer_original_samples_per_s"]
             if f"gpu_ms_{name}" in out:
                 out[f"gpu_time_{name}_vs_original"] = out["gpu_ms_original"] / out[f"gpu_ms_{name}"]
+        # the lookup's tilings autotune chose on the device (by padded width and format),
+        # which the AOTInductor artifacts hold
+        out["lookup_tilings"] = {f"width{d}_{kind}": dataclasses.asdict(t) for (d, kind), t in TUNED.items()}
         on_variant(out)
     return out
 
