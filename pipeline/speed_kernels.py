@@ -38,6 +38,7 @@ class KernelChoice:
         cross_form: ``codes`` or ``x0`` (which fused form was offered), or None.
         lookup_ms: device milliseconds of the variant's lookups of one batch, by kernel.
         cross_ms: device milliseconds of a whole batch with each cross network.
+        errors: a kernel of ours that failed to run, by kind (it is then not chosen).
     """
 
     lookup: str
@@ -45,6 +46,7 @@ class KernelChoice:
     cross_form: str | None = None
     lookup_ms: dict[str, float] = field(default_factory=dict)
     cross_ms: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,11 +68,12 @@ def choose_kernels(served: ServingModule, batch: Any, device: torch.device) -> K
         return KernelChoice("fbgemm", "plain")
     lookups = [m for m in served.modules() if isinstance(m, FlatLookup) and m.has_kernel]
     lookup_ms: dict[str, float] = {}
+    errors: dict[str, str] = {}
     if lookups:
         kjt = batch.sparse_features
         for kernel, on in (("fbgemm", False), ("triton", True)):
             use_kernels_(served, False, lookup=on)
-            lookup_ms[kernel] = device_ms(lambda: [m(kjt) for m in lookups], device)
+            _measure(lookup_ms, errors, kernel, lambda: [m(kjt) for m in lookups], device, ours=on)
     lookup = min(lookup_ms, key=lookup_ms.get) if lookup_ms else "fbgemm"
     dcn = [m for m in served.modules() if isinstance(m, DCNServing)]
     form = None
@@ -82,7 +85,19 @@ def choose_kernels(served: ServingModule, batch: Any, device: torch.device) -> K
     if form is not None:
         for cross, on in (("plain", False), ("fused", True)):
             use_kernels_(served, False, lookup=lookup == "triton", cross=on)
-            cross_ms[cross] = device_ms(lambda: call(served, batch), device)
+            _measure(cross_ms, errors, cross, lambda: call(served, batch), device, ours=on)
     cross = min(cross_ms, key=cross_ms.get) if cross_ms else "plain"
     use_kernels_(served, False, lookup=lookup == "triton", cross=cross == "fused")
-    return KernelChoice(lookup, cross, form, lookup_ms, cross_ms)
+    return KernelChoice(lookup, cross, form, lookup_ms, cross_ms, errors)
+
+
+def _measure(times: dict[str, float], errors: dict[str, str], name: str, fn: Any, device: torch.device,
+             ours: bool) -> None:
+    """``times[name]``: :func:`device_ms` of ``fn``; a kernel of ours that fails is recorded
+    in ``errors`` instead (and so never chosen); a stock one's failure is raised."""
+    try:
+        times[name] = device_ms(fn, device)
+    except Exception as e:  # noqa: BLE001  (recorded; the stock kernel serves)
+        if not ours:
+            raise
+        errors[name] = f"{type(e).__name__}: {str(e)[:500]}"
