@@ -90,6 +90,18 @@ def selfcheck() -> None:
         worst = max(worst, err)
         print(f"B={batch} F={fields} K={k} D={dim} R={r} prev={carry} BLOCK_B={bb} BLOCK_N={bn} TILES={tiles} "
               f"MAX_RESIDENT_R={resident}: rel err {err:.1e}")
+    # x_0 read from memory (the original model's cross layers, rank up to 512: w in chunks)
+    for batch, fields, dim, r, carry in [(70, 3, 16, 40, False), (65, 2, 32, 512, True), (33, 5, 64, 200, True)]:
+        ck.BLOCK_B, ck.BLOCK_N, ck.TILES, ck.MAX_RESIDENT_R = 64, 32, 12, 128
+        dense, codes, nonempty, cw, w, up_t, beta, prev = ck.random_update_inputs(batch, fields, 4, dim, r, carry,
+                                                                                  seed=batch)
+        x0 = ck.interaction(dense, codes, nonempty, cw)
+        args = [x0, w, up_t, beta, prev]
+        exact = ck.cross_update_x0_reference(*[t.double() if t is not None else None for t in args])
+        got = ck.launch_x0(*[t.to(device) if t is not None else None for t in args]).cpu()
+        err = ((got.double() - exact).norm() / exact.norm()).item()
+        worst = max(worst, err)
+        print(f"x0 given: B={batch} N={(fields + 1) * dim} R={r} prev={carry}: rel err {err:.1e}")
     tolerance = 3e-3 if device.type == "cuda" else 1e-5  # the interpreter's products are fp32, not TF32
     print(f"selfcheck {'passed' if worst < tolerance else 'FAILED'}: worst {worst:.1e} (tolerance {tolerance:.0e})")
 

@@ -4,19 +4,27 @@ measured side by side with its baseline in one run.
 The model is a DLRM-DCNv2 in the MLPerf DLRMv2 shape (26 tables of width 128, Criteo-1TB
 cardinalities capped at --table-cap rows, multi-hot bags of MLPerf's sizes, dense arch
 512-256-128, over arch 1024-1024-512-256-1, 3 cross layers of rank 512), power-law ids;
-training batch 8192, inference batch 65536, TF32 dense math on CUDA. --small is the same
-structure scaled down for a CPU (about a minute on 2 cores).
+training batch 8192, inference batch 65536, TF32 dense math on CUDA for every variant.
+--small is the same structure scaled down for a CPU (about a minute on 2 cores).
 
-Prints and (with --json FILE) writes: train_vs_torchrec, stats_vs_forward, compress_vs_io
-(lower is better), infer_afm4x_vs_original, infer_afm8x_vs_original,
-infer_int8_vs_original, infer_afm4x_int8_vs_original, cpu_latency_afm4x_vs_original, the
-absolute samples/s behind each, peak device memory per stage, the device and the shape.
+The AFM variants are made as a user makes them: `afmrec stats` (a statistics pass of
+--stats-batches batches, then loss probes over --probe-rows rows, both on synthetic
+batches held out from the timed ones) and `afmrec compress` under the default rank policy
+(loss) at 4x and 8x fewer served bytes. Equal treatment: every variant, the original
+included, gets our lookup kernel and our fused cross network where measured faster on the
+device; the headline ratio (infer_*_vs_original) compares the variants' faster artifacts,
+infer_*_vs_stock_torchrec compares with the original's TorchScript artifact (FBGEMM
+tables, no kernel of ours).
 
-Runs in one process (it starts a one-rank process group when there is none), or under
-torchrun on several GPUs.
+Prints and (with --json FILE) writes the ratios, the absolute samples/s behind each, every
+variant's rank plan and kernels, peak device memory per stage, and the run's provenance
+(git commit, device, driver, versions, precision). --profile adds each served artifact's
+device time by kernel class and the lookups' achieved bandwidth against the device's peak.
 
---stages runs a subset (e.g. --stages inference,cpu: the served artifacts alone, on a
-model compressed with bases from its own statistics).
+Runs in one process (it starts a one-rank process group on a free port when there is
+none), or under torchrun on several GPUs.
+
+--stages runs a subset (e.g. --stages inference,cpu: the served artifacts alone).
 
 Example:
   afmrec bench speed --json speed.json              # on a GPU host
@@ -29,6 +37,7 @@ import argparse
 import contextlib
 import json
 import os
+import socket
 from typing import Iterator
 from pathlib import Path
 
@@ -42,34 +51,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table-cap", type=int, help="cap on rows per table (default: 4M; small: 20k)")
     parser.add_argument("--steps", type=int, help="timed training steps (default: 50; small: 6)")
     parser.add_argument("--stats-batches", type=int,
-                        help="batches of the timed statistics pass and its forward-only baseline "
-                        "(default: 200; small: 6)")
+                        help="the statistics pass, in batches of the training batch size: the AFM "
+                        "variants' calibration and the timed pass against a forward-only one (default: 200; small: 6)")
+    parser.add_argument("--probe-rows", type=int,
+                        help="rows of the loss probes that calibrate the AFM variants (default: 16384; small: 256)")
     parser.add_argument("--stages", default="train,stats,compress,inference,cpu",
                         help="comma-separated subset of train, stats, compress, inference (the "
                         "served artifacts), cpu (CPU latency); default: all")
     parser.add_argument("--workdir", type=Path, help="where the timed checkpoints go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the record to this file")
+    parser.add_argument("--profile", action="store_true",
+                        help="each served artifact's device time by kernel class (lookup, GEMM, cross, "
+                        "element-wise) and its lookups' bandwidth against the device's peak, in the record")
     parser.add_argument("--profile-dir", type=Path,
                         help="write torch.profiler tables (training step, forward vs statistics "
                         "pass, each served artifact) here")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     parser.add_argument("--aoti", action="store_true",
-                        help="on CUDA, also time AOTInductor artifacts (export --format aoti: an AFM "
-                        "model's cross network from its codes); each compiles for about a minute")
+                        help="on CUDA, also time AOTInductor artifacts (export --format aoti, with the "
+                        "kernels of ours measured faster for each variant); each compiles for about a minute")
     parser.add_argument("--variants",
                         help="comma-separated served variants the inference stage times (of original, "
                         "afm4x, afm8x, int8, afm4x_int8, fp16, afm4x_fp16; the original always); default: all")
     parser.add_argument("--quiet", action="store_true", help="no info logs")
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now (the system's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def _one_rank_unless_launched() -> Iterator[None]:
     """DistributedModelParallel needs a process group: the variables of a job of one rank
-    of our own where no launcher set them, removed again afterwards (a caller in the same
-    process must not take itself for a rank of a job that is over)."""
+    of our own where no launcher set them, on a port free now (two runs side by side must
+    not meet), removed again afterwards (a caller in the same process must not take itself
+    for a rank of a job that is over)."""
     added = {key: value for key, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"),
-                                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533"))
+                                           ("MASTER_ADDR", "127.0.0.1"))
              if key not in os.environ}
+    if "MASTER_PORT" not in os.environ:
+        added["MASTER_PORT"] = str(free_port())
     os.environ.update(added)
     try:
         yield
@@ -84,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
     shape = SpeedShape.small() if args.small else SpeedShape()
     changes = {k: v for k, v in (("table_cap", args.table_cap), ("steps", args.steps),
-                                 ("stats_batches", args.stats_batches)) if v}
+                                 ("stats_batches", args.stats_batches), ("probe_rows", args.probe_rows)) if v}
     if changes:
         import dataclasses
 
@@ -99,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
         stages = [x for x in args.stages.split(",") if x]
         record = run_speed(shape, env, stages=stages, workdir=args.workdir,
-                           profile_dir=args.profile_dir, aoti=args.aoti,
+                           profile_dir=args.profile_dir, aoti=args.aoti, profile=args.profile,
                            variants=args.variants.split(",") if args.variants else None, on_stage=write)
         if env.rank == 0:
             print(json.dumps(record, indent=2, default=str))

@@ -4,12 +4,13 @@ The tables go onto FBGEMM's inference kernels (TorchRec's quantize_embeddings) w
 in fp32, fp16, int8 or int4. Two formats:
   torchscript  traced with torchrec.fx and scripted, the way TorchRec's inference stack
                builds its models (.pt);
-  aoti         torch.export, then compiled ahead of time by AOTInductor (.pt2). On CUDA an
-               AFM DLRM-DCNv2 serves its cross network from the tables' codes (a Triton
-               kernel per layer, compiled into the file), and tables whose rows take at
-               most 128 bytes (fp32, fp16 or int8; the low-rank ones) are pooled by our
-               Triton lookup kernel, 4x as fast as FBGEMM's on them: the fastest form on
-               a GPU.
+  aoti         torch.export, then compiled ahead of time by AOTInductor (.pt2). On CUDA a
+               DLRM-DCNv2 may serve its cross network fused (from an AFM model's codes,
+               or from the interaction: a Triton kernel per layer, compiled into the
+               file), and tables whose rows take at most 512 bytes (fp32, fp16 or int8)
+               may be pooled by our Triton lookup kernel; --kernels measure (the
+               default) times each against FBGEMM's lookup and the plain network on an
+               example batch and keeps the faster: the fastest form on a GPU.
 The file is loaded back and checked against the module it came from before it appears.
 
 A server loads it with TorchRec (for FBGEMM's operators) and nothing of afmrec:
@@ -43,8 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output(parser, "the artifact (.pt for torchscript, .pt2 for aoti)")
     parser.add_argument("--format", choices=("torchscript", "aoti"), default="torchscript",
                         help="torchscript (default) or aoti: torch.export + AOTInductor, which on "
-                        "CUDA serves an AFM DLRM-DCNv2's cross network from its codes and narrow "
-                        "rows with our lookup kernel")
+                        "CUDA can hold our fused cross network and lookup kernel (--kernels)")
+    parser.add_argument("--kernels", choices=("measure", "ours", "stock"), default="measure",
+                        help="aoti on CUDA: our lookup and fused cross network where measured faster "
+                        "(default), wherever they apply (ours), or neither (stock)")
     parser.add_argument("--tables", choices=("fp32", "fp16", "int8", "int4"),
                         help="row format of the tables in the artifact (default: the format the "
                         "compressed model's ratio was planned in, `afmrec compress --table-format`; "
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     # the plan's table format is the default, settled (and checked) before the model loads
     plan = load_record(args.model).plan or {}
     tables = args.tables or plan.get("table_format", "fp32")
-    config = ExportConfig(tables=tables, check_batch=args.check_batch, format=args.format)
+    config = ExportConfig(tables=tables, check_batch=args.check_batch, format=args.format, kernels=args.kernels)
     with job(args) as (env, _):
         if env.is_distributed:
             raise InputError("export runs in one process: call `afmrec export` without torchrun")

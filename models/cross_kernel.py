@@ -120,11 +120,15 @@ if triton is not None:
     @triton.jit
     def _x0_tile(dense_ptr, codes_ptr, nonempty_ptr, cw_ptr, rows, row_ok, col0, dense_stride, codes_stride,
                  ne_row_stride, ne_field_stride, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """x_0's (rows, [col0, col0 + BLOCK_N)) tile: the dense row's, or [c_f; nonempty_f] W_f."""
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X0_GIVEN: tl.constexpr):
+        """x_0's (rows, [col0, col0 + BLOCK_N)) tile: the dense row's, or [c_f; nonempty_f] W_f;
+        with X0_GIVEN, read from x_0 itself (``dense_ptr``, (B, N))."""
         field = col0 // D - 1  # -1: the dense row
         within = col0 % D + tl.arange(0, BLOCK_N)
-        if field < 0:
+        if X0_GIVEN:
+            x0 = tl.load(dense_ptr + rows[:, None] * dense_stride + col0 + tl.arange(0, BLOCK_N)[None, :],
+                         mask=row_ok[:, None], other=0.0)
+        elif field < 0:
             x0 = tl.load(dense_ptr + rows[:, None] * dense_stride + within[None, :], mask=row_ok[:, None],
                          other=0.0)
         else:
@@ -146,7 +150,7 @@ if triton is not None:
                              F: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                              R: tl.constexpr, HAS_PREV: tl.constexpr, BLOCK_B: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                             TILES: tl.constexpr, NUM_STAGES: tl.constexpr):
+                             TILES: tl.constexpr, NUM_STAGES: tl.constexpr, X0_GIVEN: tl.constexpr = False):
         N: tl.constexpr = (F + 1) * D
         RESIDENT: tl.constexpr = BLOCK_R >= R  # w fits one chunk: loaded once, kept in registers
         rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -172,7 +176,7 @@ if triton is not None:
                     q = tl.load(up_ptr + rc[:, None] * N + cols[None, :], mask=(rc < R)[:, None], other=0.0)
                     s = tl.dot(wc, q, s)
             x0 = _x0_tile(dense_ptr, codes_ptr, nonempty_ptr, cw_ptr, rows, row_ok, col0, dense_stride,
-                          codes_stride, ne_row_stride, ne_field_stride, D, K, KP, BLOCK_N, BLOCK_K)
+                          codes_stride, ne_row_stride, ne_field_stride, D, K, KP, BLOCK_N, BLOCK_K, X0_GIVEN)
             if HAS_PREV:
                 x = tl.load(prev_ptr + rows[:, None] * prev_stride + cols[None, :], mask=row_ok[:, None],
                             other=0.0)
@@ -200,6 +204,29 @@ if triton is not None:
             num_warps=NUM_WARPS)
         return out
 
+    def launch_x0(x0: torch.Tensor, w: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor,
+                  prev: Optional[torch.Tensor]) -> torch.Tensor:
+        """Runs :func:`_cross_update_kernel` on :func:`cross_update_x0`'s arguments: the same
+        GEMM and epilogue, ``x_0``'s tiles read from ``x0`` (the codes' arguments unused)."""
+        batch, n = x0.shape
+        out = x0.new_empty(batch, n)
+        r, block_n = w.shape[1], x0_block_n(n)
+        ntiles = n // block_n
+        tiles = max(t for t in range(1, TILES + 1) if ntiles % t == 0)
+        grid = (ntiles // tiles, triton.cdiv(batch, BLOCK_B))
+        torch.library.wrap_triton(_cross_update_kernel)[grid](
+            x0, x0, x0, x0, w, up_t, beta, prev if prev is not None else x0, out, batch,
+            x0.stride(0), 0, 0, 0, w.stride(0), prev.stride(0) if prev is not None else 0, out.stride(0),
+            F=0, D=n, K=1, KP=2, R=r, HAS_PREV=prev is not None, BLOCK_B=BLOCK_B, BLOCK_N=block_n, BLOCK_K=16,
+            BLOCK_R=min(padded(r), MAX_RESIDENT_R), TILES=tiles, NUM_STAGES=NUM_STAGES, X0_GIVEN=True,
+            num_warps=NUM_WARPS)
+        return out
+
+    @torch.library.triton_op("afmrec::cross_update_x0", mutates_args=())
+    def _cross_update_x0_op(x0: torch.Tensor, w: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor,
+                            prev: Optional[torch.Tensor]) -> torch.Tensor:
+        return launch_x0(x0, w, up_t, beta, prev)
+
     @torch.library.triton_op("afmrec::cross_update", mutates_args=())
     def _cross_update_op(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
                          code_weight: torch.Tensor, w: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor,
@@ -219,3 +246,32 @@ def cross_update(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tenso
     if triton is None or not dense.is_cuda:
         return cross_update_reference(dense, codes, nonempty, code_weight, w, up_t, beta, prev)
     return torch.ops.afmrec.cross_update(dense, codes, nonempty, code_weight, w, up_t, beta, prev)
+
+
+def x0_block_n(n: int) -> int:
+    """Columns of a tile of :func:`cross_update_x0`: the largest power of two up to
+    :data:`BLOCK_N` that divides N (at least 16, tensor-core tiles' width)."""
+    block = BLOCK_N
+    while block > 16 and n % block:
+        block //= 2
+    return block
+
+
+def cross_update_x0_reference(x0: torch.Tensor, w: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor,
+                              prev: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x0 * (beta + w up_t) [+ prev]`` in PyTorch's ops. Args: x0 (B, N); w (B, R); up_t
+    (R, N); beta (N,); prev (B, N) or None. Returns: x (B, N)."""
+    x = x0 * torch.addmm(beta, w, up_t)
+    return x + prev if prev is not None else x
+
+
+def cross_update_x0(x0: torch.Tensor, w: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor,
+                    prev: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`cross_update_x0_reference`'s function, as :func:`cross_update`'s kernel with
+    ``x_0`` read from memory instead of formed from codes (a cross network whose input is
+    not made of codes: the original model's). On CUDA where N is a multiple of 16,
+    elsewhere the reference. Reads ``w``, ``x0`` and ``prev``; writes ``x``: the ``up``
+    GEMM's (B, N) output is never written."""
+    if triton is None or not x0.is_cuda or x0.shape[1] % 16:
+        return cross_update_x0_reference(x0, w, up_t, beta, prev)
+    return torch.ops.afmrec.cross_update_x0(x0, w, up_t, beta, prev)

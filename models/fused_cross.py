@@ -20,6 +20,15 @@ written, nor read by a ``down`` GEMM. The small maps between a layer's ``down`` 
 interaction and all of ``down``) are one merged GEMM, folded in float64. The function is
 the model's up to floating-point order.
 
+A cross network whose input is not made of codes (the original model's full-width tables)
+gets the same kernel with ``x_0`` read from memory (:class:`X0CrossNet`): per layer the
+``down`` GEMM (and an ``up`` pair's first factor) stays with cuBLAS, and the update kernel
+does the ``up`` GEMM (depth r, 512 at the MLPerf shape: ``w`` read in chunks) with the
+update in its epilogue, so ``y_l`` is never written; it reads ``x_0`` and ``x_{l-1}``
+once and writes ``x_l``, against the plain form's ``up`` write and three reads and one
+write of its element-wise update. Whether that beats cuBLAS's ``up`` GEMM at depth 512
+is measured per artifact (``afmrec bench speed``).
+
 On CUDA the update is a Triton kernel (a ``torch.library`` op that ``torch.export`` and
 AOTInductor compile into the artifact); elsewhere the same function in PyTorch's ops.
 """
@@ -30,7 +39,7 @@ import torch
 from torch import nn
 
 from .cross import CrossNet
-from .cross_kernel import cross_update
+from .cross_kernel import cross_update, cross_update_x0
 from .lowrank import LowRankEmbeddingBagCollection, LowRankLinear
 
 MAX_RANK = 256
@@ -182,4 +191,53 @@ class FusedCrossNet(nn.Module):
         for i, (down, mid) in enumerate(zip(self.downs, self.mids)):
             x = cross_update(dense, codes, nonempty, self.code_weight, mid(down(x)), self.ups[i + 1],
                              self.betas[i + 1], x)
+        return x
+
+
+def x0_unfusable_reason(crossnet: nn.Module) -> str | None:
+    """Why :class:`X0CrossNet` cannot serve ``crossnet``, or None if it can."""
+    if not isinstance(crossnet, CrossNet) or not len(crossnet.layers):
+        return "no cross network of Linear blocks"
+    for layer in crossnet.layers:
+        up = _factors(layer.up)
+        if up is None:
+            return "a cross layer's up is not a Linear or a low-rank pair"
+        if up[1].out_features % 16:
+            return f"the cross network's width {up[1].out_features} is not a multiple of 16"
+    return None
+
+
+class X0CrossNet(nn.Module):
+    """The cross network with each layer's ``up`` GEMM and update in one kernel
+    (:func:`~afmrec.models.cross_kernel.cross_update_x0`), ``x_0`` read from memory: for a
+    cross network whose input is not made of codes (module docstring).
+
+    Args:
+        crossnet: the cross network; every ``up`` a Linear or a low-rank pair without
+            activation. Its ``down`` modules and ``up`` first factors are shared.
+    """
+
+    def __init__(self, crossnet: CrossNet) -> None:
+        super().__init__()
+        reason = x0_unfusable_reason(crossnet)
+        if reason is not None:
+            raise ValueError(f"cannot fuse the cross network: {reason}")
+        self.downs = nn.ModuleList(layer.down for layer in crossnet.layers)
+        firsts, ups, betas = [], [], []
+        for i, layer in enumerate(crossnet.layers):
+            first, last = _factors(layer.up)
+            firsts.append(first if first is not None else nn.Identity())
+            ups.append(nn.Parameter(last.weight.detach().T.contiguous(), requires_grad=False))  # (r, N)
+            q = _affine(last)[1].to(last.weight.dtype)
+            betas.append(q + 1 if i == 0 else q)  # x_1 = x_0 * (y_1 + 1): x_0 is not read twice
+        self.firsts = nn.ModuleList(firsts)
+        self.ups = nn.ParameterList(ups)
+        self.register_buffer("betas", torch.stack(betas))  # (L, N)
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        """Args: x0 (B, N), the interaction. Returns: (B, N), the cross network's output."""
+        x = None
+        for i, (down, first) in enumerate(zip(self.downs, self.firsts)):
+            w = first(down(x0 if x is None else x))  # (B, r)
+            x = cross_update_x0(x0, w, self.ups[i], self.betas[i], x)
         return x

@@ -18,6 +18,7 @@ which export cannot hold, costs a separate pass.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,20 +38,49 @@ ELEMENT: dict[int, torch.dtype] = {0: torch.float32, 1: torch.float16, 2: torch.
 """The element the kernel reads each format in (an int8 row: bytes, its scale and bias read
 as one 32-bit word)."""
 
-MAX_ROW_BYTES = 128
-"""The widest rows served by our kernel; wider ones stay with FBGEMM's. On an H200 at the
-MLPerf shape, our kernel pools 128-byte rows (32 fp32) 4.3x as fast as FBGEMM's kernel
-(``bench/lookup_sweep.py``), but 512-byte rows (128 fp32, the original's) took 1.51 ms
-inside the original's artifact at the tiling below, against FBGEMM's 1.28 ms."""
+MAX_ROW_BYTES = 512
+"""The widest rows our kernel reads: 128 fp32 values (the original's rows at the MLPerf
+shape). Whether it or FBGEMM's kernel serves a model's rows is measured per artifact
+(``afmrec bench speed``): one tiling does not suit every width."""
 
-# Tiling: a program pools BLOCK_B bags of one table, BLOCK_J ids of each a step, all of a
-# row's values at once. Swept on an H200 at the MLPerf shape (bench/lookup_sweep_h200.txt):
-# the fastest over 32-wide fp32, fp16 and int8 rows (0.250, 0.212 and 0.271 ms a batch of
-# 65,536, against FBGEMM's 1.071, 0.823 and 1.241 ms).
-BLOCK_B = 32
-BLOCK_J = 2
-NUM_WARPS = 4
-NUM_STAGES = 1
+
+@dataclass(frozen=True)
+class Tiling:
+    """One tiling of the kernel: a program pools ``block_b`` bags of one table, ``block_j``
+    ids of each a step (a row's values at once), with ``num_warps`` warps and its id loop
+    pipelined ``num_stages`` deep. Every tiling sums a bag's rows in id order: the result
+    does not depend on the tiling."""
+
+    block_b: int
+    block_j: int
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> dict[str, int]:
+        """The kernel's meta-parameters of this tiling."""
+        return {"BLOCK_B": self.block_b, "BLOCK_J": self.block_j, "NUM_STAGES": self.num_stages,
+                "num_warps": self.num_warps}
+
+
+TILINGS: tuple[Tiling, ...] = (
+    Tiling(32, 2, 4, 1),  # the fastest for 32-wide rows of every format on an H200
+    Tiling(16, 4, 4, 1),
+    Tiling(64, 1, 4, 1),
+    Tiling(64, 2, 8, 1),
+    Tiling(32, 4, 8, 1),
+    Tiling(128, 1, 8, 1),
+    Tiling(16, 2, 4, 3),
+    Tiling(8, 4, 2, 1),
+)
+"""The tilings ``triton.autotune`` measures, once per row width and format (its key: the
+padded width ``BLOCK_D`` and ``KIND``), on the first eager call (the speed benchmark warms
+every module up before it times it). Picked from ``bench/lookup_sweep.py``'s sweep: narrow
+rows want many bags a program, wide rows fewer bags with more ids in flight."""
+
+TUNED: dict[tuple[int, int], Tiling] = {}
+"""The tiling autotune chose on this device for each (``BLOCK_D``, ``KIND``), on the last
+eager call. ``torch.export`` pins it into the graph: AOTInductor would otherwise tune
+again on the export's example batch (64 rows), which is not the batch served."""
 
 
 @dataclass
@@ -144,19 +174,20 @@ def pooled_lookup_reference(weights: torch.Tensor, tables: torch.Tensor, indices
 
 if triton is not None:
 
-    @triton.jit
-    def _step(ids_ptr, first, count, bag_ok, j, jj, row0, stride, rows, ALIGN: tl.constexpr):
-        """Step j's ids of each bag: (BLOCK_B, BLOCK_J) whether live, and each row's first
-        element (an id outside its table reads row 0)."""
-        live = bag_ok[:, None] & (j + jj < count[:, None])
-        idx = tl.load(ids_ptr + first[:, None] + j + jj, mask=live, other=0).to(tl.int64)
-        idx = tl.where((idx >= 0) & (idx < rows), idx, 0)
-        return live, tl.multiple_of(row0 + idx * stride, [ALIGN, ALIGN])
+    def _interpreted_bench(kernel_call, quantiles):
+        """Under Triton's interpreter (tests on a CPU) every tiling runs once and none is
+        timed: the first one is kept."""
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    def _configs() -> list:
+        return [triton.Config({"BLOCK_B": t.block_b, "BLOCK_J": t.block_j, "NUM_STAGES": t.num_stages},
+                              num_warps=t.num_warps) for t in TILINGS]
 
     @triton.jit
-    def _pooled_lookup_kernel(w_ptr, ids_ptr, offsets_ptr, tables_ptr, out_ptr, B, T, out_stride,
-                              KIND: tl.constexpr, ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK_B: tl.constexpr,
-                              BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
+    def _pooled_lookup_body(w_ptr, ids_ptr, offsets_ptr, tables_ptr, out_ptr, B, T, out_stride,
+                            KIND: tl.constexpr, ALIGN: tl.constexpr, FULL: tl.constexpr, BLOCK_B: tl.constexpr,
+                            BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
         t = tl.program_id(1)
         bags = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         bag_ok = bags < B
@@ -167,42 +198,65 @@ if triton is not None:
         rows = tl.load(tables_ptr + 2 * T + t)
         dim = tl.load(tables_ptr + 3 * T + t)
         col = tl.load(tables_ptr + 4 * T + t)
-        jj = tl.arange(0, BLOCK_J)[None, :]
         steps = tl.max(count, axis=0)
         cols = tl.arange(0, BLOCK_D)
         acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
         for j in tl.range(0, steps, BLOCK_J, num_stages=NUM_STAGES):
-            live, row = _step(ids_ptr, first, count, bag_ok, j, jj, row0, stride, rows, ALIGN)
-            if FULL:
-                m = live[:, :, None]
-            else:
-                m = live[:, :, None] & (cols < dim)[None, None, :]
-            if KIND == 2:  # bytes: a row's scale and bias (one word), then its values
-                qparams = tl.load((w_ptr + row).to(tl.pointer_type(tl.int32), bitcast=True), mask=live, other=0)
-                scale = (qparams & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)[:, :, None]
-                bias = (qparams >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)[:, :, None]
-                q = tl.load(w_ptr + row[:, :, None] + 4 + cols[None, None, :], mask=m, other=0)
-                vals = q.to(tl.float32) * scale + bias
-            else:
-                vals = tl.load(w_ptr + row[:, :, None] + cols[None, None, :], mask=m, other=0.0).to(tl.float32)
-            acc += tl.sum(vals, axis=1)
+            # BLOCK_J ids of each bag a step, their loads issued together, added in id order
+            for u in tl.static_range(BLOCK_J):
+                live = bag_ok & (j + u < count)
+                idx = tl.load(ids_ptr + first + j + u, mask=live, other=0).to(tl.int64)
+                idx = tl.where((idx >= 0) & (idx < rows), idx, 0)  # outside its table: row 0
+                row = tl.multiple_of(row0 + idx * stride, ALIGN)
+                if FULL:
+                    m = live[:, None]
+                else:
+                    m = live[:, None] & (cols < dim)[None, :]
+                if KIND == 2:  # bytes: a row's scale and bias (one word), then its values
+                    qparams = tl.load((w_ptr + row).to(tl.pointer_type(tl.int32), bitcast=True), mask=live,
+                                      other=0)
+                    scale = (qparams & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)[:, None]
+                    bias = (qparams >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)[:, None]
+                    q = tl.load(w_ptr + row[:, None] + 4 + cols[None, :], mask=m, other=0)
+                    acc += q.to(tl.float32) * scale + bias
+                else:
+                    acc += tl.load(w_ptr + row[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
         if FULL:
             keep = bag_ok[:, None]
         else:
             keep = bag_ok[:, None] & (cols < dim)[None, :]
         tl.store(out_ptr + bags[:, None] * out_stride + col + cols[None, :], acc, mask=keep)
 
-    def launch(rows: KernelRows, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Runs :func:`_pooled_lookup_kernel` on :func:`pooled_lookup`'s arguments (on CUDA,
-        or on the CPU under Triton's interpreter, ``TRITON_INTERPRET=1``)."""
+    _pooled_lookup_kernel = triton.autotune(
+        configs=_configs(), key=["BLOCK_D", "KIND"],
+        do_bench=_interpreted_bench if os.environ.get("TRITON_INTERPRET") == "1" else None,
+    )(_pooled_lookup_body)
+
+    def launch(rows: KernelRows, indices: torch.Tensor, offsets: torch.Tensor,
+               tiling: Tiling | None = None) -> torch.Tensor:
+        """Runs the kernel on :func:`pooled_lookup`'s arguments (on CUDA, or on the CPU under
+        Triton's interpreter, ``TRITON_INTERPRET=1``): autotuned over :data:`TILINGS` (its
+        choice kept in :data:`TUNED`; while tracing, :data:`TUNED`'s tiling where there is
+        one), or in ``tiling``."""
         num_tables = rows.tables.shape[1]
         batch = (offsets.shape[0] - 1) // num_tables
         out = torch.empty(batch, rows.total_dim, dtype=torch.float32, device=rows.weights.device)
-        grid = (triton.cdiv(batch, BLOCK_B), num_tables)
-        torch.library.wrap_triton(_pooled_lookup_kernel)[grid](
-            rows.weights, indices, offsets, rows.tables, out, batch, num_tables, out.stride(0),
-            KIND=rows.kind, ALIGN=rows.align, FULL=rows.full, BLOCK_B=BLOCK_B, BLOCK_J=BLOCK_J,
-            BLOCK_D=padded(rows.max_dim), NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
+        args = (rows.weights, indices, offsets, rows.tables, out, batch, num_tables, out.stride(0))
+        meta = dict(KIND=rows.kind, ALIGN=rows.align, FULL=rows.full, BLOCK_D=padded(rows.max_dim))
+        key = (meta["BLOCK_D"], rows.kind)
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if tiling is None and tracing:
+            tiling = TUNED.get(key)
+        if tiling is not None:
+            torch.library.wrap_triton(_pooled_lookup_body)[(triton.cdiv(batch, tiling.block_b), num_tables)](
+                *args, **meta, **tiling.meta())
+            return out
+        grid = lambda m: (triton.cdiv(batch, m["BLOCK_B"]), num_tables)  # noqa: E731
+        torch.library.wrap_triton(_pooled_lookup_kernel)[grid](*args, **meta)
+        best = getattr(_pooled_lookup_kernel, "best_config", None)
+        if not tracing and best is not None:
+            TUNED[key] = Tiling(best.kwargs["BLOCK_B"], best.kwargs["BLOCK_J"], best.num_warps,
+                                best.kwargs["NUM_STAGES"])
         return out
 
     @torch.library.triton_op("afmrec::pooled_lookup", mutates_args=())
@@ -214,9 +268,9 @@ if triton is not None:
 
 def pooled_lookup(rows: KernelRows, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """:func:`pooled_lookup_reference`'s function, as one Triton kernel on CUDA (elsewhere
-    the reference): a program pools :data:`BLOCK_B` bags of one table, :data:`BLOCK_J` ids
-    of each a step, a row's values at once (in loads as wide as the rows' alignment).
-    Reads each id and its row once; writes (B, total_dim).
+    the reference): a program pools a block of bags of one table, a few ids of each a step,
+    a row's values at once (in loads as wide as the rows' alignment), its tiling autotuned
+    (:data:`TILINGS`). Reads each id and its row once; writes (B, total_dim).
 
     Args: rows: the packed rows; indices (L,), offsets (F * B + 1,): as FBGEMM takes them.
     Returns: (B, total_dim) float32."""

@@ -1,19 +1,22 @@
 """Serving forms: the function of a trained model, with its memory traffic arranged for
 inference (``afmrec export``).
 
-- :class:`DCNServing`: DLRM-DCNv2's cross input assembled in one buffer or, for an AFM
-  model on CUDA, its cross network computed from the codes
-  (:class:`~afmrec.models.fused_cross.FusedCrossNet`).
+- :class:`DCNServing`: DLRM-DCNv2's cross input assembled in one buffer; on CUDA its cross
+  network may be fused: computed from an AFM model's codes
+  (:class:`~afmrec.models.fused_cross.FusedCrossNet`), or each layer's ``up`` GEMM and
+  update in one kernel (:class:`~afmrec.models.fused_cross.X0CrossNet`, any tables).
 - :class:`LinearReLU`: every ``Linear -> ReLU`` of the MLPs (TorchRec ``Perceptron``\ s,
   their Linear plain or low-rank) as one GEMM with the ReLU in its epilogue, instead of a
   GEMM and a pass that reads and writes the whole (B, out) activation again.
 - :class:`FlatLookup`: a quantised collection of one table group, its kernel called on
   the input's ids without TorchRec's split (which reads every feature's id count back to
-  the host); in the AOTInductor artifact on CUDA, its rows pooled by our Triton kernel
-  (:mod:`afmrec.models.lookup_kernel`) instead of FBGEMM's.
+  the host); in the AOTInductor artifact on CUDA, its rows may be pooled by our Triton
+  kernel (:mod:`afmrec.models.lookup_kernel`) instead of FBGEMM's.
 
-:func:`use_kernels_` switches a serving form between the two kernel sets: FBGEMM's and
-PyTorch's (which TorchScript can hold), or with our Triton kernels (which AOTInductor can).
+:func:`use_kernels_` switches a serving form between the two kernel sets, or each kind
+apart: FBGEMM's and PyTorch's (which TorchScript can hold), or our Triton kernels (which
+AOTInductor can); which is faster is measured per artifact
+(:func:`afmrec.pipeline.speed_kernels.choose_kernels`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torchrec.modules.mlp import Perceptron
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from .fused_cross import FusedCrossNet, unfusable_reason
+from .fused_cross import FusedCrossNet, X0CrossNet, unfusable_reason, x0_unfusable_reason
 from .lookup_kernel import KernelRows, kernel_rows, pooled_lookup
 from .lowrank import LowRankEmbeddingBagCollection, LowRankLinear
 
@@ -47,7 +50,10 @@ class DCNServing(nn.Module):
     With ``fuse_cross``, the interaction and the cross network are one
     :class:`~afmrec.models.fused_cross.FusedCrossNet` (AFM models, see
     :func:`~afmrec.models.fused_cross.unfusable_reason`): each layer is one GEMM whose
-    epilogue forms the interaction from the codes and applies the layer's update.
+    epilogue forms the interaction from the codes and applies the layer's update. A model
+    whose tables are not low-rank (the original) gets
+    :class:`~afmrec.models.fused_cross.X0CrossNet` instead: the interaction assembled as
+    above, then each layer's ``up`` GEMM and update in one kernel.
 
     Args:
         model: a ``DLRM_DCN`` whose collection returns its F fields in the order of its
@@ -69,9 +75,12 @@ class DCNServing(nn.Module):
         ebc = self.embedding_bag_collection
         self.in_place = isinstance(ebc, LowRankEmbeddingBagCollection) and ebc.serving
         self.fused: FusedCrossNet | None = None
+        self.fused_x0: X0CrossNet | None = None
         self.use_fused = fuse_cross  # read when traced: False serves the plain network
-        if fuse_cross:
+        if fuse_cross and unfusable_reason(ebc, self.crossnet) is None:
             self.fused = FusedCrossNet(ebc, self.crossnet)
+        elif fuse_cross:
+            self.fused_x0 = X0CrossNet(self.crossnet)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         """Args: dense (B, N), KJT of F features. Returns: logits (B, 1)."""
@@ -87,6 +96,8 @@ class DCNServing(nn.Module):
             self.embedding_bag_collection.project_into(sparse_features, fields)
         else:
             fields.copy_(self.embedding_bag_collection(sparse_features).values().view(batch, self.num_fields, self.dim))
+        if self.fused_x0 is not None and self.use_fused:
+            return self.over_arch(self.fused_x0(x0.view(batch, -1)))
         return self.over_arch(self.crossnet(x0.view(batch, -1)))
 
 
@@ -257,36 +268,44 @@ def flatten_lookups_(model: nn.Module, features: list[str]) -> int:
     return flattened
 
 
-def use_kernels_(model: nn.Module, on: bool) -> dict[str, str]:
+def use_kernels_(model: nn.Module, on: bool, *, lookup: bool | None = None,
+                 cross: bool | None = None) -> dict[str, str]:
     """Serves ``model``'s serving form with our kernels (``on``: the fused cross network
     and, on CUDA, the Triton lookups, as the AOTInductor artifact holds them) or without
-    (FBGEMM's lookups and the plain cross network, which TorchScript can hold). Returns
-    what it now serves with: ``{"cross": "fused" | "plain", "lookup": "triton" | "fbgemm"}``."""
+    (FBGEMM's lookups and the plain cross network, which TorchScript can hold);
+    ``lookup`` and ``cross`` set either kind apart from ``on`` (a choice measured per
+    artifact). Returns what it now serves with: ``{"cross": "fused" | "plain", "lookup":
+    "triton" | "fbgemm"}``."""
+    lookup = on if lookup is None else lookup
+    cross = on if cross is None else cross
     fused = triton = False
     for m in model.modules():
-        if isinstance(m, DCNServing) and m.fused is not None:
-            m.use_fused = on
-            fused = fused or on
+        if isinstance(m, DCNServing) and (m.fused is not None or m.fused_x0 is not None):
+            m.use_fused = cross
+            fused = fused or cross
         elif isinstance(m, FlatLookup) and m.has_kernel:
-            m.use_kernel = on and m.kernel_weights.is_cuda
+            m.use_kernel = lookup and m.kernel_weights.is_cuda
             triton = triton or m.use_kernel
     return {"cross": "fused" if fused else "plain", "lookup": "triton" if triton else "fbgemm"}
 
 
 def cross_fusion_blocker(model: nn.Module) -> str | None:
-    """Why :func:`serving_form` cannot compute ``model``'s cross network from its codes
-    (with its tables in serving form), or None if it can."""
+    """Why :func:`serving_form` cannot fuse ``model``'s cross network (from its codes or,
+    for tables that are not low-rank, from its interaction in memory), or None if it can."""
     if not isinstance(model, DLRM_DCN):
         return "not a DLRM-DCNv2"
-    return unfusable_reason(model.sparse_arch.embedding_bag_collection, model.inter_arch.crossnet)
+    crossnet = model.inter_arch.crossnet
+    if unfusable_reason(model.sparse_arch.embedding_bag_collection, crossnet) is None:
+        return None
+    return x0_unfusable_reason(crossnet)
 
 
 def serving_form(model: nn.Module, fuse_cross: bool = False) -> nn.Module:
     """The serving form of ``model`` (same parameters, same function): its MLPs' ReLUs
     fused into their GEMMs (:func:`fuse_relus_`, in place), and DLRM-DCNv2 wrapped in
     :class:`DCNServing` when its collection's fields come in the sparse arch's order;
-    with ``fuse_cross``, its cross network computed from the codes where
-    :func:`cross_fusion_blocker` allows."""
+    with ``fuse_cross``, its cross network fused (from the codes, or from the interaction
+    for full-width tables) where :func:`cross_fusion_blocker` allows."""
     fuse_relus_(model)
     if not isinstance(model, DLRM_DCN):
         return model

@@ -66,6 +66,11 @@ TABLE_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+KERNEL_CHOICES = ("measure", "ours", "stock")
+MEASURE_BATCH = 16384
+"""Rows of the example batch on which ``kernels="measure"`` times each kernel."""
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """How the artifact is made.
@@ -76,11 +81,17 @@ class ExportConfig:
         check_batch: rows of the batch on which the written file is loaded back and
             compared with the module it came from (0: no check).
         format: ``torchscript`` or ``aoti`` (module docstring).
+        kernels: for ``aoti`` on CUDA, which of our kernels (the pooled lookup, the fused
+            cross network) the artifact holds: ``measure`` (each where it is faster than
+            FBGEMM's lookup or the plain network on an example batch of
+            :data:`MEASURE_BATCH` rows: :func:`afmrec.pipeline.speed_kernels.choose_kernels`),
+            ``ours`` (both wherever they apply) or ``stock`` (neither).
     """
 
     tables: TableDtype = "fp32"
     check_batch: int = 256
     format: ArtifactFormat = "torchscript"
+    kernels: str = "measure"
 
     def __post_init__(self) -> None:
         if self.tables not in TABLE_DTYPES:
@@ -89,6 +100,8 @@ class ExportConfig:
             raise InputError(f"format must be one of {sorted(SUFFIX)}, got {self.format!r}")
         if self.check_batch < 0:
             raise InputError(f"check_batch must be >= 0, got {self.check_batch}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise InputError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
 
 
 class ServingModule(nn.Module):
@@ -228,11 +241,17 @@ def export_model(
         The metadata written into the file (plus ``check_max_abs_diff``).
     """
     device = next(model.parameters()).device
-    served = serving_module(model, [t.name for t in config.tables], export.tables,
-                            fuse_cross=export.format == "aoti" and device.type == "cuda",
+    ours = export.format == "aoti" and device.type == "cuda"
+    served = serving_module(model, [t.name for t in config.tables], export.tables, fuse_cross=ours,
                             rows=[t.num_embeddings for t in config.tables])
+    lookup = cross = ours and export.kernels != "stock"
+    if ours and export.kernels == "measure":
+        from .speed_kernels import choose_kernels
+
+        choice = choose_kernels(served, example_batch(config, MEASURE_BATCH, device), device)
+        lookup, cross = choice.use_lookup, choice.use_cross
     return write_artifact(served, config, out, check_batch=export.check_batch, source=source,
-                          overwrite=overwrite, format=export.format)
+                          overwrite=overwrite, format=export.format, lookup=lookup, cross=cross)
 
 
 def write_artifact(
@@ -244,6 +263,8 @@ def write_artifact(
     source: dict[str, Any] | None = None,
     overwrite: bool = False,
     format: ArtifactFormat = "torchscript",
+    lookup: bool | None = None,
+    cross: bool | None = None,
 ) -> dict[str, Any]:
     """Compiles a serving module (scripts it, or exports and AOT-compiles it) and writes it
     to ``out`` (atomically), with its metadata.
@@ -257,7 +278,8 @@ def write_artifact(
     from afmrec.models.serving import use_kernels_
 
     device = next(served.parameters()).device  # the dense part serves where the tables do
-    kernels = use_kernels_(served, format == "aoti")  # TorchScript cannot hold the Triton kernels
+    aoti = format == "aoti"  # TorchScript cannot hold the Triton kernels
+    kernels = use_kernels_(served, aoti, lookup=lookup if aoti else False, cross=cross if aoti else False)
     metadata = {
         "format": FORMAT,
         "artifact": format,

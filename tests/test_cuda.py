@@ -196,6 +196,51 @@ def test_fused_cross_kernel_is_as_close_to_float64_as_tf32_gemms(batch, fields, 
     assert err(got) <= max(2 * err(tf32), 3e-3), (err(got), err(tf32))
 
 
+@pytest.mark.parametrize("batch, fields, dim, r, carry", [
+    (70, 3, 16, 24, False), (1000, 26, 128, 512, True), (129, 26, 64, 32, False), (300, 4, 32, 200, True)])
+def test_fused_cross_kernel_from_x0_is_as_close_to_float64_as_tf32_gemms(batch, fields, dim, r, carry, monkeypatch):
+    """The update kernel with x_0 read from memory (the original's cross layers, rank 512 at
+    the MLPerf shape: w read in chunks) against float64 on the CPU: no further from it than
+    PyTorch's TF32 GEMMs computing the same update, or than TF32's rounding."""
+    from afmrec.models.cross_kernel import (cross_update_x0, cross_update_x0_reference, interaction,
+                                            random_update_inputs)
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    dense, codes, nonempty, cw, w, up_t, beta, prev = random_update_inputs(batch, fields, 4, dim, r, carry, seed=batch)
+    inputs = [interaction(dense, codes, nonempty, cw), w, up_t, beta, prev]
+    exact = cross_update_x0_reference(*[t.double() if t is not None else None for t in inputs])
+    tf32 = cross_update_x0_reference(*[t.cuda() if t is not None else None for t in inputs])
+    got = cross_update_x0(*[t.cuda() if t is not None else None for t in inputs])
+    assert got.shape == exact.shape and torch.isfinite(got).all()
+    err = lambda t: ((t.cpu().double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert err(got) <= max(2 * err(tf32), 3e-3), (err(got), err(tf32))
+
+
+@pytest.mark.parametrize("tables", ["fp32", "int8"])
+def test_aoti_artifact_of_the_original_holds_our_kernels(tmp_path, tables):
+    """The original DLRM-DCNv2 (full-width tables) is offered our kernels too: its AOTInductor
+    artifact pools its rows with the autotuned lookup and fuses its cross layers from the
+    interaction in memory (X0CrossNet), with the plain form's logits to TF32 rounding;
+    ``measure`` keeps whichever of each is faster and serves the same logits."""
+    from afmrec.pipeline.export import ExportConfig, call, export_model, load_artifact, serving_module
+
+    from .test_fused_cross import BATCHES, afm_dcn
+
+    model, config, _ = afm_dcn(compressed=False, device="cuda")
+    features = [t.name for t in config.tables]
+    plain = serving_module(model, features, tables)
+    for kernels in ("ours", "measure"):
+        path = tmp_path / f"{kernels}.pt2"
+        meta = export_model(model, config, path, ExportConfig(tables=tables, format="aoti", kernels=kernels))
+        if kernels == "ours":
+            assert meta["cross"] == "fused" and meta["lookup"] == "triton"
+        loaded, _ = load_artifact(path, "cuda")
+        for b in BATCHES:
+            b = b.to(torch.device("cuda"))
+            want = call(plain, b)
+            torch.testing.assert_close(call(loaded, b), want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.qint8])
 def test_lookup_kernel_pools_what_fbgemms_cuda_kernel_pools(dtype):
     """Our Triton lookup on FBGEMM's CUDA rows (aligned to 16 bytes there) against its
@@ -243,7 +288,7 @@ def test_aoti_artifact_serves_the_fused_cross_network(tmp_path, tables):
     model, config, _ = afm_dcn(device="cuda")
     features = [t.name for t in config.tables]
     plain = serving_module(model, features, tables)
-    meta = export_model(model, config, tmp_path / "m.pt2", ExportConfig(tables=tables, format="aoti"))
+    meta = export_model(model, config, tmp_path / "m.pt2", ExportConfig(tables=tables, format="aoti", kernels="ours"))
     assert meta["cross"] == "fused" and meta["lookup"] == "triton" and meta["check_max_abs_diff"] <= 1e-5
     loaded, _ = load_artifact(tmp_path / "m.pt2", "cuda")
     for b in BATCHES:

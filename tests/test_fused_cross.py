@@ -14,8 +14,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from afmrec.models import build_model
 from afmrec.models.cross_kernel import cross_update_reference, interaction
-from afmrec.models.fused_cross import FusedCrossNet, interaction_map, unfusable_reason
-from afmrec.models.serving import DCNServing, cross_fusion_blocker
+from afmrec.models.fused_cross import FusedCrossNet, X0CrossNet, interaction_map, unfusable_reason
+from afmrec.models.serving import DCNServing, cross_fusion_blocker, use_kernels_
 from afmrec.pipeline.bases import afm_bases, spectra
 from afmrec.pipeline.blocks import find_blocks
 from afmrec.pipeline.compress import CompressConfig, compress_
@@ -111,18 +111,26 @@ def test_the_interaction_is_an_affine_map_of_dense_codes_and_nonempty():
     torch.testing.assert_close(u @ w.T, interaction(dense, codes, nonempty, code_weight), rtol=1e-12, atol=1e-12)
 
 
-def test_models_the_fused_network_cannot_serve_say_why():
-    original, _, _ = afm_dcn(compressed=False)
-    features = [t.name for t in tiny_config("dcn").tables]
+def test_models_the_fused_network_cannot_serve_from_codes_say_why_and_fuse_from_x0():
+    """The original (full-width tables) and a narrow AFM model cannot be served from their
+    codes (each says why); their cross layers are fused from the interaction in memory
+    instead (X0CrossNet), with the plain form's logits."""
+    original, config, _ = afm_dcn(compressed=False)
+    features = [t.name for t in config.tables]
+    assert "not low-rank tables" in unfusable_reason(original.sparse_arch.embedding_bag_collection,
+                                                      original.inter_arch.crossnet)
+    assert cross_fusion_blocker(original) is None
+    plain = serving_module(original, features)
     served = serving_module(original, features, fuse_cross=True)
-    assert served.model.fused is None  # served plain
-    assert "not low-rank tables" in cross_fusion_blocker(original)
+    assert served.model.fused is None and isinstance(served.model.fused_x0, X0CrossNet)
+    for b in BATCHES:
+        torch.testing.assert_close(call(served, b), call(plain, b), rtol=1e-5, atol=1e-5)
+    assert use_kernels_(served, False) == {"cross": "plain", "lookup": "fbgemm"}
+    torch.testing.assert_close(call(served, BATCHES[0]), call(plain, BATCHES[0]), rtol=0, atol=0)
     narrow, _, _ = afm_dcn(dim=8)
     m = serving_module(narrow, features, fuse_cross=True).model
     assert m.fused is None
     assert "width 8" in unfusable_reason(m.embedding_bag_collection, m.crossnet)
-    with pytest.raises(ValueError, match="cannot fuse the cross network"):
-        DCNServing(afm_dcn()[0], fuse_cross=True)  # its tables not in serving form
 
 
 def test_aoti_artifact_reproduces_the_model_and_clamps_bad_ids(tmp_path):

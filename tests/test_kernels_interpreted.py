@@ -19,9 +19,13 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 @pytest.mark.parametrize("script", ["fused_cross_sweep.py", "lookup_sweep.py"])
 def test_kernel_matches_its_reference_under_the_interpreter(script):
-    """Every tiling form the self-check covers (the lookup's: fp32, fp16 and int8 rows,
-    two widths and full rows, empty bags, out-of-table ids, against FBGEMM's CPU kernel
-    too; the update's: w kept in registers or read in chunks, with and without x_prev)."""
+    """Every tiling form the self-check covers. The lookup's: fp32, fp16 and int8 rows of
+    mixed widths, of one narrow width and of width 128 (the original's 512-byte fp32
+    rows), empty bags, out-of-table ids; the autotuned launch and every tiling it tunes
+    over, each exactly equal to the reference (a bag's rows added in id order whatever
+    the tiling) and to FBGEMM's CPU kernel to float rounding. The update's: w kept in
+    registers or read in chunks, with and without x_prev, and x_0 read from memory (the
+    original's rank-512 layers)."""
     done = subprocess.run([sys.executable, str(BENCH / script), "--selfcheck"], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr[-2000:]

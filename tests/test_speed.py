@@ -1,23 +1,34 @@
-"""`afmrec bench speed --small` on CPU: every key of the record, sane values."""
+"""`afmrec bench speed --small` on CPU: every key of the record, sane values, a record that
+says what it ran on, and AFM variants planned exactly as `afmrec compress` plans them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import pytest
+import torch
 
 from afmrec.launch.cli import main
+from afmrec.pipeline.blocks import find_blocks
+from afmrec.pipeline.evaluate import count_parameters
+from afmrec.pipeline.model_io import ModelRecord, skeleton
+from afmrec.pipeline.ranks import RankConfig, select_ranks
+from afmrec.pipeline.sensitivity import probes_from_records, sensitivity_weights
+from afmrec.pipeline.speed_shape import SpeedShape
+from afmrec.pipeline.speed_variants import calibrate, inference_model
 
 pytestmark = pytest.mark.slow
 
 KEYS = ("train_vs_torchrec", "stats_vs_forward", "compress_vs_io", "infer_afm4x_vs_original",
         "infer_afm8x_vs_original", "infer_int8_vs_original", "infer_afm4x_int8_vs_original",
-        "infer_fp16_vs_original", "infer_afm4x_fp16_vs_original",
+        "infer_fp16_vs_original", "infer_afm4x_fp16_vs_original", "infer_afm4x_vs_stock_torchrec",
         "cpu_latency_afm4x_vs_original")
+VARIANTS = ("original", "afm4x", "afm8x", "int8", "afm4x_int8", "fp16", "afm4x_fp16")
 
 
-def test_bench_speed_small_writes_every_ratio(tmp_path):
+def test_bench_speed_small_writes_every_ratio_and_its_provenance(tmp_path):
     out = tmp_path / "speed.json"
     environ = dict(os.environ)
     assert main(["bench", "speed", "--small", "--device", "cpu", "--steps", "2",
@@ -26,10 +37,29 @@ def test_bench_speed_small_writes_every_ratio(tmp_path):
     for key in KEYS:
         assert isinstance(record[key], float) and record[key] > 0, key
     assert record["device"] == "cpu" and record["shape"]["embedding_dim"] == 64
-    # the AFM variants really are 4x and 8x smaller (whole model), int8 counts as original
-    # uniform plans of the small shape, within the bench's tolerance (0.5) of the target
-    assert 4 / 1.5 <= record["params_original"] / record["params_afm4x"] <= 4 * 1.5
-    assert 8 / 1.5 <= record["params_original"] / record["params_afm8x"] <= 8 * 1.5
+    # provenance: the code, the device, the versions, the settings every variant shared
+    run = record["run"]
+    assert len(run["git_commit"]) == 40 and isinstance(run["git_dirty"], bool) and run["git_commit_source"] == "git"
+    assert run["device_name"] == "cpu"
+    assert {"torch", "torchrec", "triton"} <= set(run["versions"]) and any("fbgemm" in k for k in run["versions"])
+    assert record["precision"]["dense_dtype"] == "float32" and record["infer_batch"] == 4096
+    assert record["rank_policy"] == "loss"
+    # the statistics pass is defined once: the calibration's length is the timed pass's
+    assert record["calibration"]["stats_batches"] == record["stats_batches"] == 6
+    assert record["calibration"]["stats_rows"] == 6 * 1024 and record["calibration"]["probes"] > 0
+    for name in VARIANTS:
+        assert record[f"kernels_{name}"]["lookup"] == "fbgemm"  # a CPU runs neither Triton kernel
+        assert record[f"artifact_kernels_{name}"] == {"lookup": "fbgemm", "cross": "plain"}
+        assert record[f"infer_format_{name}"] == "torchscript"
+    # the AFM variants reach their byte targets within the planner's tolerance (10%)
+    for name, target, fmt in (("afm4x", 4, "fp32"), ("afm8x", 8, "fp32"), ("afm4x_int8", 4, "int8"),
+                              ("afm4x_fp16", 4, "fp16")):
+        plan = record[f"plan_{name}"]
+        assert plan["policy"] == "loss" and plan["table_format"] == fmt and plan["serve_device"] == "cuda"
+        assert target / 1.1 <= plan["ratio"] <= target * 1.1, (name, plan["ratio"])
+    assert record["plan_original"]["policy"] is None
+    # against stock TorchRec serving on a CPU is against the original's best (TorchScript)
+    assert record["infer_afm4x_vs_stock_torchrec"] == record["infer_afm4x_vs_original"]
     # the one-rank job's variables are gone again: a later command in this process (a
     # test) must not take itself for a rank of it
     assert dict(os.environ) == environ
@@ -52,13 +82,56 @@ def test_bench_speed_stages_run_alone(tmp_path, capsys):
     assert "unknown speed stages ['warp']" in capsys.readouterr().err
 
 
-def test_bench_speed_times_the_variants_asked_for(tmp_path, capsys):
+def test_variants_asked_for_are_planned_as_select_ranks_plans_them_under_the_loss_policy(tmp_path, capsys):
+    """The record's ranks are `select_ranks`' under the loss policy, called here directly
+    on the same calibration (statistics and probes of the same seeded model and batches),
+    with the probes' weights: the benchmark plans as `afmrec compress` does."""
     out = tmp_path / "speed.json"
     assert main(["bench", "speed", "--small", "--device", "cpu", "--table-cap", "2000", "--stages", "inference",
-                 "--variants", "afm8x", "--json", str(out), "--quiet"]) == 0
+                 "--variants", "afm8x,afm4x_int8", "--json", str(out), "--quiet"]) == 0
     record = json.loads(out.read_text())
     assert record["infer_afm8x_vs_original"] > 0 and record["infer_original_samples_per_s"] > 0
-    assert not any(k.startswith(("infer_afm4x", "infer_int8", "infer_fp16")) for k in record)
+    assert not any(k.startswith(("infer_afm4x_vs", "infer_int8", "infer_fp16", "plan_afm4x_fp16")) for k in record)
+    shape = dataclasses.replace(SpeedShape.small(), table_cap=2000)
+    config = ModelRecord(shape.model_config())
+    device = torch.device("cpu")
+    calibration = calibrate(inference_model(shape, device), config, shape, device)
+    recorded = calibration.stats.meta["sensitivity"]
+    weights = sensitivity_weights(probes_from_records(recorded["probes"]), recorded["floor"])
+    blocks = [b for b in find_blocks(skeleton(config)) if b.name in calibration.spectra]
+    other = count_parameters(skeleton(config)) - sum(b.params for b in blocks)
+    for name, ratio, fmt in (("afm8x", 8.0, "fp32"), ("afm4x_int8", 4.0, "int8")):
+        plan = select_ranks(blocks, calibration.spectra, RankConfig(
+            policy="loss", ratio=ratio, table_format=fmt, serve_device="cuda", linear_multiple=8, weights=weights),
+            other_params=other)
+        assert record[f"plan_{name}"]["ranks"] == dict(sorted(plan.ranks.items()))
+        assert record[f"plan_{name}"]["ratio"] == plan.ratio
+        # the loss policy, not a uniform cut: the tables' ranks differ
+        table_ranks = {k: v for k, v in plan.ranks.items() if "embedding_bag_collection" in k}
+        assert len(set(table_ranks.values())) > 1
     assert main(["bench", "speed", "--small", "--device", "cpu", "--stages", "inference",
                  "--variants", "afm4x,afm3x"]) == 2
     assert "unknown inference variants ['afm3x']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tables, row_bytes", [("fp32", 64 * 4), ("int8", 64 + 4), ("fp16", 64 * 2)])
+def test_lookup_bytes_count_each_ids_row_and_the_ids_and_offsets(tables, row_bytes):
+    """The bytes the profile divides by the lookups' time: every id's row values (an int8
+    row's scale and bias too, no padding) plus the ids and the bag offsets as int32."""
+    from afmrec.pipeline.export import serving_module
+    from afmrec.pipeline.speed_profile import breakdown, lookup_bytes
+    from afmrec.pipeline.speed_shape import make_batches
+
+    shape = dataclasses.replace(SpeedShape.small(), table_cap=2000)
+    model = inference_model(shape, torch.device("cpu"))
+    served = serving_module(model, [t.name for t in shape.model_config().tables], tables)
+    batch = make_batches(shape, 32, 1, torch.device("cpu"), seed=9)[0]
+    ids = batch.sparse_features.values().numel()
+    assert lookup_bytes(served, batch) == ids * row_bytes + 4 * (ids + 26 * 32 + 1)
+    # 2 ms of lookups reading 6.7 GB: 3.35 TB/s, the H100 SXM's peak, so no speed-up left
+    out = breakdown({"_pooled_lookup_body_0": 2000.0, "nvjet_tst_128x64": 1000.0, "triton_poi_fused_mul_0": 500.0,
+                     "_cross_update_kernel_0": 500.0}, int(6.7e9), "NVIDIA H100 80GB HBM3")
+    assert out["ms_by_class"] == {"cross": 0.5, "elementwise": 0.5, "gemm": 1.0, "lookup": 2.0}
+    assert out["device_ms"] == 4.0 and out["share_by_class"]["lookup"] == 0.5
+    assert out["lookup_achieved_tb_s"] == pytest.approx(3.35) and out["lookup_floor_ms"] == pytest.approx(2.0)
+    assert out["batch_speedup_if_lookups_at_peak"] == pytest.approx(1.0)
