@@ -124,7 +124,7 @@ def main() -> None:
         sys.exit(0 if selfcheck() else 1)
     from afmrec.models import lookup_kernel as lk
     from afmrec.models.serving import packed_rows
-    from afmrec.pipeline.speed import SpeedShape, make_batches
+    from afmrec.pipeline.benchmarks.speed import SpeedShape, make_batches
 
     lk.MAX_ROW_BYTES = 2**30  # time every case, the wide rows FBGEMM keeps included
     dev, shape, start = torch.device("cuda"), SpeedShape(), time.time()

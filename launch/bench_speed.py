@@ -104,7 +104,7 @@ def _one_rank_unless_launched() -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.artifacts import write_json
-    from afmrec.pipeline.speed import SpeedShape, run_speed
+    from afmrec.pipeline.benchmarks.speed import SpeedShape, run_speed
 
     shape = SpeedShape.small() if args.small else SpeedShape()
     changes = {k: v for k, v in (("table_cap", args.table_cap), ("steps", args.steps),

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.artifacts import write_json
-    from afmrec.pipeline.bench import time_stats_vs_forward
+    from afmrec.pipeline.benchmarks.stats_pass import time_stats_vs_forward
     from afmrec.pipeline.stages import DataRef
 
     with job(args) as (env, sharding):

@@ -16,7 +16,7 @@ inference (``afmrec export``).
 :func:`use_kernels_` switches a serving form between the two kernel sets, or each kind
 apart: FBGEMM's and PyTorch's (which TorchScript can hold), or our Triton kernels (which
 AOTInductor can); which is faster is measured per artifact
-(:func:`afmrec.pipeline.speed_kernels.choose_kernels`).
+(:func:`afmrec.pipeline.kernel_choice.choose_kernels`).
 """
 
 from __future__ import annotations

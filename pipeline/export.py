@@ -84,7 +84,7 @@ class ExportConfig:
         kernels: for ``aoti`` on CUDA, which of our kernels (the pooled lookup, the fused
             cross network) the artifact holds: ``measure`` (each where it is faster than
             FBGEMM's lookup or the plain network on an example batch of
-            :data:`MEASURE_BATCH` rows: :func:`afmrec.pipeline.speed_kernels.choose_kernels`),
+            :data:`MEASURE_BATCH` rows: :func:`afmrec.pipeline.kernel_choice.choose_kernels`),
             ``ours`` (both wherever they apply) or ``stock`` (neither).
     """
 
@@ -246,7 +246,7 @@ def export_model(
                             rows=[t.num_embeddings for t in config.tables])
     lookup = cross = ours and export.kernels != "stock"
     if ours and export.kernels == "measure":
-        from .speed_kernels import choose_kernels
+        from .kernel_choice import choose_kernels
 
         choice = choose_kernels(served, example_batch(config, MEASURE_BATCH, device), device)
         lookup, cross = choice.use_lookup, choice.use_cross

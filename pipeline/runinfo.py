@@ -300,3 +300,18 @@ class StageMeter:
             records = [mine]
         return RunInfo(self.stage, len(records), self.env.device.type,
                        tuple(RankRun(**r) for r in records))
+
+
+def device_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 10, warmup: int = 3) -> float:
+    """Mean milliseconds of one call of ``fn`` on the device's stream (CUDA events), after
+    ``warmup`` calls (autotuning, lazy initialisation, TorchScript's profiling runs)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats

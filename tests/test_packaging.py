@@ -21,12 +21,6 @@ PACKAGE = "api"  # the `afmrec` package itself (setup.cfg: afmrec = api)
 # The direction of imports: a folder imports only the folders before it. common is the
 # leaf (errors, atomic writes); launch (the CLI) is the top.
 LAYERS = ("common", "models", "sharding", "pipeline", "api", "launch")
-# Private names still imported across modules by a file whose owner will switch it to the
-# public name (pipeline/speed.py: zipf_ranks, compress_sharded). Nothing else may join.
-PENDING_PRIVATE_IMPORTS = {
-    ("pipeline/speed.py", "afmrec.pipeline.data.synth", "_zipf_ranks"),
-    ("pipeline/speed.py", "afmrec.pipeline.stages", "_compress_sharded"),
-}
 # Imported, but installed by what is declared: torchrec brings FBGEMM (fbgemm-gpu, or
 # fbgemm-gpu-cpu for the CPU stack), and torch's CUDA builds bring Triton (only the GPU
 # kernels import it, behind a check).
@@ -161,7 +155,7 @@ def test_top_level_folders_import_each_other_one_way():
 
 
 def test_no_private_name_is_imported_across_modules():
-    assert private_imports(product_sources()) - PENDING_PRIVATE_IMPORTS == set()
+    assert private_imports(product_sources()) == set()
 
 
 def test_the_structure_checks_catch_a_hidden_cycle_and_a_private_import():

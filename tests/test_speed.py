@@ -16,8 +16,8 @@ from afmrec.pipeline.evaluate import count_parameters
 from afmrec.pipeline.model_io import ModelRecord, skeleton
 from afmrec.pipeline.ranks import RankConfig, select_ranks
 from afmrec.pipeline.sensitivity import probes_from_records, sensitivity_weights
-from afmrec.pipeline.speed_shape import SpeedShape
-from afmrec.pipeline.speed_variants import calibrate, inference_model
+from afmrec.pipeline.benchmarks.speed.shape import SpeedShape
+from afmrec.pipeline.benchmarks.speed.variants import calibrate, inference_model
 
 pytestmark = pytest.mark.slow
 
@@ -119,8 +119,8 @@ def test_lookup_bytes_count_each_ids_row_and_the_ids_and_offsets(tables, row_byt
     """The bytes the profile divides by the lookups' time: every id's row values (an int8
     row's scale and bias too, no padding) plus the ids and the bag offsets as int32."""
     from afmrec.pipeline.export import serving_module
-    from afmrec.pipeline.speed_profile import breakdown, lookup_bytes
-    from afmrec.pipeline.speed_shape import make_batches
+    from afmrec.pipeline.benchmarks.speed.profile import breakdown, lookup_bytes
+    from afmrec.pipeline.benchmarks.speed.shape import make_batches
 
     shape = dataclasses.replace(SpeedShape.small(), table_cap=2000)
     model = inference_model(shape, torch.device("cpu"))

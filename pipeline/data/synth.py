@@ -271,8 +271,6 @@ def zipf_ranks(
     return np.clip(x.astype(np.int64) - 1, 0, num_ids - 1)
 
 
-# The name pipeline/speed.py imports.
-_zipf_ranks = zipf_ranks
 
 
 def _mean_pool(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -41,8 +41,6 @@ from .inputs import (
 from .statistics import load_statistics, save_statistics, stats_stage
 from .training import finetune_stage, fit, train_stage
 
-# The name pipeline/speed.py imports.
-_compress_sharded = compress_sharded
 
 __all__ = [
     "LOCAL",

@@ -28,7 +28,7 @@ def _nvidia_driver() -> str | None:
 def _package_versions() -> dict[str, str]:
     from importlib import metadata
 
-    from .artifacts import versions
+    from ...artifacts import versions
 
     out = dict(versions())
     for pkg in ("triton", "numpy"):
@@ -44,7 +44,7 @@ def run_metadata(device: torch.device) -> dict[str, Any]:
     benchmark's ``afmrec.run``) split into commit and dirtiness, plus the device's name,
     the NVIDIA and CUDA driver versions, CUDA and the versions of torch, TorchRec,
     FBGEMM and Triton."""
-    from .artifacts import run_record
+    from ...artifacts import run_record
 
     run = run_record()
     commit = run.get("git_commit")

@@ -1,5 +1,5 @@
 """The speed benchmark's serving stages: the served variants' artifacts on the device,
-each against the original's (equal treatment, :mod:`afmrec.pipeline.speed_kernels`) and
+each against the original's (equal treatment, :mod:`afmrec.pipeline.kernel_choice`) and
 against stock TorchRec serving (the original's TorchScript artifact: FBGEMM's tables, no
 kernel of ours), and CPU latency."""
 
@@ -18,15 +18,15 @@ from torchrec.datasets.utils import Batch
 
 from afmrec.models.serving import use_kernels_
 
-from .errors import InputError
-from .evaluate import measure_latencies
-from .export import SUFFIX, call, load_artifact, serving_module, write_artifact
-from .model_io import ModelRecord
-from .runinfo import wall_seconds
-from .speed_kernels import KernelChoice, choose_kernels
-from .speed_profile import breakdown, gpu_ms, kernel_times, lookup_bytes, profile_to
-from .speed_shape import SEEDS, SpeedShape, make_batches
-from .speed_variants import VARIANTS, Calibration, VariantSpec, build_variant, plan_summary
+from ...errors import InputError
+from ...evaluate import measure_latencies
+from ...export import SUFFIX, call, load_artifact, serving_module, write_artifact
+from ...model_io import ModelRecord
+from ...runinfo import wall_seconds
+from ...kernel_choice import KernelChoice, choose_kernels
+from .profile import breakdown, gpu_ms, kernel_times, lookup_bytes, profile_to
+from .shape import SEEDS, SpeedShape, make_batches
+from .variants import VARIANTS, Calibration, VariantSpec, build_variant, plan_summary
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,12 @@ class InferenceOptions:
     """What the inference stage times.
 
     Attributes:
-        variants: names of :data:`~afmrec.pipeline.speed_variants.VARIANTS` (the original
+        variants: names of :data:`~afmrec.pipeline.benchmarks.speed.variants.VARIANTS` (the original
             is always timed: every ratio's base).
         aoti: on CUDA, also write and time each variant's AOTInductor artifact (about a
             minute's compile each at the production shape).
         profile: the device time of a batch of each variant's faster artifact by kernel
-            class, and the lookups' bandwidth (:func:`~afmrec.pipeline.speed_profile.breakdown`).
+            class, and the lookups' bandwidth (:func:`~afmrec.pipeline.benchmarks.speed.profile.breakdown`).
         profile_dir: where torch.profiler's tables go (None: none written).
     """
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .runinfo import synchronize
+from ...runinfo import synchronize
 
 KERNEL_CLASSES: dict[str, tuple[str, ...]] = {
     "lookup": ("pooled_lookup", "embedding_forward", "nbit", "int_nbit", "bounds_check"),
@@ -48,21 +48,6 @@ def kernel_class(name: str) -> str:
         if any(k in low for k in keys):
             return cls
     return "elementwise"
-
-
-def device_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 10, warmup: int = 3) -> float:
-    """Mean milliseconds of one call of ``fn`` on the device's stream (CUDA events), after
-    ``warmup`` calls (autotuning, lazy initialisation, TorchScript's profiling runs)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def kernel_times(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:

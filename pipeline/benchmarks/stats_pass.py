@@ -14,12 +14,12 @@ from afmrec.sharding.plan import ShardingConfig
 
 from torchrec.datasets.utils import Batch
 
-from .blocks import Block, find_blocks
-from .evaluate import eval_mode, forward_logits, model_device
-from .model_io import load_model, skeleton
-from .runinfo import fastest_interleaved
-from .stages import LOCAL, DataRef
-from .stats import StatsCollector, resolve_precision
+from ..blocks import Block, find_blocks
+from ..evaluate import eval_mode, forward_logits, model_device
+from ..model_io import load_model, skeleton
+from ..runinfo import fastest_interleaved
+from ..stages import LOCAL, DataRef
+from ..stats import StatsCollector, resolve_precision
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,6 @@
 """``afmrec bench speed``: the costs a user pays, each against its baseline, in one run.
 
-The workload is a DLRM-DCNv2 in the MLPerf DLRMv2 shape (:mod:`afmrec.pipeline.
-speed_shape`: 26 tables of width 128, the Criteo-1TB cardinalities capped, multi-hot bags
+The workload is a DLRM-DCNv2 in the MLPerf DLRMv2 shape (:mod:`.shape`: 26 tables of width 128, the Criteo-1TB cardinalities capped, multi-hot bags
 of MLPerf's sizes, power-law ids); :meth:`SpeedShape.small` is the same structure scaled
 down for CPU and CI. Every ratio is measured in the same process on the same device:
 
@@ -12,19 +11,19 @@ down for CPU and CI. Every ratio is measured in the same process on the same dev
    over the same batches, and ``stats_vs_forward_{float32,bfloat16}``;
 3. ``compress_vs_io``: load + plan + bases + shard-local fold + save of the checkpoint
    (AFM 4x) vs load + save of it with ``torch.distributed.checkpoint`` (lower is better);
-4. inference (:mod:`afmrec.pipeline.speed_infer`): samples/s of the served variants
-   (:mod:`afmrec.pipeline.speed_variants`: AFM at 4x and 8x fewer bytes under the default
+4. inference (:mod:`afmrec.pipeline.benchmarks.speed.infer`): samples/s of the served variants
+   (:mod:`afmrec.pipeline.benchmarks.speed.variants`: AFM at 4x and 8x fewer bytes under the default
    ``loss`` rank policy, calibrated on held-out batches; AFM 4x with int8 and fp16 tables;
    the original with int8 and fp16 tables), each as its artifacts, with the kernels of
-   ours measured faster for it (:mod:`afmrec.pipeline.speed_kernels`; the original gets
+   ours measured faster for it (:mod:`afmrec.pipeline.kernel_choice`; the original gets
    the same offer), against the original's artifact (``_vs_original``, the headline)
    and against stock TorchRec serving (``_vs_stock_torchrec``); with ``profile``, the
    device time by kernel class and the lookups' bandwidth
-   (:mod:`afmrec.pipeline.speed_profile`); CPU latency of AFM 4x vs the original;
+   (:mod:`afmrec.pipeline.benchmarks.speed.profile`); CPU latency of AFM 4x vs the original;
 5. peak device memory of each stage.
 
 Dense math runs in TF32 on CUDA for every variant alike. The record carries its own
-provenance (:mod:`afmrec.pipeline.speed_record`).
+provenance (:mod:`afmrec.pipeline.benchmarks.speed.record`).
 """
 
 from __future__ import annotations
@@ -46,21 +45,21 @@ from afmrec.sharding.plan import planner_plan
 
 from afmrec.models import build_model
 
-from .bases import afm_bases
-from .bench import passes, time_stats_vs_forward_batches
-from .blocks import find_blocks
-from .compress import CompressConfig
-from .errors import InputError
-from .evaluate import eval_mode
-from .model_io import ModelRecord, skeleton
-from .runinfo import fastest_interleaved, peak_memory_gib, reset_peak_memory, wall_seconds
-from .speed_infer import InferenceOptions, bench_cpu_latency, bench_inference, empty_cache
-from .speed_profile import profile_to
-from .speed_record import precision, run_metadata
-from .speed_shape import SEEDS, SpeedShape, make_batches
-from .speed_variants import POLICY, VARIANTS, Calibration, calibrate, inference_model, plan_variant
-from .stats import StatsCollector, resolve_precision
-from .train import TrainConfig, make_optimizer, train_
+from ...bases import afm_bases
+from ..stats_pass import passes, time_stats_vs_forward_batches
+from ...blocks import find_blocks
+from ...compress import CompressConfig
+from ...errors import InputError
+from ...evaluate import eval_mode
+from ...model_io import ModelRecord, skeleton
+from ...runinfo import fastest_interleaved, peak_memory_gib, reset_peak_memory, wall_seconds
+from .infer import InferenceOptions, bench_cpu_latency, bench_inference, empty_cache
+from .profile import profile_to
+from .record import precision, run_metadata
+from .shape import SEEDS, SpeedShape, make_batches
+from .variants import POLICY, VARIANTS, Calibration, calibrate, inference_model, plan_variant
+from ...stats import StatsCollector, resolve_precision
+from ...train import TrainConfig, make_optimizer, train_
 
 __all__ = ["STAGES", "SpeedShape", "make_batches", "run_speed", "InferenceOptions", "VARIANTS"]
 
@@ -117,7 +116,7 @@ def bench_compress(model: nn.Module, record: ModelRecord, calibration: Calibrati
                    device: torch.device) -> dict[str, float]:
     """Shard-local compression of the whole checkpoint (AFM 4x's plan) vs reading and
     writing it."""
-    from .stages import _compress_sharded
+    from ...stages import compress_sharded
 
     original, io_copy, compressed = workdir / "original", workdir / "io", workdir / "afm"
     save_state(model, original)
@@ -129,7 +128,7 @@ def bench_compress(model: nn.Module, record: ModelRecord, calibration: Calibrati
     def compress() -> None:
         load_state_(model, original)
         bases = afm_bases(calibration.spectra, plan_variant(record, calibration, VARIANTS["afm4x"]).ranks)
-        save_state(_compress_sharded(model, record, bases, CompressConfig()), compressed)
+        save_state(compress_sharded(model, record, bases, CompressConfig()), compressed)
 
     t_io, t_compress = wall_seconds(io, device), wall_seconds(compress, device)
     return {"io_s": t_io, "compress_s": t_compress, "compress_vs_io": t_compress / t_io}
@@ -144,7 +143,7 @@ def run_speed(shape: SpeedShape, env: DistEnv, *, stages: Sequence[str] = STAGES
 
     ``train``, ``stats`` and ``compress`` run on the sharded model; ``inference`` (the
     served artifacts) and ``cpu`` (CPU latency) on one unsharded model, its AFM variants
-    calibrated on held-out batches (:func:`~afmrec.pipeline.speed_variants.calibrate`).
+    calibrated on held-out batches (:func:`~afmrec.pipeline.benchmarks.speed.variants.calibrate`).
     ``variants``: the inference stage's (of :data:`VARIANTS`; all if None; the original
     always). ``profile``: the kernel-class breakdown and lookup bandwidth of each served
     artifact. ``on_stage`` receives the record so far after each stage (a run cut short

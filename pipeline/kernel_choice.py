@@ -25,7 +25,7 @@ import torch
 from afmrec.models.serving import DCNServing, FlatLookup, use_kernels_
 
 from .export import ServingModule, call
-from .speed_profile import device_ms
+from .runinfo import device_ms
 
 
 @dataclass(frozen=True)

@@ -92,14 +92,14 @@ def iter_batches(shape: SpeedShape, batch_size: int, count: int, device: torch.d
     bijection of the table's rows), so hot rows are spread over the table. Dense
     features (B, num_dense) are standard normal, labels (B,) 1 with probability 0.25.
     """
-    from .data.synth import _zipf_ranks
+    from ...data.synth import zipf_ranks
 
     rng = np.random.default_rng(seed)
     keys = [t.name for t in shape.model_config().tables]
     for _ in range(count):
         values, lengths = [], []
         for rows, bag in zip(shape.table_rows, MLPERF_BAG_SIZES):
-            ranks = _zipf_ranks(rng, rows, batch_size * bag, shape.zipf_exponent)
+            ranks = zipf_ranks(rng, rows, batch_size * bag, shape.zipf_exponent)
             values.append((ranks * 2654435761) % rows)
             lengths.append(np.full(batch_size, bag))
         kjt = KeyedJaggedTensor.from_lengths_sync(

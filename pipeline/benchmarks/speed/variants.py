@@ -24,16 +24,16 @@ from torch import nn
 
 from afmrec.models import build_model
 
-from .bases import Spectrum, afm_bases, spectra
-from .blocks import find_blocks
-from .compress import CompressConfig, compress_
-from .export import TableDtype
-from .model_io import ModelRecord, skeleton
-from .ranks import RankConfig, RankPlan
-from .sensitivity import SensitivityConfig, measure_sensitivity, probes_to_records
-from .speed_shape import SEEDS, SpeedShape, iter_batches
-from .stages import plan_ranks, with_weights
-from .stats import Statistics, collect_statistics
+from ...bases import Spectrum, afm_bases, spectra
+from ...blocks import find_blocks
+from ...compress import CompressConfig, compress_
+from ...export import TableDtype
+from ...model_io import ModelRecord, skeleton
+from ...ranks import RankConfig, RankPlan
+from ...sensitivity import SensitivityConfig, measure_sensitivity, probes_to_records
+from .shape import SEEDS, SpeedShape, iter_batches
+from ...stages import plan_ranks, with_weights
+from ...stats import Statistics, collect_statistics
 
 POLICY = "loss"
 """The rank policy of every AFM variant: the product's default (``afmrec compress``)."""
@@ -100,7 +100,7 @@ def calibrate(model: nn.Module, record: ModelRecord, shape: SpeedShape, device: 
               forward: nn.Module | None = None) -> Calibration:
     """The statistics pass (``shape.stats_batches`` batches of ``shape.train_batch`` rows)
     and the loss probes (``shape.probe_rows`` rows) on batches held out from every timed
-    batch (:data:`~afmrec.pipeline.speed_shape.SEEDS`). ``forward``: the module to run, if
+    batch (:data:`~afmrec.pipeline.benchmarks.speed.shape.SEEDS`). ``forward``: the module to run, if
     not ``model`` (a ``DistributedModelParallel`` wrapping it)."""
     blocks = find_blocks(skeleton(record))
     stats = collect_statistics(model, blocks, iter_batches(shape, shape.train_batch, shape.stats_batches, device,
