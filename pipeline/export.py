@@ -447,17 +447,26 @@ def check_artifact(path: str | Path) -> None:
     loads as a wrong weight).
 
     Raises:
-        InputError: a record's content differs from its CRC-32, naming it.
+        InputError: a record's content differs from its CRC-32, or a compressed record
+            cannot be inflated, naming it.
     """
     import zipfile
+    import zlib
 
     try:
         with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
+            for info in z.infolist():
+                try:
+                    with z.open(info) as f:
+                        while f.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:
+                    raise InputError(f"{path}: damaged (its record {info.filename} fails its CRC-32)") from None
+                except (zlib.error, EOFError):
+                    raise InputError(f"{path}: damaged (its record {info.filename} cannot be "
+                                     "decompressed)") from None
     except (zipfile.BadZipFile, OSError) as e:
         raise InputError(f"{path}: not a TorchScript file or AOTInductor package ({e})") from None
-    if bad is not None:
-        raise InputError(f"{path}: damaged (its record {bad} fails its CRC-32)")
 
 
 def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> tuple[Any, dict]:

@@ -397,5 +397,29 @@ def test_a_damaged_artifact_fails_its_crc_when_afmrec_loads_it(tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(InputError, match=r"afm.pt: damaged \(its record .* fails its CRC-32\)"):
+    with pytest.raises(InputError, match=r"afm.pt: damaged \(its record .* (fails its CRC-32|cannot be decompressed)\)"):
         load_artifact(path)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("compression", ["stored", "deflated"])
+def test_check_artifact_names_the_damaged_record(tmp_path, compression):
+    """A flipped byte in a record's data is found whether the record is stored (its CRC-32
+    differs) or deflated (it no longer inflates, or inflates to a wrong CRC-32)."""
+    import zipfile
+
+    from afmrec.pipeline.export import check_artifact
+
+    path = tmp_path / "a.pt"
+    method = zipfile.ZIP_STORED if compression == "stored" else zipfile.ZIP_DEFLATED
+    payload = bytes(range(256)) * 64
+    with zipfile.ZipFile(path, "w", compression=method) as z:
+        z.writestr("a/constants.pkl", b"header")
+        z.writestr("a/data/0", payload)
+    check_artifact(path)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"a/data/0") + len("a/data/0")  # the local header's name, then the data
+    data[start + 40] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"a.pt: damaged \(its record a/data/0 (fails its CRC-32|cannot be decompressed)\)"):
+        check_artifact(path)

@@ -67,9 +67,10 @@ def test_bench_speed_small_writes_every_ratio_and_its_provenance(tmp_path):
     assert record["stats_precision"] == "float32"  # `--precision auto` on a CPU
     assert record["stats_vs_forward"] == record["stats_vs_forward_float32"]
     assert record["stats_vs_forward_bfloat16"] > 0
+    assert_planned_as_select_ranks_plans_them(record, table_cap=5000)
 
 
-def test_bench_speed_stages_run_alone(tmp_path, capsys):
+def test_bench_speed_stages_run_alone(tmp_path):
     out = tmp_path / "speed.json"
     assert main(["bench", "speed", "--small", "--device", "cpu", "--table-cap", "2000",
                  "--stages", "cpu", "--json", str(out), "--quiet"]) == 0
@@ -78,21 +79,13 @@ def test_bench_speed_stages_run_alone(tmp_path, capsys):
     assert record["cpu_latency_afm4x_vs_original"] > 0
     assert not any(k in record for k in ("train_vs_torchrec", "stats_vs_forward", "compress_vs_io",
                                          "infer_afm4x_vs_original"))
-    assert main(["bench", "speed", "--small", "--device", "cpu", "--stages", "cpu,warp"]) == 2
-    assert "unknown speed stages ['warp']" in capsys.readouterr().err
 
 
-def test_variants_asked_for_are_planned_as_select_ranks_plans_them_under_the_loss_policy(tmp_path, capsys):
+def assert_planned_as_select_ranks_plans_them(record: dict, table_cap: int) -> None:
     """The record's ranks are `select_ranks`' under the loss policy, called here directly
     on the same calibration (statistics and probes of the same seeded model and batches),
     with the probes' weights: the benchmark plans as `afmrec compress` does."""
-    out = tmp_path / "speed.json"
-    assert main(["bench", "speed", "--small", "--device", "cpu", "--table-cap", "2000", "--stages", "inference",
-                 "--variants", "afm8x,afm4x_int8", "--json", str(out), "--quiet"]) == 0
-    record = json.loads(out.read_text())
-    assert record["infer_afm8x_vs_original"] > 0 and record["infer_original_samples_per_s"] > 0
-    assert not any(k.startswith(("infer_afm4x_vs", "infer_int8", "infer_fp16", "plan_afm4x_fp16")) for k in record)
-    shape = dataclasses.replace(SpeedShape.small(), table_cap=2000)
+    shape = dataclasses.replace(SpeedShape.small(), table_cap=table_cap)
     config = ModelRecord(shape.model_config())
     device = torch.device("cpu")
     calibration = calibrate(inference_model(shape, device), config, shape, device)
@@ -109,9 +102,14 @@ def test_variants_asked_for_are_planned_as_select_ranks_plans_them_under_the_los
         # the loss policy, not a uniform cut: the tables' ranks differ
         table_ranks = {k: v for k, v in plan.ranks.items() if "embedding_bag_collection" in k}
         assert len(set(table_ranks.values())) > 1
+
+
+def test_unknown_variants_and_stages_are_refused(capsys):
     assert main(["bench", "speed", "--small", "--device", "cpu", "--stages", "inference",
                  "--variants", "afm4x,afm3x"]) == 2
     assert "unknown inference variants ['afm3x']" in capsys.readouterr().err
+    assert main(["bench", "speed", "--small", "--device", "cpu", "--stages", "cpu,warp"]) == 2
+    assert "unknown speed stages ['warp']" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tables, row_bytes", [("fp32", 64 * 4), ("int8", 64 + 4), ("fp16", 64 * 2)])
