@@ -4,7 +4,7 @@ centres, rounds to bfloat16 and sums) for each tiling, at the six width groups o
 
     python3 bench/centring_sweep.py    # on a CUDA machine with Triton; needs only torch
 
-Reads pipeline/centring.py by path (no install needed). Latest output:
+Reads models/kernels/centring.py by path (no install needed). Latest output:
 bench/centring_sweep_h100.txt.
 """
 import importlib.util
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-spec = importlib.util.spec_from_file_location("centring", Path(__file__).parents[1] / "pipeline" / "centring.py")
+spec = importlib.util.spec_from_file_location("centring",
+                                              Path(__file__).parents[1] / "models" / "kernels" / "centring.py")
 C = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(C)
 dev = torch.device("cuda")

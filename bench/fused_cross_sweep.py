@@ -1,24 +1,25 @@
-"""Tiling sweep of the fused cross network's update kernel (``afmrec/models/cross_kernel.py``)
+"""Tiling sweep of the fused cross network's update kernel (``models/kernels/cross.py``)
 at the MLPerf DLRM-DCNv2 shape of ``afmrec bench speed``'s AFM 4x model (26 tables of
 rank 32, cross layers of rank 112, batch 65,536), against the plain serving path (the
 projection GEMM into x_0, per layer the two factor GEMMs and the element-wise update)
 and, with ``--baseline``, against another version of the kernel's file at its own
 tiling, all TF32, timed in CUDA graphs.
 
-Needs only torch and Triton (the kernel's files are loaded on their own):
+The sweep needs only torch and Triton (the kernel's files are loaded on their own);
+``--selfcheck`` needs the installed package:
 
-    python3 bench/fused_cross_sweep.py [--baseline OLD_cross_kernel.py] [--best best.json]
+    python3 bench/fused_cross_sweep.py [--baseline OLD_cross.py] [--best best.json]
     TRITON_INTERPRET=1 python3 bench/fused_cross_sweep.py --selfcheck   # anywhere
 
 ``--best`` writes the fastest tiling's constants as JSON. ``--selfcheck`` runs the kernel
 (Triton's interpreter on a CPU) against the float64 reference at small ragged shapes, in
-both of its forms (w kept in registers, or read in chunks).
+both of its forms (w kept in registers, or read in chunks): the product's own check,
+``afmrec.models.kernels.selfcheck.check_cross_update``.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -76,45 +77,24 @@ def graphed_ms(fn, reps: int = 20) -> float:
 
 
 def selfcheck() -> None:
-    ck = load(Path(__file__).resolve().parents[1] / "models" / "cross_kernel.py", "sweep_kernel")
-    worst, device = 0.0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shapes = [(70, 3, 5, 16, 0, False), (130, 4, 12, 32, 45, True), (100, 5, 32, 64, 112, True),
-              (65, 2, 8, 32, 200, False), (33, 3, 8, 16, 150, True)]
-    for (batch, fields, k, dim, r, carry), (bb, bn, tiles, resident) in itertools.product(
-            shapes, [(64, 64, 6, 128), (32, 16, 3, 32), (16, 32, 2, 64)]):
-        ck.BLOCK_B, ck.BLOCK_N, ck.TILES, ck.MAX_RESIDENT_R = bb, bn, tiles, resident
-        inputs = ck.random_update_inputs(batch, fields, k, dim, r, carry, seed=batch)
-        exact = ck.cross_update_reference(*[t.double() if t is not None else None for t in inputs])
-        got = ck.launch(*[t.to(device) if t is not None else None for t in inputs]).cpu()
-        err = ((got.double() - exact).norm() / exact.norm()).item()
-        worst = max(worst, err)
-        print(f"B={batch} F={fields} K={k} D={dim} R={r} prev={carry} BLOCK_B={bb} BLOCK_N={bn} TILES={tiles} "
-              f"MAX_RESIDENT_R={resident}: rel err {err:.1e}")
-    # x_0 read from memory (the original model's cross layers, rank up to 512: w in chunks)
-    for batch, fields, dim, r, carry in [(70, 3, 16, 40, False), (65, 2, 32, 512, True), (33, 5, 64, 200, True)]:
-        ck.BLOCK_B, ck.BLOCK_N, ck.TILES, ck.MAX_RESIDENT_R = 64, 32, 12, 128
-        dense, codes, nonempty, cw, w, up_t, beta, prev = ck.random_update_inputs(batch, fields, 4, dim, r, carry,
-                                                                                  seed=batch)
-        x0 = ck.interaction(dense, codes, nonempty, cw)
-        args = [x0, w, up_t, beta, prev]
-        exact = ck.cross_update_x0_reference(*[t.double() if t is not None else None for t in args])
-        got = ck.launch_x0(*[t.to(device) if t is not None else None for t in args]).cpu()
-        err = ((got.double() - exact).norm() / exact.norm()).item()
-        worst = max(worst, err)
-        print(f"x0 given: B={batch} N={(fields + 1) * dim} R={r} prev={carry}: rel err {err:.1e}")
-    tolerance = 3e-3 if device.type == "cuda" else 1e-5  # the interpreter's products are fp32, not TF32
-    print(f"selfcheck {'passed' if worst < tolerance else 'FAILED'}: worst {worst:.1e} (tolerance {tolerance:.0e})")
+    """The update's self-check (:func:`afmrec.models.kernels.selfcheck.check_cross_update`,
+    on the installed package), each case printed; raises AssertionError if one is off."""
+    from afmrec.models.kernels.selfcheck import check_cross_update
+
+    check_cross_update(verbose=True)
+    print("selfcheck passed")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", type=Path, help="another version of cross_kernel.py, timed at its tiling")
+    parser.add_argument("--baseline", type=Path,
+                        help="another version of models/kernels/cross.py, timed at its tiling")
     parser.add_argument("--best", type=Path, help="write the fastest tiling's constants here (JSON)")
     parser.add_argument("--selfcheck", action="store_true", help="check the kernel against float64 and stop")
     args = parser.parse_args()
     if args.selfcheck:
         return selfcheck()
-    ck = load(Path(__file__).resolve().parents[1] / "models" / "cross_kernel.py", "sweep_kernel")
+    ck = load(Path(__file__).resolve().parents[1] / "models" / "kernels" / "cross.py", "sweep_kernel")
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)

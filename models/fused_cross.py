@@ -6,7 +6,7 @@ shape where N = 3456), and the interaction's fields are projections of the table
 K-wide codes, ``x_0[f] = W_f^T [c_f; nonempty_f]`` (the dense arch's output is field 0).
 A layer ``x_l = x_0 * y_l + x_{l-1}`` is then one GEMM of depth k whose epilogue forms
 ``x_0``'s tile from the codes and applies the update
-(:func:`~afmrec.models.cross_kernel.cross_update`): neither ``x_0`` nor ``y_l`` is
+(:func:`~afmrec.models.kernels.cross.cross_update`): neither ``x_0`` nor ``y_l`` is
 written or read back. Per layer, one pass over the (B, N) activation is written and one
 read by the update (none for the first layer, where ``x_{l-1} = x_0``), and one read by
 the next ``down`` GEMM; the plain serving form makes six (the ``down`` GEMM's read, the
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .cross import CrossNet
-from .cross_kernel import cross_update, cross_update_x0
+from .kernels.cross import cross_update, cross_update_x0
 from .lowrank import LowRankEmbeddingBagCollection, LowRankLinear
 
 MAX_RANK = 256
@@ -209,7 +209,7 @@ def x0_unfusable_reason(crossnet: nn.Module) -> str | None:
 
 class X0CrossNet(nn.Module):
     """The cross network with each layer's ``up`` GEMM and update in one kernel
-    (:func:`~afmrec.models.cross_kernel.cross_update_x0`), ``x_0`` read from memory: for a
+    (:func:`~afmrec.models.kernels.cross.cross_update_x0`), ``x_0`` read from memory: for a
     cross network whose input is not made of codes (module docstring).
 
     Args:

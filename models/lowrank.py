@@ -21,7 +21,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from .cross_kernel import project_codes
+from .kernels.cross import project_codes
 
 
 def residual_bias(components: torch.Tensor, center: torch.Tensor) -> torch.Tensor:

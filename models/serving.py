@@ -11,7 +11,7 @@ inference (``afmrec export``).
 - :class:`FlatLookup`: a quantised collection of one table group, its kernel called on
   the input's ids without TorchRec's split (which reads every feature's id count back to
   the host); in the AOTInductor artifact on CUDA, its rows may be pooled by our Triton
-  kernel (:mod:`afmrec.models.lookup_kernel`) instead of FBGEMM's.
+  kernel (:mod:`afmrec.models.kernels.lookup`) instead of FBGEMM's.
 
 :func:`use_kernels_` switches a serving form between the two kernel sets, or each kind
 apart: FBGEMM's and PyTorch's (which TorchScript can hold), or our Triton kernels (which
@@ -32,7 +32,7 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from .fused_cross import FusedCrossNet, X0CrossNet, unfusable_reason, x0_unfusable_reason
-from .lookup_kernel import KernelRows, kernel_rows, pooled_lookup
+from .kernels.lookup import KernelRows, kernel_rows, pooled_lookup
 from .lowrank import LowRankEmbeddingBagCollection, LowRankLinear
 
 
@@ -168,8 +168,8 @@ torch.fx.wrap("kernel_inputs")
 
 
 def packed_rows(kernel: nn.Module) -> KernelRows | None:
-    """The rows of an FBGEMM inference kernel as :func:`~afmrec.models.lookup_kernel.
-    pooled_lookup` reads them (:func:`~afmrec.models.lookup_kernel.kernel_rows`: shared,
+    """The rows of an FBGEMM inference kernel as :func:`~afmrec.models.kernels.lookup.
+    pooled_lookup` reads them (:func:`~afmrec.models.kernels.lookup.kernel_rows`: shared,
     not copied); None where the kernel has rows it cannot read (several formats, int4,
     UVM, reversed qparams, rows too wide) or another output."""
     from fbgemm_gpu.split_embedding_configs import SparseType
@@ -212,7 +212,7 @@ class FlatLookup(nn.Module):
 
     With ``use_kernel`` (set by :func:`use_kernels_`; where :func:`packed_rows` reads the
     kernel's rows), the same rows are pooled by
-    :func:`~afmrec.models.lookup_kernel.pooled_lookup` instead, which also applies the id
+    :func:`~afmrec.models.kernels.lookup.pooled_lookup` instead, which also applies the id
     check.
 
     Args:

@@ -3,7 +3,7 @@
 Every variant, the original included, is offered the same two kernels of ours and gets
 each where it is faster on the device, measured on the benchmark's own batch:
 
-- the pooled lookup (:mod:`afmrec.models.lookup_kernel`, tiling autotuned) against
+- the pooled lookup (:mod:`afmrec.models.kernels.lookup`, tiling autotuned) against
   FBGEMM's inference kernel, on the variant's own rows (the original's 512-byte fp32
   rows as the AFM variants' narrow ones);
 - the fused cross network (from the codes for AFM tables in serving form, else from the

@@ -85,7 +85,7 @@ def test_fused_centring_gives_pytorchs_rows_and_their_sums(shape, masked, fields
     rounded rows in float32 by splits of rows, whose float64 total is within gamma_R of
     their exact sums."""
     pytest.importorskip("triton")
-    from afmrec.pipeline import centring
+    from afmrec.models.kernels import centring
 
     g = torch.Generator(device="cuda").manual_seed(0)
     groups, rows, width = shape
@@ -182,7 +182,8 @@ def test_fused_cross_kernel_is_as_close_to_float64_as_tf32_gemms(batch, fields, 
     float64 on the CPU: no further from it than PyTorch's TF32 GEMMs computing the same
     update (its products are TF32 too) or than TF32's rounding (3e-3: cuBLAS takes some of
     these small products in float32); every element written."""
-    from afmrec.models.cross_kernel import cross_update, cross_update_reference, random_update_inputs
+    from afmrec.models.kernels.cross import cross_update, cross_update_reference
+    from afmrec.models.kernels.selfcheck import random_update_inputs
 
     # TF32 for this test only: later tests compare a fresh process's GEMMs with this one's
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
@@ -202,8 +203,8 @@ def test_fused_cross_kernel_from_x0_is_as_close_to_float64_as_tf32_gemms(batch, 
     """The update kernel with x_0 read from memory (the original's cross layers, rank 512 at
     the MLPerf shape: w read in chunks) against float64 on the CPU: no further from it than
     PyTorch's TF32 GEMMs computing the same update, or than TF32's rounding."""
-    from afmrec.models.cross_kernel import (cross_update_x0, cross_update_x0_reference, interaction,
-                                            random_update_inputs)
+    from afmrec.models.kernels.cross import cross_update_x0, cross_update_x0_reference, interaction
+    from afmrec.models.kernels.selfcheck import random_update_inputs
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     dense, codes, nonempty, cw, w, up_t, beta, prev = random_update_inputs(batch, fields, 4, dim, r, carry, seed=batch)
@@ -249,7 +250,7 @@ def test_lookup_kernel_pools_what_fbgemms_cuda_kernel_pools(dtype):
     kernel, as ours, in float32): there the two differ by float16's rounding."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from afmrec.models.lookup_kernel import KernelRows, pooled_lookup_reference
+    from afmrec.models.kernels.lookup import KernelRows, pooled_lookup_reference
     from afmrec.models.serving import FlatLookup, kernel_inputs, use_kernels_
 
     from .test_export import lookup_input, mixed_quantised_collection

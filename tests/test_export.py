@@ -342,7 +342,7 @@ def test_lookup_kernels_function_pools_fbgemms_own_rows(dtype):
     kernel pools: shared tables, two widths, empty bags, and ids outside their table (row
     0, as FBGEMM's bounds check makes them) included. On the CPU the kernel's function is
     its PyTorch reference; tests/test_cuda.py runs the kernel."""
-    from afmrec.models.lookup_kernel import ROW_KINDS
+    from afmrec.models.kernels.lookup import ROW_KINDS
     from afmrec.models.serving import FlatLookup, use_kernels_
 
     lookup = FlatLookup(mixed_quantised_collection(dtype))

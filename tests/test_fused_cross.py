@@ -13,7 +13,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from afmrec.models import build_model
-from afmrec.models.cross_kernel import cross_update_reference, interaction
+from afmrec.models.kernels.cross import cross_update_reference, interaction
 from afmrec.models.fused_cross import FusedCrossNet, X0CrossNet, interaction_map, unfusable_reason
 from afmrec.models.serving import DCNServing, cross_fusion_blocker, use_kernels_
 from afmrec.pipeline.bases import afm_bases, spectra

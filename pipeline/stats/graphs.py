@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from ..centring import RowGroups, SharedAddresses
+from afmrec.models.kernels.centring import RowGroups, SharedAddresses
+
 from .observers import Observer, Seen
 
 

@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..centring import RowGroups, add_recombined_, centre_round_sum
+from afmrec.models.kernels.centring import RowGroups, add_recombined_, centre_round_sum
+
 from ..errors import InputError
 
 
@@ -88,12 +89,12 @@ def batch_moments(
 
     ``precision="float64"``: every product in float64 (a float64 GEMM costs more than the
     layer's own forward pass for wide blocks). Otherwise each group is centred at ``c``,
-    the mean of its first :data:`~afmrec.pipeline.centring.PILOT_ROWS` kept rows (0 if
+    the mean of its first :data:`~afmrec.models.kernels.centring.PILOT_ROWS` kept rows (0 if
     none is; any ``c`` gives the same algebra, a ``c`` near the mean gives small centred
     values), and the centred rows ``yc`` go through one batched GEMM and one sum; then,
     in float64, ``s = n c + t`` and ``G = Gc + c t^T + t c^T + n c c^T`` with ``t`` the
     sum of ``yc``, which is exact algebra
-    (:func:`~afmrec.pipeline.centring.centre_round_sum` centres, rounds and sums in one
+    (:func:`~afmrec.models.kernels.centring.centre_round_sum` centres, rounds and sums in one
     pass on CUDA, reading the rows where they lie). The roundings:
 
     - ``"float32"``: ``yc`` in float32 (TF32 inputs to the GEMM where CUDA's
@@ -116,7 +117,7 @@ def batch_moments(
 
     Args:
         y: (G, R, m) rows (float64 ones go the float64 way whatever ``precision``), or
-            :class:`~afmrec.pipeline.centring.RowGroups` of float32 rows read in place.
+            :class:`~afmrec.models.kernels.centring.RowGroups` of float32 rows read in place.
         mask: (G, R) bool, the rows to count, or None for all.
         precision: one of :data:`PRECISIONS`.
     Returns:
@@ -144,7 +145,7 @@ def add_batch_moments_(totals: Sequence[torch.Tensor], y: torch.Tensor,
     and ``g`` (G, m, m), float64.
 
     On CUDA with Triton the float64 part (``s = n c + t``, ``G = Gc + c w^T + w c^T``, the
-    adds) is one kernel (:func:`~afmrec.pipeline.centring.add_recombined_`) instead of a
+    adds) is one kernel (:func:`~afmrec.models.kernels.centring.add_recombined_`) instead of a
     dozen small ones; elsewhere it is :func:`batch_moments` and three adds.
     """
     parts = _batch_parts(y, mask, precision)

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from afmrec.models.kernels.centring import RowGroups, reads_in_place
+
 from ..blocks import Block
-from ..centring import RowGroups, reads_in_place
 from ..errors import InputError
 from .moments import Moments, add_batch_moments_, batch_moments
 
@@ -156,7 +157,7 @@ def _in_place(precision: str, outputs: Sequence[torch.Tensor]) -> bool:
 def _rows_input(shape: tuple[int, ...], row_stride: int, like: torch.Tensor,
                 in_place: bool) -> torch.Tensor | RowGroups:
     """An update's (G, R, m) input: the addresses of rows read where they lie (see
-    :class:`~afmrec.pipeline.centring.RowGroups`), or a tensor of ``like``'s type and
+    :class:`~afmrec.models.kernels.centring.RowGroups`), or a tensor of ``like``'s type and
     device that the rows are copied into."""
     if in_place:
         return RowGroups(*shape, row_stride, like.device)

@@ -161,7 +161,7 @@ def bench_inference(model: nn.Module, record: ModelRecord, calibration: Calibrat
     ours); ``infer_{format}_{name}_samples_per_s`` each artifact's own. The original is
     timed first; ``on_variant`` gets the results so far after each variant (a run cut
     short keeps them)."""
-    from afmrec.models.lookup_kernel import TUNED
+    from afmrec.models.kernels.lookup import TUNED
 
     batches = make_batches(shape, shape.infer_batch, 3, device, seed=SEEDS["infer"])
     out: dict[str, Any] = {"infer_batch": shape.infer_batch}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cross_kernel import padded
+from .cross import padded
 
 try:
     import triton

@@ -90,19 +90,6 @@ def interaction(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor
     return x0.view(batch, -1)
 
 
-def random_update_inputs(batch: int, fields: int, k: int, dim: int, r: int, prev: bool,
-                         seed: int = 0) -> list[Optional[torch.Tensor]]:
-    """Random float32 CPU arguments of :func:`cross_update` (for its tests and benchmarks):
-    dense, codes, nonempty (80% of bags), code_weight (padded to a multiple of 8 rows), w,
-    up_t, beta and prev (or None)."""
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale  # noqa: E731
-    n, kp = (fields + 1) * dim, -(-(k + 2) // 8) * 8
-    return [rand(batch, dim), rand(batch, fields * k), (torch.rand(fields, batch, generator=g) > 0.2).float().T,
-            torch.cat([rand(fields, k + 1, dim), torch.zeros(fields, kp - k - 1, dim)], 1), rand(batch, r),
-            rand(r, n, scale=0.1), rand(n), rand(batch, n) if prev else None]
-
-
 def cross_update_reference(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
                            code_weight: torch.Tensor, w: torch.Tensor, up_t: torch.Tensor,
                            beta: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:

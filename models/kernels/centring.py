@@ -16,8 +16,8 @@ replay time, so a batch's update copies no rows into the graph's buffers.
 
 Both give the same rounded rows for a given centre (``y - mask c`` rounded once in
 float32, then once to the output type, to nearest even) and column sums of those rounded
-rows in float32, in another order of addition: the bound of
-:func:`~afmrec.pipeline.stats.moments.batch_moments` holds for both.
+rows in float32, in another order of addition: the bound of the statistics' moments
+(``batch_moments`` in ``pipeline/stats/moments.py``, its caller) holds for both.
 """
 
 from __future__ import annotations
