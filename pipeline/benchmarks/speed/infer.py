@@ -55,12 +55,14 @@ class InferenceOptions:
 
 
 def empty_cache(device: torch.device) -> None:
-    gc.collect()  # modules in reference cycles hold device memory until collected
+    """Gives a dropped variant's device memory back (CUDA only: modules in reference
+    cycles hold it until collected)."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 
-def samples_per_s(module: nn.Module, batches: list[Batch], device: torch.device, repeats: int = 5) -> float:
+def samples_per_s(module: nn.Module, batches: list[Batch], device: torch.device, repeats: int) -> float:
     """Best of ``repeats`` passes over ``batches`` of a serving module (plain-tensor
     forward), after three warm-up calls (TorchScript's profiling executor optimises on the
     2nd-3rd; the lookup kernel autotunes on its first)."""
@@ -87,7 +89,7 @@ def _write(eager: nn.Module, record: ModelRecord, path: Path, fmt: str, choice: 
 
 def _time_variant(spec: VariantSpec, model: nn.Module, record: ModelRecord, calibration: Calibration | None,
                   batches: list[Batch], device: torch.device, workdir: Path, options: InferenceOptions,
-                  peak: Any, out: dict[str, Any]) -> None:
+                  peak: Any, out: dict[str, Any], repeats: int) -> None:
     """One variant: its eager serving module (stock kernels, then ours as chosen), then
     each of its artifacts, written and loaded back as a server would."""
     name, cuda = spec.name, device.type == "cuda"
@@ -102,13 +104,13 @@ def _time_variant(spec: VariantSpec, model: nn.Module, record: ModelRecord, cali
     del module
     use_kernels_(eager, False)
     want = call(eager, batches[0])
-    out[f"infer_eager_{name}_samples_per_s"] = samples_per_s(eager, batches, device)
+    out[f"infer_eager_{name}_samples_per_s"] = samples_per_s(eager, batches, device, repeats)
     if cuda:
         out[f"gpu_ms_eager_{name}"] = gpu_ms(lambda: call(eager, batches[0]), device)
     choice = choose_kernels(eager, batches[0], device)  # leaves eager serving with the chosen kernels
     out[f"kernels_{name}"] = choice.to_dict()
     if cuda:
-        out[f"infer_eager_ours_{name}_samples_per_s"] = samples_per_s(eager, batches, device)
+        out[f"infer_eager_ours_{name}_samples_per_s"] = samples_per_s(eager, batches, device, repeats)
         out[f"gpu_ms_eager_ours_{name}"] = gpu_ms(lambda: call(eager, batches[0]), device)
         out[f"eager_ours_vs_stock_max_abs_diff_{name}"] = (call(eager, batches[0]) - want).abs().max().item()
     bytes_read = lookup_bytes(eager, batches[0]) if options.profile else 0
@@ -126,7 +128,7 @@ def _time_variant(spec: VariantSpec, model: nn.Module, record: ModelRecord, cali
         out[f"artifact_kernels_{key}"] = {"lookup": meta["lookup"], "cross": meta["cross"]}
         out[f"artifact_vs_eager_max_abs_diff_{key}"] = (call(artifact, batches[0]) - want).abs().max().item()
         out[f"infer_{key}_samples_per_s"] = peak.measure(
-            f"infer_{key}", device, lambda: samples_per_s(artifact, batches, device))
+            f"infer_{key}", device, lambda: samples_per_s(artifact, batches, device, repeats))
         if cuda:
             times = kernel_times(lambda: call(artifact, batches[0]), device)
             out[f"gpu_ms_{key}"] = sum(times.values()) / 1e3
@@ -167,7 +169,8 @@ def bench_inference(model: nn.Module, record: ModelRecord, calibration: Calibrat
     out: dict[str, Any] = {"infer_batch": shape.infer_batch}
     names = ["original"] + [n for n in VARIANTS if n in options.variants and n != "original"]
     for name in names:
-        _time_variant(VARIANTS[name], model, record, calibration, batches, device, workdir, options, peak, out)
+        _time_variant(VARIANTS[name], model, record, calibration, batches, device, workdir, options, peak, out,
+                      shape.repeats)
         out[f"infer_{name}_vs_stock_torchrec"] = (out[f"infer_{name}_samples_per_s"]
                                                   / out["infer_torchscript_original_samples_per_s"])
         if name != "original":

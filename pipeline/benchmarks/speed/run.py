@@ -97,17 +97,16 @@ def plain_torchrec_loop(model: nn.Module, batches: list[Batch], steps: int) -> N
         optimizer.zero_grad()
 
 
-def bench_train(model: nn.Module, batches: list[Batch], shape: SpeedShape, device: torch.device,
-                repeats: int = 3) -> dict[str, float]:
+def bench_train(model: nn.Module, batches: list[Batch], shape: SpeedShape, device: torch.device) -> dict[str, float]:
     """Our ``train_`` vs :func:`plain_torchrec_loop`, ``shape.steps`` steps each, interleaved
-    ``repeats`` times, the fastest of each kept (other load on the machine affects both
+    ``shape.repeats`` times, the fastest of each kept (other load on the machine affects both
     alike)."""
     rows = shape.steps * shape.train_batch
     cycle = [batches[i % len(batches)] for i in range(shape.steps)]
     plain_torchrec_loop(model, batches, 2)  # warm-up
     base, ours = fastest_interleaved(
         [lambda: plain_torchrec_loop(model, batches, shape.steps),
-         lambda: train_(model, cycle, TrainConfig(log_every=10**9), progress=False)], device, repeats=repeats)
+         lambda: train_(model, cycle, TrainConfig(log_every=10**9), progress=False)], device, repeats=shape.repeats)
     return {"train_samples_per_s": rows / ours, "torchrec_train_samples_per_s": rows / base,
             "train_vs_torchrec": base / ours}
 
@@ -210,7 +209,7 @@ def _sharded_stages(shape: SpeedShape, env: DistEnv, record: ModelRecord, train_
         stats_batches = [train_batches[i % len(train_batches)] for i in range(shape.stats_batches)]
         for prec in STATS_PRECISIONS:
             timing = peak.measure("stats", device, lambda: time_stats_vs_forward_batches(
-                dmp, blocks, stats_batches, env, repeats=3, precision=prec))
+                dmp, blocks, stats_batches, env, repeats=shape.repeats, precision=prec))
             result.update({f"stats_vs_forward_{prec}": timing.ratio,
                            "forward_samples_per_s": timing.forward_samples_per_s,
                            f"stats_samples_per_s_{prec}": timing.stats_samples_per_s})
