@@ -84,7 +84,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def _one_rank_unless_launched() -> Iterator[None]:
+def one_rank_unless_launched() -> Iterator[None]:
     """DistributedModelParallel needs a process group: the variables of a job of one rank
     of our own where no launcher set them, on a port free now (two runs side by side must
     not meet), removed again afterwards (a caller in the same process must not take itself
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         import dataclasses
 
         shape = dataclasses.replace(shape, **changes)
-    with _one_rank_unless_launched(), job(args) as (env, _):
+    with one_rank_unless_launched(), job(args) as (env, _):
         if args.profile_dir:
             args.profile_dir.mkdir(parents=True, exist_ok=True)
 

@@ -173,7 +173,7 @@ def energy_rank(spectrum: Spectrum, energy: float) -> int:
     return next((i + 1 for i, c in enumerate(cum) if c >= energy - 1e-12), len(cum))
 
 
-def _uniform_rank(block: Block, ratio: float) -> int:
+def uniform_rank(block: Block, ratio: float) -> int:
     """The rank whose factors come closest to ``ratio`` times fewer parameters (at least 1).
 
     ``Block.compressed_params(k)`` is ``compressed_params(0)`` (``b2``, none where the
@@ -274,7 +274,7 @@ def _uniform(blocks: list[Block], config: RankConfig, cost: _Cost, budget: int,
         for b in blocks:
             if b.name in pinned:
                 continue
-            k = _round(b, _uniform_rank(b, r), config)
+            k = _round(b, uniform_rank(b, r), config)
             if 0 < k <= caps[b.name]:
                 out[b.name] = k
         return out

@@ -140,7 +140,7 @@ def test_statistics_through_a_sharded_model_equal_float64_products_on_the_cpu(tm
     sharded table-, row- or column-wise, weights loaded from a one-process checkpoint) is
     read in place as an unsharded one's is: the CUDA statistics (bfloat16, the default
     there) against float64 products of the unsharded model on the CPU."""
-    from afmrec.launch.bench_speed import _one_rank_unless_launched
+    from afmrec.launch.bench_speed import one_rank_unless_launched
     from afmrec.pipeline.stats import collect_statistics
     from afmrec.sharding.checkpoint import load_state_, save_state
     from afmrec.sharding.dmp import shard_model, unwrap
@@ -154,7 +154,7 @@ def test_statistics_through_a_sharded_model_equal_float64_products_on_the_cpu(tm
     want = collect_statistics(model, blocks, [random_batch(64, 3, seed=s) for s in range(5)],
                               precision="float64")
     save_state(model, tmp_path / "ckpt")
-    with _one_rank_unless_launched():
+    with one_rank_unless_launched():
         env = init_distributed("cuda")
         try:
             dmp = shard_model(build_model(config, env.device, sparse_device="meta"), env,

@@ -20,7 +20,7 @@ from afmrec.pipeline.blocks import Block, find_blocks
 from afmrec.pipeline.compress import CompressConfig, compress_
 from afmrec.pipeline.evaluate import count_parameters
 from afmrec.pipeline.model_io import ModelRecord
-from afmrec.pipeline.ranks import RankConfig, _uniform_rank, select_ranks
+from afmrec.pipeline.ranks import RankConfig, uniform_rank, select_ranks
 from afmrec.pipeline.stages import plan_ranks
 from afmrec.pipeline.stats import collect_statistics
 
@@ -56,7 +56,7 @@ def test_uniform_rank_is_the_closest_rank_of_compressed_params(arch, ratio, fuse
     budget and the compressed model use) are at least as close to ``params / ratio`` as
     those of the next rank up or down; it is at least 1."""
     for b in find_blocks(build_model(tiny_config(arch)), fuse=fuse):
-        k = _uniform_rank(b, ratio)
+        k = uniform_rank(b, ratio)
         target = b.params / ratio
 
         def miss(rank: int) -> float:
@@ -77,8 +77,8 @@ def test_uniform_rank_of_a_fused_down_has_no_b2():
     assert (unfused.params, unfused.params_per_rank, unfused.compressed_params(0)) == (48, 20, 3)
     # 96 / 1.9 = 50.5 lies between 33 (rank 1) and 66 (rank 2), closer to 66; counting a
     # b2 of 3 (the old copy of the formula) gave rank 1.
-    assert [_uniform_rank(fused, r) for r in RATIOS] == [2, 2, 2, 1, 1, 1]
-    assert [_uniform_rank(unfused, r) for r in (1.1, 1.25, 1.5, 2.0)] == [2, 2, 1, 1]
+    assert [uniform_rank(fused, r) for r in RATIOS] == [2, 2, 2, 1, 1, 1]
+    assert [uniform_rank(unfused, r) for r in (1.1, 1.25, 1.5, 2.0)] == [2, 2, 1, 1]
 
 
 # --- fusion on or off: the plan counts the built model ------------------------------------
