@@ -16,8 +16,8 @@ clock() { local name=$1; shift; local t0=$(date +%s%N); "$@"; echo "TIME $name $
 
 # MLPerf DLRMv2 cardinalities capped at $CAP, its bag sizes as the largest bags.
 ROWS_PER_TABLE=$(python3 -c "
-from afmrec.pipeline.speed import CRITEO_1TB_ROWS as R; print(','.join(str(min(r, $CAP)) for r in R))")
-BAGS=$(python3 -c "from afmrec.pipeline.speed import MLPERF_BAG_SIZES as B; print(','.join(map(str, B)))")
+from afmrec.pipeline.benchmarks.speed.shape import CRITEO_1TB_ROWS as R; print(','.join(str(min(r, $CAP)) for r in R))")
+BAGS=$(python3 -c "from afmrec.pipeline.benchmarks.speed.shape import MLPERF_BAG_SIZES as B; print(','.join(map(str, B)))")
 # big tables row-wise, two mid-size ones column-wise (2 shards of 64), the rest table-wise
 SHARD=("*=table_wise" "C1=row_wise" "C10=row_wise" "C20=row_wise" "C21=row_wise" "C22=row_wise"
        "C11=column_wise" "C12=column_wise")

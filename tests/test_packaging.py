@@ -253,3 +253,31 @@ def test_afmrec_imports_from_the_editable_install():
     assert lines[:3] == [str(ROOT / "api" / "__init__.py"), str(ROOT / "pipeline" / "__init__.py"),
                          str(ROOT / "launch" / "cli.py")]
     assert lines[3] == "afmrec.core afmrec.serving loss"
+
+
+def test_the_bench_scripts_import_only_what_exists():
+    """Every `from afmrec... import name` of bench/ (the sweeps' Python, and the Python
+    that bench/multigpu.sh runs inline) names a module and attribute that exist: a move
+    inside the package must take these scripts along."""
+    import importlib
+
+    statements: list[tuple[str, str, str]] = []
+    for path in sorted((ROOT / "bench").iterdir()):
+        if path.suffix == ".py":
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("afmrec"):
+                    statements += [(path.name, node.module, alias.name) for alias in node.names]
+        elif path.suffix == ".sh":
+            for module, names in re.findall(r"from (afmrec[\w.]*) import ([\w, ]+)", path.read_text()):
+                statements += [(path.name, module, name.split(" as ")[0].strip())
+                               for name in names.split(",") if name.strip()]
+    assert {s for s in statements if s[0] == "multigpu.sh"}, "the pattern no longer finds multigpu.sh's imports"
+    missing = []
+    for script, module, name in statements:
+        try:
+            found = hasattr(importlib.import_module(module), name)
+        except ImportError:
+            found = False
+        if not found:
+            missing.append(f"{script}: from {module} import {name}")
+    assert missing == []
