@@ -59,7 +59,7 @@ class AFMConfig:
     policy: str | None = None
     table_format: str = "auto"
     serve_device: str = "cuda"
-    probe_fraction: float = 0.1
+    probe_fraction: float = SensitivityConfig.fraction
     probe_rows: int | None = SensitivityConfig.rows
     precision: str = "auto"
     target: tuple[str, ...] = ("*",)

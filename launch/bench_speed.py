@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 from typing import Iterator
 from pathlib import Path
 
@@ -76,13 +75,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no info logs")
 
 
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now (the system's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def one_rank_unless_launched() -> Iterator[None]:
     """DistributedModelParallel needs a process group: the variables of a job of one rank
@@ -93,6 +85,8 @@ def one_rank_unless_launched() -> Iterator[None]:
                                            ("MASTER_ADDR", "127.0.0.1"))
              if key not in os.environ}
     if "MASTER_PORT" not in os.environ:
+        from afmrec.sharding.env import free_port
+
         added["MASTER_PORT"] = str(free_port())
     os.environ.update(added)
     try:

@@ -59,11 +59,14 @@ class SensitivityConfig:
             truncation showed no loss increase on the calibration rows is still not free.
         rows: at most this many calibration rows (``None``: all); the probes cost one
             forward pass over them each, about four a block.
+        fraction: where no probe data is given, the probes run on the last this
+            fraction of the calibration data (``afmrec stats`` and ``afmrec.compress_``).
     """
 
     energies: tuple[float, ...] = (0.7, 0.9, 0.97, 0.99)
     floor: float = 0.05
     rows: int | None = 16_384
+    fraction: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.energies or not all(0 < e < 1 for e in self.energies):
@@ -72,6 +75,8 @@ class SensitivityConfig:
             raise InputError(f"sensitivity floor must be >= 0, got {self.floor}")
         if self.rows is not None and self.rows < 1:
             raise InputError(f"probe rows must be >= 1, got {self.rows}")
+        if not 0 < self.fraction <= 1:
+            raise InputError(f"probe fraction must be in (0, 1], got {self.fraction}")
 
 
 @dataclass(frozen=True)

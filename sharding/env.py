@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -332,3 +333,11 @@ def min_over_ranks(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now (the system's choice): a
+    MASTER_PORT for a job started here, which must not meet another run's."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -29,18 +28,13 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
+from afmrec.sharding.env import free_port
+
 WorkerFn = Callable[..., Any]
 # How long workers may take to exit once all wrote their results (or, after a failure,
 # once one wrote an error: its peers may be stuck in a collective it never joined).
 TEARDOWN_GRACE_S = 10.0
 FAILURE_GRACE_S = 2.0
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on localhost."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _result_path(out_dir: Path, rank: int) -> Path:

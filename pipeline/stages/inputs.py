@@ -25,6 +25,7 @@ from ..artifacts import file_fingerprint, fingerprint
 from ..data import DataSchema, ParquetBatches, read_schema
 from ..errors import InputError
 from ..model_io import ModelRecord, load_record
+from ..sensitivity import SensitivityConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,9 @@ class DataRef:
             raise InputError(f"{spec}: expected DIR or DIR@START:STOP (fractions)") from None
 
     def probe_slice(self) -> "DataRef":
-        """The default rows of the loss probes: this range's last tenth."""
-        return self.split(0.1)[1]
+        """The default rows of the loss probes: this range's last tenth
+        (:attr:`~afmrec.pipeline.sensitivity.SensitivityConfig.fraction`)."""
+        return self.split(SensitivityConfig.fraction)[1]
 
     def split(self, fraction: float) -> tuple["DataRef", "DataRef"]:
         """(first ``1 - fraction``, last ``fraction``) of this range."""
