@@ -67,6 +67,45 @@ def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model(batch.dense_features, batch.sparse_features).view(-1)
 
 
+def prefetched(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
+    """``batches`` on ``device``, each copied while the one before it computes.
+
+    On CUDA a batch that lies in host memory is copied on a side stream one batch ahead
+    (from pinned memory the copy overlaps the step; TorchRec's ``TrainPipelineSparseDist``
+    copies its batches the same way), and the compute stream waits for the copy before
+    it uses the batch (``record_stream`` tells the allocator which stream uses it). Elsewhere, and for batches already on the device, the batches
+    pass through as they are (:func:`forward_logits` moves them).
+
+    Args:
+        batches: an iterable of batches, iterated once.
+        device: the model's device.
+    Yields:
+        The same batches, in order; on ``device`` where it is a CUDA device.
+    """
+    if device.type != "cuda":
+        yield from batches
+        return
+    copy_stream = torch.cuda.Stream(device)
+    compute_stream = torch.cuda.current_stream(device)
+
+    def start_copy(batch: Batch) -> Batch:
+        if batch.dense_features.device == device:
+            return batch
+        with torch.cuda.stream(copy_stream):
+            return batch.to(device, non_blocking=True)
+
+    ahead: Batch | None = None
+    for batch in batches:
+        incoming = start_copy(batch)
+        if ahead is not None:
+            yield ahead
+        compute_stream.wait_stream(copy_stream)
+        incoming.record_stream(compute_stream)
+        ahead = incoming
+    if ahead is not None:
+        yield ahead
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Puts ``model`` in eval mode and restores its previous mode on exit."""

@@ -32,7 +32,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from tqdm.auto import tqdm
 
 from .errors import InputError
-from .evaluate import EvalResult, evaluate, forward_logits, model_device
+from .evaluate import EvalResult, evaluate, forward_logits, model_device, prefetched
 from .fused import ADAGRAD_EPS, fused_optimizers, fused_parameter_ids, fused_tables
 from .train_result import TrainRecord, TrainResult
 
@@ -384,7 +384,8 @@ def _run(
     optimizer = make_optimizer(model, config)
     result = TrainResult()
     best = _BestState(config.patience)
-    window = _LossWindow(model_device(model))
+    device = model_device(model)
+    window = _LossWindow(device)
 
     def add_record(epoch: int) -> None:
         record = _make_record(model, epoch, result.steps, window, val_batches)
@@ -400,7 +401,7 @@ def _run(
         if hasattr(train_batches, "set_epoch"):
             train_batches.set_epoch(epoch)
         epoch_start = result.steps
-        for batch in train_batches:
+        for batch in prefetched(train_batches, device):
             window.add(_train_step(model, batch, optimizer, loss_fn), batch.labels.numel())
             result.steps += 1
             bar.update()

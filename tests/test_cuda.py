@@ -309,3 +309,24 @@ def test_aoti_artifact_serves_the_fused_cross_network(tmp_path, tables):
             print((m(d["dense"], d["values"], d["lengths"]) - d["want"]).abs().max().item())
     """, tmp_path)
     assert float(lines[-1]) == 0.0
+
+
+def test_training_from_pinned_host_batches_equals_training_from_device_batches():
+    """``train_`` copies host batches to the GPU one step ahead on a side stream
+    (``prefetched``): the trained weights are those of the same steps over batches
+    already on the device."""
+    from afmrec.pipeline.evaluate import prefetched
+    from afmrec.pipeline.train import TrainConfig, train_
+
+    config = tiny_config("dcn", embedding_dim=8)
+    host = [random_batch(256, 3, seed=s).pin_memory() for s in range(6)]
+    device = torch.device("cuda")
+    assert all(b.dense_features.device == device for b in prefetched(host, device))
+    states = []
+    for batches in (host, [b.to(device) for b in host]):
+        torch.manual_seed(0)
+        model = build_model(config, device)
+        train_(model, batches, TrainConfig(epochs=2), progress=False)
+        states.append(model.state_dict())
+    for name, value in states[0].items():
+        torch.testing.assert_close(value, states[1][name], rtol=1e-5, atol=1e-6, msg=name)

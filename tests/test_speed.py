@@ -133,3 +133,49 @@ def test_lookup_bytes_count_each_ids_row_and_the_ids_and_offsets(tables, row_byt
     assert out["device_ms"] == 4.0 and out["share_by_class"]["lookup"] == 0.5
     assert out["lookup_achieved_tb_s"] == pytest.approx(3.35) and out["lookup_floor_ms"] == pytest.approx(2.0)
     assert out["batch_speedup_if_lookups_at_peak"] == pytest.approx(1.0)
+
+
+def test_the_training_baseline_is_torchrecs_pipeline_doing_our_trainers_steps():
+    """The training stage's baseline, TorchRec's ``TrainPipelineSparseDist`` over the
+    model wrapped in ``LossModel``, does exactly the work of our ``train_`` (one gloo rank,
+    tables sharded by TorchRec's planner): from the same initialisation, the same five
+    batches give bitwise the same weights, so the stage's ratio compares speed alone."""
+    from afmrec.launch.bench_speed import one_rank_unless_launched
+    from afmrec.models import build_model
+    from afmrec.pipeline.benchmarks.speed.training import run_pipeline, torchrec_pipeline
+    from afmrec.pipeline.train import TrainConfig, train_
+    from afmrec.sharding.dmp import shard_model
+    from afmrec.sharding.env import destroy_distributed, init_distributed
+    from afmrec.sharding.plan import planner_plan
+
+    from .conftest import random_batch, tiny_config
+
+    def local(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Each entry's local tensor (a copy), its name without ``prefix``."""
+        out = {}
+        for name, value in state.items():
+            if hasattr(value, "local_shards"):
+                value = value.local_shards()[0].tensor
+            out[name.removeprefix(prefix)] = value.detach().clone()
+        return out
+
+    config = tiny_config("dcn", embedding_dim=8)
+    batches = [random_batch(64, 3, seed=s) for s in range(5)]
+    with one_rank_unless_launched():
+        env = init_distributed("cpu")
+        try:
+            torch.manual_seed(0)
+            theirs_model, pipeline = torchrec_pipeline(ModelRecord(config), env, batch_size=64)
+            torch.manual_seed(0)
+            model = build_model(config, env.device, sparse_device="meta")
+            dmp = shard_model(model, env, plan=planner_plan(model, env, batch_size=64))
+            start = local(dmp.state_dict())
+            assert local(theirs_model.state_dict(), "model.").keys() == start.keys()
+            assert run_pipeline(pipeline, batches) == 5
+            train_(dmp, batches, TrainConfig(), progress=False)
+            theirs, ours = local(theirs_model.state_dict(), "model."), local(dmp.state_dict())
+        finally:
+            destroy_distributed()
+    for name, value in ours.items():
+        assert torch.equal(value, theirs[name]), name
+    assert all(not torch.equal(ours[n], start[n]) for n in ours if "weight" in n), "every weight trained"

@@ -4,8 +4,8 @@ The workload is a DLRM-DCNv2 in the MLPerf DLRMv2 shape (:mod:`.shape`: 26 table
 of MLPerf's sizes, power-law ids); :meth:`SpeedShape.small` is the same structure scaled
 down for CPU and CI. Every ratio is measured in the same process on the same device:
 
-1. ``train_vs_torchrec``: our ``train_`` vs a plain TorchRec DMP loop (same model,
-   optimizers and batches);
+1. ``train_vs_torchrec``: our ``train_`` vs TorchRec's ``TrainPipelineSparseDist`` on the
+   same model shape, optimizers and host batches (:mod:`.training`);
 2. ``stats_vs_forward``: the statistics pass (``afmrec stats``' default precision,
    ``stats_precision``; :attr:`SpeedShape.stats_batches` batches) vs a forward-only pass
    over the same batches, and ``stats_vs_forward_{float32,bfloat16}``;
@@ -57,9 +57,10 @@ from .infer import InferenceOptions, bench_cpu_latency, bench_inference, empty_c
 from .profile import profile_to
 from .record import precision, run_metadata
 from .shape import SEEDS, SpeedShape, make_batches
+from .training import bench_train
 from .variants import POLICY, VARIANTS, Calibration, calibrate, inference_model, plan_variant
 from ...stats import StatsCollector, resolve_precision
-from ...train import TrainConfig, make_optimizer, train_
+from ...train import TrainConfig, train_
 
 __all__ = ["STAGES", "SpeedShape", "make_batches", "run_speed", "InferenceOptions", "VARIANTS"]
 
@@ -81,34 +82,6 @@ class Peak:
         if (gib := peak_memory_gib(device)) is not None:
             self.gib[name] = gib
         return out
-
-
-def plain_torchrec_loop(model: nn.Module, batches: list[Batch], steps: int) -> None:
-    """The loop a TorchRec user writes: forward, BCE, backward, step (dense Adam; the fused
-    tables update inside backward)."""
-    optimizer = make_optimizer(model, TrainConfig())
-    loss_fn = nn.BCEWithLogitsLoss()
-    model.train()
-    for i in range(steps):
-        b = batches[i % len(batches)]
-        loss = loss_fn(model(b.dense_features, b.sparse_features).squeeze(1), b.labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-
-def bench_train(model: nn.Module, batches: list[Batch], shape: SpeedShape, device: torch.device) -> dict[str, float]:
-    """Our ``train_`` vs :func:`plain_torchrec_loop`, ``shape.steps`` steps each, interleaved
-    ``shape.repeats`` times, the fastest of each kept (other load on the machine affects both
-    alike)."""
-    rows = shape.steps * shape.train_batch
-    cycle = [batches[i % len(batches)] for i in range(shape.steps)]
-    plain_torchrec_loop(model, batches, 2)  # warm-up
-    base, ours = fastest_interleaved(
-        [lambda: plain_torchrec_loop(model, batches, shape.steps),
-         lambda: train_(model, cycle, TrainConfig(log_every=10**9), progress=False)], device, repeats=shape.repeats)
-    return {"train_samples_per_s": rows / ours, "torchrec_train_samples_per_s": rows / base,
-            "train_vs_torchrec": base / ours}
 
 
 def bench_compress(model: nn.Module, record: ModelRecord, calibration: Calibration, workdir: Path,
@@ -197,12 +170,13 @@ def _sharded_stages(shape: SpeedShape, env: DistEnv, record: ModelRecord, train_
     unsharded = build_model(record.model, device, sparse_device="meta")
     dmp = shard_model(unsharded, env, plan=planner_plan(unsharded, env, batch_size=shape.train_batch))
     if "train" in stages:
-        result.update(peak.measure("train", device, lambda: bench_train(dmp, train_batches, shape, device)))
+        result.update(peak.measure("train", device, lambda: bench_train(dmp, record, train_batches, shape, env)))
+        empty_cache(device)  # the baseline's model is gone
         on_stage(result)
         if profile_dir is not None:
             profile_to(profile_dir / "profile_train_step.txt",
-                       lambda: plain_torchrec_loop(dmp, train_batches, 1), device,
-                       f"one training step, batch {shape.train_batch}")
+                       lambda: train_(dmp, train_batches[:1], TrainConfig(log_every=10**9), progress=False), device,
+                       f"one training step of train_, batch {shape.train_batch}")
     if "stats" in stages:
         # the statistics pass as SpeedShape.stats_batches defines it (the batches' content
         # does not change its cost: the training batches in turn)
