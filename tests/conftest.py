@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torchrec.datasets.utils import Batch
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from afmrec.models import ModelConfig, TableSpec, build_model
@@ -94,3 +96,18 @@ def reliability_run(tmp_path_factory):
     from .reliability_run import build_run
 
     return build_run(tmp_path_factory.mktemp("reliability"))
+
+
+def served_bytes(model: nn.Module, fmt: str, device: str) -> int:
+    """Bytes of ``model`` as served: every table row in ``fmt`` (int8: a 4-byte scale and
+    bias per row), padded to 16 bytes on CUDA; everything else fp32."""
+    element, extra = {"fp32": (4, 0), "fp16": (2, 0), "int8": (1, 4)}[fmt]
+    align = 16 if device == "cuda" else 1
+    total, table_params = 0, 0
+    for m in model.modules():
+        if isinstance(m, EmbeddingBagCollection):
+            for bag in m.embedding_bags.values():
+                rows, width = bag.weight.shape
+                total += rows * (-(-(width * element + extra) // align) * align)
+                table_params += bag.weight.numel()
+    return total + 4 * (sum(p.numel() for p in model.parameters()) - table_params)

@@ -22,6 +22,8 @@ from afmrec.pipeline.blocks import find_blocks
 from afmrec.pipeline.errors import InputError
 from afmrec.pipeline.ranks import TOLERANCE
 
+from .conftest import served_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 NUM_DENSE = 4
 
@@ -60,21 +62,6 @@ def make_batches(tables: list[EmbeddingBagConfig], n: int, rows: int = 256, seed
 def logits(model: nn.Module, batches: list[Batch]) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(b.dense_features, b.sparse_features).view(-1) for b in batches])
-
-
-def served_bytes(model: nn.Module, fmt: str, device: str) -> int:
-    """Bytes of ``model`` as served: every table row in ``fmt`` (int8: a 4-byte scale and
-    bias per row), padded to 16 bytes on CUDA; everything else fp32."""
-    element, extra = {"fp32": (4, 0), "fp16": (2, 0), "int8": (1, 4)}[fmt]
-    align = 16 if device == "cuda" else 1
-    total, table_params = 0, 0
-    for m in model.modules():
-        if isinstance(m, EmbeddingBagCollection):
-            for bag in m.embedding_bags.values():
-                rows, width = bag.weight.shape
-                total += rows * (-(-(width * element + extra) // align) * align)
-                table_params += bag.weight.numel()
-    return total + 4 * (sum(p.numel() for p in model.parameters()) - table_params)
 
 
 def test_user_module_compresses_to_the_ratio_with_the_loss_policy():

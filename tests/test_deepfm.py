@@ -68,6 +68,8 @@ from afmrec.pipeline.evaluate import evaluate
 from afmrec.pipeline.ranks import TOLERANCE
 from afmrec.pipeline.train import seeded, train_
 
+from .conftest import served_bytes
+
 pytestmark = pytest.mark.slow
 
 SEED = 0
@@ -109,21 +111,6 @@ def table_share(model: nn.Module) -> float:
     tables = sum(p.numel() for m in model.modules() if isinstance(m, EmbeddingBagCollection)
                  for p in m.parameters())
     return tables / sum(p.numel() for p in model.parameters())
-
-
-def served_bytes(model: nn.Module, table_format: str, serve_device: str) -> int:
-    """Bytes of ``model`` as served: table rows in ``table_format`` (int8: a 4-byte scale
-    and bias a row), padded to 16 bytes on CUDA; every other parameter fp32."""
-    element, extra = {"fp32": (4, 0), "fp16": (2, 0), "int8": (1, 4)}[table_format]
-    align = 16 if serve_device == "cuda" else 1
-    total, table_params = 0, 0
-    for m in model.modules():
-        if isinstance(m, EmbeddingBagCollection):
-            for bag in m.embedding_bags.values():
-                rows, width = bag.weight.shape
-                total += rows * (-(-(width * element + extra) // align) * align)
-                table_params += bag.weight.numel()
-    return total + 4 * (sum(p.numel() for p in model.parameters()) - table_params)
 
 
 def train_and_compress(splits: Splits, protocol: Protocol, arch: str,
