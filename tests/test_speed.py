@@ -179,3 +179,23 @@ def test_the_training_baseline_is_torchrecs_pipeline_doing_our_trainers_steps():
     for name, value in ours.items():
         assert torch.equal(value, theirs[name]), name
     assert all(not torch.equal(ours[n], start[n]) for n in ours if "weight" in n), "every weight trained"
+
+
+def test_gpu_check_script_runs_the_cuda_tests_then_the_benchmark(tmp_path):
+    """``bench/gpu_check.sh``, the one command of a GPU session, on the CPU: it runs
+    tests/test_cuda.py (all skipped here), then ``bench speed`` with the options given,
+    and leaves the log of each and the record in ``$OUT``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(root / "bench/gpu_check.sh"), "--small", "--device", "cpu",
+                           "--stages", "train", "--steps", "2", "--table-cap", "2000", "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "skipped" in (tmp_path / "test_cuda.log").read_text()
+    record = json.loads((tmp_path / "speed.json").read_text())
+    assert record["stages"] == ["train"] and record["train_vs_torchrec"] > 0
+    assert (tmp_path / "profile_train_step.txt").stat().st_size > 0
