@@ -73,8 +73,9 @@ def prefetched(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch
     On CUDA a batch that lies in host memory is copied on a side stream one batch ahead
     (from pinned memory the copy overlaps the step; TorchRec's ``TrainPipelineSparseDist``
     copies its batches the same way), and the compute stream waits for the copy before
-    it uses the batch (``record_stream`` tells the allocator which stream uses it). Elsewhere, and for batches already on the device, the batches
-    pass through as they are (:func:`forward_logits` moves them).
+    it uses the batch (``record_stream`` tells the allocator which stream uses it).
+    Elsewhere, and for batches already on the device, the batches pass through as they
+    are (:func:`forward_logits` moves them).
 
     Args:
         batches: an iterable of batches, iterated once.
@@ -85,6 +86,8 @@ def prefetched(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch
     if device.type != "cuda":
         yield from batches
         return
+    if device.index is None:  # tensors name their device with its index
+        device = torch.device("cuda", torch.cuda.current_device())
     copy_stream = torch.cuda.Stream(device)
     compute_stream = torch.cuda.current_stream(device)
 

@@ -321,7 +321,8 @@ def test_training_from_pinned_host_batches_equals_training_from_device_batches()
     config = tiny_config("dcn", embedding_dim=8)
     host = [random_batch(256, 3, seed=s).pin_memory() for s in range(6)]
     device = torch.device("cuda")
-    assert all(b.dense_features.device == device for b in prefetched(host, device))
+    assert all(b.dense_features.is_cuda and b.sparse_features.values().is_cuda
+               for b in prefetched(host, device))
     states = []
     for batches in (host, [b.to(device) for b in host]):
         torch.manual_seed(0)
