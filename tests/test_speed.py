@@ -165,7 +165,7 @@ def test_the_training_baseline_is_torchrecs_pipeline_doing_our_trainers_steps():
         env = init_distributed("cpu")
         try:
             torch.manual_seed(0)
-            theirs_model, pipeline = torchrec_pipeline(ModelRecord(config), env, batch_size=64)
+            theirs_model, pipeline = torchrec_pipeline(ModelRecord(config), env, 64, TrainConfig())
             torch.manual_seed(0)
             model = build_model(config, env.device, sparse_device="meta")
             dmp = shard_model(model, env, plan=planner_plan(model, env, batch_size=64))

@@ -137,7 +137,7 @@ if triton is not None:
                              F: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                              R: tl.constexpr, HAS_PREV: tl.constexpr, BLOCK_B: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                             TILES: tl.constexpr, NUM_STAGES: tl.constexpr, X0_GIVEN: tl.constexpr = False):
+                             TILES: tl.constexpr, NUM_STAGES: tl.constexpr, X0_GIVEN: tl.constexpr):
         N: tl.constexpr = (F + 1) * D
         RESIDENT: tl.constexpr = BLOCK_R >= R  # w fits one chunk: loaded once, kept in registers
         rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -188,6 +188,7 @@ if triton is not None:
             prev.stride(0) if prev is not None else 0, out.stride(0),
             F=fields, D=dim, K=k, KP=kp, R=r, HAS_PREV=prev is not None, BLOCK_B=BLOCK_B, BLOCK_N=block_n,
             BLOCK_K=padded(k), BLOCK_R=min(padded(r), MAX_RESIDENT_R), TILES=tiles, NUM_STAGES=NUM_STAGES,
+            X0_GIVEN=False,  # every argument named: torch.export's Triton wrapper does not fill defaults
             num_warps=NUM_WARPS)
         return out
 
