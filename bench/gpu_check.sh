@@ -6,8 +6,8 @@
 # usage: OUT=/tmp/gpu bash bench/gpu_check.sh [bench speed options...]
 #   default options: the published run (--device cuda, 4 variants, AOTInductor, profiles)
 # needs: torch (CUDA), torchrec, fbgemm-gpu and pytest importable by python3. afmrec is
-# used from this checkout when it is not installed. Where the tree has no .git, set
-# AFMREC_GIT_COMMIT to the commit it holds: the record stores it.
+# used from this checkout when it is not installed. On a copy of the tree, set
+# AFMREC_GIT_COMMIT to the commit it holds: the record stores it in place of git's.
 # writes: $OUT/test_cuda.log, $OUT/speed.json (rewritten after each stage), $OUT/speed.log,
 # $OUT/profile_*.txt. Exit status: the tests', else the benchmark's.
 set -uo pipefail

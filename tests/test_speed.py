@@ -199,3 +199,17 @@ def test_gpu_check_script_runs_the_cuda_tests_then_the_benchmark(tmp_path):
     record = json.loads((tmp_path / "speed.json").read_text())
     assert record["stages"] == ["train"] and record["train_vs_torchrec"] > 0
     assert (tmp_path / "profile_train_step.txt").stat().st_size > 0
+
+
+def test_a_stated_commit_is_recorded_in_place_of_what_git_reads(monkeypatch):
+    """A copy of the tree made for a remote machine may carry a stale ``.git``: the commit
+    that ``AFMREC_GIT_COMMIT`` states wins, marked as stated ("+dirty" says dirty)."""
+    from afmrec.pipeline.benchmarks.speed.record import COMMIT_VARIABLE, run_metadata
+
+    read = run_metadata(torch.device("cpu"))
+    assert read["git_commit_source"] == "git" and len(read["git_commit"]) == 40
+    monkeypatch.setenv(COMMIT_VARIABLE, "0" * 40)
+    stated = run_metadata(torch.device("cpu"))
+    assert (stated["git_commit"], stated["git_dirty"], stated["git_commit_source"]) == ("0" * 40, None, "$AFMREC_GIT_COMMIT")
+    monkeypatch.setenv(COMMIT_VARIABLE, "1" * 40 + "+dirty")
+    assert (run_metadata(torch.device("cpu"))["git_commit"], run_metadata(torch.device("cpu"))["git_dirty"]) == ("1" * 40, True)

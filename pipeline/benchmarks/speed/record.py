@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 COMMIT_VARIABLE = "AFMREC_GIT_COMMIT"
-"""Where git cannot tell (a copy of the tree without its ``.git``), the commit this
-environment variable names is recorded, marked as stated rather than read."""
+"""The commit this environment variable names is recorded, marked as stated rather than
+read, in place of what git reads: for a copy of the tree without its ``.git``, or with a
+``.git`` that does not describe it (a copy made for a remote machine)."""
 
 
 def _nvidia_driver() -> str | None:
@@ -49,7 +50,7 @@ def run_metadata(device: torch.device) -> dict[str, Any]:
     run = run_record()
     commit = run.get("git_commit")
     source = "git"
-    if commit is None and os.environ.get(COMMIT_VARIABLE):
+    if os.environ.get(COMMIT_VARIABLE):
         commit, source = os.environ[COMMIT_VARIABLE], f"${COMMIT_VARIABLE}"
     elif commit is None:
         source = None
