@@ -57,10 +57,10 @@ from .infer import InferenceOptions, bench_cpu_latency, bench_inference, empty_c
 from .profile import profile_to
 from .record import precision, run_metadata
 from .shape import SEEDS, SpeedShape, make_batches
-from .training import bench_train
+from .training import TRAIN_CONFIG, bench_train
 from .variants import POLICY, VARIANTS, Calibration, calibrate, inference_model, plan_variant
 from ...stats import StatsCollector, resolve_precision
-from ...train import TrainConfig, train_
+from ...train import train_
 
 __all__ = ["STAGES", "SpeedShape", "make_batches", "run_speed", "InferenceOptions", "VARIANTS"]
 
@@ -175,7 +175,7 @@ def _sharded_stages(shape: SpeedShape, env: DistEnv, record: ModelRecord, train_
         on_stage(result)
         if profile_dir is not None:
             profile_to(profile_dir / "profile_train_step.txt",
-                       lambda: train_(dmp, train_batches[:1], TrainConfig(log_every=10**9), progress=False), device,
+                       lambda: train_(dmp, train_batches[:1], TRAIN_CONFIG, progress=False), device,
                        f"one training step of train_, batch {shape.train_batch}")
     if "stats" in stages:
         # the statistics pass as SpeedShape.stats_batches defines it (the batches' content
