@@ -55,6 +55,20 @@ def nonempty_mask(features: KeyedJaggedTensor, keys: List[str]) -> torch.Tensor:
 torch.fx.wrap("nonempty_mask")
 
 
+def _plain_runs(plain: list[bool], columns: list[int]) -> list[tuple[int, int, int]]:
+    """The runs of consecutive features that are not projected, as (first feature, count,
+    code column of the first)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, p in enumerate(plain):
+        if not p:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, runs[-1][2])
+        else:
+            runs.append((i, 1, columns[i]))
+    return runs
+
+
 class LowRankEmbeddingBagCollection(nn.Module):
     """An ``EmbeddingBagCollection`` of K-wide tables plus one projection per table.
 
@@ -113,6 +127,10 @@ class LowRankEmbeddingBagCollection(nn.Module):
             if table in ranks:
                 groups.setdefault((ranks[table], self._dims[i]), []).append(i)
         self._rank_groups = list(groups.values())
+        widths = [ranks.get(table, self._dims[i]) for i, (_, table) in enumerate(self._feature_tables)]
+        self._code_columns = [sum(widths[:i]) for i in range(len(widths))]  # of each feature's code
+        self._plain_runs = _plain_runs([table not in ranks for _, table in self._feature_tables],
+                                       self._code_columns)
         self._serving: tuple[int, int] | None = None  # (K, padding), see fuse_projections_
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
@@ -122,6 +140,18 @@ class LowRankEmbeddingBagCollection(nn.Module):
     @property
     def ranks(self) -> dict[str, int]:
         return {name: p.in_features for name, p in self.projections.items()}
+
+    def _group_projection(self, indices: list[int], codes: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """``U_f z_f + b2_f * nonempty_f`` for one group of equal-rank features, as one
+        batched GEMM instead of one per feature.
+
+        Args: indices: the group's features (positions in feature order); codes: their
+        (B, K) pooled codes; mask: (B, F). Returns: (G, B, D)."""
+        projs = [self.projections[self._feature_tables[i][1]] for i in indices]
+        z = torch.stack(codes)  # (G, B, K)
+        w = torch.stack([p.weight.T for p in projs])  # (G, K, D)
+        bias = torch.stack([p.bias for p in projs]).unsqueeze(1)  # (G, 1, D)
+        return torch.baddbmm(mask.T[indices].unsqueeze(2) * bias, z, w)
 
     def project(self, codes: KeyedTensor, mask: torch.Tensor) -> list[torch.Tensor]:
         """Maps each feature's K-wide pooled code to D: ``U z + b2 * nonempty``.
@@ -135,18 +165,30 @@ class LowRankEmbeddingBagCollection(nn.Module):
         by_feature = codes.to_dict()
         out: list[torch.Tensor | None] = [None] * len(self._feature_tables)
         for indices in self._rank_groups:
-            # One batched GEMM per group of equal-rank tables instead of one per feature.
-            projs = [self.projections[self._feature_tables[i][1]] for i in indices]
-            z = torch.stack([by_feature[self._feature_tables[i][0]] for i in indices])  # (G, B, K)
-            w = torch.stack([p.weight.T for p in projs])  # (G, K, D)
-            bias = torch.stack([p.bias for p in projs]).unsqueeze(1)  # (G, 1, D)
-            y = torch.baddbmm(mask.T[indices].unsqueeze(2) * bias, z, w)  # (G, B, D)
+            y = self._group_projection(indices, [by_feature[self._feature_tables[i][0]] for i in indices], mask)
             for j, i in enumerate(indices):
                 out[i] = y[j]
         for i, (feature, table) in enumerate(self._feature_tables):
             if table not in self.projections:
                 out[i] = by_feature[feature]
         return out  # type: ignore[return-value]
+
+    def _write_fields(self, codes: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> None:
+        """:meth:`project`'s fields written into ``out`` (B, F, D) where they are consumed,
+        for tables of any ranks: each run of consecutive full-width features is one copy
+        from the codes, each group of equal-rank features one batched GEMM (no per-feature
+        split of the codes, no concatenation of the F fields, no copy of it).
+
+        Args: codes: (B, C) the pooled codes in feature order (C the sum of their widths);
+        mask: (B, F)."""
+        dim = self._dims[0]
+        for first, count, column in self._plain_runs:
+            out.narrow(1, first, count).copy_(codes.narrow(1, column, count * dim).view(-1, count, dim))
+        for indices in self._rank_groups:
+            k = self.projections[self._feature_tables[indices[0]][1]].in_features
+            y = self._group_projection(indices, [codes.narrow(1, self._code_columns[i], k) for i in indices], mask)
+            for j, i in enumerate(indices):
+                out.select(1, i).copy_(y[j])
 
     def fuse_projections_(self, multiple: int = 8, max_padding: float = 0.01) -> bool:
         """Serving form of the projections: the pooled codes are read in place as (B, F, K),
@@ -230,11 +272,15 @@ class LowRankEmbeddingBagCollection(nn.Module):
         return self._serving[0]
 
     def project_into(self, features: KeyedJaggedTensor, out: torch.Tensor) -> None:
-        """Serving form (after :meth:`fuse_projections_`): writes the F projected fields
-        into ``out``, shape (B, F, D), which may be a view of a larger buffer (such as the
-        cross network's input): one batched GEMM writes them where they are consumed."""
+        """Writes the F fields into ``out``, shape (B, F, D), which may be a view of a
+        larger buffer (such as the cross network's input), where they are consumed: in
+        serving form (:meth:`fuse_projections_`) with one batched GEMM, otherwise (ranks
+        that differ, full-width tables) as :meth:`_write_fields` does. Every feature D wide."""
         codes, mask = self.forward_codes(features)
-        self._project_codes_into(codes, mask, out)
+        if self._serving is not None:
+            self._project_codes_into(codes, mask, out)
+        else:
+            self._write_fields(codes.values(), mask, out)
 
     def _project_codes_into(self, codes: KeyedTensor, mask: torch.Tensor, out: torch.Tensor) -> None:
         k, pad = self._serving  # the codes come in feature order (tested)

@@ -42,10 +42,12 @@ class DCNServing(nn.Module):
     TorchRec's ``DLRM_DCN`` concatenates the F pooled fields into (B, F, D), then puts the
     dense row in front: two copies of the model's widest activation, (B, (F + 1) D), per
     call. Here the dense arch's output and the fields are written into their slices of
-    one (B, F + 1, D) buffer: the fields of full-width tables are copied once, and the
-    low-rank tables in serving form
-    (:meth:`LowRankEmbeddingBagCollection.fuse_projections_`) write their projections
-    into it with their one batched GEMM, so an AFM model's fields are never copied.
+    one (B, F + 1, D) buffer: the fields of full-width tables are copied once, and an AFM
+    model's low-rank tables write their projections into it
+    (:meth:`LowRankEmbeddingBagCollection.project_into`: in serving form,
+    :meth:`~LowRankEmbeddingBagCollection.fuse_projections_`, one batched GEMM; with ranks
+    that differ, one batched GEMM per rank and one copy per run of full-width tables), so
+    its fields are never concatenated and copied again.
 
     With ``fuse_cross``, the interaction and the cross network are one
     :class:`~afmrec.models.fused_cross.FusedCrossNet` (AFM models, see
@@ -73,7 +75,7 @@ class DCNServing(nn.Module):
         self.num_fields: int = sparse.F
         self.dim: int = sparse.D
         ebc = self.embedding_bag_collection
-        self.in_place = isinstance(ebc, LowRankEmbeddingBagCollection) and ebc.serving
+        self.in_place = isinstance(ebc, LowRankEmbeddingBagCollection)
         self.fused: FusedCrossNet | None = None
         self.fused_x0: X0CrossNet | None = None
         self.use_fused = fuse_cross  # read when traced: False serves the plain network

@@ -36,13 +36,18 @@ D = 8  # FBGEMM's inference kernels want rows of a multiple of 4 bytes (int4: 8 
 BATCHES = [random_batch(64, 3, seed=s) for s in range(3)]
 
 
-def compressed(arch: str, tables=TABLES, dim: int = D, table_rank: int = 4) -> tuple[torch.nn.Module, ModelRecord]:
-    """A tiny model with every table at ``table_rank`` and every Linear at half rank."""
+def compressed(arch: str, tables=TABLES, dim: int = D, table_rank: int = 4,
+               table_ranks: dict[str, int] | None = None) -> tuple[torch.nn.Module, ModelRecord]:
+    """A tiny model with every table at ``table_rank`` (or table name -> rank as
+    ``table_ranks`` gives, tables absent from it left whole) and every Linear at half rank."""
     torch.manual_seed(0)
     config = dataclasses.replace(tiny_config(arch, embedding_dim=dim), tables=tables)
     model = build_model(config).eval()
     blocks = find_blocks(model)
     ranks = {b.name: table_rank if b.kind == "table" else max(1, b.out_features // 2) for b in blocks}
+    if table_ranks is not None:
+        ranks = {n: r for n, r in ranks.items() if not n.startswith("sparse_arch.")}
+        ranks.update({f"sparse_arch.embedding_bag_collection.{t}": r for t, r in table_ranks.items()})
     bases = afm_bases(spectra(collect_statistics(model, blocks, BATCHES)), ranks)
     compress_(model, bases, CompressConfig())
     return model.eval(), ModelRecord(config, ranks=ranks, compress=CompressConfig(), method="afm")
@@ -238,6 +243,35 @@ def test_dcn_serving_form_assembles_the_cross_input_in_place(afm, tmp_path):
     served = serving_module(model, [t.name for t in record.model.tables])
     assert isinstance(served.model, DCNServing) and served.model.in_place == afm
     torch.testing.assert_close(call(served, batch), want, rtol=1e-6, atol=1e-6)
+    export_model(model, record.model, tmp_path / "m.pt")
+    torch.testing.assert_close(call(load_artifact(tmp_path / "m.pt")[0], batch), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("table_ranks", [{"t0": 4, "t2": 12}, {"t0": 4}], ids=["two-ranks", "whole-run"])
+def test_dcn_with_tables_of_different_ranks_writes_its_fields_in_place(table_ranks, tmp_path):
+    """Tables of different ranks and whole tables (the default plan's kind: the projections
+    cannot be one batched GEMM) still write their fields straight into the cross input:
+    one batched GEMM per rank, one copy per run of whole tables. The logits are the
+    model's, eager, exported and lowered for AOTInductor."""
+    from afmrec.models import LowRankEmbeddingBagCollection
+    from afmrec.models.serving import DCNServing
+    from afmrec.pipeline.export import exported_program
+
+    model, record = compressed("dcn", dim=16, table_ranks=table_ranks)
+    ebc = model.sparse_arch.embedding_bag_collection
+    assert isinstance(ebc, LowRankEmbeddingBagCollection) and ebc.ranks == table_ranks
+    batch = random_batch(96, 3, seed=11, max_bag=4)
+    want = eager_logits(model, batch)
+    features, rows = [t.name for t in record.model.tables], [t.num_embeddings for t in record.model.tables]
+    served = serving_module(model, features, rows=rows)
+    assert isinstance(served.model, DCNServing) and served.model.in_place
+    assert not served.model.embedding_bag_collection.serving  # fields written by _write_fields
+    torch.testing.assert_close(call(served, batch), want, rtol=1e-6, atol=1e-6)
+    program = exported_program(served, record.model).run_decompositions()
+    kjt = batch.sparse_features
+    with torch.no_grad():
+        got = program.module()(batch.dense_features, kjt.values(), kjt.lengths().int())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     export_model(model, record.model, tmp_path / "m.pt")
     torch.testing.assert_close(call(load_artifact(tmp_path / "m.pt")[0], batch), want, rtol=1e-5, atol=1e-5)
 
