@@ -50,6 +50,9 @@ class AFMConfig:
             the table name for tables: ``ebc.t0``).
         exclude: block-name globs to leave whole.
         table_multiple: table ranks are multiples of this (4: FBGEMM's fused kernels).
+        dense_ratio: with ``ratio`` (``loss`` or ``variance``), also make the Linear
+            layers this many times smaller, i.e. as many times fewer multiply-adds per
+            sample (``afmrec compress --dense-ratio``); ``None``: bytes alone decide.
         progress: show progress bars.
     """
 
@@ -65,6 +68,7 @@ class AFMConfig:
     target: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     table_multiple: int = 4
+    dense_ratio: float | None = None
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -112,7 +116,7 @@ class AFMConfig:
         return RankConfig.from_policy(
             self.policy, ratio=self.ratio, energy=self.energy, rank=self.rank,
             table_format=self.table_format, serve_device=self.serve_device,
-            table_multiple=self.table_multiple)
+            table_multiple=self.table_multiple, dense_ratio=self.dense_ratio)
 
 
 def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -55,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     policy.add_argument("--ratio", type=float, help="target whole-model compression ratio in bytes (> 1)")
     policy.add_argument("--energy", type=float, help="variance fraction to keep per block (0-1]")
     policy.add_argument("--rank", type=int, help="one rank for every block")
+    parser.add_argument("--dense-ratio", type=float,
+                        help="with --ratio (loss or variance policy): also make the Linear layers "
+                        "this many times smaller, which is as many times fewer multiply-adds per "
+                        "sample, planned first; the tables get the rest of the byte budget. "
+                        "Without it the bytes go where they save the most loss, mostly to the "
+                        "tables, and the dense compute stays as it was")
     parser.add_argument("--rank-pattern", nargs="+", default=[], metavar="GLOB=K",
                         help="per-block rank overrides by block-name glob")
     parser.add_argument("--table-format", choices=TABLE_FORMATS, default="auto",
@@ -103,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         args.policy, ratio=args.ratio, energy=args.energy, rank=args.rank,
         table_format=args.table_format, serve_device=args.serve_device,
         rank_pattern=_rank_pattern(args.rank_pattern), table_multiple=args.table_multiple,
-        linear_multiple=args.linear_multiple,
+        linear_multiple=args.linear_multiple, dense_ratio=args.dense_ratio,
         table_rounding=args.table_rank_rounding,
     )
     with job(args) as (env, sharding):

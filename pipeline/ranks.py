@@ -18,6 +18,12 @@ kernels pad rows. ``auto`` plans in fp32, fp16 and int8 and keeps the plan that 
 least estimated loss: a narrower format holds higher ranks in the same bytes (a width-16
 table served in 16-byte rows keeps rank 4 in fp32, 8 in fp16, 12 in int8), and row-wise
 rounding costs far less than a dropped direction.
+With ``dense_ratio`` (``loss`` and ``variance``), the Linear blocks are planned first, on
+their own budget: their bytes, which are their multiply-adds per sample (a Linear's
+factors hold ``k (n + m)`` weights and cost as many multiply-adds), that many times
+fewer, spent by the same greedy; the tables then get what is left of the whole-model
+budget. A byte budget alone leaves the Linears whole wherever the tables hold the bytes
+(a DLRM's Linears are often under 1% of them), so it buys no dense compute.
 A plan lands within :data:`TOLERANCE` of the target (above it where a plan can, else
 just below) or the planner says why it cannot and what would reach it. A block left out of the plan stays whole. Table ranks are
 multiples of ``table_multiple`` (4: FBGEMM's fused kernels, on CPU as on CUDA).
@@ -63,6 +69,8 @@ class RankConfig:
         weights: the ``loss`` policy's per-block multipliers of the variance gains
             (:func:`afmrec.pipeline.sensitivity.sensitivity_weights`); required by it.
         tolerance: how far (a fraction) the achieved ratio may fall from the target.
+        dense_ratio: with ``loss`` or ``variance``, the Linear blocks' bytes and
+            multiply-adds are made at least this many times fewer (module docstring).
     """
 
     policy: str = "loss"
@@ -77,6 +85,7 @@ class RankConfig:
     table_rounding: str = "round"
     weights: Mapping[str, float] | None = None
     tolerance: float = TOLERANCE
+    dense_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -99,6 +108,10 @@ class RankConfig:
             raise InputError("table_multiple and linear_multiple must be >= 1")
         if not self.tolerance >= 0:
             raise InputError(f"tolerance must be >= 0, got {self.tolerance}")
+        if self.dense_ratio is not None and self.policy not in ("loss", "variance"):
+            raise InputError(f"--dense-ratio works with the loss and variance policies, not {self.policy!r}")
+        if self.dense_ratio is not None and not self.dense_ratio > 1:
+            raise InputError(f"dense ratio must be > 1, got {self.dense_ratio}")
         if self.table_rounding not in ("round", "error"):
             raise InputError(f"table_rounding must be 'round' or 'error', got {self.table_rounding!r}")
 
@@ -208,13 +221,14 @@ class _Cost:
 
 
 def _greedy(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankConfig,
-            fmt: TableFormat, budget: int, pinned: Mapping[str, int]) -> dict[str, int]:
+            fmt: TableFormat, budget: int, pinned: Mapping[str, int],
+            whole: Collection[str] = ()) -> dict[str, int]:
     """Spends ``budget`` bytes (the blocks' share) on the free blocks, one rank unit at a
     time, always where a byte buys the most normalised (and weighted) retained variance.
 
-    Every block starts at one unit (``pinned`` blocks at their rank). Past its largest
-    useful rank a block's next step is to stay whole (gain: the variance still missing;
-    cost: the rest of its size). Blocks that no rank makes smaller stay whole.
+    Every block starts at one unit (``pinned`` blocks at their rank, ``whole`` ones whole).
+    Past its largest useful rank a block's next step is to stay whole (gain: the variance
+    still missing; cost: the rest of its size). Blocks that no rank makes smaller stay whole.
     """
     weights = config.weights or {}
     ranks: dict[str, int] = dict(pinned)
@@ -237,7 +251,7 @@ def _greedy(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankCo
     for b in blocks:
         if b.name in pinned:
             spent += served_bytes(b, pinned[b.name], fmt)
-        elif caps[b.name] == 0:
+        elif caps[b.name] == 0 or b.name in whole:
             spent += served_bytes(b, None, fmt)
         else:
             ranks[b.name] = _unit(b, config)
@@ -311,6 +325,38 @@ def _unreachable_message(blocks: Sequence[Block], config: RankConfig, other_para
             "one of those (--ratio, --table-format, --serve-device)")
 
 
+def _linear_bytes(linears: Sequence[Block], ranks: Mapping[str, int]) -> int:
+    """Bytes of the Linear blocks at ``ranks`` (absent: whole); the format is the tables'
+    concern alone."""
+    return sum(served_bytes(b, ranks.get(b.name), TableFormat()) for b in linears)
+
+
+def dense_ratio(blocks: Sequence[Block], ranks: Mapping[str, int]) -> float | None:
+    """How many times fewer bytes (and multiply-adds per sample) the Linear blocks have at
+    ``ranks`` than whole; None for a model without Linear blocks."""
+    linears = [b for b in blocks if b.kind != "table"]
+    return _linear_bytes(linears, {}) / _linear_bytes(linears, ranks) if linears else None
+
+
+def _dense_plan(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankConfig,
+                pinned: Mapping[str, int]) -> tuple[dict[str, int], set[str]]:
+    """The Linear blocks' ranks under ``config.dense_ratio`` (the module docstring's
+    first phase), and the Linear blocks it keeps whole."""
+    linears = [b for b in blocks if b.kind != "table"]
+    if not linears:
+        raise InputError("--dense-ratio: the model has no Linear blocks to compress")
+    budget = int(_linear_bytes(linears, {}) / config.dense_ratio)
+    try:
+        ranks = _greedy(linears, spectra, config, TableFormat(), budget,
+                        {b.name: pinned[b.name] for b in linears if b.name in pinned})
+    except _Unreachable:
+        smallest = {b.name: pinned.get(b.name, _unit(b, config)) for b in linears
+                    if b.name in pinned or _cap(b, config, TableFormat()) > 0}
+        raise InputError(f"dense ratio {config.dense_ratio:g} is unreachable: at their smallest ranks "
+                         f"the Linear blocks are {dense_ratio(linears, smallest):.2f}x smaller") from None
+    return ranks, {b.name for b in linears if b.name not in ranks}
+
+
 def select_ranks(
     blocks: list[Block],
     spectra: Mapping[str, Spectrum],
@@ -354,10 +400,14 @@ def select_ranks(
         ranks = _fixed_ranks(free, spectra, config)
         ranks.update(overrides)
         return _finish(blocks, ranks, config, fmt, other_params, set(overrides))
+    whole: set[str] = set()
+    if config.dense_ratio is not None:
+        dense, whole = _dense_plan(blocks, spectra, config, pinned)
+        pinned = {**pinned, **dense}
     plans: list[RankPlan] = []
     nearest: RankPlan | None = None
     for fmt in config.formats:
-        plan = _plan_in(fmt, blocks, spectra, config, pinned, other_params)
+        plan = _plan_in(fmt, blocks, spectra, config, pinned, other_params, whole)
         if plan is not None and abs(math.log(plan.ratio / config.ratio)) <= math.log1p(config.tolerance) + 1e-12:
             plans.append(plan)
         nearest = nearest or plan
@@ -376,10 +426,11 @@ def select_ranks(
 
 
 def _plan_in(fmt: TableFormat, blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankConfig,
-             pinned: Mapping[str, int], other_params: int) -> RankPlan | None:
+             pinned: Mapping[str, int], other_params: int, whole: Collection[str] = ()) -> RankPlan | None:
     """The plan of a ratio policy in one format: with the target's budget, or (where the
     ranks step far past the target) the budget of a ratio just inside the tolerance
-    below it; ``None`` where even the smallest ranks exceed both."""
+    below it; ``None`` where even the smallest ranks exceed both. ``whole``: blocks kept
+    whole (by the dense phase)."""
     cost = _Cost(blocks, fmt, other_params)
     plan = None
     for budget in (int(cost.original / config.ratio), int(cost.original * (1 + config.tolerance) / config.ratio)):
@@ -387,7 +438,7 @@ def _plan_in(fmt: TableFormat, blocks: list[Block], spectra: Mapping[str, Spectr
             if config.policy == "uniform":
                 ranks = _uniform(blocks, config, cost, budget, pinned)
             else:
-                ranks = _greedy(blocks, spectra, config, fmt, budget - cost.fixed, pinned)
+                ranks = _greedy(blocks, spectra, config, fmt, budget - cost.fixed, pinned, whole)
         except _Unreachable:
             continue
         plan = _finish(blocks, ranks, config, fmt, other_params, set(pinned))

@@ -103,6 +103,23 @@ def test_user_module_compresses_to_the_ratio_with_the_loss_policy():
     assert logits(model, fresh).shape == logits(original, fresh).shape
 
 
+def test_dense_ratio_makes_the_linears_that_many_times_smaller():
+    """``AFMConfig(dense_ratio=2)``: the Linear layers of the compressed module, counted
+    from the modules, hold at most half the original's parameters (so half the
+    multiply-adds per sample), and the whole model still meets its ratio."""
+    torch.manual_seed(0)
+    model = UserRec()
+    original = copy.deepcopy(model)
+    batches = make_batches(model.tables.embedding_bag_configs(), 8)
+    result = afmrec.compress_(model, batches, afmrec.AFMConfig(ratio=4, dense_ratio=2))
+
+    linears = [b.name for b in find_blocks(original) if b.kind != "table"]
+    params = lambda m: sum(sum(p.numel() for p in m.get_submodule(n).parameters()) for n in linears)  # noqa: E731
+    assert params(original) / params(model) >= 2
+    assert result.summary["dense_ratio"] == pytest.approx(params(original) / params(model), rel=1e-12)
+    assert abs(math.log(result.ratio / 4)) <= math.log1p(TOLERANCE) + 1e-12
+
+
 def low_rank_user_model(rank: int = 4) -> UserRec:
     """A UserRec whose tables' rows lie in a ``rank``-dimensional subspace (their columns
     are exact copies and multiples of ``rank`` of them), mixed widths: its pooled outputs,

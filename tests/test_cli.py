@@ -92,6 +92,10 @@ def test_errors_are_one_line_and_exit_2(data, tmp_path, capsys):
           "--rank-pattern", "nope*=2", "--out", str(run / "c")], "matches no block"),
         (["compress", "--model", str(run / "a"), "--stats", str(run / "a.pt"), "--ratio", "500",
           "--out", str(run / "c")], "unreachable"),
+        (["compress", "--model", str(run / "a"), "--stats", str(run / "a.pt"), "--ratio", "2",
+          "--dense-ratio", "1000", "--out", str(run / "c")], "dense ratio 1000 is unreachable"),
+        (["compress", "--model", str(run / "a"), "--stats", str(run / "a.pt"), "--ratio", "2",
+          "--policy", "uniform", "--dense-ratio", "2", "--out", str(run / "c")], "not 'uniform'"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -9,19 +9,22 @@ interaction width is N = (3 + 1) * 4 = 16 with 2 cross layers of rank r = 3, so 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
-from afmrec.models import build_model
+from afmrec.models import TableSpec, build_model
 from afmrec.pipeline.bases import Bases, afm_bases, spectra
 from afmrec.pipeline.blocks import Block, find_blocks
 from afmrec.pipeline.compress import CompressConfig, compress_
 from afmrec.pipeline.evaluate import count_parameters
+from afmrec.pipeline.errors import InputError
 from afmrec.pipeline.model_io import ModelRecord
-from afmrec.pipeline.ranks import RankConfig, uniform_rank, select_ranks
+from afmrec.pipeline.ranks import RankConfig, dense_ratio, select_ranks, uniform_rank
 from afmrec.pipeline.stages import plan_ranks
+from afmrec.pipeline.stages.compression import plan_report, summary_line
 from afmrec.pipeline.stats import collect_statistics
 
 from .conftest import PARAMS, random_batch, tiny_config
@@ -160,3 +163,54 @@ def test_deepfm_deep_tower_fold_is_outside_the_plan():
     ranks = select_ranks(blocks, {b.name: None for b in blocks}, RankConfig(policy="rank", rank=2, **PARAMS)).ranks
     assert planned_params(model, blocks, ranks) == built_params(model, ranks, fuse=False) == 397
     assert built_params(model, ranks, fuse=True) == 397 - 6
+
+
+# --- a budget of dense compute: --dense-ratio ---------------------------------------------
+
+BIG_TABLES = (TableSpec("t0", 4000), TableSpec("t1", 3000), TableSpec("t2", 2500))
+
+
+def table_dominated_dcn() -> tuple[nn.Module, list[Block], dict, int]:
+    """A DCN whose tables hold 98% of the parameters (the DLRMv2 situation): the model,
+    its blocks, their spectra and the parameters outside them."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(tiny_config("dcn", embedding_dim=16), tables=BIG_TABLES)
+    model = build_model(config)
+    blocks = find_blocks(model)
+    batches = [random_batch(200, 3, seed=s, tables=BIG_TABLES) for s in range(4)]
+    other = count_parameters(model) - sum(b.params for b in blocks)
+    return model, blocks, spectra(collect_statistics(model, blocks, batches)), other
+
+
+@pytest.mark.parametrize("dense", [2.0, 3.0])
+def test_dense_ratio_shrinks_the_linears_that_a_byte_budget_keeps_whole(dense):
+    """At 4x bytes the byte budget alone goes to the tables and keeps every Linear whole;
+    with --dense-ratio the Linears are planned first and come out at least that many
+    times smaller (within 10%), the whole model still lands within 10% of 4x, and the
+    compressed model has the parameters the plan counts."""
+    model, blocks, spec, other = table_dominated_dcn()
+    linears = [b.name for b in blocks if b.kind != "table"]
+    assert sum(b.params for b in blocks if b.kind == "table") / count_parameters(model) > 0.98
+    config = dict(policy="variance", ratio=4.0, **PARAMS)
+    plain = select_ranks(blocks, spec, RankConfig(**config), other_params=other)
+    assert not set(plain.ranks) & set(linears) and dense_ratio(blocks, plain.ranks) == 1.0
+    plan = select_ranks(blocks, spec, RankConfig(**config, dense_ratio=dense), other_params=other)
+    assert dense <= dense_ratio(blocks, plan.ranks) <= 1.1 * dense
+    assert 4.0 / 1.1 <= plan.ratio <= 4.0 * 1.1
+    assert set(plan.ranks) & set(linears)
+    assert planned_params(model, blocks, plan.ranks) == built_params(model, plan.ranks, fuse=True)
+    rows, summary = plan_report(blocks, spec, plan, RankConfig(**config, dense_ratio=dense))
+    assert summary["dense_ratio"] == dense_ratio(blocks, plan.ranks)
+    assert f"Linear layers {summary['dense_ratio']:.2f}x smaller" in summary_line(summary, rows)
+
+
+def test_dense_ratio_says_what_it_cannot_do():
+    """--dense-ratio with a policy that does not spend a budget, or beyond what the
+    smallest Linear ranks reach, stops with the reason."""
+    _, blocks, spec, other = table_dominated_dcn()
+    with pytest.raises(InputError, match="--dense-ratio works with the loss and variance policies, not 'uniform'"):
+        RankConfig(policy="uniform", ratio=4.0, dense_ratio=2.0)
+    with pytest.raises(InputError, match=r"dense ratio 1000 is unreachable: at their smallest ranks the "
+                                         r"Linear blocks are \d+\.\d\dx smaller"):
+        select_ranks(blocks, spec, RankConfig(policy="variance", ratio=4.0, dense_ratio=1000.0, **PARAMS),
+                     other_params=other)

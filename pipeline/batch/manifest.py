@@ -42,7 +42,7 @@ class BatchRow:
             ``model.json``), for a checkpoint without ``model.json``.
         ratio, energy, rank: the rank policy's value, exactly one of them (as ``afmrec
             compress --ratio/--energy/--rank``).
-        policy, table_format, serve_device, table_multiple, method, activation: as
+        policy, table_format, serve_device, table_multiple, dense_ratio, method, activation: as
             ``afmrec compress`` (``policy`` none: its default for the value given).
         probe: labelled rows of the loss probes (default: the last tenth of ``calibration``).
         finetune: fine-tuning data (its last tenth validates); none: no fine-tuning.
@@ -64,6 +64,7 @@ class BatchRow:
     serve_device: str = "cuda"
     probe: DataRef | None = None
     table_multiple: int = 4
+    dense_ratio: float | None = None
     method: str = "afm"
     activation: str | None = None
     finetune: DataRef | None = None
@@ -92,7 +93,7 @@ class BatchRow:
     def rank_config(self) -> RankConfig:
         return RankConfig.from_policy(self.policy, ratio=self.ratio, energy=self.energy, rank=self.rank,
                                       table_format=self.table_format, serve_device=self.serve_device,
-                                      table_multiple=self.table_multiple)
+                                      table_multiple=self.table_multiple, dense_ratio=self.dense_ratio)
 
     def compress_config(self) -> CompressConfig:
         return CompressConfig(activation=self.activation)

@@ -26,7 +26,7 @@ from ..compress import CompressConfig, compress_
 from ..errors import InputError
 from ..evaluate import count_parameters
 from ..model_io import ModelRecord, load_model, load_record, save_model, skeleton
-from ..ranks import RankConfig, RankPlan, select_ranks
+from ..ranks import RankConfig, RankPlan, dense_ratio, select_ranks
 from ..runinfo import StageMeter
 from ..sensitivity import SensitivityConfig, probes_from_records, sensitivity_weights
 from ..stats import Statistics
@@ -236,13 +236,16 @@ def plan_report(
         "checkpoint_bytes_after": DENSE_BYTES * params_after,
         "served_bytes_after": plan.bytes,
         "ratio": plan.ratio,
+        "target_dense_ratio": rank_config.dense_ratio,
+        "dense_ratio": dense_ratio(blocks, ranks),
     }
     return rows, summary
 
 
 def summary_line(plan: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
     """What a plan made of the model (:func:`plan_report`'s summary and rows), in one line:
-    blocks, parameters, checkpoint and served bytes."""
+    blocks, parameters, checkpoint and served bytes, and the Linear layers' ratio where
+    ``--dense-ratio`` asked for one."""
     n = sum(r["compressed"] for r in rows)
     mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
     before, ckpt, served = plan["checkpoint_bytes_before"], plan["checkpoint_bytes_after"], plan["served_bytes_after"]
@@ -250,7 +253,9 @@ def summary_line(plan: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
             f"{plan['params_before']:,} -> {plan['params_after']:,} parameters "
             f"({plan['params_before'] / plan['params_after']:.2f}x); checkpoint {mib(before)} -> "
             f"{mib(ckpt)} ({before / ckpt:.2f}x); served with {plan['table_format']} tables on "
-            f"{plan['serve_device']}: {mib(served)} ({before / served:.2f}x)")
+            f"{plan['serve_device']}: {mib(served)} ({before / served:.2f}x)"
+            + (f"; Linear layers {plan['dense_ratio']:.2f}x smaller (multiply-adds likewise)"
+               if plan.get("target_dense_ratio") else ""))
 
 
 def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:
