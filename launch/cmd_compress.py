@@ -56,11 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     policy.add_argument("--energy", type=float, help="variance fraction to keep per block (0-1]")
     policy.add_argument("--rank", type=int, help="one rank for every block")
     parser.add_argument("--dense-ratio", type=float,
-                        help="with --ratio (loss or variance policy): also make the Linear layers "
-                        "this many times smaller, which is as many times fewer multiply-adds per "
-                        "sample, planned first; the tables get the rest of the byte budget. "
-                        "Without it the bytes go where they save the most loss, mostly to the "
-                        "tables, and the dense compute stays as it was")
+                        help="with --ratio (loss or variance policy): the Linear layers together "
+                        "at least this many times smaller, which is as many times fewer "
+                        "multiply-adds per sample (a budget of their own inside the byte "
+                        "budget). Without it the bytes go where they save the most loss, mostly "
+                        "to the tables, and the dense compute stays as it was")
     parser.add_argument("--rank-pattern", nargs="+", default=[], metavar="GLOB=K",
                         help="per-block rank overrides by block-name glob")
     parser.add_argument("--table-format", choices=TABLE_FORMATS, default="auto",

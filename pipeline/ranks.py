@@ -18,12 +18,13 @@ kernels pad rows. ``auto`` plans in fp32, fp16 and int8 and keeps the plan that 
 least estimated loss: a narrower format holds higher ranks in the same bytes (a width-16
 table served in 16-byte rows keeps rank 4 in fp32, 8 in fp16, 12 in int8), and row-wise
 rounding costs far less than a dropped direction.
-With ``dense_ratio`` (``loss`` and ``variance``), the Linear blocks are planned first, on
-their own budget: their bytes, which are their multiply-adds per sample (a Linear's
-factors hold ``k (n + m)`` weights and cost as many multiply-adds), that many times
-fewer, spent by the same greedy; the tables then get what is left of the whole-model
-budget. A byte budget alone leaves the Linears whole wherever the tables hold the bytes
-(a DLRM's Linears are often under 1% of them), so it buys no dense compute.
+With ``dense_ratio`` (``loss`` and ``variance``), the Linear blocks together get a second
+budget inside the first: their bytes, which are their multiply-adds per sample (a Linear's
+factors hold ``k (n + m)`` weights and cost as many multiply-adds), at least that many
+times fewer than whole. The same greedy spends both: a Linear block's next rank unit must
+fit both budgets, a table's the first. A byte budget alone leaves the Linears whole
+wherever the tables hold the bytes (a DLRM's Linears are often under 1% of them), so it
+buys no dense compute.
 A plan lands within :data:`TOLERANCE` of the target (above it where a plan can, else
 just below) or the planner says why it cannot and what would reach it. A block left out of the plan stays whole. Table ranks are
 multiples of ``table_multiple`` (4: FBGEMM's fused kernels, on CPU as on CUDA).
@@ -222,13 +223,14 @@ class _Cost:
 
 def _greedy(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankConfig,
             fmt: TableFormat, budget: int, pinned: Mapping[str, int],
-            whole: Collection[str] = ()) -> dict[str, int]:
+            cap: tuple[Collection[str], int] | None = None) -> dict[str, int]:
     """Spends ``budget`` bytes (the blocks' share) on the free blocks, one rank unit at a
-    time, always where a byte buys the most normalised (and weighted) retained variance.
+    time, always where a byte buys the most normalised (and weighted) retained variance;
+    ``cap``: (block names, bytes) that those blocks together may not exceed either.
 
-    Every block starts at one unit (``pinned`` blocks at their rank, ``whole`` ones whole).
-    Past its largest useful rank a block's next step is to stay whole (gain: the variance
-    still missing; cost: the rest of its size). Blocks that no rank makes smaller stay whole.
+    Every block starts at one unit (``pinned`` blocks at their rank). Past its largest
+    useful rank a block's next step is to stay whole (gain: the variance still missing;
+    cost: the rest of its size). Blocks that no rank makes smaller stay whole.
     """
     weights = config.weights or {}
     ranks: dict[str, int] = dict(pinned)
@@ -247,23 +249,29 @@ def _greedy(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankCo
         heapq.heappush(heap, (-score, b.name, cost, whole))
 
     by_name = {b.name: b for b in blocks}
-    spent = 0
+    capped, cap_bytes = cap if cap is not None else ((), 0)
+    spent = capped_spent = 0
     for b in blocks:
         if b.name in pinned:
-            spent += served_bytes(b, pinned[b.name], fmt)
-        elif caps[b.name] == 0 or b.name in whole:
-            spent += served_bytes(b, None, fmt)
+            size = served_bytes(b, pinned[b.name], fmt)
+        elif caps[b.name] == 0:
+            size = served_bytes(b, None, fmt)
         else:
             ranks[b.name] = _unit(b, config)
-            spent += served_bytes(b, ranks[b.name], fmt)
+            size = served_bytes(b, ranks[b.name], fmt)
             push(b, ranks[b.name])
+        spent += size
+        capped_spent += size if b.name in capped else 0
+    if cap is not None and capped_spent > cap_bytes:
+        raise _CapUnreachable()
     if spent > budget:
         raise _Unreachable()
     while heap:
         _, name, cost, whole = heapq.heappop(heap)
-        if spent + cost > budget:
+        if spent + cost > budget or (name in capped and capped_spent + cost > cap_bytes):
             continue  # a cheaper step of another block may still fit
         spent += cost
+        capped_spent += cost if name in capped else 0
         if whole:
             del ranks[name]
         else:
@@ -274,6 +282,10 @@ def _greedy(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankCo
 
 class _Unreachable(Exception):
     """The smallest ranks already exceed the budget."""
+
+
+class _CapUnreachable(Exception):
+    """The smallest ranks of the capped blocks already exceed their cap."""
 
 
 def _uniform(blocks: list[Block], config: RankConfig, cost: _Cost, budget: int,
@@ -338,23 +350,20 @@ def dense_ratio(blocks: Sequence[Block], ranks: Mapping[str, int]) -> float | No
     return _linear_bytes(linears, {}) / _linear_bytes(linears, ranks) if linears else None
 
 
-def _dense_plan(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankConfig,
-                pinned: Mapping[str, int]) -> tuple[dict[str, int], set[str]]:
-    """The Linear blocks' ranks under ``config.dense_ratio`` (the module docstring's
-    first phase), and the Linear blocks it keeps whole."""
+def _dense_cap(blocks: list[Block], config: RankConfig) -> tuple[set[str], int]:
+    """The Linear blocks and their budget under ``config.dense_ratio``."""
     linears = [b for b in blocks if b.kind != "table"]
     if not linears:
         raise InputError("--dense-ratio: the model has no Linear blocks to compress")
-    budget = int(_linear_bytes(linears, {}) / config.dense_ratio)
-    try:
-        ranks = _greedy(linears, spectra, config, TableFormat(), budget,
-                        {b.name: pinned[b.name] for b in linears if b.name in pinned})
-    except _Unreachable:
-        smallest = {b.name: pinned.get(b.name, _unit(b, config)) for b in linears
-                    if b.name in pinned or _cap(b, config, TableFormat()) > 0}
-        raise InputError(f"dense ratio {config.dense_ratio:g} is unreachable: at their smallest ranks "
-                         f"the Linear blocks are {dense_ratio(linears, smallest):.2f}x smaller") from None
-    return ranks, {b.name for b in linears if b.name not in ranks}
+    return {b.name for b in linears}, int(_linear_bytes(linears, {}) / config.dense_ratio)
+
+
+def _dense_unreachable_message(blocks: list[Block], config: RankConfig, pinned: Mapping[str, int]) -> str:
+    linears = [b for b in blocks if b.kind != "table"]
+    smallest = {b.name: pinned.get(b.name, _unit(b, config)) for b in linears
+                if b.name in pinned or _cap(b, config, TableFormat()) > 0}
+    return (f"dense ratio {config.dense_ratio:g} is unreachable: at their smallest ranks the Linear "
+            f"blocks are {dense_ratio(linears, smallest):.2f}x smaller")
 
 
 def select_ranks(
@@ -400,14 +409,14 @@ def select_ranks(
         ranks = _fixed_ranks(free, spectra, config)
         ranks.update(overrides)
         return _finish(blocks, ranks, config, fmt, other_params, set(overrides))
-    whole: set[str] = set()
-    if config.dense_ratio is not None:
-        dense, whole = _dense_plan(blocks, spectra, config, pinned)
-        pinned = {**pinned, **dense}
+    cap = _dense_cap(blocks, config) if config.dense_ratio is not None else None
     plans: list[RankPlan] = []
     nearest: RankPlan | None = None
     for fmt in config.formats:
-        plan = _plan_in(fmt, blocks, spectra, config, pinned, other_params, whole)
+        try:
+            plan = _plan_in(fmt, blocks, spectra, config, pinned, other_params, cap)
+        except _CapUnreachable:
+            raise InputError(_dense_unreachable_message(blocks, config, pinned)) from None
         if plan is not None and abs(math.log(plan.ratio / config.ratio)) <= math.log1p(config.tolerance) + 1e-12:
             plans.append(plan)
         nearest = nearest or plan
@@ -426,11 +435,12 @@ def select_ranks(
 
 
 def _plan_in(fmt: TableFormat, blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankConfig,
-             pinned: Mapping[str, int], other_params: int, whole: Collection[str] = ()) -> RankPlan | None:
+             pinned: Mapping[str, int], other_params: int,
+             cap: tuple[Collection[str], int] | None = None) -> RankPlan | None:
     """The plan of a ratio policy in one format: with the target's budget, or (where the
     ranks step far past the target) the budget of a ratio just inside the tolerance
-    below it; ``None`` where even the smallest ranks exceed both. ``whole``: blocks kept
-    whole (by the dense phase)."""
+    below it; ``None`` where even the smallest ranks exceed both. ``cap``: the Linear
+    blocks' own budget (:func:`_greedy`)."""
     cost = _Cost(blocks, fmt, other_params)
     plan = None
     for budget in (int(cost.original / config.ratio), int(cost.original * (1 + config.tolerance) / config.ratio)):
@@ -438,7 +448,7 @@ def _plan_in(fmt: TableFormat, blocks: list[Block], spectra: Mapping[str, Spectr
             if config.policy == "uniform":
                 ranks = _uniform(blocks, config, cost, budget, pinned)
             else:
-                ranks = _greedy(blocks, spectra, config, fmt, budget - cost.fixed, pinned, whole)
+                ranks = _greedy(blocks, spectra, config, fmt, budget - cost.fixed, pinned, cap)
         except _Unreachable:
             continue
         plan = _finish(blocks, ranks, config, fmt, other_params, set(pinned))

@@ -34,7 +34,7 @@ from afmrec.pipeline.stages import DataRef, model_config_from_schema
 from afmrec.pipeline.stats import collect_statistics
 from afmrec.pipeline.train import TrainResult, seeded, train_
 
-from .config import DatasetPlan, Protocol, Recipe, Splits
+from .config import DENSE_SELECTIONS, DatasetPlan, Protocol, Recipe, Splits
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,9 @@ def choose_ranks(cell: Cell, selection: str, target: float | None,
     if selection == "full":
         full = {b.name: b.out_features for b in cell.blocks}
         return RankPlan.of(cell.blocks, full, TableFormat("fp32"), cell.other_params)
-    config = RankConfig(policy=selection, ratio=target, table_format=table_format,
-                        serve_device=serve_device, weights=cell.weights if selection == "loss" else None)
+    policy, dense = DENSE_SELECTIONS.get(selection, (selection, None))
+    config = RankConfig(policy=policy, ratio=target, table_format=table_format, serve_device=serve_device,
+                        dense_ratio=dense, weights=cell.weights if policy == "loss" else None)
     try:
         return select_ranks(cell.blocks, cell.spectra, config, other_params=cell.other_params)
     except InputError as e:
