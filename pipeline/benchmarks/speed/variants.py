@@ -29,7 +29,7 @@ from ...blocks import find_blocks
 from ...compress import CompressConfig, compress_
 from ...export import TableDtype
 from ...model_io import ModelRecord, skeleton
-from ...ranks import RankConfig, RankPlan
+from ...ranks import RankConfig, RankPlan, dense_ratio
 from ...sensitivity import SensitivityConfig, measure_sensitivity, probes_to_records
 from .shape import SEEDS, SpeedShape, iter_batches
 from ...stages import plan_ranks, with_weights
@@ -56,11 +56,14 @@ class VariantSpec:
             uncompressed).
         tables: the row format its tables are served in (and, for an AFM variant, planned
             in).
+        dense_ratio: ``afmrec compress --dense-ratio``: the Linear layers at least this
+            many times smaller (and fewer multiply-adds), None: the byte budget alone.
     """
 
     name: str
     ratio: float | None
     tables: TableDtype
+    dense_ratio: float | None = None
 
 
 VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
@@ -71,6 +74,8 @@ VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
     VariantSpec("afm4x_int8", 4.0, "int8"),
     VariantSpec("fp16", None, "fp16"),
     VariantSpec("afm4x_fp16", 4.0, "fp16"),
+    VariantSpec("afm4x_dense2", 4.0, "fp32", dense_ratio=2.0),
+    VariantSpec("afm4x_dense4", 4.0, "fp32", dense_ratio=4.0),
 )}
 
 
@@ -127,9 +132,10 @@ def calibrate(model: nn.Module, record: ModelRecord, shape: SpeedShape, device: 
 
 def rank_config(spec: VariantSpec) -> RankConfig:
     """The rank policy of an AFM variant, as ``afmrec compress --ratio R --table-format F
-    --serve-device cuda --linear-multiple 8`` states it (before the probes' weights)."""
+    --serve-device cuda --linear-multiple 8 [--dense-ratio R']`` states it (before the
+    probes' weights)."""
     return RankConfig(policy=POLICY, ratio=spec.ratio, table_format=spec.tables, serve_device=SERVE_DEVICE,
-                      linear_multiple=LINEAR_MULTIPLE)
+                      linear_multiple=LINEAR_MULTIPLE, dense_ratio=spec.dense_ratio)
 
 
 def plan_variant(record: ModelRecord, calibration: Calibration, spec: VariantSpec) -> RankPlan:
@@ -139,15 +145,16 @@ def plan_variant(record: ModelRecord, calibration: Calibration, spec: VariantSpe
     return plan
 
 
-def plan_summary(spec: VariantSpec, plan: RankPlan | None) -> dict[str, Any]:
-    """What the record keeps of a variant's plan: policy, target and achieved byte ratios,
-    table format and every block's rank."""
+def plan_summary(spec: VariantSpec, plan: RankPlan | None, record: ModelRecord) -> dict[str, Any]:
+    """What the record keeps of a variant's plan: policy, target and achieved byte ratios
+    (and Linear-layer ratios), table format and every block's rank."""
     if plan is None:
         return {"policy": None, "table_format": spec.tables}
     config = rank_config(spec)
     return {"policy": config.policy, "target_ratio": spec.ratio, "ratio": plan.ratio,
             "table_format": plan.table_format.dtype, "serve_device": plan.table_format.serve_device,
             "linear_multiple": config.linear_multiple, "tolerance": config.tolerance,
+            "target_dense_ratio": spec.dense_ratio, "dense_ratio": dense_ratio(find_blocks(skeleton(record)), plan.ranks),
             "bytes": plan.bytes, "original_bytes": plan.original_bytes, "ranks": dict(sorted(plan.ranks.items()))}
 
 
