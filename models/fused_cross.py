@@ -3,7 +3,9 @@
 In an AFM model every cross layer's ``up`` ends with a narrow factor,
 ``y_l = Q_l w_l + q_l`` with ``Q_l`` (N, k) and ``w_l`` k wide (k = 112 at the MLPerf
 shape where N = 3456), and the interaction's fields are projections of the tables'
-K-wide codes, ``x_0[f] = W_f^T [c_f; nonempty_f]`` (the dense arch's output is field 0).
+K_f-wide codes, ``x_0[f] = W_f^T [c_f; nonempty_f]`` (the dense arch's output is field 0;
+a table left whole gives its pooled row, ``x_0[f] = c_f``: :class:`~afmrec.models.kernels.
+cross.CodeLayout`).
 A layer ``x_l = x_0 * y_l + x_{l-1}`` is then one GEMM of depth k whose epilogue forms
 ``x_0``'s tile from the codes and applies the update
 (:func:`~afmrec.models.kernels.cross.cross_update`): neither ``x_0`` nor ``y_l`` is
@@ -39,7 +41,7 @@ import torch
 from torch import nn
 
 from .cross import CrossNet
-from .kernels.cross import cross_update, cross_update_x0
+from .kernels.cross import CodeLayout, cross_update, cross_update_x0
 from .lowrank import LowRankEmbeddingBagCollection, LowRankLinear
 
 MAX_RANK = 256
@@ -58,11 +60,13 @@ def _factors(module: nn.Module) -> tuple[nn.Linear | None, nn.Linear] | None:
 
 def unfusable_reason(collection: nn.Module, crossnet: nn.Module) -> str | None:
     """Why :class:`FusedCrossNet` cannot serve these modules, or None if it can."""
-    if not isinstance(collection, LowRankEmbeddingBagCollection) or not collection.serving:
-        return "the tables are not low-rank tables in serving form"
+    if not isinstance(collection, LowRankEmbeddingBagCollection) or not collection.ranks:
+        return "the tables are not low-rank tables"
     if not isinstance(crossnet, CrossNet) or not len(crossnet.layers):
         return "no cross network of Linear blocks"
     dim = collection._dims[0]
+    if len(set(collection._dims)) != 1:
+        return "the tables' widths differ"
     if dim < 16 or dim & (dim - 1):
         return f"embedding width {dim} is not a power of 2 >= 16"
     for layer in crossnet.layers:
@@ -114,19 +118,23 @@ def _compose(*maps: Affine | None) -> Affine | None:
     return out
 
 
-def interaction_map(code_weight: torch.Tensor, k: int) -> Affine:
+def interaction_map(code_weight: torch.Tensor, layout: CodeLayout) -> Affine:
     """``x_0`` as an affine map of ``u = [dense; codes; nonempty]`` (float64).
 
-    Args: code_weight (F, KP, D): field f's rows ``[0, k)`` its projection, row ``k`` its
-    non-empty bias. Returns: W (N, D + F k + F), b (N,) = 0, N = (F + 1) D."""
+    Args: code_weight (F, KP, D): a projected field's rows ``[0, K_f)`` its projection,
+    row ``layout.bias_row`` its non-empty bias; layout: the codes' (C wide).
+    Returns: W (N, D + C + F), b (N,) = 0, N = (F + 1) D."""
     fields, _, dim = code_weight.shape
-    cw = code_weight.detach().double()
-    w = cw.new_zeros((fields + 1) * dim, dim + fields * k + fields)
+    cw, c = code_weight.detach().double(), layout.codes_width
+    w = cw.new_zeros((fields + 1) * dim, dim + c + fields)
     w[:dim, :dim] = torch.eye(dim, dtype=w.dtype, device=w.device)
-    for f in range(fields):
-        rows = slice((f + 1) * dim, (f + 2) * dim)
-        w[rows, dim + f * k:dim + (f + 1) * k] = cw[f, :k].T
-        w[rows, dim + fields * k + f] = cw[f, k]
+    for f, (column, width) in enumerate(layout.fields):
+        rows, at = slice((f + 1) * dim, (f + 2) * dim), dim + column
+        if width == 0:  # a whole table's row
+            w[rows, at:at + dim] = torch.eye(dim, dtype=w.dtype, device=w.device)
+        else:
+            w[rows, at:at + width] = cw[f, :width].T
+            w[rows, dim + c + f] = cw[f, layout.bias_row]
     return w, w.new_zeros(w.shape[0])
 
 
@@ -135,9 +143,10 @@ class FusedCrossNet(nn.Module):
     dense arch's output and the tables' codes (module docstring).
 
     Args:
-        collection: the low-rank tables in serving form
-            (:meth:`LowRankEmbeddingBagCollection.fuse_projections_`); their
-            ``serving_weight`` is shared, not copied.
+        collection: the low-rank tables, their ranks one or several, tables left whole
+            among them (:meth:`LowRankEmbeddingBagCollection.code_layout`; in serving
+            form, :meth:`~LowRankEmbeddingBagCollection.fuse_projections_`, its
+            ``serving_weight`` is shared, not copied).
         crossnet: the cross network; every ``up`` a Linear or low-rank pair whose last
             factor has at most :data:`MAX_RANK` inputs (AFM leaves ``down`` N -> k and
             ``up`` k -> N). Its ``down`` factors after the first layer's are shared.
@@ -148,17 +157,23 @@ class FusedCrossNet(nn.Module):
         reason = unfusable_reason(collection, crossnet)
         if reason is not None:
             raise ValueError(f"cannot fuse the cross network: {reason}")
-        self.code_weight = collection.serving_weight  # (F, KP, D), shared
+        code_weight, self.layout = collection.code_layout()
+        if collection.serving:
+            self.code_weight = code_weight  # (F, KP, D), shared
+        else:
+            self.register_buffer("code_weight", code_weight)
+        self.register_buffer("layout_tensor", self.layout.tensor(code_weight.device))  # (F, 2) int32
         fields, _, dim = self.code_weight.shape
-        k, dtype = collection.code_width, self.code_weight.dtype
+        dtype = self.code_weight.dtype
         downs, mids, ups, betas = [], [], [], []
         for i, layer in enumerate(crossnet.layers):
             (down_first, down_last), (up_first, up_last) = _factors(layer.down), _factors(layer.up)
             small = (_affine(down_last) if down_first is not None else None,
                      _affine(up_first) if up_first is not None else None)
             if i == 0:  # w_1 straight from u: x_0 is neither written nor read
-                w, b = _compose(interaction_map(self.code_weight, k), _affine(down_first or down_last), *small)
-                self.first = CodeLinear(w.to(dtype), b.to(dtype), (dim, fields * k, fields))
+                w, b = _compose(interaction_map(self.code_weight, self.layout), _affine(down_first or down_last),
+                                *small)
+                self.first = CodeLinear(w.to(dtype), b.to(dtype), (dim, self.layout.codes_width, fields))
             else:
                 downs.append(down_first or down_last)
                 mids.append(self._linear(_compose(*small), dtype))
@@ -183,14 +198,16 @@ class FusedCrossNet(nn.Module):
         return out.requires_grad_(False)
 
     def forward(self, dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor) -> torch.Tensor:
-        """Args: dense (B, D) the dense arch's output; codes (B, F K) the tables' pooled
-        codes in feature order; nonempty (B, F) 1.0 where a bag has ids.
+        """Args: dense (B, D) the dense arch's output; codes (B, C) the tables' pooled
+        codes in feature order (:attr:`layout`); nonempty (B, F) 1.0 where a bag has ids.
         Returns: (B, N), the cross network's output."""
         w = self.first(dense, codes, nonempty)  # (B, k'): the first layer's, from u
-        x = cross_update(dense, codes, nonempty, self.code_weight, w, self.ups[0], self.betas[0], None)
+        layout, layout_tensor = self.layout, self.layout_tensor
+        x = cross_update(dense, codes, nonempty, self.code_weight, w, self.ups[0], self.betas[0], None,
+                         layout, layout_tensor)
         for i, (down, mid) in enumerate(zip(self.downs, self.mids)):
             x = cross_update(dense, codes, nonempty, self.code_weight, mid(down(x)), self.ups[i + 1],
-                             self.betas[i + 1], x)
+                             self.betas[i + 1], x, layout, layout_tensor)
         return x
 
 

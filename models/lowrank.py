@@ -21,7 +21,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from .kernels.cross import project_codes
+from .kernels.cross import CodeLayout, project_codes
 
 
 def residual_bias(components: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
@@ -253,6 +253,33 @@ class LowRankEmbeddingBagCollection(nn.Module):
                 weight = nn.Parameter(torch.cat([weight.detach(), zeros], 1))
             new.embedding_bags[c.name].weight = weight
         self.codes = new
+
+    def code_layout(self, multiple: int = 8) -> tuple[torch.Tensor, CodeLayout]:
+        """The codes as the fused cross network reads them: ``code_weight`` (F, KP, D) and
+        the :class:`~afmrec.models.kernels.cross.CodeLayout` of :meth:`forward_codes`'
+        values. In serving form (:meth:`fuse_projections_`) its ``serving_weight`` (shared)
+        and F codes of one width; otherwise each projected field's ``U_f^T`` in rows
+        ``[0, K_f)`` and its ``b2`` in the bias row (the largest rank), ``KP`` padded to a
+        multiple of ``multiple``, and a whole table's field its row as it lies (width 0).
+        Every feature D wide."""
+        if self._serving is not None:
+            k = self._serving[0]
+            return self.serving_weight, CodeLayout.uniform(len(self._feature_tables), k)
+        ranks, dim = self.ranks, self._dims[0]
+        bias_row = max(ranks.values())
+        ref = next(iter(self.projections.values())).weight
+        weight = torch.zeros(len(self._feature_tables), -(-(bias_row + 1) // multiple) * multiple, dim,
+                             dtype=ref.dtype, device=ref.device)
+        fields = []
+        with torch.no_grad():
+            for i, (_, table) in enumerate(self._feature_tables):
+                if table in ranks:
+                    proj = self.projections[table]
+                    weight[i, : proj.in_features] = proj.weight.T
+                    weight[i, bias_row] = proj.bias
+                fields.append((self._code_columns[i], ranks.get(table, 0)))
+        widths = [ranks.get(table, dim) for _, table in self._feature_tables]
+        return weight, CodeLayout(tuple(fields), bias_row, sum(widths))
 
     def forward_codes(self, features: KeyedJaggedTensor) -> tuple[KeyedTensor, torch.Tensor]:
         """The K-wide pooled codes and the (B, F) non-empty mask, before projection."""

@@ -197,6 +197,24 @@ def test_fused_cross_kernel_is_as_close_to_float64_as_tf32_gemms(batch, fields, 
     assert err(got) <= max(2 * err(tf32), 3e-3), (err(got), err(tf32))
 
 
+@pytest.mark.parametrize("widths, r", [((24, 0, 0, 40, 28, 0) * 4 + (24, 0), 112), ((8, 0, 16), 200)])
+def test_fused_cross_kernel_with_mixed_code_widths_is_as_close_to_float64_as_tf32_gemms(widths, r, monkeypatch):
+    """The update from codes of different widths with whole tables' rows among them (the
+    default plan's kind, 26 fields of width 128 as at the MLPerf shape), against float64
+    on the CPU: no further from it than PyTorch's TF32 GEMMs (or TF32's rounding)."""
+    from afmrec.models.kernels.cross import cross_update, cross_update_reference
+    from afmrec.models.kernels.selfcheck import random_layout_inputs
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    inputs, layout = random_layout_inputs(1000, widths, 128, r, True, seed=5)
+    exact = cross_update_reference(*[t.double() if t is not None else None for t in inputs], layout)
+    tf32 = cross_update_reference(*[t.cuda() if t is not None else None for t in inputs], layout)
+    got = cross_update(*[t.cuda() if t is not None else None for t in inputs], layout)
+    assert got.shape == (1000, (len(widths) + 1) * 128) and torch.isfinite(got).all()
+    err = lambda t: ((t.cpu().double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert err(got) <= max(2 * err(tf32), 3e-3), (err(got), err(tf32))
+
+
 @pytest.mark.parametrize("batch, fields, dim, r, carry", [
     (70, 3, 16, 24, False), (1000, 26, 128, 512, True), (129, 26, 64, 32, False), (300, 4, 32, 200, True)])
 def test_fused_cross_kernel_from_x0_is_as_close_to_float64_as_tf32_gemms(batch, fields, dim, r, carry, monkeypatch):
@@ -276,17 +294,19 @@ def test_lookup_kernel_pools_what_fbgemms_cuda_kernel_pools(dtype):
     torch.testing.assert_close(lookup(huge).values(), lookup(zeroed).values(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("ranks", ["one", "mixed"])
 @pytest.mark.parametrize("tables", ["fp32", "int8"])
-def test_aoti_artifact_serves_the_fused_cross_network(tmp_path, tables):
+def test_aoti_artifact_serves_the_fused_cross_network(tmp_path, tables, ranks):
     """On CUDA an AFM DLRM-DCNv2's AOTInductor artifact computes the cross network from the
-    codes and pools its rows with our lookup (both Triton kernels compiled into the
-    package), loads where afmrec cannot be imported, and serves the plain network's logits
-    (FBGEMM's lookups) to TF32 rounding."""
+    codes (one rank for all tables, or two ranks and a table left whole) and pools its
+    rows with our lookup (both Triton kernels compiled into the package), loads where
+    afmrec cannot be imported, and serves the plain network's logits (FBGEMM's lookups)
+    to TF32 rounding."""
     from afmrec.pipeline.export import ExportConfig, call, export_model, load_artifact, serving_module
 
-    from .test_fused_cross import BATCHES, afm_dcn
+    from .test_fused_cross import BATCHES, MIXED, afm_dcn
 
-    model, config, _ = afm_dcn(device="cuda")
+    model, config, _ = afm_dcn(device="cuda", table_ranks=MIXED if ranks == "mixed" else None)
     features = [t.name for t in config.tables]
     plain = serving_module(model, features, tables)
     meta = export_model(model, config, tmp_path / "m.pt2", ExportConfig(tables=tables, format="aoti", kernels="ours"))

@@ -13,7 +13,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from afmrec.models import build_model
-from afmrec.models.kernels.cross import cross_update_reference, interaction
+from afmrec.models.kernels.cross import CodeLayout, cross_update_reference, interaction
 from afmrec.models.fused_cross import FusedCrossNet, X0CrossNet, interaction_map, unfusable_reason
 from afmrec.models.serving import DCNServing, cross_fusion_blocker, use_kernels_
 from afmrec.pipeline.bases import afm_bases, spectra
@@ -38,15 +38,24 @@ from .conftest import random_batch, run_without_afmrec, tiny_config
 BATCHES = [random_batch(64, 3, seed=s, max_bag=4) for s in range(3)]
 
 
-def afm_dcn(dim: int = 16, layers: int = 3, compressed: bool = True, device: str = "cpu"):
+MIXED = {"t0": 4, "t2": 8}
+"""Table ranks of the default plan's kind: two ranks, a table (t1) left whole."""
+
+
+def afm_dcn(dim: int = 16, layers: int = 3, compressed: bool = True, device: str = "cpu",
+            table_ranks: dict[str, int] | None = None):
     """A DLRM-DCNv2 whose every cross layer, over-arch layer and table AFM compresses 4x
-    (ranks k = out / 4), with bases from its own statistics."""
+    (ranks k = out / 4; or the tables at ``table_ranks``, those absent whole), with bases
+    from its own statistics."""
     torch.manual_seed(0)
     config = dataclasses.replace(tiny_config("dcn", embedding_dim=dim), dense_arch=(16, dim),
                                  over_arch=(32, 8, 1), dcn_num_layers=layers, dcn_low_rank_dim=32)
     model = build_model(config, torch.device(device)).eval()
     blocks = find_blocks(model)
     ranks = {b.name: 4 if b.kind == "table" else max(1, b.out_features // 4) for b in blocks}
+    if table_ranks is not None:
+        ranks = {n: k for n, k in ranks.items() if not n.startswith("sparse_arch.")}
+        ranks.update({f"sparse_arch.embedding_bag_collection.{t}": k for t, k in table_ranks.items()})
     if compressed:
         batches = [b.to(torch.device(device)) for b in BATCHES]
         compress_(model, afm_bases(spectra(collect_statistics(model, blocks, batches)), ranks), CompressConfig())
@@ -105,10 +114,48 @@ def test_the_interaction_is_an_affine_map_of_dense_codes_and_nonempty():
     dense, codes = rand(batch, dim), rand(batch, fields * k)
     nonempty = torch.tensor([[1.0, 0.0, 1.0]] * 3 + [[0.0, 1.0, 1.0]] * 3, dtype=torch.float64)
     code_weight = torch.cat([rand(fields, k + 1, dim), torch.zeros(fields, 2, dim, dtype=torch.float64)], 1)
-    w, b = interaction_map(code_weight, k)
+    w, b = interaction_map(code_weight, CodeLayout.uniform(fields, k))
     assert w.shape == ((fields + 1) * dim, dim + fields * k + fields) and not b.any()
     u = torch.cat([dense, codes, nonempty], 1)
     torch.testing.assert_close(u @ w.T, interaction(dense, codes, nonempty, code_weight), rtol=1e-12, atol=1e-12)
+
+
+def test_a_mixed_layout_is_the_fields_written_out_and_an_affine_map():
+    """Codes of different widths and a whole table's row (width 0): x_0 is the dense row,
+    then ``[c_f; nonempty_f] W_f`` or the row itself, and exactly (float64) W u."""
+    g = torch.Generator().manual_seed(7)
+    batch, dim = 6, 16
+    layout = CodeLayout(((0, 5), (5, 0), (21, 3)), bias_row=5, codes_width=24)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    dense, codes, cw = rand(batch, dim), rand(batch, 24), rand(3, 8, dim)
+    nonempty = torch.tensor([[1.0, 0.0, 1.0]] * 3 + [[0.0, 1.0, 0.0]] * 3, dtype=torch.float64)
+    x0 = torch.cat([dense, codes[:, :5] @ cw[0, :5] + nonempty[:, :1] * cw[0, 5], codes[:, 5:21],
+                    codes[:, 21:24] @ cw[2, :3] + nonempty[:, 2:3] * cw[2, 5]], 1)
+    torch.testing.assert_close(interaction(dense, codes, nonempty, cw, layout), x0, rtol=1e-12, atol=1e-12)
+    w, b = interaction_map(cw, layout)
+    assert w.shape == (4 * dim, dim + 24 + 3) and not b.any()
+    torch.testing.assert_close(torch.cat([dense, codes, nonempty], 1) @ w.T, x0, rtol=1e-12, atol=1e-12)
+
+
+def test_tables_of_different_ranks_and_whole_tables_are_served_from_their_codes(tmp_path):
+    """The default plan's kind of model (two table ranks, a table left whole) is served from
+    its codes too: the layout names each field's column and width, and the logits are
+    the plain serving form's, eager and in the AOTInductor artifact."""
+    model, config, _ = afm_dcn(table_ranks=MIXED)
+    features = [t.name for t in config.tables]
+    plain, fused = serving_module(model, features), serving_module(model, features, fuse_cross=True)
+    net = fused.model.fused
+    assert isinstance(net, FusedCrossNet) and not fused.model.embedding_bag_collection.serving
+    # t0 rank 4 at column 0, t1 whole (16 wide) at 4, t2 rank 8 at 20; bias row 8
+    assert net.layout == CodeLayout(((0, 4), (4, 0), (20, 8)), 8, 28)
+    assert net.layout_tensor.tolist() == [[0, 4], [4, 0], [20, 8]]
+    for batch in BATCHES:
+        torch.testing.assert_close(call(fused, batch), call(plain, batch), rtol=2e-5, atol=2e-6)
+    record = ModelRecord(config)
+    meta = export_model(model, record.model, tmp_path / "m.pt2", ExportConfig(format="aoti", kernels="ours"))
+    loaded, _ = load_artifact(tmp_path / "m.pt2")
+    torch.testing.assert_close(call(loaded, BATCHES[0]), call(plain, BATCHES[0]), rtol=2e-5, atol=2e-6)
+    assert meta["check_max_abs_diff"] <= 1e-5
 
 
 def test_models_the_fused_network_cannot_serve_from_codes_say_why_and_fuse_from_x0():

@@ -24,13 +24,14 @@ def test_kernel_matches_its_reference_under_the_interpreter(check):
     empty bags, out-of-table ids; the autotuned launch and every tiling it tunes over,
     each exactly equal to the reference (a bag's rows added in id order whatever the
     tiling) and to FBGEMM's CPU kernel to float rounding. The update's: w kept in
-    registers or read in chunks, with and without x_prev, and x_0 read from memory (the
-    original's rank-512 layers)."""
+    registers or read in chunks, with and without x_prev, codes of mixed widths with whole
+    tables' rows among them, and x_0 read from memory (the original's rank-512 layers)."""
     code = f"from afmrec.models.kernels.selfcheck import {check}; {check}(verbose=True)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr[-2000:]
-    cases = {"check_cross_update": 18, "check_lookup": 81}[check]  # 5 shapes x 3 tilings + 3; 3 x 3 x 9
+    # update: 5 shapes x 3 tilings + 3 mixed layouts x 2 tilings + 3 from x0; lookup: 3 x 3 x 9
+    cases = {"check_cross_update": 24, "check_lookup": 81}[check]
     assert len(done.stdout.splitlines()) == cases, done.stdout[-2000:]
 
 
@@ -47,7 +48,10 @@ def test_the_update_check_names_a_tiling_form_that_is_off(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
     def launch(*args):
-        x = cross.cross_update_reference(*args)
+        inputs, given = args[:8], args[8:]  # a mixed layout comes as its tensor and bias row
+        layout = (cross.CodeLayout(tuple(map(tuple, given[0].tolist())), given[1], inputs[1].shape[1])
+                  if given else None)
+        x = cross.cross_update_reference(*inputs, layout)
         return x * (1 + 1e-4) if args[4].shape[1] > cross.MAX_RESIDENT_R else x
 
     monkeypatch.setattr(cross, "launch", launch)
@@ -56,8 +60,9 @@ def test_the_update_check_names_a_tiling_form_that_is_off(monkeypatch):
         selfcheck.check_cross_update()
     lines = str(failed.value).splitlines()
     # R above MAX_RESIDENT_R: R = 45 and 112 for the tiling of 32, R = 112 for that of 64,
-    # R = 200 and 150 for all three
-    assert lines[0] == "the fused cross network's update kernel: 9 case(s) off their reference:", lines
+    # R = 200 and 150 for all three; of the mixed layouts (two tilings) R = 200 for both,
+    # R = 45 and 112 for that of 32
+    assert lines[0] == "the fused cross network's update kernel: 13 case(s) off their reference:", lines
     assert all("relative error 1.0e-04, tolerance 1e-05" in line for line in lines[1:]), lines
     assert cross.MAX_RESIDENT_R == 128 and cross.BLOCK_B == 64  # the constants restored
 

@@ -5,14 +5,17 @@ An update computes, for a row of the batch,
 
     x = x_0 * (beta + w Q^T) [+ x_prev],
 
-with ``x_0`` (N = (F + 1) D wide) assembled from the dense row and the F fields' K-wide
-codes, ``w`` (R wide) a layer's small vector and ``Q^T`` (R, N) its ``up`` factor. The
-kernel is a GEMM of depth R whose epilogue forms ``x_0``'s tile from the codes (a K-deep
-product) and applies the update: ``x_0`` is never written or read, and neither is ``y``.
+with ``x_0`` (N = (F + 1) D wide) assembled from the dense row and the F fields' codes
+(:class:`CodeLayout`: K-wide codes, one K for all or one per table, and whole tables'
+D-wide rows), ``w`` (R wide) a layer's small vector and ``Q^T`` (R, N) its ``up`` factor.
+The kernel is a GEMM of depth R whose epilogue forms ``x_0``'s tile from the codes (a
+K-deep product, or the row itself) and applies the update: ``x_0`` is never written or
+read, and neither is ``y``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -55,6 +58,35 @@ def padded(width: int) -> int:
     return max(16, 1 << (width - 1).bit_length())
 
 
+@dataclass(frozen=True)
+class CodeLayout:
+    """Where each field's code lies in the codes (B, C), and how it becomes its D-wide
+    field of ``x_0``.
+
+    Attributes:
+        fields: per field, (column, width): width k > 0, a k-wide code that becomes
+            ``[c_f; nonempty_f] W_f`` (``code_weight[f, :k]``, then the non-empty bias
+            ``code_weight[f, bias_row]``); width 0, a whole table's pooled row, its D
+            columns taken as they are.
+        bias_row: the row of ``code_weight`` holding the non-empty bias (at least the
+            widest code's width).
+        codes_width: C.
+    """
+
+    fields: tuple[tuple[int, int], ...]
+    bias_row: int
+    codes_width: int
+
+    @classmethod
+    def uniform(cls, fields: int, k: int) -> "CodeLayout":
+        """F codes of one width K, one after another (a collection in serving form)."""
+        return cls(tuple((f * k, k) for f in range(fields)), k, fields * k)
+
+    def tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """(F, 2) int32: each field's column and width, as the kernel reads them."""
+        return torch.tensor(self.fields, dtype=torch.int32, device=device).view(-1, 2)
+
+
 def project_codes(codes: torch.Tensor, nonempty: torch.Tensor, code_weight: torch.Tensor,
                   out: torch.Tensor, k: int, pad: int) -> None:
     """Writes each field's ``[c_f; nonempty_f; 0] W_f`` into ``out`` with one batched GEMM.
@@ -77,39 +109,53 @@ def project_codes(codes: torch.Tensor, nonempty: torch.Tensor, code_weight: torc
 
 
 def interaction(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
-                code_weight: torch.Tensor) -> torch.Tensor:
-    """``x_0`` (B, (F + 1) D): the dense row, then each field's projection
-    (:func:`project_codes`, as the plain serving form writes them).
+                code_weight: torch.Tensor, layout: CodeLayout | None = None) -> torch.Tensor:
+    """``x_0`` (B, (F + 1) D): the dense row, then each field (:class:`CodeLayout`; None:
+    F codes of one width, projected by :func:`project_codes` as the plain serving form
+    writes them).
 
-    Args: dense (B, D); codes (B, F K); nonempty (B, F); code_weight (F, KP, D), KP > K."""
+    Args: dense (B, D); codes (B, C); nonempty (B, F); code_weight (F, KP, D), KP > the
+    bias row."""
     batch, (fields, kp, dim) = dense.shape[0], code_weight.shape
-    k = codes.shape[1] // fields
-    x0 = dense.new_empty(batch, fields + 1, dim)
-    x0.select(1, 0).copy_(dense)
-    project_codes(codes, nonempty, code_weight, x0.narrow(1, 1, fields), k, kp - k - 1)
-    return x0.view(batch, -1)
+    if layout is None:
+        k = codes.shape[1] // fields
+        x0 = dense.new_empty(batch, fields + 1, dim)
+        x0.select(1, 0).copy_(dense)
+        project_codes(codes, nonempty, code_weight, x0.narrow(1, 1, fields), k, kp - k - 1)
+        return x0.view(batch, -1)
+    parts = [dense]
+    for f, (column, width) in enumerate(layout.fields):
+        if width == 0:
+            parts.append(codes[:, column:column + dim])
+        else:
+            bias = nonempty[:, f:f + 1].to(codes.dtype) * code_weight[f, layout.bias_row]
+            parts.append(torch.addmm(bias, codes[:, column:column + width], code_weight[f, :width]))
+    return torch.cat(parts, 1)
 
 
 def cross_update_reference(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
                            code_weight: torch.Tensor, w: torch.Tensor, up_t: torch.Tensor,
-                           beta: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
+                           beta: torch.Tensor, prev: Optional[torch.Tensor],
+                           layout: CodeLayout | None = None) -> torch.Tensor:
     """The update in PyTorch's ops (materialises ``x_0`` and ``s``).
 
-    Args: dense, codes, nonempty, code_weight: as :func:`interaction`; w (B, R); up_t
-    (R, N); beta (N,); prev (B, N) or None. Returns: x (B, N)."""
+    Args: dense, codes, nonempty, code_weight, layout: as :func:`interaction`; w (B, R);
+    up_t (R, N); beta (N,); prev (B, N) or None. Returns: x (B, N)."""
     s = torch.addmm(beta, w, up_t) if w.shape[1] else beta
-    x = interaction(dense, codes, nonempty, code_weight) * s
+    x = interaction(dense, codes, nonempty, code_weight, layout) * s
     return x + prev if prev is not None else x
 
 
 if triton is not None:
 
     @triton.jit
-    def _x0_tile(dense_ptr, codes_ptr, nonempty_ptr, cw_ptr, rows, row_ok, col0, dense_stride, codes_stride,
-                 ne_row_stride, ne_field_stride, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X0_GIVEN: tl.constexpr):
-        """x_0's (rows, [col0, col0 + BLOCK_N)) tile: the dense row's, or [c_f; nonempty_f] W_f;
-        with X0_GIVEN, read from x_0 itself (``dense_ptr``, (B, N))."""
+    def _x0_tile(dense_ptr, codes_ptr, nonempty_ptr, cw_ptr, layout_ptr, rows, row_ok, col0, dense_stride,
+                 codes_stride, ne_row_stride, ne_field_stride, D: tl.constexpr, KB: tl.constexpr,
+                 KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X0_GIVEN: tl.constexpr):
+        """x_0's (rows, [col0, col0 + BLOCK_N)) tile: the dense row's, a whole table's row
+        (width 0 in the layout) or [c_f; nonempty_f] W_f (``layout_ptr``: (F, 2) int32, each
+        field's column and width; row KB of W_f its bias); with X0_GIVEN, read from x_0
+        itself (``dense_ptr``, (B, N))."""
         field = col0 // D - 1  # -1: the dense row
         within = col0 % D + tl.arange(0, BLOCK_N)
         if X0_GIVEN:
@@ -119,22 +165,28 @@ if triton is not None:
             x0 = tl.load(dense_ptr + rows[:, None] * dense_stride + within[None, :], mask=row_ok[:, None],
                          other=0.0)
         else:
-            kk = tl.arange(0, BLOCK_K)
-            code = tl.load(codes_ptr + rows[:, None] * codes_stride + field * K + kk[None, :],
-                           mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
-            weight = tl.load(cw_ptr + (field * KP + kk[:, None]) * D + within[None, :],
-                             mask=(kk < K)[:, None], other=0.0)
-            present = tl.load(nonempty_ptr + rows * ne_row_stride + field * ne_field_stride, mask=row_ok,
-                              other=0.0)
-            bias = tl.load(cw_ptr + (field * KP + K) * D + within)
-            x0 = tl.dot(code, weight) + present[:, None] * bias[None, :]
+            column = tl.load(layout_ptr + 2 * field)
+            width = tl.load(layout_ptr + 2 * field + 1)
+            if width == 0:
+                x0 = tl.load(codes_ptr + rows[:, None] * codes_stride + column + within[None, :],
+                             mask=row_ok[:, None], other=0.0)
+            else:
+                kk = tl.arange(0, BLOCK_K)
+                code = tl.load(codes_ptr + rows[:, None] * codes_stride + column + kk[None, :],
+                               mask=row_ok[:, None] & (kk < width)[None, :], other=0.0)
+                weight = tl.load(cw_ptr + (field * KP + kk[:, None]) * D + within[None, :],
+                                 mask=(kk < width)[:, None], other=0.0)
+                present = tl.load(nonempty_ptr + rows * ne_row_stride + field * ne_field_stride, mask=row_ok,
+                                  other=0.0)
+                bias = tl.load(cw_ptr + (field * KP + KB) * D + within)
+                x0 = tl.dot(code, weight) + present[:, None] * bias[None, :]
         return x0
 
     @triton.jit
-    def _cross_update_kernel(dense_ptr, codes_ptr, nonempty_ptr, cw_ptr, w_ptr, up_ptr, beta_ptr, prev_ptr,
-                             out_ptr, B, dense_stride, codes_stride, ne_row_stride, ne_field_stride, w_stride,
-                             prev_stride, out_stride,
-                             F: tl.constexpr, D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    def _cross_update_kernel(dense_ptr, codes_ptr, nonempty_ptr, cw_ptr, layout_ptr, w_ptr, up_ptr, beta_ptr,
+                             prev_ptr, out_ptr, B, dense_stride, codes_stride, ne_row_stride, ne_field_stride,
+                             w_stride, prev_stride, out_stride,
+                             F: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, KP: tl.constexpr,
                              R: tl.constexpr, HAS_PREV: tl.constexpr, BLOCK_B: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                              TILES: tl.constexpr, NUM_STAGES: tl.constexpr, X0_GIVEN: tl.constexpr):
@@ -162,8 +214,8 @@ if triton is not None:
                                  mask=row_ok[:, None] & (rc < R)[None, :], other=0.0)
                     q = tl.load(up_ptr + rc[:, None] * N + cols[None, :], mask=(rc < R)[:, None], other=0.0)
                     s = tl.dot(wc, q, s)
-            x0 = _x0_tile(dense_ptr, codes_ptr, nonempty_ptr, cw_ptr, rows, row_ok, col0, dense_stride,
-                          codes_stride, ne_row_stride, ne_field_stride, D, K, KP, BLOCK_N, BLOCK_K, X0_GIVEN)
+            x0 = _x0_tile(dense_ptr, codes_ptr, nonempty_ptr, cw_ptr, layout_ptr, rows, row_ok, col0, dense_stride,
+                          codes_stride, ne_row_stride, ne_field_stride, D, KB, KP, BLOCK_N, BLOCK_K, X0_GIVEN)
             if HAS_PREV:
                 x = tl.load(prev_ptr + rows[:, None] * prev_stride + cols[None, :], mask=row_ok[:, None],
                             other=0.0)
@@ -173,21 +225,27 @@ if triton is not None:
             tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], x, mask=row_ok[:, None])
 
     def launch(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor, code_weight: torch.Tensor,
-               w: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
+               w: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor, prev: Optional[torch.Tensor],
+               layout: Optional[torch.Tensor] = None, bias_row: int = -1) -> torch.Tensor:
         """Runs :func:`_cross_update_kernel` on :func:`cross_update`'s arguments (on CUDA, or
-        on the CPU under Triton's interpreter, ``TRITON_INTERPRET=1``); returns x."""
+        on the CPU under Triton's interpreter, ``TRITON_INTERPRET=1``); returns x.
+        ``layout``: :meth:`CodeLayout.tensor` with its ``bias_row``; None: F codes of one
+        width."""
         batch, (fields, kp, dim) = dense.shape[0], code_weight.shape
         out = dense.new_empty(batch, (fields + 1) * dim)
-        k, r, block_n = codes.shape[1] // fields, w.shape[1], min(BLOCK_N, dim)
+        if layout is None:
+            bias_row = codes.shape[1] // fields
+            layout = CodeLayout.uniform(fields, bias_row).tensor(codes.device)
+        r, block_n = w.shape[1], min(BLOCK_N, dim)
         ntiles = (fields + 1) * dim // block_n
         tiles = max(t for t in range(1, TILES + 1) if ntiles % t == 0)
         grid = (ntiles // tiles, triton.cdiv(batch, BLOCK_B))
         torch.library.wrap_triton(_cross_update_kernel)[grid](
-            dense, codes, nonempty, code_weight, w, up_t, beta, prev if prev is not None else dense, out, batch,
-            dense.stride(0), codes.stride(0), nonempty.stride(0), nonempty.stride(1), w.stride(0),
+            dense, codes, nonempty, code_weight, layout, w, up_t, beta, prev if prev is not None else dense, out,
+            batch, dense.stride(0), codes.stride(0), nonempty.stride(0), nonempty.stride(1), w.stride(0),
             prev.stride(0) if prev is not None else 0, out.stride(0),
-            F=fields, D=dim, K=k, KP=kp, R=r, HAS_PREV=prev is not None, BLOCK_B=BLOCK_B, BLOCK_N=block_n,
-            BLOCK_K=padded(k), BLOCK_R=min(padded(r), MAX_RESIDENT_R), TILES=tiles, NUM_STAGES=NUM_STAGES,
+            F=fields, D=dim, KB=bias_row, KP=kp, R=r, HAS_PREV=prev is not None, BLOCK_B=BLOCK_B, BLOCK_N=block_n,
+            BLOCK_K=padded(bias_row), BLOCK_R=min(padded(r), MAX_RESIDENT_R), TILES=tiles, NUM_STAGES=NUM_STAGES,
             X0_GIVEN=False,  # every argument named: torch.export's Triton wrapper does not fill defaults
             num_warps=NUM_WARPS)
         return out
@@ -203,9 +261,9 @@ if triton is not None:
         tiles = max(t for t in range(1, TILES + 1) if ntiles % t == 0)
         grid = (ntiles // tiles, triton.cdiv(batch, BLOCK_B))
         torch.library.wrap_triton(_cross_update_kernel)[grid](
-            x0, x0, x0, x0, w, up_t, beta, prev if prev is not None else x0, out, batch,
+            x0, x0, x0, x0, x0, w, up_t, beta, prev if prev is not None else x0, out, batch,
             x0.stride(0), 0, 0, 0, w.stride(0), prev.stride(0) if prev is not None else 0, out.stride(0),
-            F=0, D=n, K=1, KP=2, R=r, HAS_PREV=prev is not None, BLOCK_B=BLOCK_B, BLOCK_N=block_n, BLOCK_K=16,
+            F=0, D=n, KB=1, KP=2, R=r, HAS_PREV=prev is not None, BLOCK_B=BLOCK_B, BLOCK_N=block_n, BLOCK_K=16,
             BLOCK_R=min(padded(r), MAX_RESIDENT_R), TILES=tiles, NUM_STAGES=NUM_STAGES, X0_GIVEN=True,
             num_warps=NUM_WARPS)
         return out
@@ -218,22 +276,28 @@ if triton is not None:
     @torch.library.triton_op("afmrec::cross_update", mutates_args=())
     def _cross_update_op(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
                          code_weight: torch.Tensor, w: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor,
-                         prev: Optional[torch.Tensor]) -> torch.Tensor:
-        return launch(dense, codes, nonempty, code_weight, w, up_t, beta, prev)
+                         prev: Optional[torch.Tensor], layout: Optional[torch.Tensor], bias_row: int) -> torch.Tensor:
+        return launch(dense, codes, nonempty, code_weight, w, up_t, beta, prev, layout, bias_row)
 
 
 def cross_update(dense: torch.Tensor, codes: torch.Tensor, nonempty: torch.Tensor,
                  code_weight: torch.Tensor, w: torch.Tensor, up_t: torch.Tensor, beta: torch.Tensor,
-                 prev: Optional[torch.Tensor]) -> torch.Tensor:
+                 prev: Optional[torch.Tensor], layout: CodeLayout | None = None,
+                 layout_tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`cross_update_reference`'s function, as one Triton kernel on CUDA (elsewhere the
     reference): a program takes :data:`BLOCK_B` rows, keeps their ``w`` in registers and
     walks up to :data:`TILES` column tiles of :data:`BLOCK_N` (each inside one field): per
-    tile it accumulates ``w Q^T`` over R, then forms ``x_0``'s tile (the dense row's, or
-    ``[c_f; nonempty_f] W_f``) and the update in registers. Reads ``w``, the codes and
-    ``prev``; writes ``x``: one pass over (B, N) written, one read if ``prev``."""
+    tile it accumulates ``w Q^T`` over R, then forms ``x_0``'s tile (the dense row's, a
+    whole table's row, or ``[c_f; nonempty_f] W_f``) and the update in registers. Reads
+    ``w``, the codes and ``prev``; writes ``x``: one pass over (B, N) written, one read if
+    ``prev``. ``layout``: the codes' :class:`CodeLayout` (None: F codes of one width);
+    ``layout_tensor``: its :meth:`CodeLayout.tensor` on the device (made here if None)."""
     if triton is None or not dense.is_cuda:
-        return cross_update_reference(dense, codes, nonempty, code_weight, w, up_t, beta, prev)
-    return torch.ops.afmrec.cross_update(dense, codes, nonempty, code_weight, w, up_t, beta, prev)
+        return cross_update_reference(dense, codes, nonempty, code_weight, w, up_t, beta, prev, layout)
+    if layout is not None and layout_tensor is None:
+        layout_tensor = layout.tensor(dense.device)
+    return torch.ops.afmrec.cross_update(dense, codes, nonempty, code_weight, w, up_t, beta, prev,
+                                         layout_tensor, layout.bias_row if layout is not None else -1)
 
 
 def x0_block_n(n: int) -> int:

@@ -54,6 +54,21 @@ def random_update_inputs(batch: int, fields: int, k: int, dim: int, r: int, prev
             rand(r, n, scale=0.1), rand(n), rand(batch, n) if prev else None]
 
 
+def random_layout_inputs(batch: int, widths: tuple[int, ...], dim: int, r: int, prev: bool,
+                         seed: int = 0) -> tuple[list[Optional[torch.Tensor]], cross.CodeLayout]:
+    """:func:`random_update_inputs` for fields of the given code widths (0: a whole
+    table's D-wide row), one after another, and their :class:`~afmrec.models.kernels.
+    cross.CodeLayout` (bias row: the widest code)."""
+    columns = [sum(w or dim for w in widths[:i]) for i in range(len(widths))]
+    layout = cross.CodeLayout(tuple(zip(columns, widths)), max(widths), sum(w or dim for w in widths))
+    inputs = random_update_inputs(batch, len(widths), 1, dim, r, prev, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    kp = -(-(layout.bias_row + 1) // 8) * 8
+    inputs[1] = torch.randn(batch, layout.codes_width, generator=g)
+    inputs[3] = torch.randn(len(widths), kp, dim, generator=g)
+    return inputs, layout
+
+
 UPDATE_SHAPES = [(70, 3, 5, 16, 0, False), (130, 4, 12, 32, 45, True), (100, 5, 32, 64, 112, True),
                  (65, 2, 8, 32, 200, False), (33, 3, 8, 16, 150, True)]
 """(batch, fields, K, D, R, prev) of the update's check: ragged batches, R = 0, R wider
@@ -61,6 +76,9 @@ than a resident w."""
 
 UPDATE_TILINGS = [(64, 64, 6, 128), (32, 16, 3, 32), (16, 32, 2, 64)]
 """(BLOCK_B, BLOCK_N, TILES, MAX_RESIDENT_R): w kept in registers or read in chunks."""
+
+LAYOUT_SHAPES = [(70, (5, 0, 12), 16, 45, True), (65, (0, 8, 3, 0), 32, 200, False), (33, (32, 0), 64, 112, True)]
+"""(batch, code widths (0: a whole table), D, R, prev): the default plan's kind of tables."""
 
 X0_SHAPES = [(70, 3, 16, 40, False), (65, 2, 32, 512, True), (33, 5, 64, 200, True)]
 """(batch, fields, D, R, prev) of the check with x_0 read from memory (the original
@@ -105,6 +123,14 @@ def check_cross_update(verbose: bool = False) -> None:
             exact = cross.cross_update_reference(*_double(inputs))
             got = cross.launch(*_on(inputs, device))
             record(f"B={batch} F={fields} K={k} D={dim} R={r} prev={carry} "
+                   + " ".join(f"{n}={v}" for n, v in zip(names, tiling)), _relative_error(got, exact))
+        for (batch, widths, dim, r, carry), tiling in itertools.product(LAYOUT_SHAPES, UPDATE_TILINGS[:2]):
+            for name, value in zip(names, tiling):
+                setattr(cross, name, value)
+            inputs, layout = random_layout_inputs(batch, widths, dim, r, carry, seed=batch)
+            exact = cross.cross_update_reference(*_double(inputs), layout)
+            got = cross.launch(*_on(inputs, device), layout.tensor(device), layout.bias_row)
+            record(f"layout {widths}: B={batch} D={dim} R={r} prev={carry} "
                    + " ".join(f"{n}={v}" for n, v in zip(names, tiling)), _relative_error(got, exact))
         for name, value in zip(names, (64, 32, 12, 128)):
             setattr(cross, name, value)
