@@ -214,28 +214,37 @@ class LowRankEmbeddingBagCollection(nn.Module):
         ranks, rows = self.ranks, {t.name: t.num_embeddings for t in self._configs}
         if not ranks or len(set(self._dims)) != 1:
             return False
-        k, d = max(ranks.values()), self._dims[0]
+        k = max(ranks.values())
         plain = [t.name for t in self._configs if t.name not in ranks]
         if any(rows[t] > k for t in plain):
             return False
         extra = sum(rows[t] * (k - r) for t, r in ranks.items())
         if extra > max_padding * sum(rows[t] * r for t, r in ranks.items()):
             return False
-        padded = -(-(k + 1) // multiple) * multiple
-        ref = next(iter(self.projections.values())).weight
-        weight = torch.zeros(len(self._feature_tables), padded, d, dtype=ref.dtype, device=ref.device)
+        weight = self._stacked_projections(k, multiple)
         with torch.no_grad():
             for i, (_, table) in enumerate(self._feature_tables):
-                if table in ranks:
-                    proj = self.projections[table]
-                    weight[i, : proj.in_features] = proj.weight.T
-                    weight[i, k] = proj.bias
-                else:
+                if table not in ranks:
                     weight[i, : rows[table]] = self.codes.embedding_bags[table].weight
         self._widen_codes_(k)
         self.register_buffer("serving_weight", weight)
-        self._serving = (k, padded - k - 1)
+        self._serving = (k, weight.shape[1] - k - 1)
         return True
+
+    def _stacked_projections(self, bias_row: int, multiple: int) -> torch.Tensor:
+        """(F, KP, D): each projected feature's ``U_f^T`` in rows ``[0, K_f)`` and its
+        ``b2`` in row ``bias_row``, zeros elsewhere (KP > ``bias_row``, a multiple of
+        ``multiple``); all zeros for a feature left whole."""
+        ref = next(iter(self.projections.values())).weight
+        kp = -(-(bias_row + 1) // multiple) * multiple
+        weight = torch.zeros(len(self._feature_tables), kp, self._dims[0], dtype=ref.dtype, device=ref.device)
+        with torch.no_grad():
+            for i, (_, table) in enumerate(self._feature_tables):
+                if table in self.projections:
+                    proj = self.projections[table]
+                    weight[i, : proj.in_features] = proj.weight.T
+                    weight[i, bias_row] = proj.bias
+        return weight
 
     def _widen_codes_(self, k: int) -> None:
         """Makes every code table ``k`` wide: projected ones get zero columns, unprojected
@@ -267,19 +276,9 @@ class LowRankEmbeddingBagCollection(nn.Module):
             return self.serving_weight, CodeLayout.uniform(len(self._feature_tables), k)
         ranks, dim = self.ranks, self._dims[0]
         bias_row = max(ranks.values())
-        ref = next(iter(self.projections.values())).weight
-        weight = torch.zeros(len(self._feature_tables), -(-(bias_row + 1) // multiple) * multiple, dim,
-                             dtype=ref.dtype, device=ref.device)
-        fields = []
-        with torch.no_grad():
-            for i, (_, table) in enumerate(self._feature_tables):
-                if table in ranks:
-                    proj = self.projections[table]
-                    weight[i, : proj.in_features] = proj.weight.T
-                    weight[i, bias_row] = proj.bias
-                fields.append((self._code_columns[i], ranks.get(table, 0)))
+        fields = tuple((self._code_columns[i], ranks.get(table, 0)) for i, (_, table) in enumerate(self._feature_tables))
         widths = [ranks.get(table, dim) for _, table in self._feature_tables]
-        return weight, CodeLayout(tuple(fields), bias_row, sum(widths))
+        return self._stacked_projections(bias_row, multiple), CodeLayout(fields, bias_row, sum(widths))
 
     def forward_codes(self, features: KeyedJaggedTensor) -> tuple[KeyedTensor, torch.Tensor]:
         """The K-wide pooled codes and the (B, F) non-empty mask, before projection."""
