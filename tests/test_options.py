@@ -229,12 +229,12 @@ def test_manifest_cells_parse_to_their_field_types(tmp_path):
     csv_row = {"checkpoint": " ck ", "calibration": "data@0:0.5", "out": "out/a", "name": "first",
                "model_config": "cfg.json", "ratio": "", "energy": "", "rank": "8",
                "policy": "", "table_format": "fp16", "serve_device": "cpu", "probe": "val@0:0.5",
-               "table_multiple": "2", "method": "svd", "activation": "relu",
+               "table_multiple": "2", "dense_ratio": "", "method": "svd", "activation": "relu",
                "finetune": "data@0.5:0.9", "finetune_epochs": "3", "finetune_batch_size": "256",
                "eval": "test", "batch_size": "512"}
     assert list(csv_row) == columns
     second = {**dict.fromkeys(columns, ""), "checkpoint": "ck2", "calibration": "data",
-              "out": "out/b", "ratio": "2.5"}
+              "out": "out/b", "ratio": "2.5", "dense_ratio": "2"}
     path = tmp_path / "m.csv"
     path.write_text("\n".join(",".join(r[c] for c in columns) for r in
                               ({c: c for c in columns}, csv_row, second)) + "\n")
@@ -244,12 +244,14 @@ def test_manifest_cells_parse_to_their_field_types(tmp_path):
         "checkpoint": base / "ck", "calibration": DataRef(base / "data", 0.0, 0.5),
         "out": base / "out/a", "name": "first", "model_config": base / "cfg.json",
         "ratio": None, "energy": None, "rank": 8, "policy": None, "table_format": "fp16",
-        "serve_device": "cpu", "probe": DataRef(base / "val", 0.0, 0.5), "table_multiple": 2, "method": "svd",
+        "serve_device": "cpu", "probe": DataRef(base / "val", 0.0, 0.5), "table_multiple": 2, "dense_ratio": None,
+        "method": "svd",
         "activation": "relu", "finetune": DataRef(base / "data", 0.5, 0.9), "finetune_epochs": 3,
         "finetune_batch_size": 256, "eval": DataRef(base / "test"), "batch_size": 512})
     _assert_exact(_fields(row2), {
-        **_fields(BatchRow(base / "ck2", DataRef(base / "data"), base / "out/b", ratio=2.5)),
-        "name": "b", "ratio": 2.5})
+        **_fields(BatchRow(base / "ck2", DataRef(base / "data"), base / "out/b", ratio=2.5, dense_ratio=2.0)),
+        "name": "b", "ratio": 2.5, "dense_ratio": 2.0})
+    assert row2.rank_config().dense_ratio == 2.0
 
     # Parquet cells come typed: an integral float is an int, an int is a float
     table = pa.table({"checkpoint": ["ck"], "calibration": ["data"], "out": ["o"],
