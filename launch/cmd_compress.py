@@ -59,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --ratio (loss or variance policy): the Linear layers together "
                         "at least this many times smaller, which is as many times fewer "
                         "multiply-adds per sample (a budget of their own inside the byte "
-                        "budget). Without it the bytes go where they save the most loss, mostly "
-                        "to the tables, and the dense compute stays as it was")
+                        "budget). Without it the byte budget alone decides, which can leave the "
+                        "Linears of a table-dominated model whole")
     parser.add_argument("--rank-pattern", nargs="+", default=[], metavar="GLOB=K",
                         help="per-block rank overrides by block-name glob")
     parser.add_argument("--table-format", choices=TABLE_FORMATS, default="auto",
