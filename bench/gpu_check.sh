@@ -4,7 +4,7 @@
 # that one record holds every speed figure of the device (BENCHMARKS.md's table).
 #
 # usage: OUT=/tmp/gpu bash bench/gpu_check.sh [bench speed options...]
-#   default options: the published run (--device cuda, 4 variants, AOTInductor, profiles)
+#   default options: the published run (--device cuda, 6 variants, AOTInductor, profiles)
 # needs: torch (CUDA), torchrec, fbgemm-gpu and pytest importable by python3. afmrec is
 # used from this checkout when it is not installed. On a copy of the tree, set
 # AFMREC_GIT_COMMIT to the commit it holds: the record stores it in place of git's.

@@ -274,11 +274,9 @@ class LowRankEmbeddingBagCollection(nn.Module):
         if self._serving is not None:
             k = self._serving[0]
             return self.serving_weight, CodeLayout.uniform(len(self._feature_tables), k)
-        ranks, dim = self.ranks, self._dims[0]
-        bias_row = max(ranks.values())
-        fields = tuple((self._code_columns[i], ranks.get(table, 0)) for i, (_, table) in enumerate(self._feature_tables))
-        widths = [ranks.get(table, dim) for _, table in self._feature_tables]
-        return self._stacked_projections(bias_row, multiple), CodeLayout(fields, bias_row, sum(widths))
+        ranks = self.ranks
+        layout = CodeLayout.of_widths([ranks.get(table, 0) for _, table in self._feature_tables], self._dims[0])
+        return self._stacked_projections(layout.bias_row, multiple), layout
 
     def forward_codes(self, features: KeyedJaggedTensor) -> tuple[KeyedTensor, torch.Tensor]:
         """The K-wide pooled codes and the (B, F) non-empty mask, before projection."""

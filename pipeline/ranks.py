@@ -150,12 +150,14 @@ class RankPlan:
         table_format: the format the bytes are counted in.
         original_bytes: the original model's fp32 bytes.
         bytes: the compressed model's bytes, tables in ``table_format``.
+        dense_ratio: how many times smaller the Linear blocks are (:func:`dense_ratio`).
     """
 
     ranks: dict[str, int]
     table_format: TableFormat
     original_bytes: int
     bytes: int
+    dense_ratio: float | None
 
     @property
     def ratio(self) -> float:
@@ -166,7 +168,7 @@ class RankPlan:
            other_params: int = 0) -> "RankPlan":
         """The plan of given ``ranks`` (blocks not in it whole), its bytes counted in ``fmt``."""
         cost = _Cost(blocks, fmt, other_params)
-        return cls(dict(ranks), fmt, cost.original, cost.total(blocks, ranks))
+        return cls(dict(ranks), fmt, cost.original, cost.total(blocks, ranks), dense_ratio(blocks, ranks))
 
 
 def _unit(block: Block, config: RankConfig) -> int:
@@ -337,6 +339,10 @@ def _unreachable_message(blocks: Sequence[Block], config: RankConfig, other_para
             "one of those (--ratio, --table-format, --serve-device)")
 
 
+def _linears(blocks: Sequence[Block]) -> list[Block]:
+    return [b for b in blocks if b.kind != "table"]
+
+
 def _linear_bytes(linears: Sequence[Block], ranks: Mapping[str, int]) -> int:
     """Bytes of the Linear blocks at ``ranks`` (absent: whole); the format is the tables'
     concern alone."""
@@ -346,20 +352,20 @@ def _linear_bytes(linears: Sequence[Block], ranks: Mapping[str, int]) -> int:
 def dense_ratio(blocks: Sequence[Block], ranks: Mapping[str, int]) -> float | None:
     """How many times fewer bytes (and multiply-adds per sample) the Linear blocks have at
     ``ranks`` than whole; None for a model without Linear blocks."""
-    linears = [b for b in blocks if b.kind != "table"]
+    linears = _linears(blocks)
     return _linear_bytes(linears, {}) / _linear_bytes(linears, ranks) if linears else None
 
 
 def _dense_cap(blocks: list[Block], config: RankConfig) -> tuple[set[str], int]:
     """The Linear blocks and their budget under ``config.dense_ratio``."""
-    linears = [b for b in blocks if b.kind != "table"]
+    linears = _linears(blocks)
     if not linears:
         raise InputError("--dense-ratio: the model has no Linear blocks to compress")
     return {b.name for b in linears}, int(_linear_bytes(linears, {}) / config.dense_ratio)
 
 
 def _dense_unreachable_message(blocks: list[Block], config: RankConfig, pinned: Mapping[str, int]) -> str:
-    linears = [b for b in blocks if b.kind != "table"]
+    linears = _linears(blocks)
     smallest = {b.name: pinned.get(b.name, _unit(b, config)) for b in linears
                 if b.name in pinned or _cap(b, config, TableFormat()) > 0}
     return (f"dense ratio {config.dense_ratio:g} is unreachable: at their smallest ranks the Linear "

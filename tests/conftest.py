@@ -98,6 +98,14 @@ def reliability_run(tmp_path_factory):
     return build_run(tmp_path_factory.mktemp("reliability"))
 
 
+def with_table_ranks(ranks: dict[str, int], table_ranks: dict[str, int]) -> dict[str, int]:
+    """``ranks`` with the tables' replaced: table name -> rank as ``table_ranks`` gives,
+    tables absent from it left whole."""
+    out = {n: k for n, k in ranks.items() if not n.startswith("sparse_arch.")}
+    out.update({f"sparse_arch.embedding_bag_collection.{t}": k for t, k in table_ranks.items()})
+    return out
+
+
 def served_bytes(model: nn.Module, fmt: str, device: str) -> int:
     """Bytes of ``model`` as served: every table row in ``fmt`` (int8: a 4-byte scale and
     bias per row), padded to 16 bytes on CUDA; everything else fp32."""

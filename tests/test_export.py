@@ -30,7 +30,7 @@ from afmrec.pipeline.export import (
 from afmrec.pipeline.model_io import ModelRecord, save_model
 from afmrec.pipeline.stats import collect_statistics
 
-from .conftest import TABLES, random_batch, run_without_afmrec, tiny_config
+from .conftest import TABLES, random_batch, run_without_afmrec, tiny_config, with_table_ranks
 
 D = 8  # FBGEMM's inference kernels want rows of a multiple of 4 bytes (int4: 8 values)
 BATCHES = [random_batch(64, 3, seed=s) for s in range(3)]
@@ -46,8 +46,7 @@ def compressed(arch: str, tables=TABLES, dim: int = D, table_rank: int = 4,
     blocks = find_blocks(model)
     ranks = {b.name: table_rank if b.kind == "table" else max(1, b.out_features // 2) for b in blocks}
     if table_ranks is not None:
-        ranks = {n: r for n, r in ranks.items() if not n.startswith("sparse_arch.")}
-        ranks.update({f"sparse_arch.embedding_bag_collection.{t}": r for t, r in table_ranks.items()})
+        ranks = with_table_ranks(ranks, table_ranks)
     bases = afm_bases(spectra(collect_statistics(model, blocks, BATCHES)), ranks)
     compress_(model, bases, CompressConfig())
     return model.eval(), ModelRecord(config, ranks=ranks, compress=CompressConfig(), method="afm")

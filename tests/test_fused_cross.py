@@ -33,7 +33,7 @@ from afmrec.pipeline.model_io import ModelRecord, save_model
 from afmrec.pipeline.errors import InputError
 from afmrec.pipeline.stats import collect_statistics
 
-from .conftest import random_batch, run_without_afmrec, tiny_config
+from .conftest import random_batch, run_without_afmrec, tiny_config, with_table_ranks
 
 BATCHES = [random_batch(64, 3, seed=s, max_bag=4) for s in range(3)]
 
@@ -54,8 +54,7 @@ def afm_dcn(dim: int = 16, layers: int = 3, compressed: bool = True, device: str
     blocks = find_blocks(model)
     ranks = {b.name: 4 if b.kind == "table" else max(1, b.out_features // 4) for b in blocks}
     if table_ranks is not None:
-        ranks = {n: k for n, k in ranks.items() if not n.startswith("sparse_arch.")}
-        ranks.update({f"sparse_arch.embedding_bag_collection.{t}": k for t, k in table_ranks.items()})
+        ranks = with_table_ranks(ranks, table_ranks)
     if compressed:
         batches = [b.to(torch.device(device)) for b in BATCHES]
         compress_(model, afm_bases(spectra(collect_statistics(model, blocks, batches)), ranks), CompressConfig())

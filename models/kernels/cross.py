@@ -78,9 +78,17 @@ class CodeLayout:
     codes_width: int
 
     @classmethod
+    def of_widths(cls, widths: tuple[int, ...] | list[int], dim: int) -> "CodeLayout":
+        """Fields of the given code widths (0: a whole table's ``dim``-wide row), one
+        after another; the bias row is the widest code's width."""
+        spans = [w or dim for w in widths]
+        columns = [sum(spans[:i]) for i in range(len(spans))]
+        return cls(tuple(zip(columns, widths)), max(widths), sum(spans))
+
+    @classmethod
     def uniform(cls, fields: int, k: int) -> "CodeLayout":
         """F codes of one width K, one after another (a collection in serving form)."""
-        return cls(tuple((f * k, k) for f in range(fields)), k, fields * k)
+        return cls.of_widths([k] * fields, k)
 
     def tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
         """(F, 2) int32: each field's column and width, as the kernel reads them."""

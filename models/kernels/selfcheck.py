@@ -59,8 +59,7 @@ def random_layout_inputs(batch: int, widths: tuple[int, ...], dim: int, r: int, 
     """:func:`random_update_inputs` for fields of the given code widths (0: a whole
     table's D-wide row), one after another, and their :class:`~afmrec.models.kernels.
     cross.CodeLayout` (bias row: the widest code)."""
-    columns = [sum(w or dim for w in widths[:i]) for i in range(len(widths))]
-    layout = cross.CodeLayout(tuple(zip(columns, widths)), max(widths), sum(w or dim for w in widths))
+    layout = cross.CodeLayout.of_widths(widths, dim)
     inputs = random_update_inputs(batch, len(widths), 1, dim, r, prev, seed)
     g = torch.Generator().manual_seed(seed + 1)
     kp = -(-(layout.bias_row + 1) // 8) * 8

@@ -26,7 +26,7 @@ from ..compress import CompressConfig, compress_
 from ..errors import InputError
 from ..evaluate import count_parameters
 from ..model_io import ModelRecord, load_model, load_record, save_model, skeleton
-from ..ranks import RankConfig, RankPlan, dense_ratio, select_ranks
+from ..ranks import RankConfig, RankPlan, select_ranks
 from ..runinfo import StageMeter
 from ..sensitivity import SensitivityConfig, probes_from_records, sensitivity_weights
 from ..stats import Statistics
@@ -237,7 +237,7 @@ def plan_report(
         "served_bytes_after": plan.bytes,
         "ratio": plan.ratio,
         "target_dense_ratio": rank_config.dense_ratio,
-        "dense_ratio": dense_ratio(blocks, ranks),
+        "dense_ratio": plan.dense_ratio,
     }
     return rows, summary
 

@@ -9,7 +9,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from .config import COMPRESSED
+from .config import COMPRESSED, SELECTIONS
 
 
 def _key(row: Mapping[str, Any]) -> tuple:
@@ -172,7 +172,7 @@ def format_summary(rows: Sequence[Mapping[str, Any]], ratios: Sequence[float]) -
         lines += [f"- {s['model']} {s['variant']}: AUC {s['auc']:.4f} ± {s['auc_std']:.4f}, "
                   f"ΔAUC {s['delta_auc']:+.4f} ± {s['delta_auc_std']:.4f}, "
                   f"bytes {s['bytes_ratio']:.2f}x smaller" for s in base]
-        for selection in ("loss", "loss_dense2", "variance", "uniform"):
+        for selection in (s for s in SELECTIONS if s != "full"):
             variants = [v for v in COMPRESSED
                         if any(s["variant"] == v and s["rank_selection"] == selection and s["dataset"] == dataset
                                for s in summary)]

@@ -95,7 +95,7 @@ def _time_variant(spec: VariantSpec, model: nn.Module, record: ModelRecord, cali
     name, cuda = spec.name, device.type == "cuda"
     features = [t.name for t in record.model.tables]
     module, plan = build_variant(model, record, calibration, spec)
-    out[f"plan_{name}"] = plan_summary(spec, plan, record)
+    out[f"plan_{name}"] = plan_summary(spec, plan)
     # a compressed variant is a fresh copy: converted in place (one copy of the tables
     # fewer on the device); the original is needed again
     eager = serving_module(module, features, spec.tables, inplace=module is not model, fuse_cross=cuda,

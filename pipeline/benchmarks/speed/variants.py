@@ -29,7 +29,7 @@ from ...blocks import find_blocks
 from ...compress import CompressConfig, compress_
 from ...export import TableDtype
 from ...model_io import ModelRecord, skeleton
-from ...ranks import RankConfig, RankPlan, dense_ratio
+from ...ranks import RankConfig, RankPlan
 from ...sensitivity import SensitivityConfig, measure_sensitivity, probes_to_records
 from .shape import SEEDS, SpeedShape, iter_batches
 from ...stages import plan_ranks, with_weights
@@ -145,7 +145,7 @@ def plan_variant(record: ModelRecord, calibration: Calibration, spec: VariantSpe
     return plan
 
 
-def plan_summary(spec: VariantSpec, plan: RankPlan | None, record: ModelRecord) -> dict[str, Any]:
+def plan_summary(spec: VariantSpec, plan: RankPlan | None) -> dict[str, Any]:
     """What the record keeps of a variant's plan: policy, target and achieved byte ratios
     (and Linear-layer ratios), table format and every block's rank."""
     if plan is None:
@@ -154,7 +154,7 @@ def plan_summary(spec: VariantSpec, plan: RankPlan | None, record: ModelRecord) 
     return {"policy": config.policy, "target_ratio": spec.ratio, "ratio": plan.ratio,
             "table_format": plan.table_format.dtype, "serve_device": plan.table_format.serve_device,
             "linear_multiple": config.linear_multiple, "tolerance": config.tolerance,
-            "target_dense_ratio": spec.dense_ratio, "dense_ratio": dense_ratio(find_blocks(skeleton(record)), plan.ranks),
+            "target_dense_ratio": spec.dense_ratio, "dense_ratio": plan.dense_ratio,
             "bytes": plan.bytes, "original_bytes": plan.original_bytes, "ranks": dict(sorted(plan.ranks.items()))}
 
 
