@@ -82,8 +82,8 @@ RECIPES: dict[str, Recipe] = {
 }
 UNCOMPRESSED = tuple(name for name, r in RECIPES.items() if not r.compressed)
 COMPRESSED = tuple(name for name, r in RECIPES.items() if r.compressed)
-SELECTIONS = ("loss", "loss_dense2", "variance", "uniform", "full")
-DENSE_SELECTIONS = {"loss_dense2": ("loss", 2.0)}
+SELECTIONS = ("loss", "loss_dense4", "variance", "uniform", "full")
+DENSE_SELECTIONS = {"loss_dense4": ("loss", 4.0)}
 """Selections that also plan the Linear layers on their own budget: name -> (policy,
 ``afmrec compress --dense-ratio``)."""
 
