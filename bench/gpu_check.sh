@@ -27,7 +27,7 @@ fi
 
 if [ $# -eq 0 ]; then
     set -- --device cuda --stages train,stats,compress,inference \
-        --variants original,afm4x,afm8x,afm4x_int8,afm4x_dense2,afm4x_dense4 --aoti --profile --workdir "${WORKDIR:-/dev/shm}"
+        --variants original,afm4x,afm8x,afm4x_int8,afm4x_dense4,afm4x_int8_dense4 --aoti --profile --workdir "${WORKDIR:-/dev/shm}"
 fi
 
 (cd "$ROOT" && python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py) 2>&1 | tee "$OUT/test_cuda.log"

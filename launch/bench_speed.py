@@ -71,8 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "kernels of ours measured faster for each variant); each compiles for about a minute")
     parser.add_argument("--variants",
                         help="comma-separated served variants the inference stage times (of original, "
-                        "afm4x, afm8x, int8, afm4x_int8, fp16, afm4x_fp16, afm4x_dense2, afm4x_dense4: 4x "
-                        "with --dense-ratio 2 or 4; the original always); default: all")
+                        "afm4x, afm8x, int8, afm4x_int8, fp16, afm4x_fp16, afm4x_dense2, afm4x_dense4, "
+                        "afm4x_int8_dense4: 4x with --dense-ratio 2 or 4; the original always); default: all")
     parser.add_argument("--quiet", action="store_true", help="no info logs")
 
 

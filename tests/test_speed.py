@@ -26,7 +26,7 @@ KEYS = ("train_vs_torchrec", "stats_vs_forward", "compress_vs_io", "infer_afm4x_
         "infer_fp16_vs_original", "infer_afm4x_fp16_vs_original", "infer_afm4x_vs_stock_torchrec",
         "cpu_latency_afm4x_vs_original")
 VARIANTS = ("original", "afm4x", "afm8x", "int8", "afm4x_int8", "fp16", "afm4x_fp16", "afm4x_dense2",
-            "afm4x_dense4")
+            "afm4x_dense4", "afm4x_int8_dense4")
 
 
 def test_bench_speed_small_writes_every_ratio_and_its_provenance(tmp_path):
@@ -62,8 +62,10 @@ def test_bench_speed_small_writes_every_ratio_and_its_provenance(tmp_path):
     # --dense-ratio: the byte plan keeps the Linears whole at this shape, a dense budget
     # shrinks them that many times (within the 10% a rank unit may overshoot)
     assert record["plan_afm4x"]["dense_ratio"] < 2
-    for name, dense in (("afm4x_dense2", 2.0), ("afm4x_dense4", 4.0)):
+    for name, dense, fmt in (("afm4x_dense2", 2.0, "fp32"), ("afm4x_dense4", 4.0, "fp32"),
+                             ("afm4x_int8_dense4", 4.0, "int8")):
         plan = record[f"plan_{name}"]
+        assert plan["table_format"] == fmt
         assert plan["target_dense_ratio"] == dense and dense <= plan["dense_ratio"] <= 1.1 * dense, plan
         assert 4 / 1.1 <= plan["ratio"] <= 4 * 1.1 and record[f"infer_{name}_vs_original"] > 0
     # against stock TorchRec serving on a CPU is against the original's best (TorchScript)

@@ -76,6 +76,7 @@ VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
     VariantSpec("afm4x_fp16", 4.0, "fp16"),
     VariantSpec("afm4x_dense2", 4.0, "fp32", dense_ratio=2.0),
     VariantSpec("afm4x_dense4", 4.0, "fp32", dense_ratio=4.0),
+    VariantSpec("afm4x_int8_dense4", 4.0, "int8", dense_ratio=4.0),
 )}
 
 
