@@ -10,11 +10,12 @@ training batch 8192, inference batch 65536, TF32 dense math on CUDA for every va
 The AFM variants are made as a user makes them: `afmrec stats` (a statistics pass of
 --stats-batches batches, then loss probes over --probe-rows rows, both on synthetic
 batches held out from the timed ones) and `afmrec compress` under the default rank policy
-(loss) at 4x and 8x fewer served bytes. Equal treatment: every variant, the original
-included, gets our lookup kernel and our fused cross network where measured faster on the
-device; the headline ratio (infer_*_vs_original) compares the variants' faster artifacts,
-infer_*_vs_stock_torchrec compares with the original's TorchScript artifact (FBGEMM
-tables, no kernel of ours).
+(loss) at 4x and 8x fewer served bytes, and at 4x with --dense-ratio 2 or 4 (the Linear
+layers' multiply-adds capped too: afm4x_dense2, afm4x_dense4, afm4x_int8_dense4). Equal
+treatment: every variant, the original included, gets our lookup kernel and our fused
+cross network where measured faster on the device; the headline ratio
+(infer_*_vs_original) compares the variants' faster artifacts, infer_*_vs_stock_torchrec
+compares with the original's TorchScript artifact (FBGEMM tables, no kernel of ours).
 
 Prints and (with --json FILE) writes the ratios, the absolute samples/s behind each, every
 variant's rank plan and kernels, peak device memory per stage, and the run's provenance

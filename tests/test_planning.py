@@ -185,8 +185,8 @@ def table_dominated_dcn() -> tuple[nn.Module, list[Block], dict, int]:
 @pytest.mark.parametrize("dense", [2.0, 3.0])
 def test_dense_ratio_shrinks_the_linears_that_a_byte_budget_keeps_whole(dense):
     """At 4x bytes the byte budget alone goes to the tables and keeps every Linear whole;
-    with --dense-ratio the Linears are planned first and come out at least that many
-    times smaller (within 10%), the whole model still lands within 10% of 4x, and the
+    with --dense-ratio (a cap on the Linears' bytes that the one greedy respects) they come
+    out at least that many times smaller (within 10%), the whole model still lands within 10% of 4x, and the
     compressed model has the parameters the plan counts."""
     model, blocks, spec, other = table_dominated_dcn()
     linears = [b.name for b in blocks if b.kind != "table"]
