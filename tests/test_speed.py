@@ -60,12 +60,15 @@ def test_bench_speed_small_writes_every_ratio_and_its_provenance(tmp_path):
     assert record["plan_original"]["policy"] is None
     # the Linears' own budget: the byte budget alone (--dense-ratio 1) keeps them nearly
     # whole at this shape; by default they are the variant's ratio smaller (within the
-    # 10% a rank unit may overshoot)
+    # 10% a rank unit may overshoot), or as near as their smallest ranks (one unit of 8)
+    # come: this small shape's Linears reach about 5.6x
     assert record["plan_afm4x_dense1"]["dense_ratio"] < 2 and record["plan_afm4x_dense1"]["target_dense_ratio"] is None
     assert 4 / 1.1 <= record["plan_afm4x_dense1"]["ratio"] <= 4 * 1.1 and record["infer_afm4x_dense1_vs_original"] > 0
     for name, target in (("afm4x", 4), ("afm8x", 8), ("afm4x_int8", 4), ("afm4x_fp16", 4)):
         plan = record[f"plan_{name}"]
-        assert plan["target_dense_ratio"] == target and target <= plan["dense_ratio"] <= 1.1 * target, plan
+        linear_ranks = {rank for block, rank in plan["ranks"].items() if "embedding_bag" not in block}
+        assert plan["target_dense_ratio"] == target, plan
+        assert target <= plan["dense_ratio"] <= 1.1 * target or linear_ranks == {8}, plan
     # against stock TorchRec serving on a CPU is against the original's best (TorchScript)
     assert record["infer_afm4x_vs_stock_torchrec"] == record["infer_afm4x_vs_original"]
     # the one-rank job's variables are gone again: a later command in this process (a
