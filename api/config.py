@@ -52,8 +52,7 @@ class AFMConfig:
         table_multiple: table ranks are multiples of this (4: FBGEMM's fused kernels).
         dense_ratio: with ``ratio`` (``loss`` or ``variance``), also make the Linear
             layers this many times smaller, i.e. as many times fewer multiply-adds per
-            sample (``afmrec compress --dense-ratio``); ``None``: ``ratio``, or as near
-            as their smallest ranks come; ``1``: bytes alone decide.
+            sample (``afmrec compress --dense-ratio``); ``None``: bytes alone decide.
         progress: show progress bars.
     """
 

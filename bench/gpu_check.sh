@@ -4,7 +4,7 @@
 # that one record holds every speed figure of the device (BENCHMARKS.md's table).
 #
 # usage: OUT=/tmp/gpu bash bench/gpu_check.sh [bench speed options...]
-#   default options: the published run (--device cuda, 5 variants, AOTInductor, profiles)
+#   default options: the published run (--device cuda, 6 variants, AOTInductor, profiles)
 # needs: torch (CUDA), torchrec, fbgemm-gpu and pytest importable by python3. afmrec is
 # used from this checkout when it is not installed. On a copy of the tree, set
 # AFMREC_GIT_COMMIT to the commit it holds: the record stores it in place of git's.
@@ -27,7 +27,7 @@ fi
 
 if [ $# -eq 0 ]; then
     set -- --device cuda --stages train,stats,compress,inference \
-        --variants original,afm4x,afm8x,afm4x_int8,afm4x_dense1 --aoti --profile --workdir "${WORKDIR:-/dev/shm}"
+        --variants original,afm4x,afm8x,afm4x_int8,afm4x_dense4,afm4x_int8_dense4 --aoti --profile --workdir "${WORKDIR:-/dev/shm}"
 fi
 
 (cd "$ROOT" && python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py) 2>&1 | tee "$OUT/test_cuda.log"

@@ -10,8 +10,8 @@ training batch 8192, inference batch 65536, TF32 dense math on CUDA for every va
 The AFM variants are made as a user makes them: `afmrec stats` (a statistics pass of
 --stats-batches batches, then loss probes over --probe-rows rows, both on synthetic
 batches held out from the timed ones) and `afmrec compress` under the default rank policy
-(loss, whose Linear layers get a budget of the same ratio) at 4x and 8x fewer served
-bytes, and at 4x with --dense-ratio 1 (afm4x_dense1: the byte budget alone). Equal
+(loss) at 4x and 8x fewer served bytes, and at 4x with --dense-ratio 2 or 4 (the Linear
+layers' multiply-adds capped too: afm4x_dense2, afm4x_dense4, afm4x_int8_dense4). Equal
 treatment: every variant, the original included, gets our lookup kernel and our fused
 cross network where measured faster on the device; the headline ratio
 (infer_*_vs_original) compares the variants' faster artifacts, infer_*_vs_stock_torchrec
@@ -72,8 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "kernels of ours measured faster for each variant); each compiles for about a minute")
     parser.add_argument("--variants",
                         help="comma-separated served variants the inference stage times (of original, "
-                        "afm4x, afm8x, int8, afm4x_int8, fp16, afm4x_fp16, afm4x_dense1: 4x with "
-                        "--dense-ratio 1; the original always); default: all")
+                        "afm4x, afm8x, int8, afm4x_int8, fp16, afm4x_fp16, afm4x_dense2, afm4x_dense4, "
+                        "afm4x_int8_dense4: 4x with --dense-ratio 2 or 4; the original always); default: all")
     parser.add_argument("--quiet", action="store_true", help="no info logs")
 
 

@@ -59,10 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --ratio (loss or variance policy): the Linear layers together "
                         "at least this many times smaller, which is as many times fewer "
                         "multiply-adds per sample (a budget of their own inside the byte "
-                        "budget; a value they cannot reach is an error). Default: --ratio, or "
-                        "as near as their smallest ranks come. 1: the byte budget alone "
-                        "decides, which can leave the Linears of a table-dominated model whole "
-                        "and the compressed model slower than the original")
+                        "budget). Without it the byte budget alone decides, which can leave the "
+                        "Linears of a table-dominated model whole")
     parser.add_argument("--rank-pattern", nargs="+", default=[], metavar="GLOB=K",
                         help="per-block rank overrides by block-name glob")
     parser.add_argument("--table-format", choices=TABLE_FORMATS, default="auto",

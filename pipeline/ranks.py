@@ -18,15 +18,13 @@ kernels pad rows. ``auto`` plans in fp32, fp16 and int8 and keeps the plan that 
 least estimated loss: a narrower format holds higher ranks in the same bytes (a width-16
 table served in 16-byte rows keeps rank 4 in fp32, 8 in fp16, 12 in int8), and row-wise
 rounding costs far less than a dropped direction.
-The ``loss`` and ``variance`` plans also give the Linear blocks together a second budget
-inside the first: their bytes, which are their multiply-adds per sample (a Linear's
-factors hold ``k (n + m)`` weights and cost as many multiply-adds), at least
-``dense_ratio`` times fewer than whole; by default the whole-model ``ratio``, or as near
-as the Linears' smallest ranks come. The same greedy spends both: a Linear block's next
-rank unit must fit both budgets, a table's the first. A byte budget alone
-(``dense_ratio=1``) leaves the Linears whole wherever the tables hold the bytes (a DLRM's
-Linears are often under 1% of them) and so buys no dense compute; on trained models the
-loss plan mostly keeps them within the cap anyway.
+With ``dense_ratio`` (``loss`` and ``variance``), the Linear blocks together get a second
+budget inside the first: their bytes, which are their multiply-adds per sample (a Linear's
+factors hold ``k (n + m)`` weights and cost as many multiply-adds), at least that many
+times fewer than whole. The same greedy spends both: a Linear block's next rank unit must
+fit both budgets, a table's the first. A byte budget alone leaves the Linears whole
+wherever the tables hold the bytes (a DLRM's Linears are often under 1% of them), so it
+buys no dense compute.
 A plan lands within :data:`TOLERANCE` of the target (above it where a plan can, else
 just below) or the planner says why it cannot and what would reach it. A block left out of the plan stays whole. Table ranks are
 multiples of ``table_multiple`` (4: FBGEMM's fused kernels, on CPU as on CUDA).
@@ -73,9 +71,7 @@ class RankConfig:
             (:func:`afmrec.pipeline.sensitivity.sensitivity_weights`); required by it.
         tolerance: how far (a fraction) the achieved ratio may fall from the target.
         dense_ratio: with ``loss`` or ``variance``, the Linear blocks' bytes and
-            multiply-adds are made at least this many times fewer (module docstring);
-            ``None``: ``ratio``, or as near as their smallest ranks come; ``1``: no
-            budget of their own. A given value the Linears cannot reach is an error.
+            multiply-adds are made at least this many times fewer (module docstring).
     """
 
     policy: str = "loss"
@@ -115,17 +111,10 @@ class RankConfig:
             raise InputError(f"tolerance must be >= 0, got {self.tolerance}")
         if self.dense_ratio is not None and self.policy not in ("loss", "variance"):
             raise InputError(f"--dense-ratio works with the loss and variance policies, not {self.policy!r}")
-        if self.dense_ratio is not None and not self.dense_ratio >= 1:
-            raise InputError(f"dense ratio must be >= 1 (1: no budget of the Linears' own), got {self.dense_ratio}")
+        if self.dense_ratio is not None and not self.dense_ratio > 1:
+            raise InputError(f"dense ratio must be > 1, got {self.dense_ratio}")
         if self.table_rounding not in ("round", "error"):
             raise InputError(f"table_rounding must be 'round' or 'error', got {self.table_rounding!r}")
-
-    @property
-    def dense_target(self) -> float | None:
-        """The ratio of the Linear blocks' own budget (``None``: none; module docstring)."""
-        if self.policy not in ("loss", "variance") or self.dense_ratio == 1:
-            return None
-        return self.dense_ratio or self.ratio
 
     @property
     def formats(self) -> list[TableFormat]:
@@ -275,6 +264,8 @@ def _greedy(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankCo
             push(b, ranks[b.name])
         spent += size
         capped_spent += size if b.name in capped else 0
+    if cap is not None and capped_spent > cap_bytes:
+        raise _CapUnreachable()
     if spent > budget:
         raise _Unreachable()
     while heap:
@@ -293,6 +284,10 @@ def _greedy(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankCo
 
 class _Unreachable(Exception):
     """The smallest ranks already exceed the budget."""
+
+
+class _CapUnreachable(Exception):
+    """The smallest ranks of the capped blocks already exceed their cap."""
 
 
 def _uniform(blocks: list[Block], config: RankConfig, cost: _Cost, budget: int,
@@ -361,24 +356,20 @@ def dense_ratio(blocks: Sequence[Block], ranks: Mapping[str, int]) -> float | No
     return _linear_bytes(linears, {}) / _linear_bytes(linears, ranks) if linears else None
 
 
-def _dense_cap(blocks: list[Block], config: RankConfig,
-               pinned: Mapping[str, int]) -> tuple[set[str], int] | None:
-    """The Linear blocks and their byte budget (module docstring); ``None``: no budget of
-    their own (``dense_ratio=1``, or by default a model without Linear blocks)."""
-    linears, target = _linears(blocks), config.dense_target
-    if target is None or (config.dense_ratio is None and not linears):
-        return None
+def _dense_cap(blocks: list[Block], config: RankConfig) -> tuple[set[str], int]:
+    """The Linear blocks and their budget under ``config.dense_ratio``."""
+    linears = _linears(blocks)
     if not linears:
         raise InputError("--dense-ratio: the model has no Linear blocks to compress")
-    whole = _linear_bytes(linears, {})
+    return {b.name for b in linears}, int(_linear_bytes(linears, {}) / config.dense_ratio)
+
+
+def _dense_unreachable_message(blocks: list[Block], config: RankConfig, pinned: Mapping[str, int]) -> str:
+    linears = _linears(blocks)
     smallest = {b.name: pinned.get(b.name, _unit(b, config)) for b in linears
                 if b.name in pinned or _cap(b, config, TableFormat()) > 0}
-    floor = _linear_bytes(linears, smallest)
-    if floor > whole / target:
-        if config.dense_ratio is not None:
-            raise InputError(f"dense ratio {target:g} is unreachable: at their smallest ranks the "
-                             f"Linear blocks are {whole / floor:.2f}x smaller")
-    return {b.name for b in linears}, max(int(whole / target), floor)
+    return (f"dense ratio {config.dense_ratio:g} is unreachable: at their smallest ranks the Linear "
+            f"blocks are {dense_ratio(linears, smallest):.2f}x smaller")
 
 
 def select_ranks(
@@ -424,11 +415,14 @@ def select_ranks(
         ranks = _fixed_ranks(free, spectra, config)
         ranks.update(overrides)
         return _finish(blocks, ranks, config, fmt, other_params, set(overrides))
-    cap = _dense_cap(blocks, config, pinned)
+    cap = _dense_cap(blocks, config) if config.dense_ratio is not None else None
     plans: list[RankPlan] = []
     nearest: RankPlan | None = None
     for fmt in config.formats:
-        plan = _plan_in(fmt, blocks, spectra, config, pinned, other_params, cap)
+        try:
+            plan = _plan_in(fmt, blocks, spectra, config, pinned, other_params, cap)
+        except _CapUnreachable:
+            raise InputError(_dense_unreachable_message(blocks, config, pinned)) from None
         if plan is not None and abs(math.log(plan.ratio / config.ratio)) <= math.log1p(config.tolerance) + 1e-12:
             plans.append(plan)
         nearest = nearest or plan
@@ -436,11 +430,7 @@ def select_ranks(
         # the format whose plan drops the least estimated loss (a narrower format holds
         # higher ranks in the same bytes; its rounding costs far less than a dropped
         # direction); a tie keeps the wider format
-        plan = min(plans, key=lambda p: estimated_loss(p.ranks, blocks, spectra, config.weights))
-        if cap is not None and plan.dense_ratio < config.dense_target:
-            log.info("the Linear blocks reach %.2fx at their smallest ranks, short of %g: they are "
-                     "planned at those ranks", plan.dense_ratio, config.dense_target)
-        return plan
+        return min(plans, key=lambda p: estimated_loss(p.ranks, blocks, spectra, config.weights))
     if nearest is None:
         raise InputError(_unreachable_message(blocks, config, other_params))
     raise InputError(

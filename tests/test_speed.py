@@ -25,7 +25,8 @@ KEYS = ("train_vs_torchrec", "stats_vs_forward", "compress_vs_io", "infer_afm4x_
         "infer_afm8x_vs_original", "infer_int8_vs_original", "infer_afm4x_int8_vs_original",
         "infer_fp16_vs_original", "infer_afm4x_fp16_vs_original", "infer_afm4x_vs_stock_torchrec",
         "cpu_latency_afm4x_vs_original")
-VARIANTS = ("original", "afm4x", "afm8x", "int8", "afm4x_int8", "fp16", "afm4x_fp16", "afm4x_dense1")
+VARIANTS = ("original", "afm4x", "afm8x", "int8", "afm4x_int8", "fp16", "afm4x_fp16", "afm4x_dense2",
+            "afm4x_dense4", "afm4x_int8_dense4")
 
 
 def test_bench_speed_small_writes_every_ratio_and_its_provenance(tmp_path):
@@ -58,17 +59,15 @@ def test_bench_speed_small_writes_every_ratio_and_its_provenance(tmp_path):
         assert plan["policy"] == "loss" and plan["table_format"] == fmt and plan["serve_device"] == "cuda"
         assert target / 1.1 <= plan["ratio"] <= target * 1.1, (name, plan["ratio"])
     assert record["plan_original"]["policy"] is None
-    # the Linears' own budget: the byte budget alone (--dense-ratio 1) keeps them nearly
-    # whole at this shape; by default they are the variant's ratio smaller (within the
-    # 10% a rank unit may overshoot), or as near as their smallest ranks (one unit of 8)
-    # come: this small shape's Linears reach about 5.6x
-    assert record["plan_afm4x_dense1"]["dense_ratio"] < 2 and record["plan_afm4x_dense1"]["target_dense_ratio"] is None
-    assert 4 / 1.1 <= record["plan_afm4x_dense1"]["ratio"] <= 4 * 1.1 and record["infer_afm4x_dense1_vs_original"] > 0
-    for name, target in (("afm4x", 4), ("afm8x", 8), ("afm4x_int8", 4), ("afm4x_fp16", 4)):
+    # --dense-ratio: the byte plan keeps the Linears whole at this shape, a dense budget
+    # shrinks them that many times (within the 10% a rank unit may overshoot)
+    assert record["plan_afm4x"]["dense_ratio"] < 2
+    for name, dense, fmt in (("afm4x_dense2", 2.0, "fp32"), ("afm4x_dense4", 4.0, "fp32"),
+                             ("afm4x_int8_dense4", 4.0, "int8")):
         plan = record[f"plan_{name}"]
-        linear_ranks = {rank for block, rank in plan["ranks"].items() if "embedding_bag" not in block}
-        assert plan["target_dense_ratio"] == target, plan
-        assert target <= plan["dense_ratio"] <= 1.1 * target or linear_ranks == {8}, plan
+        assert plan["table_format"] == fmt
+        assert plan["target_dense_ratio"] == dense and dense <= plan["dense_ratio"] <= 1.1 * dense, plan
+        assert 4 / 1.1 <= plan["ratio"] <= 4 * 1.1 and record[f"infer_{name}_vs_original"] > 0
     # against stock TorchRec serving on a CPU is against the original's best (TorchScript)
     assert record["infer_afm4x_vs_stock_torchrec"] == record["infer_afm4x_vs_original"]
     # the one-rank job's variables are gone again: a later command in this process (a

@@ -236,7 +236,7 @@ def plan_report(
         "checkpoint_bytes_after": DENSE_BYTES * params_after,
         "served_bytes_after": plan.bytes,
         "ratio": plan.ratio,
-        "target_dense_ratio": rank_config.dense_target,
+        "target_dense_ratio": rank_config.dense_ratio,
         "dense_ratio": plan.dense_ratio,
     }
     return rows, summary
@@ -244,8 +244,8 @@ def plan_report(
 
 def summary_line(plan: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
     """What a plan made of the model (:func:`plan_report`'s summary and rows), in one line:
-    blocks, parameters, checkpoint and served bytes, and the Linear layers' ratio (their
-    multiply-adds per sample) where the model has Linear blocks."""
+    blocks, parameters, checkpoint and served bytes, and the Linear layers' ratio where
+    ``--dense-ratio`` asked for one."""
     n = sum(r["compressed"] for r in rows)
     mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
     before, ckpt, served = plan["checkpoint_bytes_before"], plan["checkpoint_bytes_after"], plan["served_bytes_after"]
@@ -255,7 +255,7 @@ def summary_line(plan: Mapping[str, Any], rows: list[dict[str, Any]]) -> str:
             f"{mib(ckpt)} ({before / ckpt:.2f}x); served with {plan['table_format']} tables on "
             f"{plan['serve_device']}: {mib(served)} ({before / served:.2f}x)"
             + (f"; Linear layers {plan['dense_ratio']:.2f}x smaller (multiply-adds likewise)"
-               if plan.get("dense_ratio") is not None else ""))
+               if plan.get("target_dense_ratio") else ""))
 
 
 def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:

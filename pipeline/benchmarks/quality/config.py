@@ -82,11 +82,10 @@ RECIPES: dict[str, Recipe] = {
 }
 UNCOMPRESSED = tuple(name for name, r in RECIPES.items() if not r.compressed)
 COMPRESSED = tuple(name for name, r in RECIPES.items() if r.compressed)
-SELECTIONS = ("loss", "loss_dense1", "variance", "uniform", "full")
-DENSE_SELECTIONS = {"loss_dense1": ("loss", 1.0)}
-"""Selections with a ``--dense-ratio`` other than the default: name -> (policy,
-``afmrec compress --dense-ratio``). ``loss_dense1``: the byte budget alone, no budget of
-the Linear layers' own."""
+SELECTIONS = ("loss", "loss_dense4", "variance", "uniform", "full")
+DENSE_SELECTIONS = {"loss_dense4": ("loss", 4.0)}
+"""Selections that also plan the Linear layers on their own budget: name -> (policy,
+``afmrec compress --dense-ratio``)."""
 
 
 @dataclass(frozen=True)

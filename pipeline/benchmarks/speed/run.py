@@ -14,7 +14,7 @@ down for CPU and CI. Every ratio is measured in the same process on the same dev
 4. inference (:mod:`afmrec.pipeline.benchmarks.speed.infer`): samples/s of the served variants
    (:mod:`afmrec.pipeline.benchmarks.speed.variants`: AFM at 4x and 8x fewer bytes under the default
    ``loss`` rank policy, calibrated on held-out batches; AFM 4x with int8 and fp16 tables;
-   AFM 4x with ``--dense-ratio 1`` (the byte budget alone); the original with int8
+   AFM 4x with ``--dense-ratio`` 2 and 4, fp32 and int8 tables; the original with int8
    and fp16 tables), each as its artifacts, with the kernels of
    ours measured faster for it (:mod:`afmrec.pipeline.kernel_choice`; the original gets
    the same offer), against the original's artifact (``_vs_original``, the headline)

@@ -57,8 +57,7 @@ class VariantSpec:
         tables: the row format its tables are served in (and, for an AFM variant, planned
             in).
         dense_ratio: ``afmrec compress --dense-ratio``: the Linear layers at least this
-            many times smaller (and fewer multiply-adds); None: the default (``ratio``);
-            1: the byte budget alone.
+            many times smaller (and fewer multiply-adds), None: the byte budget alone.
     """
 
     name: str
@@ -75,7 +74,9 @@ VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
     VariantSpec("afm4x_int8", 4.0, "int8"),
     VariantSpec("fp16", None, "fp16"),
     VariantSpec("afm4x_fp16", 4.0, "fp16"),
-    VariantSpec("afm4x_dense1", 4.0, "fp32", dense_ratio=1.0),
+    VariantSpec("afm4x_dense2", 4.0, "fp32", dense_ratio=2.0),
+    VariantSpec("afm4x_dense4", 4.0, "fp32", dense_ratio=4.0),
+    VariantSpec("afm4x_int8_dense4", 4.0, "int8", dense_ratio=4.0),
 )}
 
 
@@ -154,7 +155,7 @@ def plan_summary(spec: VariantSpec, plan: RankPlan | None) -> dict[str, Any]:
     return {"policy": config.policy, "target_ratio": spec.ratio, "ratio": plan.ratio,
             "table_format": plan.table_format.dtype, "serve_device": plan.table_format.serve_device,
             "linear_multiple": config.linear_multiple, "tolerance": config.tolerance,
-            "target_dense_ratio": config.dense_target, "dense_ratio": plan.dense_ratio,
+            "target_dense_ratio": spec.dense_ratio, "dense_ratio": plan.dense_ratio,
             "bytes": plan.bytes, "original_bytes": plan.original_bytes, "ranks": dict(sorted(plan.ranks.items()))}
 
 
