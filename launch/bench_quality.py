@@ -13,8 +13,8 @@ tables hold 99% of the parameters), trains DLRM, DLRM-DCNv2 and DeepFM to conver
 spectra, loss probes on the validation rows) and builds at each target byte ratio the
 variants of each rank policy: the product's own planner (`afmrec compress --ratio R
 --policy P`, its defaults: table format auto, rows padded for CUDA serving). Published
-grid: loss (default) afm, afm_ft, afm_ft_int8; loss_dense4 (loss with `--dense-ratio 4`:
-the Linear layers at least 4x smaller too) afm, afm_ft; variance afm; uniform afm; full rank afm
+grid: loss (default) afm, afm_ft, afm_ft_int8; loss_dense (loss with `--dense-ratio R` at each
+target R: the Linear layers at least R times smaller too) afm, afm_ft; variance afm; uniform afm; full rank afm
 (must equal the original). A target the planner refuses (it says why) is a missing cell
 and a missed target.
 

@@ -82,10 +82,10 @@ RECIPES: dict[str, Recipe] = {
 }
 UNCOMPRESSED = tuple(name for name, r in RECIPES.items() if not r.compressed)
 COMPRESSED = tuple(name for name, r in RECIPES.items() if r.compressed)
-SELECTIONS = ("loss", "loss_dense4", "variance", "uniform", "full")
-DENSE_SELECTIONS = {"loss_dense4": ("loss", 4.0)}
-"""Selections that also plan the Linear layers on their own budget: name -> (policy,
-``afmrec compress --dense-ratio``)."""
+SELECTIONS = ("loss", "loss_dense", "variance", "uniform", "full")
+DENSE_SELECTIONS = {"loss_dense": "loss"}
+"""Selections that also give the Linear layers a budget of their own at the target ratio
+(``afmrec compress --ratio R --dense-ratio R``): name -> policy."""
 
 
 @dataclass(frozen=True)

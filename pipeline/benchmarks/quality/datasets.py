@@ -89,9 +89,9 @@ def synthetic_splits(config: SynthConfig, work: Path, test_rows: int) -> Splits:
 SYNTH_TABLE_SIZES = (10, 100, 1_000, 10_000, 50_000, 200_000)
 
 # The variants of the published grid, by rank selection.
-PUBLISHED = {"loss": ("afm", "afm_ft", "afm_ft_int8"), "loss_dense4": ("afm", "afm_ft"), "variance": ("afm",),
+PUBLISHED = {"loss": ("afm", "afm_ft", "afm_ft_int8"), "loss_dense": ("afm", "afm_ft"), "variance": ("afm",),
              "uniform": ("afm",), "full": ("afm",)}
-EVERY = {"loss": COMPRESSED, "loss_dense4": ("afm",), "variance": ("afm",), "uniform": ("afm", "afm_ft", "svd"),
+EVERY = {"loss": COMPRESSED, "loss_dense": ("afm",), "variance": ("afm",), "uniform": ("afm", "afm_ft", "svd"),
          "full": ("afm",)}
 
 

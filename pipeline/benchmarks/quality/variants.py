@@ -140,7 +140,8 @@ def choose_ranks(cell: Cell, selection: str, target: float | None,
     if selection == "full":
         full = {b.name: b.out_features for b in cell.blocks}
         return RankPlan.of(cell.blocks, full, TableFormat("fp32"), cell.other_params)
-    policy, dense = DENSE_SELECTIONS.get(selection, (selection, None))
+    policy = DENSE_SELECTIONS.get(selection, selection)
+    dense = target if selection in DENSE_SELECTIONS else None
     config = RankConfig(policy=policy, ratio=target, table_format=table_format, serve_device=serve_device,
                         dense_ratio=dense, weights=cell.weights if policy == "loss" else None)
     try:
