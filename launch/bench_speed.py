@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats-batches", type=int,
                         help="the statistics pass, in batches of the training batch size: the AFM "
                         "variants' calibration and the timed pass against a forward-only one (default: 200; small: 6)")
+    parser.add_argument("--fit-steps", type=int,
+                        help="steps of training (batches of the training batch size, labels from a "
+                        "hidden model) before the served model is calibrated, compressed and scored "
+                        "(default: 300; 0: served untrained, no AUC)")
     parser.add_argument("--probe-rows", type=int,
                         help="rows of the loss probes that calibrate the AFM variants (default: 16384; small: 256)")
     parser.add_argument("--stages", default="train,stats,compress,inference,cpu",
@@ -104,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
 
     shape = SpeedShape.small() if args.small else SpeedShape()
     changes = {k: v for k, v in (("table_cap", args.table_cap), ("steps", args.steps),
-                                 ("stats_batches", args.stats_batches), ("probe_rows", args.probe_rows)) if v}
+                                 ("stats_batches", args.stats_batches), ("probe_rows", args.probe_rows),
+                                 ("fit_steps", args.fit_steps)) if v is not None}
     if changes:
         import dataclasses
 

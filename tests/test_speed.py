@@ -16,7 +16,8 @@ from afmrec.pipeline.evaluate import count_parameters
 from afmrec.pipeline.model_io import ModelRecord, skeleton
 from afmrec.pipeline.ranks import RankConfig, select_ranks
 from afmrec.pipeline.sensitivity import probes_from_records, sensitivity_weights
-from afmrec.pipeline.benchmarks.speed.shape import SpeedShape
+from afmrec.pipeline.benchmarks.speed.labels import PlantedLabels, fit_
+from afmrec.pipeline.benchmarks.speed.shape import SEEDS, SpeedShape, make_batches
 from afmrec.pipeline.benchmarks.speed.variants import calibrate, inference_model
 
 pytestmark = pytest.mark.slow
@@ -25,6 +26,7 @@ KEYS = ("train_vs_torchrec", "stats_vs_forward", "compress_vs_io", "infer_afm4x_
         "infer_afm8x_vs_original", "infer_int8_vs_original", "infer_afm4x_int8_vs_original",
         "infer_fp16_vs_original", "infer_afm4x_fp16_vs_original", "infer_afm4x_vs_stock_torchrec",
         "cpu_latency_afm4x_vs_original")
+FIT_STEPS = 30
 VARIANTS = ("original", "afm4x", "afm8x", "int8", "afm4x_int8", "fp16", "afm4x_fp16", "afm4x_dense2",
             "afm4x_dense4", "afm4x_int8_dense4")
 
@@ -32,7 +34,7 @@ VARIANTS = ("original", "afm4x", "afm8x", "int8", "afm4x_int8", "fp16", "afm4x_f
 def test_bench_speed_small_writes_every_ratio_and_its_provenance(tmp_path):
     out = tmp_path / "speed.json"
     environ = dict(os.environ)
-    assert main(["bench", "speed", "--small", "--device", "cpu", "--steps", "2",
+    assert main(["bench", "speed", "--small", "--device", "cpu", "--steps", "2", "--fit-steps", str(FIT_STEPS),
                  "--table-cap", "5000", "--json", str(out), "--quiet"]) == 0
     record = json.loads(out.read_text())
     for key in KEYS:
@@ -77,15 +79,23 @@ def test_bench_speed_small_writes_every_ratio_and_its_provenance(tmp_path):
     assert record["stats_precision"] == "float32"  # `--precision auto` on a CPU
     assert record["stats_vs_forward"] == record["stats_vs_forward_float32"]
     assert record["stats_vs_forward_bfloat16"] > 0
+    # the served model was trained on labels with a signal before it was calibrated, and
+    # every served artifact's AUC measured on held-out labelled rows
+    assert record["fit"]["fit_steps"] == FIT_STEPS and record["eval_rows"] == 4 * 4096
+    assert 0.6 < record["auc_original"] < record["auc_oracle"], record["auc_original"]
+    for name in VARIANTS:
+        assert record[f"auc_{name}"] == record[f"auc_torchscript_{name}"]
+        assert record[f"delta_auc_{name}"] == record[f"auc_{name}"] - record["auc_original"]
+        assert abs(record[f"delta_auc_{name}"]) < 0.01, (name, record[f"delta_auc_{name}"])
     assert_planned_as_select_ranks_plans_them(record, table_cap=5000)
 
 
 def test_bench_speed_stages_run_alone(tmp_path):
     out = tmp_path / "speed.json"
-    assert main(["bench", "speed", "--small", "--device", "cpu", "--table-cap", "2000",
+    assert main(["bench", "speed", "--small", "--device", "cpu", "--table-cap", "2000", "--fit-steps", "0",
                  "--stages", "cpu", "--json", str(out), "--quiet"]) == 0
     record = json.loads(out.read_text())
-    assert record["stages"] == ["cpu"]
+    assert record["stages"] == ["cpu"] and record["fit"] == {"fit_steps": 0}
     assert record["cpu_latency_afm4x_vs_original"] > 0
     assert not any(k in record for k in ("train_vs_torchrec", "stats_vs_forward", "compress_vs_io",
                                          "infer_afm4x_vs_original"))
@@ -93,12 +103,15 @@ def test_bench_speed_stages_run_alone(tmp_path):
 
 def assert_planned_as_select_ranks_plans_them(record: dict, table_cap: int) -> None:
     """The record's ranks are `select_ranks`' under the loss policy, called here directly
-    on the same calibration (statistics and probes of the same seeded model and batches),
-    with the probes' weights: the benchmark plans as `afmrec compress` does."""
-    shape = dataclasses.replace(SpeedShape.small(), table_cap=table_cap)
+    on the same calibration (statistics and probes of the same seeded model, trained on
+    the same batches, and the same batches), with the probes' weights: the benchmark plans
+    as `afmrec compress` does."""
+    shape = dataclasses.replace(SpeedShape.small(), table_cap=table_cap, fit_steps=FIT_STEPS)
     config = ModelRecord(shape.model_config())
     device = torch.device("cpu")
-    calibration = calibrate(inference_model(shape, device), config, shape, device)
+    model = inference_model(shape, device)
+    fit_(model, shape, PlantedLabels.draw(shape, device), device)
+    calibration = calibrate(model, config, shape, device)
     recorded = calibration.stats.meta["sensitivity"]
     weights = sensitivity_weights(probes_from_records(recorded["probes"]), recorded["floor"])
     blocks = [b for b in find_blocks(skeleton(config)) if b.name in calibration.spectra]
@@ -112,6 +125,21 @@ def assert_planned_as_select_ranks_plans_them(record: dict, table_cap: int) -> N
         # the loss policy, not a uniform cut: the tables' ranks differ
         table_ranks = {k: v for k, v in plan.ranks.items() if "embedding_bag_collection" in k}
         assert len(set(table_ranks.values())) > 1
+
+
+def test_planted_labels_have_the_synthetic_datas_rate_and_a_ceiling():
+    """The hidden model labels a quarter of the rows positive, the same seed draws the
+    same labels, and its own logits rank them with the synthetic data's ceiling (about
+    0.8: module docstring of afmrec.pipeline.data.synth)."""
+    shape = dataclasses.replace(SpeedShape.small(), table_cap=5000)
+    device = torch.device("cpu")
+    labels = PlantedLabels.draw(shape, device)
+    batches = make_batches(shape, 4096, 4, device, seed=SEEDS["eval"])
+    first, again = (list(labels.label(batches, seed=1)) for _ in range(2))
+    assert all(torch.equal(a.labels, b.labels) for a, b in zip(first, again))
+    positives = torch.cat([b.labels for b in first]).mean().item()
+    assert abs(positives - 0.25) < 0.02, positives
+    assert 0.75 < labels.oracle_auc(first) < 0.85
 
 
 def test_unknown_variants_and_stages_are_refused(capsys):

@@ -47,7 +47,7 @@ DEFAULT_TABLE_SIZES = tuple(min(n, 200_000) for n in CRITEO_KAGGLE_TABLE_SIZES)
 
 # Standard deviations of the logit's dense, interaction and first-order terms. Their
 # total (~1.3) puts the oracle AUC near 0.8 for positive rates around 0.25.
-_TERM_STDS = np.array([0.5, 1.0, 0.7])
+TERM_STDS = np.array([0.5, 1.0, 0.7])
 _CALIBRATION_ROWS = 1 << 16
 # Rows are generated in chunks of this size; it is part of what a seed means.
 _CHUNK_ROWS = 1 << 18
@@ -187,8 +187,8 @@ class _HiddenModel:
         self.dense_weight = rng.standard_normal(config.num_dense)
         _, terms = self.sample(_rng(config, _CALIBRATION), _CALIBRATION_ROWS)
         std = terms.std(axis=1)
-        self.scales = np.divide(_TERM_STDS, std, out=np.zeros(3), where=std > 0)
-        self.bias = _bias_for_rate(self.scales @ terms, config.positive_rate)
+        self.scales = np.divide(TERM_STDS, std, out=np.zeros(3), where=std > 0)
+        self.bias = bias_for_rate(self.scales @ terms, config.positive_rate)
 
     def sample(
         self, rng: np.random.Generator, num_rows: int
@@ -288,7 +288,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _bias_for_rate(logits: np.ndarray, rate: float) -> float:
+def bias_for_rate(logits: np.ndarray, rate: float) -> float:
     """The ``b`` with ``mean(sigmoid(logits + b)) == rate``, by bisection (it is monotone)."""
     lo, hi = -50.0, 50.0
     for _ in range(60):

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torchmetrics.functional.classification import binary_auroc
 from torchrec.datasets.utils import Batch
 
 from afmrec.models.serving import use_kernels_
@@ -87,11 +88,19 @@ def _write(eager: nn.Module, record: ModelRecord, path: Path, fmt: str, choice: 
                        lookup=False, cross=False)
 
 
+def served_auc(module: nn.Module, batches: list[Batch]) -> float:
+    """AUC of a serving module (eager or loaded artifact) over labelled batches (as
+    :func:`~afmrec.pipeline.evaluate.evaluate` computes it: exact, on probabilities)."""
+    probabilities = torch.cat([torch.sigmoid(call(module, b).double()).cpu() for b in batches])
+    return float(binary_auroc(probabilities, torch.cat([b.labels.cpu() for b in batches]).long()))
+
+
 def _time_variant(spec: VariantSpec, model: nn.Module, record: ModelRecord, calibration: Calibration | None,
-                  batches: list[Batch], device: torch.device, workdir: Path, options: InferenceOptions,
-                  peak: Any, out: dict[str, Any], repeats: int) -> None:
+                  batches: list[Batch], evaluation: list[Batch], device: torch.device, workdir: Path,
+                  options: InferenceOptions, peak: Any, out: dict[str, Any], repeats: int) -> None:
     """One variant: its eager serving module (stock kernels, then ours as chosen), then
-    each of its artifacts, written and loaded back as a server would."""
+    each of its artifacts, written and loaded back as a server would (and scored on the
+    ``evaluation`` batches)."""
     name, cuda = spec.name, device.type == "cuda"
     features = [t.name for t in record.model.tables]
     module, plan = build_variant(model, record, calibration, spec)
@@ -127,6 +136,8 @@ def _time_variant(spec: VariantSpec, model: nn.Module, record: ModelRecord, cali
         out[f"artifact_mib_{key}"] = path.stat().st_size / 2**20
         out[f"artifact_kernels_{key}"] = {"lookup": meta["lookup"], "cross": meta["cross"]}
         out[f"artifact_vs_eager_max_abs_diff_{key}"] = (call(artifact, batches[0]) - want).abs().max().item()
+        if evaluation:
+            out[f"auc_{key}"] = served_auc(artifact, evaluation)
         out[f"infer_{key}_samples_per_s"] = peak.measure(
             f"infer_{key}", device, lambda: samples_per_s(artifact, batches, device, repeats))
         if cuda:
@@ -144,13 +155,14 @@ def _time_variant(spec: VariantSpec, model: nn.Module, record: ModelRecord, cali
     best = max(formats, key=lambda fmt: out[f"infer_{fmt}_{name}_samples_per_s"])
     out[f"infer_format_{name}"] = best
     for k in ("infer_{}_samples_per_s", "artifact_mib_{}", "artifact_vs_eager_max_abs_diff_{}", "gpu_ms_{}",
-              "profile_{}", "artifact_kernels_{}"):
+              "profile_{}", "artifact_kernels_{}", "auc_{}"):
         if k.format(f"{best}_{name}") in out:
             out[k.format(name)] = out[k.format(f"{best}_{name}")]
 
 
 def bench_inference(model: nn.Module, record: ModelRecord, calibration: Calibration | None, shape: SpeedShape,
                     device: torch.device, peak: Any, workdir: Path, options: InferenceOptions,
+                    evaluation: list[Batch] = (),
                     on_variant: Callable[[dict[str, Any]], None] = lambda out: None) -> dict[str, Any]:
     """Samples/s of each variant's artifacts (TorchScript; with ``aoti`` on CUDA also
     AOTInductor, with the kernels of ours measured faster for that variant) and of the
@@ -160,17 +172,23 @@ def bench_inference(model: nn.Module, record: ModelRecord, calibration: Calibrat
     ``infer_format_{name}``); ``infer_{name}_vs_original`` its ratio to the original's
     faster artifact (equal treatment: the headline); ``infer_{name}_vs_stock_torchrec``
     its ratio to the original's TorchScript artifact (FBGEMM's tables, no kernel of
-    ours); ``infer_{format}_{name}_samples_per_s`` each artifact's own. The original is
-    timed first; ``on_variant`` gets the results so far after each variant (a run cut
-    short keeps them)."""
+    ours); ``infer_{format}_{name}_samples_per_s`` each artifact's own. With labelled
+    ``evaluation`` batches, ``auc_{name}`` is the AUC of the variant's faster artifact over
+    them and ``delta_auc_{name}`` its difference to the original's (``auc_{format}_{name}``
+    each artifact's). The original is timed first; ``on_variant`` gets the results so far
+    after each variant (a run cut short keeps them)."""
     from afmrec.models.kernels.lookup import TUNED
 
     batches = make_batches(shape, shape.infer_batch, 3, device, seed=SEEDS["infer"])
     out: dict[str, Any] = {"infer_batch": shape.infer_batch}
     names = ["original"] + [n for n in VARIANTS if n in options.variants and n != "original"]
+    if evaluation:
+        out["eval_rows"] = sum(b.labels.numel() for b in evaluation)
     for name in names:
-        _time_variant(VARIANTS[name], model, record, calibration, batches, device, workdir, options, peak, out,
-                      shape.repeats)
+        _time_variant(VARIANTS[name], model, record, calibration, batches, evaluation, device, workdir, options,
+                      peak, out, shape.repeats)
+        if evaluation:
+            out[f"delta_auc_{name}"] = out[f"auc_{name}"] - out["auc_original"]
         out[f"infer_{name}_vs_stock_torchrec"] = (out[f"infer_{name}_samples_per_s"]
                                                   / out["infer_torchscript_original_samples_per_s"])
         if name != "original":

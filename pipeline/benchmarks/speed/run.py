@@ -55,6 +55,7 @@ from ...evaluate import eval_mode
 from ...model_io import ModelRecord, skeleton
 from ...runinfo import fastest_interleaved, peak_memory_gib, reset_peak_memory, wall_seconds
 from .infer import InferenceOptions, bench_cpu_latency, bench_inference, empty_cache
+from .labels import PlantedLabels, fit_
 from .profile import profile_to
 from .record import precision, run_metadata
 from .shape import SEEDS, SpeedShape, make_batches
@@ -149,11 +150,19 @@ def run_speed(shape: SpeedShape, env: DistEnv, *, stages: Sequence[str] = STAGES
             empty_cache(device)
         if {"inference", "cpu"} & set(stages):
             model = inference_model(shape, device)
+            labels = PlantedLabels.draw(shape, device)
+            result["fit"] = fit_(model, shape, labels, device)
             calibration = calibrate(model, record, shape, device)
             result["calibration"] = calibration.summary
             if "inference" in stages:
+                evaluation = (list(labels.label(make_batches(shape, shape.infer_batch, shape.eval_batches, device,
+                                                             seed=SEEDS["eval"]), SEEDS["eval"]))
+                              if shape.fit_steps else [])
+                if evaluation:
+                    result["auc_oracle"] = labels.oracle_auc(evaluation)
                 result.update(bench_inference(model, record, calibration, shape, device, peak, Path(tmp), options,
-                                              on_variant=lambda out: on_stage({**result, **out})))
+                                              evaluation, on_variant=lambda out: on_stage({**result, **out})))
+                del evaluation
                 result["peak_memory_gib"] = peak.gib
                 on_stage(result)
             if "cpu" in stages:

@@ -20,9 +20,12 @@ CRITEO_1TB_ROWS = (
 )
 MLPERF_BAG_SIZES = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
 
-SEEDS = {"train": 0, "infer": 1, "latency": 2, "calibration": 3, "probes": 4}
+SEEDS = {"train": 0, "infer": 1, "latency": 2, "calibration": 3, "probes": 4, "fit": 5, "eval": 6, "labels": 7}
 """Seeds of the batch sets: each set is drawn apart, so the statistics and the loss probes
-that calibrate the AFM variants are held out from the batches that time them."""
+that calibrate the AFM variants are held out from the batches that time them, and the
+batches that train the model (``fit``) from those that measure the variants' AUC
+(``eval``); ``labels``: the hidden model that labels both
+(:mod:`afmrec.pipeline.benchmarks.speed.labels`)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,12 @@ class SpeedShape:
             the statistics' batches too).
         repeats: timed repeats of each side-by-side measurement (training, the
             statistics pass, each served artifact); the fastest is kept.
+        fit_steps: the served model is first trained this many steps of ``train_batch``
+            rows on labels with a signal (:mod:`~afmrec.pipeline.benchmarks.speed.labels`),
+            then calibrated and compressed: its variants' plans are a trained model's,
+            and their AUC is measured. 0: served at its initialisation (no AUC).
+        eval_batches: batches of ``infer_batch`` labelled rows, held out from training,
+            over which every served artifact's AUC is measured.
     """
 
     table_cap: int = 4_000_000
@@ -67,13 +76,15 @@ class SpeedShape:
     stats_batches: int = 200
     probe_rows: int = 16_384
     repeats: int = 3
+    fit_steps: int = 300
+    eval_batches: int = 8
 
     @classmethod
     def small(cls) -> "SpeedShape":
         """The same structure at a size a 2-core CPU runs in about a minute."""
         return cls(table_cap=20_000, embedding_dim=64, dense_arch=(128, 64), over_arch=(128, 64, 1),
                    dcn_low_rank_dim=32, train_batch=1024, infer_batch=4096, steps=6, stats_batches=6,
-                   probe_rows=256, repeats=2)
+                   probe_rows=256, repeats=2, fit_steps=300, eval_batches=4)
 
     @property
     def table_rows(self) -> tuple[int, ...]:
