@@ -7,6 +7,10 @@ cardinalities capped at --table-cap rows, multi-hot bags of MLPerf's sizes, dens
 training batch 8192, inference batch 65536, TF32 dense math on CUDA for every variant.
 --small is the same structure scaled down for a CPU (about a minute on 2 cores).
 
+The served model is first trained for --fit-steps steps on labels from a hidden model of
+its ids and dense features (the synthetic data's), so that its variants are a trained
+model's and every served artifact's AUC is measured on held-out labelled rows in the
+same run (auc_*, delta_auc_* against the original, auc_oracle: the hidden model's own).
 The AFM variants are made as a user makes them: `afmrec stats` (a statistics pass of
 --stats-batches batches, then loss probes over --probe-rows rows, both on synthetic
 batches held out from the timed ones) and `afmrec compress` under the default rank policy

@@ -20,7 +20,10 @@ down for CPU and CI. Every ratio is measured in the same process on the same dev
    the same offer), against the original's artifact (``_vs_original``, the headline)
    and against stock TorchRec serving (``_vs_stock_torchrec``); with ``profile``, the
    device time by kernel class and the lookups' bandwidth
-   (:mod:`afmrec.pipeline.benchmarks.speed.profile`); CPU latency of AFM 4x vs the original;
+   (:mod:`afmrec.pipeline.benchmarks.speed.profile`); and each artifact's AUC on held-out
+   rows (``auc_*``, ``delta_auc_*``): the served model is first trained on labels from a
+   hidden model (:mod:`afmrec.pipeline.benchmarks.speed.labels`, ``fit``), then
+   calibrated; CPU latency of AFM 4x vs the original;
 5. peak device memory of each stage.
 
 Dense math runs in TF32 on CUDA for every variant alike. The record carries its own
