@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import benchmark
 from torchmetrics.classification import BinaryAUROC
+from torchmetrics.functional.classification import binary_auroc
 from torchrec.datasets.utils import Batch
 
 from afmrec.sharding.env import is_distributed
@@ -138,6 +139,12 @@ def predict_logits(model: nn.Module, batches: Iterable[Batch]) -> torch.Tensor:
     if not chunks:
         return torch.zeros(0)
     return torch.cat(chunks)
+
+
+def logits_auc(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Exact AUC (ties count one half) of logits (S,) against labels (S,) in {0, 1}, fed
+    to torchmetrics as float64 probabilities as :func:`evaluate` feeds them."""
+    return float(binary_auroc(torch.sigmoid(logits.double()), labels.long()))
 
 
 def evaluate(model: nn.Module, batches: Iterable[Batch]) -> EvalResult:

@@ -10,17 +10,16 @@ import dataclasses
 import gc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torchmetrics.functional.classification import binary_auroc
 from torchrec.datasets.utils import Batch
 
 from afmrec.models.serving import use_kernels_
 
 from ...errors import InputError
-from ...evaluate import measure_latencies
+from ...evaluate import logits_auc, measure_latencies
 from ...export import SUFFIX, call, load_artifact, serving_module, write_artifact
 from ...model_io import ModelRecord
 from ...runinfo import wall_seconds
@@ -88,15 +87,13 @@ def _write(eager: nn.Module, record: ModelRecord, path: Path, fmt: str, choice: 
                        lookup=False, cross=False)
 
 
-def served_auc(module: nn.Module, batches: list[Batch]) -> float:
-    """AUC of a serving module (eager or loaded artifact) over labelled batches (as
-    :func:`~afmrec.pipeline.evaluate.evaluate` computes it: exact, on probabilities)."""
-    probabilities = torch.cat([torch.sigmoid(call(module, b).double()).cpu() for b in batches])
-    return float(binary_auroc(probabilities, torch.cat([b.labels.cpu() for b in batches]).long()))
+def served_auc(module: nn.Module, batches: Sequence[Batch]) -> float:
+    """AUC of a serving module (eager or loaded artifact) over labelled batches."""
+    return logits_auc(torch.cat([call(module, b).cpu() for b in batches]), torch.cat([b.labels.cpu() for b in batches]))
 
 
 def _time_variant(spec: VariantSpec, model: nn.Module, record: ModelRecord, calibration: Calibration | None,
-                  batches: list[Batch], evaluation: list[Batch], device: torch.device, workdir: Path,
+                  batches: list[Batch], evaluation: Sequence[Batch], device: torch.device, workdir: Path,
                   options: InferenceOptions, peak: Any, out: dict[str, Any], repeats: int) -> None:
     """One variant: its eager serving module (stock kernels, then ours as chosen), then
     each of its artifacts, written and loaded back as a server would (and scored on the
@@ -162,7 +159,7 @@ def _time_variant(spec: VariantSpec, model: nn.Module, record: ModelRecord, cali
 
 def bench_inference(model: nn.Module, record: ModelRecord, calibration: Calibration | None, shape: SpeedShape,
                     device: torch.device, peak: Any, workdir: Path, options: InferenceOptions,
-                    evaluation: list[Batch] = (),
+                    evaluation: Sequence[Batch] = (),
                     on_variant: Callable[[dict[str, Any]], None] = lambda out: None) -> dict[str, Any]:
     """Samples/s of each variant's artifacts (TorchScript; with ``aoti`` on CUDA also
     AOTInductor, with the kernels of ours measured faster for that variant) and of the

@@ -21,10 +21,10 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional.classification import binary_auroc
 from torchrec.datasets.utils import Batch
 
 from ...data.synth import TERM_STDS, bias_for_rate
+from ...evaluate import logits_auc
 from ...train import TrainConfig, train_
 from .shape import SEEDS, SpeedShape, iter_batches
 
@@ -88,8 +88,7 @@ class PlantedLabels:
     def oracle_auc(self, batches: Iterable[Batch]) -> float:
         """AUC of the true logits over labelled ``batches``: the ceiling of any model's."""
         batches = list(batches)
-        probabilities = torch.cat([torch.sigmoid(self.logits(b).double()).cpu() for b in batches])
-        return float(binary_auroc(probabilities, torch.cat([b.labels.cpu() for b in batches]).long()))
+        return logits_auc(torch.cat([self.logits(b).cpu() for b in batches]), torch.cat([b.labels.cpu() for b in batches]))
 
     def label(self, batches: Iterable[Batch], seed: int) -> Iterator[Batch]:
         """``batches`` with labels drawn from the hidden model (the same ``seed``, the same
