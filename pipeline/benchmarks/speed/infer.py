@@ -89,7 +89,8 @@ def _write(eager: nn.Module, record: ModelRecord, path: Path, fmt: str, choice: 
 
 def served_auc(module: nn.Module, batches: Sequence[Batch]) -> float:
     """AUC of a serving module (eager or loaded artifact) over labelled batches."""
-    return logits_auc(torch.cat([call(module, b).cpu() for b in batches]), torch.cat([b.labels.cpu() for b in batches]))
+    return logits_auc(torch.cat([call(module, b).cpu() for b in batches]),
+                      torch.cat([b.labels.cpu() for b in batches]))
 
 
 def _time_variant(spec: VariantSpec, model: nn.Module, record: ModelRecord, calibration: Calibration | None,

@@ -88,7 +88,8 @@ class PlantedLabels:
     def oracle_auc(self, batches: Iterable[Batch]) -> float:
         """AUC of the true logits over labelled ``batches``: the ceiling of any model's."""
         batches = list(batches)
-        return logits_auc(torch.cat([self.logits(b).cpu() for b in batches]), torch.cat([b.labels.cpu() for b in batches]))
+        return logits_auc(torch.cat([self.logits(b).cpu() for b in batches]),
+                          torch.cat([b.labels.cpu() for b in batches]))
 
     def label(self, batches: Iterable[Batch], seed: int) -> Iterator[Batch]:
         """``batches`` with labels drawn from the hidden model (the same ``seed``, the same
