@@ -21,7 +21,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from .kernels.cross import CodeLayout, project_codes
+from .kernels.cross import CodeLayout, code_weight_rows, project_codes
 
 
 def residual_bias(components: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
@@ -236,7 +236,7 @@ class LowRankEmbeddingBagCollection(nn.Module):
         ``b2`` in row ``bias_row``, zeros elsewhere (KP > ``bias_row``, a multiple of
         ``multiple``); all zeros for a feature left whole."""
         ref = next(iter(self.projections.values())).weight
-        kp = -(-(bias_row + 1) // multiple) * multiple
+        kp = code_weight_rows(bias_row, multiple)
         weight = torch.zeros(len(self._feature_tables), kp, self._dims[0], dtype=ref.dtype, device=ref.device)
         with torch.no_grad():
             for i, (_, table) in enumerate(self._feature_tables):

@@ -95,6 +95,12 @@ class CodeLayout:
         return torch.tensor(self.fields, dtype=torch.int32, device=device).view(-1, 2)
 
 
+def code_weight_rows(bias_row: int, multiple: int) -> int:
+    """KP, the rows of a ``code_weight`` (F, KP, D): past ``bias_row``, rounded up to a
+    multiple of ``multiple`` (aligned tiles for the kernels)."""
+    return -(-(bias_row + 1) // multiple) * multiple
+
+
 def project_codes(codes: torch.Tensor, nonempty: torch.Tensor, code_weight: torch.Tensor,
                   out: torch.Tensor, k: int, pad: int) -> None:
     """Writes each field's ``[c_f; nonempty_f; 0] W_f`` into ``out`` with one batched GEMM.

@@ -62,7 +62,7 @@ def random_layout_inputs(batch: int, widths: tuple[int, ...], dim: int, r: int, 
     layout = cross.CodeLayout.of_widths(widths, dim)
     inputs = random_update_inputs(batch, len(widths), 1, dim, r, prev, seed)
     g = torch.Generator().manual_seed(seed + 1)
-    kp = -(-(layout.bias_row + 1) // 8) * 8
+    kp = cross.code_weight_rows(layout.bias_row, 8)
     inputs[1] = torch.randn(batch, layout.codes_width, generator=g)
     inputs[3] = torch.randn(len(widths), kp, dim, generator=g)
     return inputs, layout
