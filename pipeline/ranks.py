@@ -228,14 +228,14 @@ def _greedy(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankCo
             cap: tuple[Collection[str], int] | None = None) -> dict[str, int]:
     """Spends ``budget`` bytes (the blocks' share) on the free blocks, one rank unit at a
     time, always where a byte buys the most normalised (and weighted) retained variance;
-    ``cap``: (block names, bytes) that those blocks together may not exceed either.
+    ``cap``: (block names, bytes) that those blocks together may not exceed either (their
+    smallest ranks fit it: :func:`_dense_cap` checks).
 
     Every block starts at one unit (``pinned`` blocks at their rank). Past its largest
     useful rank a block's next step is to stay whole (gain: the variance still missing;
     cost: the rest of its size). Blocks that no rank makes smaller stay whole.
     """
     weights = config.weights or {}
-    ranks: dict[str, int] = dict(pinned)
     heap: list[tuple[float, str, int, bool]] = []
     caps = {b.name: _cap(b, config, fmt) for b in blocks}
 
@@ -252,20 +252,12 @@ def _greedy(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankCo
 
     by_name = {b.name: b for b in blocks}
     capped, cap_bytes = cap if cap is not None else ((), 0)
-    spent = capped_spent = 0
+    ranks = _smallest_ranks(blocks, config, fmt, pinned)
     for b in blocks:
-        if b.name in pinned:
-            size = served_bytes(b, pinned[b.name], fmt)
-        elif caps[b.name] == 0:
-            size = served_bytes(b, None, fmt)
-        else:
-            ranks[b.name] = _unit(b, config)
-            size = served_bytes(b, ranks[b.name], fmt)
+        if b.name in ranks and b.name not in pinned:
             push(b, ranks[b.name])
-        spent += size
-        capped_spent += size if b.name in capped else 0
-    if cap is not None and capped_spent > cap_bytes:
-        raise _CapUnreachable()
+    spent = sum(served_bytes(b, ranks.get(b.name), fmt) for b in blocks)
+    capped_spent = sum(served_bytes(b, ranks.get(b.name), fmt) for b in blocks if b.name in capped)
     if spent > budget:
         raise _Unreachable()
     while heap:
@@ -284,10 +276,6 @@ def _greedy(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankCo
 
 class _Unreachable(Exception):
     """The smallest ranks already exceed the budget."""
-
-
-class _CapUnreachable(Exception):
-    """The smallest ranks of the capped blocks already exceed their cap."""
 
 
 def _uniform(blocks: list[Block], config: RankConfig, cost: _Cost, budget: int,
@@ -322,8 +310,15 @@ def max_ratio(blocks: Sequence[Block], config: RankConfig, fmt: TableFormat, oth
     """The largest byte ratio any plan reaches in ``fmt``: every block at its smallest
     rank, or whole where that is smaller."""
     cost = _Cost(blocks, fmt, other_params)
-    smallest = {b.name: _unit(b, config) for b in blocks if _cap(b, config, fmt) > 0}
-    return cost.original / cost.total(blocks, smallest)
+    return cost.original / cost.total(blocks, _smallest_ranks(blocks, config, fmt, {}))
+
+
+def _smallest_ranks(blocks: Sequence[Block], config: RankConfig, fmt: TableFormat,
+                    pinned: Mapping[str, int]) -> dict[str, int]:
+    """Where every plan starts: ``pinned`` blocks at their rank, the others at one rank
+    unit where a rank makes them smaller (absent: whole)."""
+    return {b.name: pinned.get(b.name, _unit(b, config)) for b in blocks
+            if b.name in pinned or _cap(b, config, fmt) > 0}
 
 
 def _unreachable_message(blocks: Sequence[Block], config: RankConfig, other_params: int) -> str:
@@ -356,20 +351,18 @@ def dense_ratio(blocks: Sequence[Block], ranks: Mapping[str, int]) -> float | No
     return _linear_bytes(linears, {}) / _linear_bytes(linears, ranks) if linears else None
 
 
-def _dense_cap(blocks: list[Block], config: RankConfig) -> tuple[set[str], int]:
-    """The Linear blocks and their budget under ``config.dense_ratio``."""
+def _dense_cap(blocks: list[Block], config: RankConfig, pinned: Mapping[str, int]) -> tuple[set[str], int]:
+    """The Linear blocks and their budget under ``config.dense_ratio``, which their
+    smallest ranks (the same in every table format) must fit."""
     linears = _linears(blocks)
     if not linears:
         raise InputError("--dense-ratio: the model has no Linear blocks to compress")
-    return {b.name for b in linears}, int(_linear_bytes(linears, {}) / config.dense_ratio)
-
-
-def _dense_unreachable_message(blocks: list[Block], config: RankConfig, pinned: Mapping[str, int]) -> str:
-    linears = _linears(blocks)
-    smallest = {b.name: pinned.get(b.name, _unit(b, config)) for b in linears
-                if b.name in pinned or _cap(b, config, TableFormat()) > 0}
-    return (f"dense ratio {config.dense_ratio:g} is unreachable: at their smallest ranks the Linear "
-            f"blocks are {dense_ratio(linears, smallest):.2f}x smaller")
+    budget = int(_linear_bytes(linears, {}) / config.dense_ratio)
+    smallest = _smallest_ranks(linears, config, TableFormat(), pinned)
+    if _linear_bytes(linears, smallest) > budget:
+        raise InputError(f"dense ratio {config.dense_ratio:g} is unreachable: at their smallest ranks the "
+                         f"Linear blocks are {dense_ratio(linears, smallest):.2f}x smaller")
+    return {b.name for b in linears}, budget
 
 
 def select_ranks(
@@ -415,14 +408,11 @@ def select_ranks(
         ranks = _fixed_ranks(free, spectra, config)
         ranks.update(overrides)
         return _finish(blocks, ranks, config, fmt, other_params, set(overrides))
-    cap = _dense_cap(blocks, config) if config.dense_ratio is not None else None
+    cap = _dense_cap(blocks, config, pinned) if config.dense_ratio is not None else None
     plans: list[RankPlan] = []
     nearest: RankPlan | None = None
     for fmt in config.formats:
-        try:
-            plan = _plan_in(fmt, blocks, spectra, config, pinned, other_params, cap)
-        except _CapUnreachable:
-            raise InputError(_dense_unreachable_message(blocks, config, pinned)) from None
+        plan = _plan_in(fmt, blocks, spectra, config, pinned, other_params, cap)
         if plan is not None and abs(math.log(plan.ratio / config.ratio)) <= math.log1p(config.tolerance) + 1e-12:
             plans.append(plan)
         nearest = nearest or plan
