@@ -147,6 +147,13 @@ def logits_auc(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(binary_auroc(torch.sigmoid(logits.double()), labels.long()))
 
 
+def batches_auc(logits_of: Callable[[Batch], torch.Tensor], batches: Iterable[Batch]) -> float:
+    """:func:`logits_auc` over labelled ``batches`` of the logits (B,) ``logits_of`` gives
+    each (a model, a served artifact, a hidden labelling model)."""
+    logits, labels = zip(*[(logits_of(b).cpu(), b.labels.cpu()) for b in batches])
+    return logits_auc(torch.cat(logits), torch.cat(labels))
+
+
 def evaluate(model: nn.Module, batches: Iterable[Batch]) -> EvalResult:
     """AUC and logloss of ``model`` over ``batches`` (labels in {0, 1}).
 

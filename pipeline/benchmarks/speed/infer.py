@@ -19,7 +19,7 @@ from torchrec.datasets.utils import Batch
 from afmrec.models.serving import use_kernels_
 
 from ...errors import InputError
-from ...evaluate import logits_auc, measure_latencies
+from ...evaluate import batches_auc, measure_latencies
 from ...export import SUFFIX, call, load_artifact, serving_module, write_artifact
 from ...model_io import ModelRecord
 from ...runinfo import wall_seconds
@@ -87,12 +87,6 @@ def _write(eager: nn.Module, record: ModelRecord, path: Path, fmt: str, choice: 
                        lookup=False, cross=False)
 
 
-def served_auc(module: nn.Module, batches: Sequence[Batch]) -> float:
-    """AUC of a serving module (eager or loaded artifact) over labelled batches."""
-    return logits_auc(torch.cat([call(module, b).cpu() for b in batches]),
-                      torch.cat([b.labels.cpu() for b in batches]))
-
-
 def _time_variant(spec: VariantSpec, model: nn.Module, record: ModelRecord, calibration: Calibration | None,
                   batches: list[Batch], evaluation: Sequence[Batch], device: torch.device, workdir: Path,
                   options: InferenceOptions, peak: Any, out: dict[str, Any], repeats: int) -> None:
@@ -135,7 +129,7 @@ def _time_variant(spec: VariantSpec, model: nn.Module, record: ModelRecord, cali
         out[f"artifact_kernels_{key}"] = {"lookup": meta["lookup"], "cross": meta["cross"]}
         out[f"artifact_vs_eager_max_abs_diff_{key}"] = (call(artifact, batches[0]) - want).abs().max().item()
         if evaluation:
-            out[f"auc_{key}"] = served_auc(artifact, evaluation)
+            out[f"auc_{key}"] = batches_auc(lambda b: call(artifact, b), evaluation)
         out[f"infer_{key}_samples_per_s"] = peak.measure(
             f"infer_{key}", device, lambda: samples_per_s(artifact, batches, device, repeats))
         if cuda:

@@ -24,7 +24,7 @@ from torch import nn
 from torchrec.datasets.utils import Batch
 
 from ...data.synth import TERM_STDS, bias_for_rate
-from ...evaluate import logits_auc
+from ...evaluate import batches_auc
 from ...train import TrainConfig, train_
 from .shape import SEEDS, SpeedShape, iter_batches
 
@@ -87,18 +87,14 @@ class PlantedLabels:
 
     def oracle_auc(self, batches: Iterable[Batch]) -> float:
         """AUC of the true logits over labelled ``batches``: the ceiling of any model's."""
-        batches = list(batches)
-        return logits_auc(torch.cat([self.logits(b).cpu() for b in batches]),
-                          torch.cat([b.labels.cpu() for b in batches]))
+        return batches_auc(self.logits, batches)
 
     def label(self, batches: Iterable[Batch], seed: int) -> Iterator[Batch]:
         """``batches`` with labels drawn from the hidden model (the same ``seed``, the same
         labels)."""
-        g = None
+        g = torch.Generator(device=self.dense_weight.device).manual_seed(seed)
         for batch in batches:
             p = torch.sigmoid(self.logits(batch))
-            if g is None:
-                g = torch.Generator(device=p.device).manual_seed(seed)
             labels = (torch.rand(p.shape, generator=g, device=p.device) < p).float()
             yield Batch(batch.dense_features, batch.sparse_features, labels)
 
@@ -107,8 +103,6 @@ def fit_(model: nn.Module, shape: SpeedShape, labels: PlantedLabels, device: tor
     """Trains the benchmark model in place for ``shape.fit_steps`` steps of
     ``shape.train_batch`` labelled rows drawn apart from every other batch set, with
     ``afmrec train``'s optimizers and rates; returns what the record keeps of it."""
-    if shape.fit_steps == 0:
-        return {"fit_steps": 0}
     batches = labels.label(iter_batches(shape, shape.train_batch, shape.fit_steps, device, SEEDS["fit"]),
                            SEEDS["fit"])
     start = time.perf_counter()

@@ -153,14 +153,14 @@ def run_speed(shape: SpeedShape, env: DistEnv, *, stages: Sequence[str] = STAGES
             empty_cache(device)
         if {"inference", "cpu"} & set(stages):
             model = inference_model(shape, device)
-            labels = PlantedLabels.draw(shape, device)
-            result["fit"] = fit_(model, shape, labels, device)
+            labels = PlantedLabels.draw(shape, device) if shape.fit_steps else None
+            result["fit"] = fit_(model, shape, labels, device) if labels is not None else {"fit_steps": 0}
             calibration = calibrate(model, record, shape, device)
             result["calibration"] = calibration.summary
             if "inference" in stages:
                 evaluation = (list(labels.label(make_batches(shape, shape.infer_batch, shape.eval_batches, device,
                                                              seed=SEEDS["eval"]), SEEDS["eval"]))
-                              if shape.fit_steps else [])
+                              if labels is not None else [])
                 if evaluation:
                     result["auc_oracle"] = labels.oracle_auc(evaluation)
                 result.update(bench_inference(model, record, calibration, shape, device, peak, Path(tmp), options,
