@@ -48,6 +48,9 @@ from pathlib import Path
 from .args import job
 
 HELP = "training / statistics / compression / inference speed vs their baselines"
+# the SpeedShape fields a flag of the same name (dashes for underscores) overrides
+SHAPE_FLAGS = ("table_cap", "steps", "stats_batches", "train_batch", "infer_batch", "eval_batches", "fit_steps",
+               "probe_rows")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats-batches", type=int,
                         help="the statistics pass, in batches of the training batch size: the AFM "
                         "variants' calibration and the timed pass against a forward-only one (default: 200; small: 6)")
+    parser.add_argument("--train-batch", type=int,
+                        help="rows of a training and statistics batch (default: 8192; small: 1024)")
+    parser.add_argument("--infer-batch", type=int,
+                        help="rows of a served batch, timed and scored (default: 65536; small: 4096)")
+    parser.add_argument("--eval-batches", type=int,
+                        help="held-out labelled batches of --infer-batch rows that score every served "
+                        "variant's AUC (default: 8; small: 4)")
     parser.add_argument("--fit-steps", type=int,
                         help="steps of training (batches of the training batch size, labels from a "
                         "hidden model) before the served model is calibrated, compressed and scored "
@@ -111,9 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from afmrec.pipeline.benchmarks.speed import SpeedShape, run_speed
 
     shape = SpeedShape.small() if args.small else SpeedShape()
-    changes = {k: v for k, v in (("table_cap", args.table_cap), ("steps", args.steps),
-                                 ("stats_batches", args.stats_batches), ("probe_rows", args.probe_rows),
-                                 ("fit_steps", args.fit_steps)) if v is not None}
+    changes = {k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k) is not None}
     if changes:
         import dataclasses
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -148,6 +149,25 @@ def test_unknown_variants_and_stages_are_refused(capsys):
     assert "unknown inference variants ['afm3x']" in capsys.readouterr().err
     assert main(["bench", "speed", "--small", "--device", "cpu", "--stages", "cpu,warp"]) == 2
     assert "unknown speed stages ['warp']" in capsys.readouterr().err
+    assert main(["bench", "speed", "--small", "--device", "cpu", "--infer-batch", "0", "--fit-steps", "-1"]) == 2
+    assert "speed shape: infer_batch=0, fit_steps=-1 (counts must be >= 1" in capsys.readouterr().err
+
+
+def test_speed_flags_name_every_shape_field_and_variant():
+    """Each shape flag sets the SpeedShape field of its name, and --variants' help lists
+    every variant (it is written out so that --help imports no torch)."""
+    import argparse
+
+    from afmrec.launch import bench_speed
+    from afmrec.pipeline.benchmarks.speed.variants import VARIANTS
+
+    parser = argparse.ArgumentParser()
+    bench_speed.add_arguments(parser)
+    fields = {f.name for f in dataclasses.fields(SpeedShape)}
+    args = parser.parse_args([f"--{name.replace('_', '-')}=7" for name in bench_speed.SHAPE_FLAGS])
+    assert set(bench_speed.SHAPE_FLAGS) <= fields and all(getattr(args, n) == 7 for n in bench_speed.SHAPE_FLAGS)
+    help_words = set(re.findall(r"\w+", next(a.help for a in parser._actions if a.dest == "variants")))
+    assert set(VARIANTS) <= help_words, set(VARIANTS) - help_words
 
 
 @pytest.mark.parametrize("tables, row_bytes", [("fp32", 64 * 4), ("int8", 64 + 4), ("fp16", 64 * 2)])

@@ -13,6 +13,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from afmrec.models import ModelConfig, TableSpec
 
+from ...errors import InputError
+
 # MLPerf DLRMv2 (Criteo 1TB multi-hot): rows and bag size of each of the 26 tables.
 CRITEO_1TB_ROWS = (
     40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956, 405282, 10,
@@ -78,6 +80,14 @@ class SpeedShape:
     repeats: int = 3
     fit_steps: int = 300
     eval_batches: int = 8
+
+    def __post_init__(self) -> None:
+        counts = ("table_cap", "embedding_dim", "num_dense", "dcn_num_layers", "dcn_low_rank_dim", "train_batch",
+                  "infer_batch", "steps", "stats_batches", "probe_rows", "repeats", "eval_batches")
+        bad = [f"{name}={getattr(self, name)}" for name in counts if getattr(self, name) < 1]
+        bad += [f"fit_steps={self.fit_steps}"] if self.fit_steps < 0 else []
+        if bad:
+            raise InputError(f"speed shape: {', '.join(bad)} (counts must be >= 1, fit_steps >= 0)")
 
     @classmethod
     def small(cls) -> "SpeedShape":
