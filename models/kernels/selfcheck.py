@@ -45,10 +45,12 @@ def random_update_inputs(batch: int, fields: int, k: int, dim: int, r: int, prev
                          seed: int = 0) -> list[Optional[torch.Tensor]]:
     """Random float32 CPU arguments of :func:`~afmrec.models.kernels.cross.cross_update`
     (for its checks, tests and benchmarks): dense, codes, nonempty (80% of bags),
-    code_weight (padded to a multiple of 8 rows), w, up_t, beta and prev (or None)."""
+    code_weight (F, KP, D) (rows as the serving module stacks them: K codes, the bias row,
+    zeros to a multiple of 8, :func:`~afmrec.models.kernels.cross.code_weight_rows`), w,
+    up_t, beta and prev (or None)."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale  # noqa: E731
-    n, kp = (fields + 1) * dim, -(-(k + 2) // 8) * 8
+    n, kp = (fields + 1) * dim, cross.code_weight_rows(k, 8)
     return [rand(batch, dim), rand(batch, fields * k), (torch.rand(fields, batch, generator=g) > 0.2).float().T,
             torch.cat([rand(fields, k + 1, dim), torch.zeros(fields, kp - k - 1, dim)], 1), rand(batch, r),
             rand(r, n, scale=0.1), rand(n), rand(batch, n) if prev else None]
@@ -69,9 +71,9 @@ def random_layout_inputs(batch: int, widths: tuple[int, ...], dim: int, r: int, 
 
 
 UPDATE_SHAPES = [(70, 3, 5, 16, 0, False), (130, 4, 12, 32, 45, True), (100, 5, 32, 64, 112, True),
-                 (65, 2, 8, 32, 200, False), (33, 3, 8, 16, 150, True)]
+                 (65, 2, 8, 32, 200, False), (33, 3, 7, 16, 150, True)]
 """(batch, fields, K, D, R, prev) of the update's check: ragged batches, R = 0, R wider
-than a resident w."""
+than a resident w, K = 7 (the bias in the last of 8 rows: no zero row after it)."""
 
 UPDATE_TILINGS = [(64, 64, 6, 128), (32, 16, 3, 32), (16, 32, 2, 64)]
 """(BLOCK_B, BLOCK_N, TILES, MAX_RESIDENT_R): w kept in registers or read in chunks."""
