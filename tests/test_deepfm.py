@@ -30,20 +30,26 @@ seed  DeepFM  default (loss)   variance      DLRM    default (loss)
 (the published grid's figures: DeepFM +0.0005 ± 0.0001, DLRM -0.0005 ± 0.0001). On this
 data both policies keep DeepFM's AUC, and neither wins on every seed, so the
 published-data tests assert the target and the comparison with DLRM, not an order of the
-policies. Where the policies do part is a DeepFM with a narrow dense part served by the CPU
-kernels (last test). There the variance greedy makes every other block whole (the deep
-tower's first layer among them) before the large table's next rank unit (8 -> 12, 40 KB),
-which then no longer fits: its int8 plan stops at 4.48x, more than 10% past the target
-(also on the tolerance's larger budget), and is refused, so ``auto`` falls
-back to fp32 tables at rank 4 with the MLPs cut to ranks 1-5. The loss probes weigh the
-table 15 times the layer, so the default plan gives the table rank 12 and the layer rank
-17 (3.64x, int8). Seeds 0-4: default -0.00013 to +0.00012, variance -0.0035 to -0.0191.
-(The refused 4.48x int8 plan itself, asked for as ``ratio=4.45``, gains +0.0005: the
-loss is the planner's fallback, not the rank a table can keep.) This model is also where
-a budget of the Linear layers' own binds on a trained model: with ``dense_ratio=4`` its
-plan cuts the deep tower to rank 1 (3.89x, int8) and seeds 0-4 give -0.00025, -0.00145,
--0.00156, -0.00076, -0.00024, where the default's byte plan gives +0.00012, +0.00017,
-+0.00004, +0.00032, +0.00009.
+policies. The last test takes a DeepFM with a narrow dense part (hidden layers 32 and 16),
+served by the CPU kernels. There the variance greedy makes every other block whole (the
+deep tower's first layer among them) before the large table's next rank unit (8 -> 12,
+40 KB), which then no longer fits: its int8 plan stops at 4.48x, more than 10% past the
+target. The planner then takes that step first and plans the rest again (3.65x, int8,
+tables C3 and C4 at rank 12, every Linear whole); before it did, it refused that plan and
+``auto`` fell back to fp32 tables at rank 4 (ΔAUC -0.0035 to -0.0191). The loss probes
+weigh the table 15 times the layer, so the default plan gives the table rank 12 and the
+layer rank 17 (3.64x, int8). This model is also where a budget of the Linear layers' own
+binds on a trained model: with ``dense_ratio=4`` its plan cuts the deep tower to rank 1
+(3.89x, int8). ΔAUC over five data seeds (``SynthConfig.seed``, training seed 0) and over
+five training seeds (data seed 0):
+
+===========================  ==================================================  ==================================================
+policy                       data seeds 0-4                                      training seeds 0-4
+===========================  ==================================================  ==================================================
+default (loss)               +0.00012, +0.00017, +0.00004, +0.00032, +0.00009    +0.00012, -0.00013, +0.00009, +0.00006, +0.00006
+variance                     -0.00024, +0.00057, +0.00043, +0.00031, +0.00021    -0.00024, +0.00024, +0.00026, -0.00006, +0.00024
+default, ``dense_ratio=4``   -0.00025, -0.00145, -0.00156, -0.00076, -0.00024    -0.00025, +0.00110, -0.00135, -0.00030, +0.00076
+===========================  ==================================================  ==================================================
 
 Seed 0 runs here (14-20 s on an idle 2-core machine); the other seeds were measured with this file's
 code. Results are deterministic on a CPU (FBGEMM's fused Adagrad included): equal to the
@@ -82,8 +88,6 @@ RATIO = 4.0
 TARGET = next(floor for variant, ratio, floor in TARGETS if variant == "afm" and ratio == RATIO)
 # "like the others": DeepFM may lose at most this much more AUC than the DLRM on the same data
 LIKE_DLRM = 0.0005
-# the default policy's least lead over `variance` on the CPU-served DeepFM, seeds 0-4: 0.0034
-LEAD_OVER_VARIANCE = 0.002
 MIN_AUC = 0.70  # the hidden model's own AUC (oracle) on this data is 0.80
 MIN_TABLE_SHARE = 0.8
 
@@ -194,14 +198,14 @@ def test_deepfm_loses_no_more_auc_than_dlrm(published):
     assert deepfm.delta_auc >= dlrm.delta_auc - LIKE_DLRM, (deepfm, dlrm)
 
 
-def test_the_default_policy_keeps_what_variance_loses_on_a_cpu_served_deepfm(tmp_path_factory):
+def test_both_policies_keep_the_auc_of_a_cpu_served_deepfm_and_a_linear_budget_costs_it(tmp_path_factory):
     """A DeepFM with a narrow dense part (hidden layers 32, 16; tables 97% of its
-    parameters), served by the CPU kernels (unpadded rows): the default policy keeps its
-    AUC at 4x and beats the variance-only greedy by a wide margin (seed 0: +0.00012 at
-    3.64x in int8 against -0.00377 at 4.00x in fp32, tables at rank 4; the module
-    docstring says why). A budget of the Linear layers' own (``--dense-ratio 4``) binds
-    here, on a trained model, and costs AUC the byte plan keeps (seed 0: -0.00025, the
-    deep tower at rank 1): why it is an option, not the default."""
+    parameters), served by the CPU kernels (unpadded rows), at 4x: the default policy and
+    the variance greedy both keep its AUC in int8 (seed 0: +0.00012 at 3.64x, -0.00024 at
+    3.65x; the variance plan's coarse last step is taken first, module docstring). A budget
+    of the Linear layers' own (``--dense-ratio 4``) binds here, on a trained model, and
+    costs AUC the byte plan keeps (seed 0: -0.00025, the deep tower at rank 1; 7 of the 9
+    seeds of the module docstring): why it is an option, not the default."""
     config = SynthConfig(num_rows=100_000, table_sizes=(10, 100, 1_000, 10_000), seed=0)
     work = Path(tmp_path_factory.mktemp("narrow"))
     splits = synthetic_splits(config, work, test_rows=20_000)
@@ -217,7 +221,6 @@ def test_the_default_policy_keeps_what_variance_loses_on_a_cpu_served_deepfm(tmp
     default, variance = outcome.compressed["default"], outcome.compressed["variance"]
     for c in (default, variance):
         assert within_tolerance(c.ratio) and within_tolerance(c.counted_ratio), c
-    assert default.delta_auc >= TARGET, default
-    assert default.delta_auc >= variance.delta_auc + LEAD_OVER_VARIANCE, (default, variance)
+        assert c.table_format == "int8" and c.delta_auc >= TARGET, c
     dense = outcome.compressed["dense"]
     assert within_tolerance(dense.ratio) and dense.delta_auc < default.delta_auc, (dense, default)

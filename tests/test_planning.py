@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
+import math
 
 import pytest
 import torch
 from torch import nn
 
 from afmrec.models import TableSpec, build_model
-from afmrec.pipeline.bases import Bases, afm_bases, spectra
+from afmrec.pipeline.bases import Bases, Spectrum, afm_bases, spectra
 from afmrec.pipeline.blocks import Block, find_blocks
 from afmrec.pipeline.compress import CompressConfig, compress_
 from afmrec.pipeline.evaluate import count_parameters
 from afmrec.pipeline.errors import InputError
 from afmrec.pipeline.model_io import ModelRecord
-from afmrec.pipeline.ranks import RankConfig, dense_ratio, select_ranks, uniform_rank
+from afmrec.pipeline.budget import TableFormat
+from afmrec.pipeline.ranks import (TOLERANCE, RankConfig, RankPlan, _cap, _unit, dense_ratio, estimated_loss,
+                                   select_ranks, uniform_rank)
 from afmrec.pipeline.stages import plan_ranks
 from afmrec.pipeline.stages.compression import plan_report, summary_line
 from afmrec.pipeline.stats import collect_statistics
@@ -214,3 +218,45 @@ def test_dense_ratio_says_what_it_cannot_do():
                                          r"Linear blocks are \d+\.\d\dx smaller"):
         select_ranks(blocks, spec, RankConfig(policy="variance", ratio=4.0, dense_ratio=1000.0, **PARAMS),
                      other_params=other)
+
+
+def _spectrum(eigenvalues: list[float]) -> Spectrum:
+    ev = torch.tensor(eigenvalues, dtype=torch.float64)
+    return Spectrum(ev, torch.eye(len(ev), dtype=torch.float64), torch.zeros(len(ev), dtype=torch.float64))
+
+
+COARSE_BLOCKS = [Block("ebc.big", "table", "ebc", 10_000, 16, table="big"),
+                 Block("ebc.small", "table", "ebc", 500, 16, table="small"),
+                 Block("deep.0", "linear", "deep.0", 64, 32), Block("deep.1", "linear", "deep.1", 32, 16)]
+COARSE_SPECTRA = {"ebc.big": _spectrum([0.5**i for i in range(16)]),
+                  "ebc.small": _spectrum([0.9**i for i in range(16)]),
+                  "deep.0": _spectrum([1.0] * 32), "deep.1": _spectrum([1.0] * 16)}
+
+
+@pytest.mark.parametrize("ratio, fmt, want, loss, best", [
+    (4.5, "fp16", {"ebc.big": 8, "ebc.small": 4, "deep.0": 1, "deep.1": 6}, 2.1755, 2.1755),
+    (3.0, "fp16", {"ebc.big": 12, "ebc.small": 4, "deep.0": 7}, 1.3594, 1.3594),
+    (5.5, "int8", {"ebc.big": 8, "deep.0": 9}, 0.7226, 0.5818),
+])
+def test_a_plan_whose_rank_units_step_past_the_target_takes_the_coarse_step_first(ratio, fmt, want, loss, best):
+    """A 10,000-row table steps 4 rank units (40 KB in fp16 or int8 rows) at a time. The
+    variance greedy buys the small blocks' cheap units first; the large table's next step
+    then no longer fits, and the plan stops more than 10% smaller than asked (the large
+    table at rank 4 or 8, every other block whole), which the planner used to refuse ("the
+    ranks step past it"). It now takes that step first and runs the greedy again for the
+    rest: the plan lands within 10%. Against every plan that does (all rank combinations
+    enumerated), two are the least estimated loss; the third is where the greedy's order
+    of purchases leads (0.7226 against the best 0.5818, the large table at rank 8 and the
+    small one at 4: the greedy is not an exhaustive search)."""
+    config = RankConfig(policy="variance", ratio=ratio, table_format=fmt, serve_device="cpu")
+    fmt_ = TableFormat(fmt, "cpu")
+    plan = select_ranks(COARSE_BLOCKS, COARSE_SPECTRA, config)
+    assert plan.ranks == want and abs(math.log(plan.ratio / ratio)) <= math.log1p(TOLERANCE) + 1e-12
+    choices = [[None, *range(_unit(b, config), _cap(b, config, fmt_) + 1, _unit(b, config))] for b in COARSE_BLOCKS]
+    least = math.inf
+    for combo in itertools.product(*choices):
+        ranks = {b.name: k for b, k in zip(COARSE_BLOCKS, combo) if k is not None}
+        if abs(math.log(RankPlan.of(COARSE_BLOCKS, ranks, fmt_).ratio / ratio)) <= math.log1p(TOLERANCE) + 1e-12:
+            least = min(least, estimated_loss(ranks, COARSE_BLOCKS, COARSE_SPECTRA))
+    assert estimated_loss(plan.ranks, COARSE_BLOCKS, COARSE_SPECTRA) == pytest.approx(loss, abs=5e-5)
+    assert least == pytest.approx(best, abs=5e-5)
