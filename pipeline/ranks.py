@@ -437,8 +437,9 @@ def _plan_in(fmt: TableFormat, blocks: list[Block], spectra: Mapping[str, Spectr
              cap: tuple[Collection[str], int] | None = None) -> RankPlan | None:
     """The plan of a ratio policy in one format: with the target's budget, or (where the
     ranks step far past the target) the budget of a ratio just inside the tolerance
-    below it; ``None`` where even the smallest ranks exceed both. ``cap``: the Linear
-    blocks' own budget (:func:`_greedy`)."""
+    below it, or (where the greedy still stops far past it) that budget's plan with one
+    coarse step taken first (:func:`_pay_for_a_step`); ``None`` where even the smallest
+    ranks exceed both. ``cap``: the Linear blocks' own budget (:func:`_greedy`)."""
     cost = _Cost(blocks, fmt, other_params)
     plan = None
     for budget in (int(cost.original / config.ratio), int(cost.original * (1 + config.tolerance) / config.ratio)):
