@@ -454,44 +454,46 @@ def _plan_in(fmt: TableFormat, blocks: list[Block], spectra: Mapping[str, Spectr
         if plan.ratio <= config.ratio * (1 + config.tolerance):
             return plan
     if plan is not None and config.policy != "uniform":
-        floor = math.ceil(cost.original / (config.ratio * (1 + config.tolerance))) - cost.fixed
-        paid = _pay_for_a_step(blocks, spectra, config, fmt, ranks, (floor, budget - cost.fixed), pinned, cap)
+        # the greedy's ranks and budget are the tolerance's (the larger) budget's
+        band = (math.ceil(cost.original / (config.ratio * (1 + config.tolerance))), budget)
+        paid = _pay_for_a_step(blocks, spectra, config, cost, ranks, band, pinned, cap)
         if paid is not None:
             return _finish(blocks, paid, config, fmt, other_params, set(pinned))
     return plan
 
 
-def _pay_for_a_step(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankConfig, fmt: TableFormat,
+def _pay_for_a_step(blocks: list[Block], spectra: Mapping[str, Spectrum], config: RankConfig, cost: _Cost,
                     ranks: Mapping[str, int], band: tuple[int, int], pinned: Mapping[str, int],
                     cap: tuple[Collection[str], int] | None) -> dict[str, int] | None:
     """Where the greedy's plan ``ranks`` stops far smaller than asked (every block's next
     step costs more than the bytes left: coarse rank units), the plans that take one of
     those steps first: the block pinned one unit further (or whole, past its largest
     useful rank), the greedy run again for the others in the same bytes. Of those that
-    land in ``band`` (the blocks' bytes, at least and at most), the one that drops the least
-    estimated loss; None where none does. ``cap``: the Linear blocks' own budget."""
-    floor, budget = band
+    land in ``band`` (the whole model's bytes, at least and at most, as ``cost`` counts
+    them), the one that drops the least estimated loss; None where none does. ``cap``:
+    the Linear blocks' own budget."""
+    fmt, (floor, budget) = cost.fmt, band
     capped, cap_bytes = cap if cap is not None else ((), 0)
 
     def within_cap(plan: Mapping[str, int]) -> bool:
         return cap is None or _linear_bytes([x for x in blocks if x.name in capped], plan) <= cap_bytes
 
+    share = budget - cost.fixed  # the blocks' bytes, as _greedy takes its budget
     best, best_loss = None, math.inf
     for b in blocks:
         if b.name in pinned or b.name not in ranks:
             continue  # whole already, or not the planner's to move
         k = ranks[b.name] + _unit(b, config)
         if k <= _cap(b, config, fmt):
-            others, spend, pins = blocks, budget, {**pinned, b.name: k}
+            others, spend, pins = blocks, share, {**pinned, b.name: k}
         else:  # its next step is to stay whole: plan the others in the bytes it leaves
-            others, spend, pins = [x for x in blocks if x is not b], budget - served_bytes(b, None, fmt), pinned
+            others, spend, pins = [x for x in blocks if x is not b], share - served_bytes(b, None, fmt), pinned
         try:
             plan = _greedy(others, spectra, config, fmt, spend, pins, cap)
         except _Unreachable:
             continue
-        spent = sum(served_bytes(x, plan.get(x.name), fmt) for x in blocks)
         loss = estimated_loss(plan, blocks, spectra, config.weights)
-        if floor <= spent <= budget and within_cap(plan) and loss < best_loss:
+        if floor <= cost.total(blocks, plan) <= budget and within_cap(plan) and loss < best_loss:
             best, best_loss = plan, loss
     return best
 
